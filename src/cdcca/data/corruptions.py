@@ -1,0 +1,123 @@
+"""Image corruptions that never change an easy-VQA answer, each at severities 1–5.
+
+No hue shifts (colour is an answer) and nothing that crops a shape away. Corruptions act on the
+native 64×64 image before it is upsampled for the encoder, as a low-resolution camera would.
+On flat-colour shapes the ImageNet encoder shrugs off noise, contrast and fog; pixelation, blur
+and JPEG at high severity are what hurt, so those carry the steepest severity ladders.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
+
+
+def _clip(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def gaussian_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    sigma = [8, 14, 20, 28, 38][s - 1]
+    return _clip(img.astype(np.float32) + rng.normal(0, sigma, img.shape))
+
+
+def impulse_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    p = [0.02, 0.04, 0.07, 0.10, 0.15][s - 1]
+    out = img.copy()
+    mask = rng.random(img.shape[:2])
+    out[mask < p / 2] = 0
+    out[mask > 1 - p / 2] = 255
+    return out
+
+
+def gaussian_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    radius = [0.8, 1.3, 1.9, 2.6, 3.4][s - 1]
+    return np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
+
+
+def motion_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    length = [3, 5, 7, 9, 12][s - 1]
+    k = np.ones(length, np.float32) / length
+    x = img.astype(np.float32)
+    pad = length // 2
+    xp = np.pad(x, ((0, 0), (pad, length - 1 - pad), (0, 0)), mode="edge")
+    out = sum(k[i] * xp[:, i:i + x.shape[1]] for i in range(length))
+    return _clip(out)
+
+
+def contrast(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    c = [0.6, 0.5, 0.4, 0.3, 0.22][s - 1]
+    x = img.astype(np.float32)
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    return _clip((x - mean) * c + mean)
+
+
+def fog(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    a = [0.2, 0.3, 0.4, 0.5, 0.6][s - 1]
+    h, w = img.shape[:2]
+    coarse = rng.random((4, 4)).astype(np.float32)
+    haze = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
+    haze = (0.6 + 0.4 * haze / 255.0)[..., None] * 255.0
+    return _clip(img.astype(np.float32) * (1 - a) + haze * a)
+
+
+def pixelate(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    side = [24, 18, 14, 11, 9][s - 1]
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((side, side), Image.BOX)
+    return np.asarray(small.resize((w, h), Image.NEAREST))
+
+
+def jpeg(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    quality = [20, 12, 8, 5, 2][s - 1]
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def low_light(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Darker exposure plus sensor noise: brightness scales every channel equally (no hue shift)."""
+    gain, sigma = [(0.7, 4), (0.55, 6), (0.45, 8), (0.35, 10), (0.28, 12)][s - 1]
+    return _clip(img.astype(np.float32) * gain + rng.normal(0, sigma, img.shape))
+
+
+CORRUPTIONS: dict[str, Corruption] = {
+    "gaussian_noise": gaussian_noise,
+    "impulse_noise": impulse_noise,
+    "gaussian_blur": gaussian_blur,
+    "motion_blur": motion_blur,
+    "contrast": contrast,
+    "fog": fog,
+    "pixelate": pixelate,
+    "jpeg": jpeg,
+    "low_light": low_light,
+}
+
+
+def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
+    """Apply one corruption to a stack of uint8 images (N, H, W, 3); deterministic given ``seed``."""
+    if name == "clean":
+        return images
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; choose from: clean, {', '.join(CORRUPTIONS)}")
+    if not 1 <= severity <= 5:
+        raise ValueError(f"severity must be 1..5, got {severity}")
+    rng = np.random.default_rng(seed)
+    fn = CORRUPTIONS[name]
+    return np.stack([fn(img, severity, rng) for img in images])
+
+
+def corrupt_mixed(images: np.ndarray, family: list[str], severities: tuple[int, int], seed: int) -> np.ndarray:
+    """Each image gets its own random corruption from ``family`` at a severity in [lo, hi] (augmentation)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = severities
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        name = family[rng.integers(len(family))]
+        out[i] = CORRUPTIONS[name](img, int(rng.integers(lo, hi + 1)), rng)
+    return out

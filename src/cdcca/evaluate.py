@@ -1,0 +1,40 @@
+"""Accuracy of a model on easy-VQA test questions under one domain: direct answer and multiple choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cdcca.data.easyvqa import VQASet
+from cdcca.data.stream import Domain
+from cdcca.model.answer import answer_batch, mc_predict
+from cdcca.model.mllm import MLLM
+from cdcca.model.prompt import Prompter
+
+
+def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
+    """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk)."""
+    from cdcca.model.encoder import cached_features
+
+    return cached_features("test", domain.corruption, domain.severity, seed)
+
+
+@torch.no_grad()
+def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.ndarray, tokens: torch.Tensor,
+             batch_size: int = 64, direct: bool = True) -> dict:
+    """``{"n", "da", "mc"}`` over the given questions; ``tokens`` are per image of ``data``."""
+    da = mc = 0
+    for start in range(0, len(question_ids), batch_size):
+        ids = question_ids[start:start + batch_size]
+        qs = [data.questions[i] for i in ids]
+        gold = [data.answers[i] for i in ids]
+        toks = tokens[data.image_ids[ids]]
+        if direct:
+            answers = answer_batch(model, prompter, toks, qs)
+            da += sum(a.text == g for a, g in zip(answers, gold))
+            mc += sum(a.mc == g for a, g in zip(answers, gold))
+        else:
+            probs = mc_predict(model, prompter, toks, qs)
+            mc += sum(prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold))
+    n = len(question_ids)
+    return {"n": n, "da": da / n if direct else None, "mc": mc / n}

@@ -1,0 +1,90 @@
+"""Answering: batched greedy generation (direct answer) and one-pass multiple-choice scoring.
+
+Every answer carries its confidence — the product of per-step max probabilities, the released
+code's rule — and its per-step token entropies and top-2 margin, which the uplink's sample
+scorers build on. The first generation step doubles as the MC scorer: the candidates' first
+tokens are distinct, so their logits at the answer position rank all 13 answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cdcca.model.mllm import MLLM
+from cdcca.model.prompt import Prompter, normalize_answer
+
+
+@dataclass
+class Answer:
+    text: str                   # generated direct answer (normalized)
+    mc: str                     # highest-likelihood candidate
+    confidence: float           # Π_t max_v p_t(v) over generated answer tokens
+    entropies: list[float]      # per-step entropy (nats)
+    margin: float               # p(top1) − p(top2) at the first step
+    mc_probs: list[float] = field(default_factory=list)   # softmax over the candidates' first tokens
+
+
+@torch.no_grad()
+def answer_batch(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
+                 keep: torch.Tensor | None = None, max_new_tokens: int = 4, temperature: float = 1.0) -> list[Answer]:
+    """Answer B questions about B token sets with greedy decoding and a KV cache."""
+    model.eval()
+    dev = next(model.parameters()).device
+    text = prompter.batch(questions)
+    tokens, keep = tokens.to(dev), None if keep is None else keep.to(dev)
+    fwd, past, mask, positions = model(tokens, keep, text.input_ids.to(dev), text.attention_mask.to(dev), use_cache=True)
+    logits = model.logits(fwd.normed[:, -1]).float().cpu()                     # (B, V)
+    cand = logits[:, prompter.candidate_first_ids]                              # (B, n_cand)
+    mc_probs = cand.softmax(-1)
+    B = len(questions)
+    generated = [[] for _ in range(B)]
+    step_max, step_ent = [[] for _ in range(B)], [[] for _ in range(B)]
+    probs = (logits / temperature).softmax(-1)
+    top2 = probs.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).tolist()
+    done = torch.zeros(B, dtype=torch.bool)
+    last_pos = positions[:, -1]
+    for step in range(max_new_tokens):
+        if step:
+            probs = (logits / temperature).softmax(-1)
+        p_max, nxt = probs.max(-1)
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        for i in range(B):
+            if done[i]:
+                continue
+            if nxt[i].item() in (prompter.stop_id, prompter.tokenizer.eos_token_id) and generated[i]:
+                done[i] = True
+                continue
+            generated[i].append(nxt[i].item())
+            step_max[i].append(p_max[i].item())
+            step_ent[i].append(ent[i].item())
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        last_pos = last_pos + 1
+        out = model.core(inputs_embeds=model.embed_text(nxt[:, None].to(dev)), attention_mask=mask,
+                         position_ids=last_pos[:, None], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = model.logits(out.last_hidden_state[:, -1]).float().cpu()
+    answers = []
+    for i in range(B):
+        conf = float(torch.tensor(step_max[i]).prod()) if step_max[i] else 0.0
+        answers.append(Answer(
+            text=normalize_answer(prompter.tokenizer.decode(generated[i])),
+            mc=prompter.candidates[int(mc_probs[i].argmax())],
+            confidence=conf, entropies=step_ent[i], margin=margin[i], mc_probs=mc_probs[i].tolist()))
+    return answers
+
+
+@torch.no_grad()
+def mc_predict(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Candidate probabilities (B, n_cand) from one forward pass (no generation)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    text = prompter.batch(questions)
+    fwd = model(tokens.to(dev), None if keep is None else keep.to(dev), text.input_ids.to(dev), text.attention_mask.to(dev))
+    logits = model.logits(fwd.normed[:, -1]).float().cpu()
+    return logits[:, prompter.candidate_first_ids].softmax(-1)

@@ -1,0 +1,203 @@
+"""Pretraining recipe: train a role's bridge and adapters on the source domain (easy-VQA train).
+
+The device trains on clean images only. The cloud trains with a generic random-corruption
+augmentation (``aug_family`` at severities ``aug_severity``) and random token dropping, so its
+robustness — and its ability to answer from the half token sets the uplink sends — comes from its
+own training, never from the device's tokens. Encoder features are frozen and cached; a run is
+resumable from ``{out}/{role}.ckpt.safetensors`` and exports fp16 adapters plus a JSON record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cdcca.assets import load_tokenizer, write_json
+from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
+from cdcca.model.prompt import Prompter
+
+
+@dataclass
+class PretrainConfig:
+    role: str = "device"
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3                    # one-cycle peak; LoRA and a fresh bridge tolerate a high lr
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    aug_share: float = 0.0              # share of each batch drawn from corrupted copies (cloud: 0.5)
+    aug_family: list[str] = field(default_factory=list)
+    aug_severity: tuple[int, int] = (3, 5)
+    aug_variants: int = 4               # corrupted copies of the train set, cached as features
+    token_drop_share: float = 0.25      # share of samples with a random subset of tokens masked out
+    token_keep: tuple[float, float] = (0.25, 1.0)
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        unknown = set(self.aug_family) - set(CORRUPTIONS)
+        if unknown:
+            raise ValueError(f"aug_family has unknown corruptions {sorted(unknown)}")
+        if not 0 <= self.aug_share <= 1 or (self.aug_share > 0 and not self.aug_family):
+            raise ValueError("aug_share must be in [0, 1] and needs a non-empty aug_family")
+        self.aug_severity = tuple(self.aug_severity)
+        self.token_keep = tuple(self.token_keep)
+
+    @classmethod
+    def for_role(cls, role: str, **overrides) -> "PretrainConfig":
+        base = dict(role=role)
+        if role == "cloud":
+            base.update(steps=2000, aug_share=0.5, aug_family=sorted(CORRUPTIONS), token_drop_share=0.5)
+        base.update(overrides)
+        return cls(**base)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def augmented_features(cfg: PretrainConfig, variant: int, device: str) -> torch.Tensor:
+    """Tokens of a corrupted copy of every train image (each image its own random corruption)."""
+    from cdcca.assets import cache_dir
+    from cdcca.data.corruptions import corrupt_mixed
+    from cdcca.data.easyvqa import load_split
+    from cdcca.model.encoder import encode_images, load_encoder, save_tokens
+
+    tag = hashlib.sha256(json.dumps([sorted(cfg.aug_family), cfg.aug_severity]).encode()).hexdigest()[:10]
+    path = cache_dir() / "features" / f"lite0-train-aug{tag}-v{variant}-seed{cfg.seed}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["tokens"]
+    images = corrupt_mixed(load_split("train").images, cfg.aug_family, cfg.aug_severity, seed=cfg.seed * 1000 + variant)
+    tokens = encode_images(load_encoder().to(device), images, batch_size=256 if device != "cpu" else 64)
+    save_tokens(path, tokens)
+    return tokens
+
+
+def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """(B, P) bool masks keeping a random share in ``keep_range`` of the tokens (at least one)."""
+    ratio = torch.empty(batch).uniform_(*keep_range, generator=gen)
+    scores = torch.rand(batch, n_tokens, generator=gen)
+    k = (ratio * n_tokens).ceil().clamp(min=1).long()
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ranks < k[:, None]
+
+
+def _save_checkpoint(path: Path, model: MLLM, opt: torch.optim.Optimizer, step: int, digest: str) -> None:
+    tensors = {f"adapter/{k}": v for k, v in adapter_state(model).items()}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, p in zip(names, trainable_parameters(model)):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"opt/{key}/{name}"] = st[key].detach().cpu()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, model: MLLM, opt: torch.optim.Optimizer, digest: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("digest") != digest:
+        return 0
+    tensors = load_file(str(path))
+    load_adapter_state(model, {k[8:]: v for k, v in tensors.items() if k.startswith("adapter/")})
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    step = int(meta["step"])
+    for name, p in zip(names, trainable_parameters(model)):
+        avg, sq = tensors.get(f"opt/exp_avg/{name}"), tensors.get(f"opt/exp_avg_sq/{name}")
+        if avg is not None and sq is not None:
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg.to(p.device), "exp_avg_sq": sq.to(p.device)}
+    return step
+
+
+def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
+    """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
+    from cdcca.data.easyvqa import load_split
+    from cdcca.model.encoder import cached_features
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = load_split("train")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    t0 = time.perf_counter()
+    clean = cached_features("train", device=device)
+    variants = [augmented_features(cfg, v, device) for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
+    features_s = time.perf_counter() - t0
+
+    model.to(device).train()
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    ckpt = out_dir / f"{cfg.role}.ckpt.safetensors"
+    start = _load_checkpoint(ckpt, model, opt, cfg.digest()) if ckpt.is_file() else 0
+    if start:
+        log(f"resuming {cfg.role} pretraining at step {start}")
+    warm = max(1, int(0.1 * cfg.steps))
+
+    def lr_at(step: int) -> float:   # one-cycle: linear warm-up, cosine decay to 1 % of peak
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        frac = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    rng = np.random.default_rng(cfg.seed + start)
+    t1 = time.perf_counter()
+    losses = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    for step in range(start, cfg.steps):
+        q = rng.integers(0, len(data), cfg.batch_size)
+        img = data.image_ids[q]
+        toks = clean[img].clone()
+        if variants:
+            aug = rng.random(cfg.batch_size) < cfg.aug_share
+            which = rng.integers(0, len(variants), cfg.batch_size)
+            for i in np.flatnonzero(aug):
+                toks[i] = variants[which[i]][img[i]]
+        keep = None
+        if cfg.token_drop_share > 0:
+            keep = random_keep(cfg.batch_size, toks.shape[1], cfg.token_keep, gen)
+            keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
+        text = prompter.batch([data.questions[i] for i in q], [data.answers[i] for i in q])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with autocast:
+            fwd = model(toks.to(device), None if keep is None else keep.to(device),
+                        text.input_ids.to(device), text.attention_mask.to(device))
+            loss = answer_loss(model, fwd, text.labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, loss.item())
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, model, opt, step + 1, cfg.digest())
+    train_s = time.perf_counter() - t1
+    model.to("cpu").eval()
+    state = {k: v.half() for k, v in adapter_state(model).items()}
+    weights = out_dir / f"{cfg.role}.safetensors"
+    save_file(state, str(weights), metadata={"role": cfg.role, "digest": cfg.digest()})
+    record = {
+        "role": cfg.role, "config": asdict(cfg), "digest": cfg.digest(), "device": device,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "adapter_params": sum(v.numel() for v in state.values()),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "features_s": round(features_s, 1), "train_s": round(train_s, 1),
+        "s_per_step": round(train_s / max(1, cfg.steps - start), 3),
+        "torch": torch.__version__,
+    }
+    write_json(weights.with_suffix(".json"), record)
+    ckpt.unlink(missing_ok=True)
+    return record

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random-initialised models of the real architecture, the real tokenizer."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(2)
+
+CANDIDATES = ['circle', 'green', 'red', 'gray', 'yes', 'teal', 'black', 'rectangle', 'yellow', 'triangle', 'brown', 'blue', 'no']
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from cdcca.assets import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def prompter(tokenizer):
+    from cdcca.model.prompt import Prompter
+
+    return Prompter(tokenizer, CANDIDATES)
+
+
+@pytest.fixture
+def tiny_device():
+    from cdcca.model.pair import tiny_model
+
+    return tiny_model("device", seed=0)
+
+
+@pytest.fixture
+def tiny_cloud():
+    from cdcca.model.pair import tiny_model
+
+    return tiny_model("cloud", seed=1)
