@@ -60,6 +60,7 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 def pretrain(
     role: str = typer.Option(..., help="Which model to pretrain: 'device' (clean data) or 'cloud' (corruption-augmented)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
+    batch_size: int = typer.Option(32, help="Questions per step."),
     seed: int = typer.Option(0, help="Random seed; a run is deterministic given the seed on one machine."),
     out: Path = typer.Option(None, help="Output folder for ROLE.safetensors + ROLE.json (default: $CDCCA_CACHE/pretrained)."),
     force: bool = typer.Option(False, help="Retrain even if weights with the same config exist."),
@@ -77,7 +78,7 @@ def pretrain(
     if role not in ("device", "cloud"):
         fail(f"--role must be 'device' or 'cloud', got {role!r}")
     _threads(threads)
-    overrides = {"seed": seed}
+    overrides = {"seed": seed, "batch_size": batch_size}
     if steps is not None:
         overrides["steps"] = steps
     if aug_family:
@@ -156,6 +157,82 @@ def eval_cmd(
             table.add_row(r["shift"], str(r["severity"]), str(r["n"]), "-" if r["da"] is None else f"{r['da']:.3f}", f"{r['mc']:.3f}")
         console.print(table)
     print(json.dumps(result))
+
+
+# -- UTS uplink: `packet inspect` and `bench uts` (thin wrappers; logic in cdcca.wire / cdcca.bench.uts) --
+@packet_app.command("inspect")
+def packet_inspect(
+    file: Path = typer.Argument(..., help="Packet file (uplink, update or resync)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+):
+    """Validate a packet and print its kind, metadata and tensor index (no tensors are built)."""
+    from cdcca import wire
+
+    try:
+        size = file.stat().st_size
+        if size > wire.DEFAULT_LIMITS.max_bytes:
+            raise wire.PacketError(f"packet file {file} is {size} bytes, limit is {wire.DEFAULT_LIMITS.max_bytes}")
+        info = wire.describe(file.read_bytes())
+    except wire.PacketError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot read packet file {file}: {exc.strerror or exc}")
+    if as_json:
+        print(json.dumps(info))
+        return
+    out = Console()
+    head = Table(title=f"{file.name}: {info['kind']} packet, {info['total_bytes']} bytes", show_header=False)
+    for key in ("kind", "version", "created", "header_bytes", "total_bytes", "body_sha256"):
+        head.add_row(key, str(info[key]))
+    for key, value in sorted(info["meta"].items()):
+        head.add_row(f"meta.{key}", value if len(value) <= 80 else value[:77] + "...")
+    out.print(head)
+    tensors = Table(title="tensors")
+    for col in ("name", "dtype", "shape", "bytes"):
+        tensors.add_column(col)
+    for t in info["tensors"]:
+        tensors.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])) or "scalar", str(t["bytes"]))
+    out.print(tensors)
+
+
+@bench_app.command("uts")
+def bench_uts(
+    n: int = typer.Option(400, help="Stream requests over the default shift sequence."),
+    repeats: int = typer.Option(5, help="Timing repeats (medians are reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: Optional[int] = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
+):
+    """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
+    from cdcca.assets import AssetError
+    from cdcca.bench.uts import run_bench
+
+    if n < 4:
+        fail(f"--n must be at least 4 (one request per domain), got {n}")
+    _threads(threads)
+    try:
+        res = run_bench(n, repeats=repeats, log=None if as_json else console.print)
+    except AssetError as exc:
+        fail(str(exc))
+    if not as_json:
+        table = Table(title=f"UTS on {', '.join(res['domains'])} ({res['n']} requests, {res['model']})")
+        table.add_column("measure")
+        table.add_column("value")
+        for name, value in res["auroc"].items():
+            table.add_row(f"AUROC {name}" + (" (best)" if name == res["best_sample_scorer"] else ""), f"{value:.3f}")
+        d = res["default"]
+        table.add_row("upload rate (default)", f"{d['upload_rate']:.3f} ({d['uploaded']} samples)")
+        table.add_row("bytes / uploaded sample", f"{d['bytes_per_uploaded_sample']:.0f}")
+        for key in ("ratio_full_tokens", "ratio_png", "ratio_png_source_file", "ratio_jpeg224"):
+            table.add_row(key, f"{res[key]:.4f}")
+        t = res["timing"]
+        table.add_row("answer ms / request", f"{t['answer_ms_per_request']:.2f}")
+        for name, ms in t["uts_ms_per_request"].items():
+            table.add_row(f"UTS ms / request ({name})", f"{ms:.3f} (all uploaded: {t['uts_ms_per_request_all_uploaded'][name]:.3f})")
+        table.add_row("overhead (default)", f"{t['overhead']:.1%}")
+        console.print(table)
+        for note in res["notes"]:
+            console.print(f"note: {note}")
+    print(json.dumps(res))
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Benchmark logic behind ``cdcca bench ...`` (importable from an installed package)."""

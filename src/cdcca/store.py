@@ -1,0 +1,428 @@
+"""Device-side versioned adapter store: verify, apply atomically, roll back.
+
+Layout of a store directory::
+
+    store.json            {"format": 1, "device_id": ..., "keep": K}   (written once by init)
+    v000007.safetensors   one adapter version; safetensors metadata: format, version, hash
+                          (state_hash of the tensors), created (UTC ISO-8601), parent (version it
+                          was derived from, "" for the first), device_id
+    CURRENT               JSON {"version": 7, "hash": "..."}: the version in use
+    LOCK                  advisory lock (fcntl) held while a write is in progress
+
+Every file is written atomically: temp file ``.<name>.<random>.tmp`` in the same directory,
+fsync, ``os.replace``, fsync of the directory. A new version is written *before* CURRENT is
+switched to it, and old versions are pruned only after CURRENT is durable, so a power cut at any
+point leaves CURRENT naming a complete, hash-verified version (the worst case is an orphaned new
+version file, or a stray temp file that the next open deletes).
+
+Versions and rollback: ``rollback(v)`` only repoints CURRENT at the kept file ``v`` (no new
+version number). Newer files stay on disk, so rolling forward again works, until the next
+update/resync commits a new version: that commit deletes every version newer than its parent
+(the abandoned branch) and keeps the ``keep`` highest versions up to the new one.
+
+Open (``AdapterStore(dir)``) verifies CURRENT and the file it names; if either is missing or
+corrupt it falls back to the newest version whose file verifies, repoints CURRENT at it, logs a
+warning and records the reason in :attr:`AdapterStore.recovery_note`.
+
+One writer at a time per directory (a second concurrent writer gets a :class:`StoreError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from cdcca import wire
+from cdcca.adapter_state import AdapterState, clone_state, state_hash
+from cdcca.downlink import DWC_FORMAT, apply_delta, decode_resync, decode_update
+from cdcca.wire import PacketError
+
+try:  # POSIX advisory locking; without it the single-writer rule is simply not enforced
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["AdapterStore", "StoreError", "StaleBaseError", "WrongDeviceError"]
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+_CONFIG, _CURRENT, _LOCK = "store.json", "CURRENT", "LOCK"
+_VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
+_TMP_RE = re.compile(r"^\..+\.tmp$")
+
+
+class StoreError(RuntimeError):
+    """The store directory is missing, corrupt, busy, or an operation on it is impossible."""
+
+
+class StaleBaseError(PacketError):
+    """An update was built for a different base than the device holds; it needs a full resync."""
+
+
+class WrongDeviceError(PacketError):
+    """A packet addressed to another device."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic file helpers
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, os.replace, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _vname(version: int) -> str:
+    return f"v{version:06d}.safetensors"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _serialize(state: AdapterState, meta: dict[str, str]) -> bytes:
+    return safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
+                                  metadata=meta)
+
+
+def _load_version_file(path: Path) -> tuple[AdapterState, dict[str, str]]:
+    """Load and verify one version file; raises StoreError saying what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{path.name} is unreadable ({e.strerror or e})") from None
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        state = dict(safetensors.torch.load(data))
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise StoreError(f"{path.name} is not a valid safetensors file ({type(e).__name__})") from None
+    h = state_hash(state)
+    if meta.get("hash") != h:
+        raise StoreError(f"{path.name} content hash {h[:12]} does not match its recorded hash "
+                         f"{str(meta.get('hash'))[:12]}")
+    m = _VERSION_RE.match(path.name)
+    if m is None or meta.get("version") != str(int(m.group(1))):
+        raise StoreError(f"{path.name} records version {meta.get('version')!r}")
+    return state, meta
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class AdapterStore:
+    """Versioned on-disk adapter state of one device (see module docstring for the layout)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, keep: int | None = None):
+        self.path = Path(path)
+        self.recovery_note: str | None = None
+        fix = f"create it with AdapterStore.init({str(self.path)!r}, state)"
+        if not self.path.is_dir():
+            raise StoreError(f"no adapter store at {self.path} (directory missing); {fix}")
+        cfg_path = self.path / _CONFIG
+        if not cfg_path.exists():
+            raise StoreError(f"{self.path} is not an adapter store ({_CONFIG} missing); {fix}")
+        try:
+            cfg = json.loads(cfg_path.read_text("utf-8"))
+            if cfg.get("format") != STORE_FORMAT or not isinstance(cfg.get("keep"), int) or cfg["keep"] < 1:
+                raise ValueError("unexpected content")
+        except (OSError, ValueError, AttributeError) as e:
+            raise StoreError(f"adapter store config {cfg_path} is corrupt ({e}); restore it or re-create "
+                             f"the store with AdapterStore.init({str(self.path)!r}, state, force=True)") from None
+        self.device_id: str | None = cfg.get("device_id")
+        self.keep: int = keep if keep is not None else cfg["keep"]
+        if not (isinstance(self.keep, int) and self.keep >= 1):
+            raise ValueError(f"keep={keep!r}: must be an int >= 1")
+        self._clean_temp_files()
+        self._load_current()
+
+    # ---------------------------------------------------------------- creation
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], state: AdapterState, version: int = 0, keep: int = 5, *,
+             device_id: str | None = None, force: bool = False) -> AdapterStore:
+        """Create a store holding ``state`` as ``version`` (refuses an existing store unless ``force``)."""
+        p = Path(path)
+        if not (isinstance(keep, int) and keep >= 1):
+            raise ValueError(f"keep={keep!r}: must be an int >= 1")
+        if not (isinstance(version, int) and version >= 0):
+            raise ValueError(f"version={version!r}: must be an int >= 0")
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise ValueError(f"adapter tensor {k!r} must be a floating-point torch.Tensor")
+        p.mkdir(parents=True, exist_ok=True)
+        existing = (p / _CONFIG).exists() or (p / _CURRENT).exists() or any(
+            _VERSION_RE.match(f.name) for f in p.iterdir())
+        if existing and not force:
+            raise StoreError(f"an adapter store already exists at {p}; open it with AdapterStore({str(p)!r}) "
+                             f"or pass force=True to replace it")
+        with _locked(p):
+            h = state_hash(state)
+            _atomic_write(p / _vname(version), _serialize(state, {
+                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": _now(),
+                "parent": "", "device_id": device_id or ""}))
+            _atomic_write(p / _CONFIG, json.dumps({"format": STORE_FORMAT, "device_id": device_id,
+                                                   "keep": keep}).encode())
+            _atomic_write(p / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+            for f in p.iterdir():
+                if _VERSION_RE.match(f.name) and f.name != _vname(version):
+                    f.unlink()
+            _fsync_dir(p)
+        return cls(p)
+
+    # ---------------------------------------------------------------- reading
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def hash(self) -> str:
+        return self._hash
+
+    def current(self) -> tuple[int, AdapterState, str]:
+        """(version, state, hash) of the version in use (state verified when loaded; a copy)."""
+        return self._version, clone_state(self._state), self._hash
+
+    def versions(self) -> list[int]:
+        """Version numbers with a file on disk, ascending (not verified)."""
+        out = []
+        for f in self.path.iterdir():
+            m = _VERSION_RE.match(f.name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def load(self, version: int) -> tuple[AdapterState, str]:
+        """(state, hash) of a kept version, verified; StoreError if missing or corrupt."""
+        if version not in self.versions():
+            raise StoreError(f"version {version} is not kept in {self.path} (kept: {self.versions()})")
+        try:
+            state, meta = _load_version_file(self.path / _vname(version))
+        except StoreError as e:
+            raise StoreError(f"version {version} in {self.path} is corrupt: {e}") from None
+        return state, meta["hash"]
+
+    # ---------------------------------------------------------------- writing
+
+    def apply_update(self, packet_bytes: bytes) -> dict[str, Any]:
+        """Verify and apply an ``"update"`` packet as a new version (all or nothing).
+
+        Raises PacketError for a bad packet, :class:`WrongDeviceError` for another device's packet,
+        :class:`StaleBaseError` when it was built for a base other than the current version (ask the
+        cloud for a resync). Re-applying the packet that produced the current version returns
+        ``{"status": "already_applied", ...}``.
+        """
+        pkt = wire.decode(packet_bytes, expect_kind="update")
+        self._check_device(pkt.meta)
+        meta = pkt.meta
+        base_v, new_v = _int_meta(meta, "base_version"), _int_meta(meta, "new_version")
+        base_h, result_h = _hash_meta(meta, "base_hash"), _hash_meta(meta, "result_hash")
+        if new_v == self._version and result_h == self._hash:
+            return {"status": "already_applied", "version": self._version, "hash": self._hash}
+        if base_v != self._version or base_h != self._hash:
+            raise StaleBaseError(
+                f"update {base_v}->{new_v} was built for base version {base_v} ({base_h[:12]}) but "
+                f"device {self.device_id or '?'} is at version {self._version} ({self._hash[:12]}); "
+                f"nothing changed; ask the cloud for a full resync")
+        if new_v <= base_v:
+            raise PacketError(f"update new_version {new_v} is not above base_version {base_v}")
+        delta = decode_update(pkt)
+        try:
+            new_state = apply_delta(self._state, delta)
+        except ValueError as e:
+            raise PacketError(f"update does not fit the current adapter: {e}") from None
+        h = state_hash(new_state)
+        if h != result_h:
+            raise PacketError(f"update {base_v}->{new_v} produced hash {h[:12]}, packet promises "
+                              f"{result_h[:12]}; nothing changed; ask the cloud for a full resync")
+        pruned = self._commit(new_v, new_state, h)
+        return {"status": "applied", "version": new_v, "hash": h, "base_version": base_v,
+                "values": int(meta.get("n_values", "0") or 0), "packet_bytes": len(packet_bytes),
+                "pruned": pruned}
+
+    def apply_resync(self, packet_bytes: bytes) -> dict[str, Any]:
+        """Install the dense state of a ``"resync"`` packet as a new version (after verifying its
+        hash). Its version must be above the current one (or equal with the same hash: no-op)."""
+        pkt = wire.decode(packet_bytes, expect_kind="resync")
+        self._check_device(pkt.meta)
+        v = _int_meta(pkt.meta, "version")
+        state = decode_resync(pkt)
+        h = pkt.meta["result_hash"]
+        if v == self._version and h == self._hash:
+            return {"status": "already_applied", "version": v, "hash": h}
+        if v <= self._version:
+            raise PacketError(f"resync version {v} is not above the current version {self._version}; "
+                              f"the cloud must send a newer version number")
+        pruned = self._commit(v, state, h)
+        return {"status": "installed", "version": v, "hash": h, "pruned": pruned}
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        """Make a kept version current again by repointing CURRENT (no new version number)."""
+        if version == self._version:
+            return {"status": "already_current", "version": version, "hash": self._hash}
+        state, h = self.load(version)
+        previous = self._version
+        with _locked(self.path):
+            _atomic_write(self.path / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+        self._version, self._hash, self._state = version, h, state
+        return {"status": "rolled_back", "version": version, "hash": h, "from": previous}
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_device(self, meta: dict[str, str]) -> None:
+        if self.device_id is not None and meta.get("device_id") != self.device_id:
+            raise WrongDeviceError(f"packet is for device {meta.get('device_id')!r}, this store belongs "
+                                   f"to {self.device_id!r}; nothing changed")
+        if meta.get("dwc_format") != DWC_FORMAT:
+            raise PacketError(f"packet dwc_format={meta.get('dwc_format')!r}, expected {DWC_FORMAT!r}")
+
+    def _commit(self, version: int, state: AdapterState, h: str) -> list[int]:
+        """Write version file, then CURRENT, then prune; in-memory state changes only at the end."""
+        parent = self._version
+        with _locked(self.path):
+            try:
+                cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+            except (OSError, ValueError):
+                cur = None
+            if cur != {"version": self._version, "hash": self._hash}:
+                raise StoreError(f"adapter store {self.path} changed on disk since it was opened "
+                                 f"(CURRENT is {cur}); reopen it and retry")
+            _atomic_write(self.path / _vname(version), _serialize(state, {
+                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": _now(),
+                "parent": str(parent), "device_id": self.device_id or ""}))
+            _atomic_write(self.path / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+            self._version, self._hash, self._state = version, h, state
+            pruned = self._prune(parent)
+        return pruned
+
+    def _prune(self, parent: int) -> list[int]:
+        """Delete the abandoned branch (versions above ``parent`` other than the new current one:
+        left over from before a rollback, or orphaned by a crash) and all but the ``keep`` highest
+        remaining versions. Called only after CURRENT is durable."""
+        vs = self.versions()
+        lineage = [v for v in vs if v <= parent or v == self._version]
+        drop = sorted(set(vs) - set(lineage) | set(lineage[:-self.keep]))
+        for v in drop:
+            try:
+                (self.path / _vname(v)).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # best effort: CURRENT is already durable
+                log.warning("adapter store %s: could not prune version %d: %s", self.path, v, e)
+        if drop:
+            _fsync_dir(self.path)
+        return sorted(drop)
+
+    def _clean_temp_files(self) -> None:
+        """Delete temp files left by an interrupted write (skipped while another writer is active)."""
+        try:
+            with _locked(self.path):
+                for f in self.path.iterdir():
+                    if _TMP_RE.match(f.name) and f.is_file():
+                        with contextlib.suppress(OSError):
+                            f.unlink()
+        except StoreError:
+            pass  # busy: its temp files are live
+
+    def _load_current(self) -> None:
+        problem = None
+        try:
+            cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+            v, h = cur["version"], cur["hash"]
+            if not isinstance(v, int) or not isinstance(h, str):
+                raise ValueError("bad fields")
+        except FileNotFoundError:
+            problem = "CURRENT is missing"
+        except (OSError, ValueError, KeyError, TypeError):
+            problem = "CURRENT is corrupt"
+        if problem is None:
+            try:
+                state, meta = _load_version_file(self.path / _vname(v))
+                if meta["hash"] != h:
+                    raise StoreError(f"{_vname(v)} holds hash {meta['hash'][:12]}, not {h[:12]}")
+                self._version, self._hash, self._state = v, h, state
+                return
+            except StoreError as e:
+                problem = f"CURRENT names version {v}, but {e}"
+        for cand in reversed(self.versions()):
+            try:
+                state, meta = _load_version_file(self.path / _vname(cand))
+            except StoreError:
+                continue
+            with _locked(self.path):
+                _atomic_write(self.path / _CURRENT, json.dumps({"version": cand, "hash": meta["hash"]}).encode())
+            self._version, self._hash, self._state = cand, meta["hash"], state
+            self.recovery_note = f"{problem}; fell back to version {cand}, the newest valid one"
+            log.warning("adapter store %s: %s", self.path, self.recovery_note)
+            return
+        raise StoreError(f"adapter store {self.path}: {problem} and no kept version is loadable; "
+                         f"re-create it with AdapterStore.init({str(self.path)!r}, state, force=True) "
+                         f"from a cloud resync")
+
+
+@contextlib.contextmanager
+def _locked(d: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(d / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"adapter store {d} is being written by another process; retry later") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _int_meta(meta: dict[str, str], key: str) -> int:
+    s = meta.get(key, "")
+    if not re.fullmatch(r"[0-9]{1,18}", s):
+        raise PacketError(f"packet meta {key}={s!r} is not a non-negative integer")
+    return int(s)
+
+
+def _hash_meta(meta: dict[str, str], key: str) -> str:
+    s = meta.get(key, "")
+    if not re.fullmatch(r"[0-9a-f]{64}", s):
+        raise PacketError(f"packet meta {key} is not a SHA-256 hex digest")
+    return s
