@@ -401,3 +401,19 @@ def test_packet_inspect_prints_the_index_and_fails_with_exit_2_on_a_bad_file(tmp
     assert res.exit_code == 0 and json.loads(res.stdout)["meta"]["n_samples"] == "3"
     res = runner.invoke(app, ["packet", "inspect", str(bad)])
     assert res.exit_code == 2 and "error" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_uts_benchmark_reports_auroc_bytes_ratios_and_overhead_with_a_tiny_device(tiny_device, prompter):
+    from cdcca.bench.uts import run_bench
+
+    def features(domain):      # stand-in 32-dim tokens per test image, different per domain
+        return torch.rand(1000, 49, 32, generator=torch.Generator().manual_seed(len(str(domain))))
+
+    res = run_bench(8, model=tiny_device, prompter=prompter, tokens_for=features, stats=_stats(49, 32),
+                    cfg=UTSConfig(threshold=-1.0), repeats=1, batch_size=2, keep_ratios=(0.5, 1.0))
+    assert res["n"] == 8 and set(res["auroc"]) == set(SAMPLE_SCORERS) and res["default"]["upload_rate"] == 1.0
+    assert set(res["bytes_per_uploaded_sample"]) == set(TOKEN_SCORERS)
+    assert res["bytes_per_uploaded_sample"]["ood"]["0.5"] < res["bytes_per_uploaded_sample"]["ood"]["1"]
+    for key in ("ratio_full_tokens", "ratio_png", "ratio_jpeg224"):
+        assert res[key] > 0
+    assert res["timing"]["overhead"] > 0 and json.dumps(res)

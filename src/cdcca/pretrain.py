@@ -42,6 +42,7 @@ class PretrainConfig:
     token_drop_share: float = 0.25      # share of samples with a random subset of tokens masked out
     token_keep: tuple[float, float] = (0.25, 1.0)
     checkpoint_every: int = 200
+    init: str | None = None             # continue from these fp16 adapters (recorded by SHA-256)
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)
@@ -136,6 +137,8 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
     variants = [augmented_features(cfg, v, device) for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
     features_s = time.perf_counter() - t0
 
+    if cfg.init:
+        load_adapter_state(model, {k: v.float() for k, v in load_file(cfg.init).items()})
     model.to(device).train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -197,6 +200,7 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
         "features_s": round(features_s, 1), "train_s": round(train_s, 1),
         "s_per_step": round(train_s / max(1, cfg.steps - start), 3),
         "torch": torch.__version__,
+        "init_sha256": hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest() if cfg.init else None,
     }
     write_json(weights.with_suffix(".json"), record)
     ckpt.unlink(missing_ok=True)

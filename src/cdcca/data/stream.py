@@ -16,7 +16,7 @@ from cdcca.data.easyvqa import VQASet
 
 # The device loses most on blur, pixelation and JPEG (the ImageNet encoder shrugs off noise and fog
 # on flat shapes), so the default sequence walks through those at high severity.
-DEFAULT_SEQUENCE = ("pixelate:5", "gaussian_blur:5", "jpeg:5", "motion_blur:5")
+DEFAULT_SEQUENCE = ("pixelate:5", "gaussian_blur:5", "jpeg:5", "low_light:5")
 STREAMS = {"default": DEFAULT_SEQUENCE}
 
 
