@@ -245,6 +245,32 @@ def bench_uts(
     print(json.dumps(res))
 
 
+
+@app.command()
+def demo(
+    preset: str = typer.Option("quick", help="Run size: quick (minutes on 2 cores), paper (longer), tiny (random models, seconds)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
+    devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+):
+    """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report."""
+    from cdcca.assets import AssetError
+    from cdcca.demo import run_demo
+
+    _threads(threads)
+    if devices < 1:
+        fail(f"--devices must be ≥ 1, got {devices}")
+    try:
+        metrics = run_demo(preset, out, devices=devices, console=console)
+    except (AssetError, ValueError) as exc:
+        fail(str(exc))
+    s = metrics["summary"]
+    console.print(f"source-only MC {s['source_only_mc']:.3f} → adapted MC {s['adapted_mc']:.3f}; "
+                  f"up {s['bytes_up_total'] / 1024:.1f} KiB, down {s['bytes_down_total'] / 1024:.1f} KiB; "
+                  f"{s['wall_s']:.0f} s. Report: {out / 'report.html'}")
+    print(json.dumps(s))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

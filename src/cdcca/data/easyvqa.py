@@ -56,3 +56,11 @@ def load_split(split: str) -> VQASet:
     images = _load_images([paths[i] for i in range(len(paths))])
     return VQASet(f"easyvqa-{split}", images, list(questions), list(answers),
                   np.asarray(image_ids, dtype=np.int64), list(easy_vqa.get_answers()))
+
+
+def candidate_answers() -> list[str]:
+    """The 13 easy-VQA answers, in the package's order (the multiple-choice candidate set)."""
+    package_dir(DATA_PACKAGE)
+    import easy_vqa
+
+    return list(easy_vqa.get_answers())

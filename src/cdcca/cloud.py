@@ -1,0 +1,218 @@
+"""Cloud runtime: a durable inbox of uploads, one adapter mirror per device, and rounds of AKD → DWC.
+
+State dir layout (SQLite in WAL mode for what must be transactional, files for tensors):
+
+    cloud.sqlite                 packets (uplinks as received), samples (id → packet, round processed),
+                                 devices (mirror version + hash), updates (stored update packets), metrics
+    uplinks/<sha>.pkt            uplink packets exactly as received
+    devices/<id>/mirror-vN.safetensors, residual-vN.safetensors, update-vN.pkt
+
+Crash safety: an upload is acknowledged only after its transaction commits; a round writes its
+files first (new version numbers, never overwriting) and then commits one transaction that marks
+the samples processed and moves the device's mirror to version N. A crash before that commit
+leaves the previous version current and the samples unprocessed, so the round simply runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cdcca.adapter_state import AdapterState, state_hash
+from cdcca.distill import AKD, AKDConfig
+from cdcca.downlink import DWCConfig, build_resync, build_update
+from cdcca.model.mllm import adapter_state
+from cdcca.uplink import decode_uplink
+from cdcca.wire import PacketError, decode, write_packet
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
+CREATE TABLE IF NOT EXISTS samples (sample_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, packet_sha TEXT NOT NULL,
+                                    round INTEGER);
+CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT NOT NULL,
+                                    rounds INTEGER NOT NULL DEFAULT 0, budget INTEGER);
+CREATE TABLE IF NOT EXISTS updates (device_id TEXT, base_version INTEGER, new_version INTEGER, path TEXT, nbytes INTEGER,
+                                    PRIMARY KEY (device_id, base_version));
+CREATE TABLE IF NOT EXISTS metrics (device_id TEXT, round INTEGER, json TEXT, PRIMARY KEY (device_id, round));
+"""
+
+
+def _atomic_save(path: Path, state: AdapterState) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CloudRuntime:
+    def __init__(self, state_dir, akd: AKD, initial_state: AdapterState, dwc: DWCConfig | None = None):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.akd = akd
+        self.dwc = dwc or DWCConfig()
+        self.initial_state = initial_state
+        self.db = sqlite3.connect(str(self.dir / "cloud.sqlite"), isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    @classmethod
+    def open(cls, state_dir, *, tiny: bool = False, akd: AKDConfig | None = None, dwc: DWCConfig | None = None) -> "CloudRuntime":
+        """Open (or create) a cloud state dir with the teacher and a student network loaded."""
+        from cdcca.assets import load_tokenizer
+        from cdcca.data.easyvqa import candidate_answers
+        from cdcca.device import build_role_model
+        from cdcca.model.prompt import Prompter
+
+        teacher = build_role_model("cloud", tiny)
+        student = build_role_model("device", tiny)
+        prompter = Prompter(load_tokenizer(), candidate_answers())
+        return cls(state_dir, AKD(teacher, student, prompter, akd or AKDConfig()), adapter_state(student), dwc)
+
+    # -- devices and their mirrors -----------------------------------------------------------
+    def _device(self, device_id: str) -> tuple[int, str]:
+        row = self.db.execute("SELECT version, hash FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        if row is None:   # a new device starts from the shipped pretrained adapters (its version 0)
+            d = self.dir / "devices" / device_id
+            d.mkdir(parents=True, exist_ok=True)
+            _atomic_save(d / "mirror-v0.safetensors", self.initial_state)
+            h = state_hash(self.initial_state)
+            self.db.execute("INSERT OR IGNORE INTO devices(device_id, version, hash) VALUES (?,?,?)", (device_id, 0, h))
+            return 0, h
+        return row[0], row[1]
+
+    def mirror(self, device_id: str) -> tuple[int, AdapterState]:
+        version, h = self._device(device_id)
+        state = load_file(str(self.dir / "devices" / device_id / f"mirror-v{version}.safetensors"))
+        if state_hash(state) != h:
+            raise RuntimeError(f"mirror of {device_id} v{version} does not match its recorded hash; "
+                               f"the cloud state dir {self.dir} is damaged — restore it from backup")
+        return version, state
+
+    def mirror_hash(self, device_id: str) -> str:
+        return self._device(device_id)[1]
+
+    def _residual(self, device_id: str, version: int) -> AdapterState | None:
+        path = self.dir / "devices" / device_id / f"residual-v{version}.safetensors"
+        return load_file(str(path)) if path.is_file() else None
+
+    # -- uplink ------------------------------------------------------------------------------
+    def receive(self, uplink: bytes) -> list[str]:
+        """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device."""
+        batch = decode_uplink(uplink)          # validates the packet fully before anything is stored
+        sha = hashlib.sha256(uplink).hexdigest()
+        path = self.dir / "uplinks" / f"{sha}.pkt"
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            write_packet(path, uplink)
+        self._device(batch.device_id)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("INSERT OR IGNORE INTO packets VALUES (?,?,?,?)", (sha, batch.device_id, len(uplink), time.time()))
+            self.db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
+                                [(sid, batch.device_id, sha) for sid in batch.sample_ids])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return list(batch.sample_ids)
+
+    def pending_samples(self, device_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM samples WHERE device_id=? AND round IS NULL", (device_id,)).fetchone()[0]
+
+    def _load_pending(self, device_id: str):
+        rows = self.db.execute("SELECT sample_id, packet_sha FROM samples WHERE device_id=? AND round IS NULL "
+                               "ORDER BY rowid", (device_id,)).fetchall()
+        wanted: dict[str, set[str]] = {}
+        for sid, sha in rows:
+            wanted.setdefault(sha, set()).add(sid)
+        tokens, keep, questions, ids, device_answers = [], [], [], [], []
+        for sha, sids in wanted.items():
+            up = decode_uplink((self.dir / "uplinks" / f"{sha}.pkt").read_bytes())
+            for i, sid in enumerate(up.sample_ids):
+                if sid in sids:
+                    sids.discard(sid)      # a sample id repeated inside one packet is used once
+                    tokens.append(up.tokens[i]); keep.append(up.keep[i]); questions.append(up.questions[i])
+                    ids.append(sid); device_answers.append(up.mc[i])
+        if not ids:
+            return None
+        return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers
+
+    # -- a round: AKD → DWC ------------------------------------------------------------------
+    def run_round(self, device_id: str) -> bytes | None:
+        """Distil the device's new uploads into its mirror and store (then return) the update packet."""
+        pending = self._load_pending(device_id)
+        if pending is None:
+            return None
+        tokens, keep, questions, ids, device_answers = pending
+        version, base = self.mirror(device_id)
+        rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (device_id,)).fetchone()[0] + 1
+        t0 = time.perf_counter()
+        records = self.akd.teacher_pass(tokens, keep, questions, ids)
+        teacher_s = time.perf_counter() - t0
+        target, st = self.akd.distill(device_id, base, records, device_answers)
+        budget = self.db.execute("SELECT budget FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
+        dwc = self.dwc if budget is None else _with_budget(self.dwc, budget)
+        packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
+                                                     device_id=device_id, base_version=version,
+                                                     new_version=version + 1, round=rnd)
+        d = self.dir / "devices" / device_id
+        new = version + 1
+        _atomic_save(d / f"mirror-v{new}.safetensors", mirror)
+        _atomic_save(d / f"residual-v{new}.safetensors", residual)
+        write_packet(d / f"update-v{new}.pkt", packet)
+        metrics = {"round": rnd, "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
+                   "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses,
+                   "bytes_down": len(packet), "dense_fp16_bytes": ust.dense_fp16_bytes, "energy_kept": ust.energy_kept}
+        next_budget = None
+        if self.dwc.adaptive and self.dwc.budget_bytes is not None:
+            from cdcca.downlink import next_budget as rule
+
+            next_budget = rule(dwc, dwc.budget_bytes, ust)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", [(rnd, sid) for sid in ids])
+            self.db.execute("UPDATE devices SET version=?, hash=?, rounds=?, budget=COALESCE(?, budget) WHERE device_id=?",
+                            (new, state_hash(mirror), rnd, next_budget, device_id))
+            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)",
+                            (device_id, version, new, str(d / f"update-v{new}.pkt"), len(packet)))
+            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (device_id, rnd, json.dumps(metrics)))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return packet
+
+    def update_for(self, device_id: str, device_version: int) -> bytes | None:
+        """The stored update whose base is ``device_version`` (to re-send after a lost reply)."""
+        row = self.db.execute("SELECT path FROM updates WHERE device_id=? AND base_version=?",
+                              (device_id, device_version)).fetchone()
+        return Path(row[0]).read_bytes() if row else None
+
+    def resync(self, device_id: str) -> bytes:
+        version, state = self.mirror(device_id)
+        return build_resync(state, device_id=device_id, version=version)
+
+    def metrics(self, device_id: str) -> list[dict]:
+        return [json.loads(r[0]) for r in self.db.execute(
+            "SELECT json FROM metrics WHERE device_id=? ORDER BY round", (device_id,))]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:
+    from dataclasses import replace
+
+    return replace(cfg, budget_bytes=budget)
+
+
+__all__ = ["CloudRuntime", "PacketError", "decode"]

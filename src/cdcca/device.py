@@ -1,0 +1,186 @@
+"""Device runtime: answers requests, keeps uncertain samples in a durable outbox, applies updates.
+
+A device's state dir holds everything it needs to survive a restart or a power cut:
+
+    device.json      device id, model kind, UTS settings, request-stream slice, byte counters
+    adapters/        versioned adapter states (:class:`cdcca.store.AdapterStore`, atomic, rollback)
+    outbox.sqlite    uplink samples not yet acknowledged by the cloud (:class:`cdcca.outbox.Outbox`)
+
+The runtime imports no fleet code: the in-process fleet and the Flower ClientApp both drive it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdcca.assets import write_json
+from cdcca.model.answer import Answer, answer_batch
+from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
+from cdcca.outbox import Outbox
+from cdcca.store import AdapterStore
+from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
+from cdcca.wire import PacketError, decode
+
+CONFIG = "device.json"
+
+
+def build_role_model(role: str, tiny: bool) -> MLLM:
+    """The pretrained model of a role, or a tiny random one (tests and transport checks)."""
+    from cdcca.model.pair import load_pretrained, tiny_model
+
+    return tiny_model(role, seed=0 if role == "device" else 1) if tiny else load_pretrained(role)
+
+
+class RequestStream:
+    """This device's slice of the continual shift stream: (tokens, questions, gold answers, ids) per round.
+
+    ``tiny`` streams use random tokens (token width 32) so transport tests need no real features.
+    """
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def chunk(self, rnd: int) -> tuple[torch.Tensor, list[str], list[str], list[str], str]:
+        s = self.spec
+        if s.get("tiny"):
+            g = torch.Generator().manual_seed(1000 * s["index"] + rnd)
+            n = s.get("per_round", 8)
+            qs = ["what color is the shape?", "is there a circle in the image?"] * (n // 2)
+            return torch.randn(n, 49, 32, generator=g), qs, ["red", "yes"] * (n // 2), \
+                [f"{s['device_id']}-r{rnd}-{i}" for i in range(n)], "tiny"
+        from cdcca.data.easyvqa import load_split
+        from cdcca.data.stream import build_stream, resolve_sequence
+        from cdcca.evaluate import test_tokens
+
+        data = load_split("test")
+        chunks = build_stream(data, resolve_sequence(s["stream"]), s["per_domain"], s.get("rounds_per_domain", 1),
+                              seed=s.get("seed", 0))
+        chunk = chunks[rnd % len(chunks)]
+        qids = chunk.question_ids[s["index"]::s["n_devices"]]        # each device its own requests
+        tokens = test_tokens(chunk.domain)[data.image_ids[qids]].float()
+        return (tokens, [data.questions[i] for i in qids], [data.answers[i] for i in qids],
+                [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
+
+
+class DeviceRuntime:
+    def __init__(self, state_dir: Path, config: dict, model: MLLM):
+        self.dir = Path(state_dir)
+        self.config = config
+        self.device_id: str = config["device_id"]
+        self.uts = UTSConfig(**config["uts"])
+        self.model = model
+        self.store = AdapterStore(self.dir / "adapters")
+        self.outbox = Outbox(self.dir / "outbox.sqlite")
+        load_adapter_state(self.model, self.store.current()[1])
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, state_dir, device_id: str, *, tiny: bool = False, uts: UTSConfig | None = None,
+               stream: dict | None = None, model: MLLM | None = None) -> "DeviceRuntime":
+        """Initialise a state dir with the pretrained device adapters as version 0."""
+        d = Path(state_dir)
+        if (d / CONFIG).exists():
+            raise FileExistsError(f"device state already exists at {d}; open it with DeviceRuntime.open")
+        model = model or build_role_model("device", tiny)
+        uts = uts or UTSConfig(selection="budget", budget=8 if tiny else 64, token_scorer="energy" if tiny else "ood")
+        stream = {"tiny": tiny, "index": 0, "n_devices": 1, "stream": "default", "per_domain": 320, **(stream or {})}
+        stream["device_id"] = device_id
+        config = {"device_id": device_id, "tiny": tiny, "uts": asdict(uts), "stream": stream,
+                  "bytes_up": 0, "bytes_down": 0, "created": time.time()}
+        d.mkdir(parents=True, exist_ok=True)
+        AdapterStore.init(d / "adapters", adapter_state(model), version=0, device_id=device_id)
+        write_json(d / CONFIG, config)
+        return cls(d, config, model)
+
+    @classmethod
+    def open(cls, state_dir, model: MLLM | None = None) -> "DeviceRuntime":
+        d = Path(state_dir)
+        try:
+            config = json.loads((d / CONFIG).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no device state at {d}; create it with `cdcca device init --state {d}`") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{d / CONFIG} is corrupt ({exc}); restore it or re-create the device state") from None
+        return cls(d, config, model or build_role_model("device", config.get("tiny", False)))
+
+    def _save_config(self) -> None:
+        write_json(self.dir / CONFIG, self.config)
+
+    # -- serving -----------------------------------------------------------------------------
+    def answer(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64) -> list[Answer]:
+        """Answer requests and queue the uncertain ones (UTS) in the outbox."""
+        answers: list[Answer] = []
+        for s in range(0, len(questions), batch_size):
+            answers += answer_batch(self.model, self._prompter(), tokens[s:s + batch_size], questions[s:s + batch_size],
+                                    temperature=self.uts.temperature)
+        samples = plan_uplink(tokens, questions, answers, sample_ids, self.uts, bridge=self.model.bridge)
+        self.outbox.add_many(samples)
+        return answers
+
+    def serve_round(self, rnd: int) -> dict:
+        """Answer this device's next chunk of its request stream; returns online metrics."""
+        tokens, questions, gold, ids, domain = RequestStream(self.config["stream"]).chunk(rnd)
+        answers = self.answer(tokens, questions, ids)
+        return {"round": rnd, "domain": domain, "requests": len(ids),
+                "online_mc": float(np.mean([a.mc == g for a, g in zip(answers, gold)])) if ids else float("nan"),
+                "outbox": self.outbox.size()}
+
+    def _prompter(self):
+        if getattr(self, "_prompter_obj", None) is None:
+            from cdcca.assets import load_tokenizer
+            from cdcca.data.easyvqa import candidate_answers
+            from cdcca.model.prompt import Prompter
+
+            self._prompter_obj = Prompter(load_tokenizer(), candidate_answers())
+        return self._prompter_obj
+
+    # -- uplink ------------------------------------------------------------------------------
+    def collect_uplink(self, max_samples: int = 256) -> bytes | None:
+        """An uplink packet of pending outbox samples (marked in flight until acknowledged)."""
+        samples = self.outbox.pending(max_samples)
+        if not samples:
+            return None
+        packet = build_uplink(samples, self.uts, device_id=self.device_id, adapter_version=str(self.store.version))
+        self.outbox.mark_sent([s.sample_id for s in samples], packet_id=uuid.uuid4().hex)
+        self.config["bytes_up"] += len(packet)
+        self._save_config()
+        return packet
+
+    def ack_uplink(self, sample_ids: list[str]) -> int:
+        return self.outbox.ack(sample_ids)
+
+    # -- downlink ----------------------------------------------------------------------------
+    def apply(self, packet: bytes) -> dict:
+        """Verify and apply an update or resync packet atomically; the model follows the store."""
+        kind = decode(packet).kind
+        if kind == "update":
+            report = self.store.apply_update(packet)
+        elif kind == "resync":
+            report = self.store.apply_resync(packet)
+        else:
+            raise PacketError(f"device got a {kind!r} packet; it applies only 'update' or 'resync' packets")
+        load_adapter_state(self.model, self.store.current()[1])
+        self.config["bytes_down"] += len(packet)
+        self._save_config()
+        return report
+
+    def rollback(self, version: int) -> dict:
+        report = self.store.rollback(version)
+        load_adapter_state(self.model, self.store.current()[1])
+        return report
+
+    def status(self) -> dict:
+        st = self.outbox.stats()
+        return {"device_id": self.device_id, "version": self.store.version, "hash": self.store.hash,
+                "versions": self.store.versions(), "outbox": st.pending + st.in_flight, "outbox_in_flight": st.in_flight,
+                "bytes_up": self.config["bytes_up"], "bytes_down": self.config["bytes_down"]}
+
+    def close(self) -> None:
+        self.outbox.close()

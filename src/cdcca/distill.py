@@ -1,0 +1,281 @@
+"""AKD: adapter-based knowledge distillation from the cloud teacher into one device's adapters.
+
+Per uploaded sample the teacher runs **once** (:meth:`AKD.teacher_pass`): from the same visual
+tokens the device sent, it picks a pseudo-label (its multiple-choice answer) and we cache its
+pre-norm last-layer hidden states over the visual + prompt positions and its logits at the answer
+position. The student — a model holding *that device's current* adapters — then trains for a few
+epochs on the new records plus a bounded replay of earlier ones:
+
+    loss = w_ce · CE(pseudo-label tokens)
+         + w_mse · MSE(aligner(h_s), h_t) + w_wave · Σ_j L1(DWT_j(aligner(h_s)), DWT_j(h_t))   (j = 3 'db6' high bands)
+         + w_kl · T² · KL(p_t^T ‖ p_s^T) at the answer position
+
+Hidden states are compared position by position: the tokenizers (and the number of bridge queries)
+match, so both sequences line up. The aligner is a trainable 1×1 Conv1d from student width to
+teacher width that stays on the cloud, one per device.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cdcca.adapter_state import AdapterState
+from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
+from cdcca.model.prompt import Prompter
+
+
+@dataclass
+class AKDConfig:
+    """How the cloud distils; the defaults follow the authors' released settings where they fit."""
+
+    epochs: int = 3                       # paper: 3
+    batch_size: int = 16
+    lr: float = 3e-4                      # paper 3e-5 (7B LLM); a 10-layer student with LoRA needs 10× more
+    lr_final: float = 5e-5                # cosine decay target (paper 5e-6, same 1/6 ratio)
+    weight_decay: float = 0.02            # paper
+    betas: tuple[float, float] = (0.9, 0.95)   # paper
+    grad_clip: float = 2.0                # paper
+    w_ce: float = 1.0                     # CE on the teacher's pseudo-labels
+    w_mse: float = 0.5                    # hidden-state MSE (on states scaled by the teacher's RMS)
+    w_wave: float = 0.5                   # L1 on wavelet high bands
+    w_kl: float = 1.0                     # logit KD
+    temperature: float = 2.0
+    wavelet: str = "db6"
+    wave_levels: int = 3
+    min_teacher_confidence: float = 0.0   # drop pseudo-labels the teacher itself doubts
+    replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
+    replay_per_round: float = 1.0         # replayed records per new record
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("w_ce", "w_mse", "w_wave", "w_kl", "lr", "lr_final", "temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AKDConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("AKDConfig.epochs and batch_size must be ≥ 1")
+        self.betas = tuple(self.betas)
+
+    @classmethod
+    def ablation(cls, name: str, **kw) -> "AKDConfig":
+        """Named loss ablations: ce, ce+mse, ce+mse+wave, full (ce+mse+wave+kl)."""
+        terms = {"ce": dict(w_mse=0, w_wave=0, w_kl=0), "ce+mse": dict(w_wave=0, w_kl=0),
+                 "ce+mse+wave": dict(w_kl=0), "full": {}}
+        if name not in terms:
+            raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(terms)}")
+        return cls(**{**terms[name], **kw})
+
+
+@dataclass
+class TeacherRecord:
+    """Everything the student needs about one uploaded sample; the teacher is never run again for it."""
+
+    sample_id: str
+    tokens: torch.Tensor        # (P, C) fp16, dropped slots filled as the uplink configured
+    keep: torch.Tensor          # (P,) bool
+    question: str
+    pseudo_label: str
+    confidence: float           # teacher's probability of its pseudo-label among the candidates
+    hidden: torch.Tensor        # (Q + T_prompt, d_t) fp16, pre-norm last layer, visual + prompt positions
+    logits: torch.Tensor        # (V,) fp16 at the answer position
+
+
+class Aligner(nn.Module):
+    """1×1 convolution mapping student hidden width to teacher width (identity-initialised when equal)."""
+
+    def __init__(self, d_student: int, d_teacher: int):
+        super().__init__()
+        self.conv = nn.Conv1d(d_student, d_teacher, kernel_size=1)
+        if d_student == d_teacher:
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.eye(d_student)[..., None])
+                self.conv.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:      # (B, L, d_s) → (B, L, d_t)
+        return self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+def wavelet_highband_l1(student: torch.Tensor, teacher: torch.Tensor, wavelet: str = "db6", levels: int = 3) -> torch.Tensor:
+    """Σ over ``levels`` of mean |detail coefficients| difference along the sequence axis. Inputs (B, L, d)."""
+    import ptwt
+
+    s = ptwt.wavedec(student.transpose(1, 2).float(), wavelet, level=levels, mode="zero")   # [cA, cD_levels..cD1]
+    t = ptwt.wavedec(teacher.transpose(1, 2).float(), wavelet, level=levels, mode="zero")
+    return sum(F.l1_loss(a, b) for a, b in zip(s[1:], t[1:]))
+
+
+class ReplayBuffer:
+    """Reservoir sample of earlier teacher records, bounded in size, so old domains are not forgotten."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = capacity
+        self.items: list[TeacherRecord] = []
+        self.seen = 0
+        self.rng = random.Random(seed)
+
+    def add(self, records: list[TeacherRecord]) -> None:
+        for r in records:
+            self.seen += 1
+            if len(self.items) < self.capacity:
+                self.items.append(r)
+            else:
+                j = self.rng.randrange(self.seen)
+                if j < self.capacity:
+                    self.items[j] = r
+
+    def sample(self, n: int) -> list[TeacherRecord]:
+        return self.rng.sample(self.items, min(n, len(self.items)))
+
+
+@dataclass
+class DistillStats:
+    samples: int
+    replayed: int
+    steps: int
+    teacher_s: float
+    student_s: float
+    losses: dict[str, float] = field(default_factory=dict)
+    pseudo_label_agreement: float = float("nan")   # share where the device's own answer matched the teacher
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / max(1e-9, self.teacher_s + self.student_s)
+
+
+class AKD:
+    """The cloud's distiller: a teacher, one student network, and per-device aligner + replay state."""
+
+    def __init__(self, teacher: MLLM, student: MLLM, prompter: Prompter, cfg: AKDConfig | None = None):
+        self.teacher = teacher.eval()
+        self.student = student
+        self.prompter = prompter
+        self.cfg = cfg or AKDConfig()
+        self.teacher_forward_calls = 0
+        self.teacher_samples = 0
+        self._aligners: dict[str, Aligner] = {}
+        self._replay: dict[str, ReplayBuffer] = {}
+
+    # -- step 1: the teacher pass, once per uploaded sample ---------------------------------------
+    @torch.no_grad()
+    def teacher_pass(self, tokens: torch.Tensor, keep: torch.Tensor, questions: list[str],
+                     sample_ids: list[str], batch_size: int = 64) -> list[TeacherRecord]:
+        records = []
+        cand = self.prompter.candidate_first_ids
+        for s in range(0, len(questions), batch_size):
+            qs = questions[s:s + batch_size]
+            text = self.prompter.batch(qs)
+            fwd = self.teacher(tokens[s:s + batch_size], keep[s:s + batch_size], text.input_ids, text.attention_mask)
+            self.teacher_forward_calls += 1
+            self.teacher_samples += len(qs)
+            logits = self.teacher.logits(fwd.normed[:, -1]).float()            # (b, V)
+            probs = logits[:, cand].softmax(-1)
+            conf, pick = probs.max(-1)
+            Q, T = fwd.n_visual, text.input_ids.shape[1]
+            for i in range(len(qs)):
+                n_text = int(text.attention_mask[i].sum())
+                h = torch.cat([fwd.hidden[i, :Q], fwd.hidden[i, Q + T - n_text:]])   # drop padding
+                records.append(TeacherRecord(
+                    sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
+                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half()))
+        return records
+
+    # -- step 2: distil into the device's adapters --------------------------------------------
+    def distill(self, device_id: str, base: AdapterState, records: list[TeacherRecord],
+                device_answers: list[str] | None = None) -> tuple[AdapterState, DistillStats]:
+        """Train a copy of ``base`` (the device's current adapters) on ``records`` + replay; return new adapters."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        new = [r for r in records if r.confidence >= cfg.min_teacher_confidence]
+        replay = self._replay.setdefault(device_id, ReplayBuffer(cfg.replay_capacity, cfg.seed))
+        old = replay.sample(int(len(new) * cfg.replay_per_round))
+        data = new + old
+        load_adapter_state(self.student, base)
+        if not data:
+            return adapter_state(self.student), DistillStats(0, 0, 0, 0.0, 0.0)
+        d_s = self.student.cfg.bridge.d_lm
+        d_t = records[0].hidden.shape[-1]
+        aligner = self._aligners.setdefault(device_id, Aligner(d_s, d_t))
+        params = trainable_parameters(self.student) + list(aligner.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
+        rng = random.Random(cfg.seed + replay.seen)
+        totals: dict[str, float] = {}
+        step = 0
+        self.student.train()
+        for _ in range(cfg.epochs):
+            order = list(range(len(data)))
+            rng.shuffle(order)
+            for s in range(0, len(order), cfg.batch_size):
+                batch = [data[i] for i in order[s:s + cfg.batch_size]]
+                lr = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / max(1, steps - 1)))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                terms = self.loss_terms(batch, aligner)
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                step += 1
+        self.student.eval()
+        replay.add(new)
+        agree = float("nan")
+        if device_answers is not None and records:
+            agree = sum(a == r.pseudo_label for a, r in zip(device_answers, records)) / len(records)
+        stats = DistillStats(len(new), len(old), step, 0.0, time.perf_counter() - t0,
+                             {k: v / step for k, v in totals.items()}, agree)
+        return adapter_state(self.student), stats
+
+    def loss_terms(self, batch: list[TeacherRecord], aligner: Aligner) -> dict[str, torch.Tensor]:
+        """The switchable AKD terms for one batch (zero-weighted terms are skipped, not computed)."""
+        cfg = self.cfg
+        text = self.prompter.batch([r.question for r in batch], [r.pseudo_label for r in batch])
+        tokens = torch.stack([r.tokens for r in batch]).float()
+        keep = torch.stack([r.keep for r in batch])
+        fwd = self.student(tokens, keep, text.input_ids, text.attention_mask)
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.w_ce:
+            terms["ce"] = cfg.w_ce * answer_loss(self.student, fwd, text.labels)
+        if cfg.w_kl:
+            B = len(batch)
+            s_logits = self.student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
+            t_logits = torch.stack([r.logits for r in batch]).float()
+            T = cfg.temperature
+            terms["kl"] = cfg.w_kl * T * T * F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
+                                                      log_target=True, reduction="batchmean")
+        if cfg.w_mse or cfg.w_wave:
+            h_s, h_t, mask = self._aligned_hidden(fwd, text, batch)
+            h_s = aligner(h_s) * mask
+            scale = h_t.pow(2).sum() / (mask.sum() * h_t.shape[-1])
+            h_s, h_t = h_s / scale.sqrt(), h_t / scale.sqrt()
+            if cfg.w_mse:
+                terms["mse"] = cfg.w_mse * ((h_s - h_t).pow(2).sum() / (mask.sum() * h_t.shape[-1]))
+            if cfg.w_wave:
+                terms["wave"] = cfg.w_wave * wavelet_highband_l1(h_s, h_t, cfg.wavelet, cfg.wave_levels)
+        return terms
+
+    def _aligned_hidden(self, fwd, text, batch: list[TeacherRecord]):
+        """Student and teacher hidden states over visual + prompt positions, left-padded to one length."""
+        Q = fwd.n_visual
+        lengths = [r.hidden.shape[0] for r in batch]
+        L = max(lengths)
+        B, d_s = len(batch), fwd.hidden.shape[-1]
+        h_s = fwd.hidden.new_zeros(B, L, d_s)
+        h_t = torch.zeros(B, L, batch[0].hidden.shape[-1])
+        mask = torch.zeros(B, L, 1)
+        for i, r in enumerate(batch):
+            n_prompt = lengths[i] - Q
+            start = int(text.answer_start[i]) - n_prompt + 1          # first prompt token in the text
+            pos = torch.cat([torch.arange(Q), Q + torch.arange(start, start + n_prompt)])
+            h_s[i, L - lengths[i]:] = fwd.hidden[i, pos]
+            h_t[i, L - lengths[i]:] = r.hidden.float()
+            mask[i, L - lengths[i]:] = 1
+        return h_s, h_t, mask

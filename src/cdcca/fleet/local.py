@@ -1,0 +1,110 @@
+"""The embedded fleet: N device runtimes and one cloud runtime in one process, no network.
+
+It moves exactly the packets a deployment moves (uplink → cloud inbox, update → device store),
+through the same runtimes, so what the demo measures is what a deployment would do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cdcca.cloud import CloudRuntime
+from cdcca.data.stream import Domain, resolve_sequence
+from cdcca.device import DeviceRuntime
+from cdcca.distill import AKDConfig
+from cdcca.downlink import DWCConfig
+from cdcca.store import StaleBaseError
+from cdcca.uplink import UTSConfig
+
+
+@dataclass
+class FleetConfig:
+    devices: int = 1
+    stream: str = "default"
+    per_domain: int = 160          # requests per domain, split across devices
+    rounds_per_domain: int = 1
+    heldout_n: int = 200           # held-out questions per domain for the per-round accuracy
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=64))
+    akd: AKDConfig = field(default_factory=AKDConfig)
+    dwc: DWCConfig = field(default_factory=lambda: DWCConfig(budget_bytes=128 * 1024))
+    tiny: bool = False
+    seed: int = 0
+
+    @property
+    def rounds(self) -> int:
+        return len(resolve_sequence(self.stream)) * self.rounds_per_domain
+
+
+FLEET_PRESETS = {
+    "quick": dict(per_domain=160, heldout_n=200),
+    "paper": dict(per_domain=640, rounds_per_domain=2, heldout_n=1000, uts=UTSConfig(selection="budget", budget=160)),
+    "tiny": dict(per_domain=16, heldout_n=16, tiny=True, uts=UTSConfig(selection="budget", budget=4, token_scorer="energy")),
+}
+
+
+class LocalFleet:
+    def __init__(self, cfg: FleetConfig, out_dir: Path, devices: list[DeviceRuntime], cloud: CloudRuntime):
+        self.cfg, self.out, self.devices, self.cloud = cfg, out_dir, devices, cloud
+        self.history: list[dict] = []
+
+    @classmethod
+    def setup(cls, cfg: FleetConfig, out_dir: Path) -> "LocalFleet":
+        out_dir = Path(out_dir)
+        cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc)
+        devices = []
+        for i in range(cfg.devices):
+            d = out_dir / "devices" / f"dev-{i}"
+            stream = {"index": i, "n_devices": cfg.devices, "stream": cfg.stream, "per_domain": cfg.per_domain,
+                      "rounds_per_domain": cfg.rounds_per_domain, "seed": cfg.seed, "per_round": 8}
+            if (d / "device.json").exists():
+                devices.append(DeviceRuntime.open(d))
+            else:
+                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.uts, stream=stream))
+        return cls(cfg, out_dir, devices, cloud)
+
+    def run_round(self, rnd: int, evaluate=None) -> list[dict]:
+        """One round for every device: serve → uplink → cloud round → downlink → (evaluate)."""
+        rows = []
+        for dev in self.devices:
+            t0 = time.perf_counter()
+            served = dev.serve_round(rnd)
+            before = dev.status()
+            packet = dev.collect_uplink()
+            acked = self.cloud.receive(packet) if packet is not None else []
+            dev.ack_uplink(acked)
+            t1 = time.perf_counter()
+            update = self.cloud.run_round(dev.device_id)
+            cloud_s = time.perf_counter() - t1
+            if update is not None:
+                try:
+                    dev.apply(update)
+                except StaleBaseError:
+                    dev.apply(self.cloud.resync(dev.device_id))
+            after = dev.status()
+            assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
+            row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
+                   "uploads": len(acked),
+                   "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
+                   "version": after["version"], "cloud_s": round(cloud_s, 2), "wall_s": round(time.perf_counter() - t0, 2)}
+            if evaluate is not None:
+                row.update(evaluate(dev))
+            rows.append(row)
+        self.history += rows
+        return rows
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.cloud.close()
+
+
+def domains_of(cfg: FleetConfig) -> list[Domain]:
+    return resolve_sequence(cfg.stream)
+
+
+def mean(xs) -> float:
+    return float(np.mean(list(xs))) if xs else float("nan")

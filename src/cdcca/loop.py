@@ -1,0 +1,139 @@
+"""An in-process round driver: device stream → UTS uplink → AKD → adapter update → device.
+
+No state on disk and no fleet: it measures the algorithms (and their ablations) quickly. The
+update is either the dense fp32 adapter state or a DWC packet; the packets are real bytes either
+way. The system runtimes (:mod:`cdcca.device`, :mod:`cdcca.cloud`) persist the same steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from cdcca.adapter_state import AdapterState, clone_state, state_hash
+from cdcca.data.easyvqa import VQASet
+from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence
+from cdcca.distill import AKD, AKDConfig
+from cdcca.downlink import DWCConfig
+from cdcca.evaluate import accuracy, test_tokens
+from cdcca.model.answer import answer_batch
+from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
+from cdcca.model.prompt import Prompter
+from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
+
+
+@dataclass
+class LoopConfig:
+    """One continual-adaptation run over a shift stream."""
+
+    stream: str = "default"
+    per_domain: int = 320          # stream requests per domain
+    rounds_per_domain: int = 1
+    heldout_n: int = 300           # held-out questions per domain for per-round accuracy
+    answer_batch: int = 64
+    downlink: str = "dense"        # "dense" (fp32 state) | "dwc" (compressed update) | "none" (source-only)
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=160))
+    akd: AKDConfig = field(default_factory=AKDConfig)
+    dwc: DWCConfig = field(default_factory=DWCConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.downlink not in ("dense", "dwc", "none"):
+            raise ValueError(f"LoopConfig.downlink must be dense, dwc or none; got {self.downlink!r}")
+
+
+PRESETS = {
+    "quick": dict(per_domain=320, rounds_per_domain=1, heldout_n=300),
+    "tiny": dict(per_domain=32, rounds_per_domain=1, heldout_n=32),
+    "paper": dict(per_domain=1000, rounds_per_domain=2, heldout_n=1000),
+}
+
+
+def preset(name: str, **overrides) -> LoopConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return LoopConfig(**{**PRESETS[name], **overrides})
+
+
+def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int) -> dict[str, float]:
+    qids = heldout_questions(data, n)
+    return {str(d): accuracy(model, prompter, data, qids, test_tokens(d), direct=False)["mc"] for d in domains}
+
+
+def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
+             on_round=None, device_id: str = "device-0") -> dict:
+    """Run every round of ``cfg.stream``; returns {"rounds": [...], "summary": {...}}."""
+    from cdcca.downlink import apply_delta, build_update, decode_update
+    from cdcca.wire import decode
+
+    domains = resolve_sequence(cfg.stream)
+    chunks = build_stream(data, domains, cfg.per_domain, cfg.rounds_per_domain, cfg.seed)
+    clean = Domain("clean", 0)
+    state = clone_state(adapter_state(device))
+    residual = None
+    version = 0
+    rounds = []
+    t_start = time.perf_counter()
+    for chunk in chunks:
+        t0 = time.perf_counter()
+        toks_all = test_tokens(chunk.domain)
+        qids = chunk.question_ids
+        questions = [data.questions[i] for i in qids]
+        tokens = toks_all[data.image_ids[qids]].float()
+        answers = []
+        for s in range(0, len(qids), cfg.answer_batch):
+            answers += answer_batch(device, prompter, tokens[s:s + cfg.answer_batch], questions[s:s + cfg.answer_batch],
+                                    temperature=cfg.uts.temperature)
+        online_mc = float(np.mean([a.mc == data.answers[i] for a, i in zip(answers, qids)]))
+        ids = [f"r{chunk.round}-q{i}" for i in qids]
+        row = {"round": chunk.round, "device": device_id, "domain": str(chunk.domain), "online_mc": online_mc,
+               "uploads": 0, "bytes_up": 0, "bytes_down": 0}
+        if cfg.downlink != "none":
+            samples = plan_uplink(tokens, questions, answers, ids, cfg.uts, bridge=device.bridge)
+            if samples:
+                packet = build_uplink(samples, cfg.uts, device_id=device_id, adapter_version=str(version))
+                up = decode_uplink(packet)
+                t1 = time.perf_counter()
+                records = akd.teacher_pass(up.tokens, up.keep, up.questions, up.sample_ids)
+                teacher_s = time.perf_counter() - t1
+                new_state, st = akd.distill(device_id, state, records, device_answers=up.mc)
+                pseudo_acc = float(np.mean([r.pseudo_label == data.answers[int(sid.split("-q")[1])] for r, sid in
+                                            zip(records, up.sample_ids)]))
+                if cfg.downlink == "dense":
+                    from cdcca.downlink import build_resync
+
+                    down = build_resync(new_state, device_id=device_id, version=version + 1)
+                    state = {k: v.clone() for k, v in new_state.items()}
+                else:
+                    down, mirror, residual, _ = build_update(state, new_state, residual, cfg.dwc, device_id=device_id,
+                                                             base_version=version, new_version=version + 1, round=chunk.round)
+                    state = apply_delta(state, decode_update(decode(down, expect_kind="update")))
+                    assert state_hash(state) == state_hash(mirror)
+                version += 1
+                load_adapter_state(device, state)
+                row.update(uploads=len(samples), bytes_up=len(packet), bytes_down=len(down), teacher_s=round(teacher_s, 2),
+                           student_s=round(st.student_s, 2), samples_per_s=round(st.samples_per_s, 2),
+                           pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed)
+        row["heldout"] = heldout_mc(device, prompter, data, domains, cfg.heldout_n)
+        row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
+        row["source_mc"] = heldout_mc(device, prompter, data, [clean], cfg.heldout_n)["clean"]
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rounds.append(row)
+        if on_round:
+            on_round(row)
+    last = rounds[-1]
+    summary = {"adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"], "heldout": last["heldout"],
+               "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+               "wall_s": round(time.perf_counter() - t_start, 1), "config": _jsonable(asdict(cfg))}
+    return {"rounds": rounds, "summary": summary}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,92 @@
+"""Device and cloud runtimes on tiny models: the packets, the stores and their crash-safety rules."""
+
+import pytest
+
+from cdcca.cloud import CloudRuntime
+from cdcca.device import DeviceRuntime
+from cdcca.distill import AKDConfig
+from cdcca.downlink import DWCConfig
+from cdcca.store import StaleBaseError
+
+FAST_AKD = AKDConfig(epochs=1, batch_size=4)
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD, dwc=DWCConfig(budget_bytes=16 * 1024))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def device(tmp_path):
+    d = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
+    yield d
+    d.close()
+
+
+def one_round(device, cloud, rnd=0):
+    device.serve_round(rnd)
+    packet = device.collect_uplink()
+    device.ack_uplink(cloud.receive(packet))
+    return cloud.run_round(device.device_id)
+
+
+def test_a_round_leaves_device_and_mirror_identical(device, cloud):
+    assert device.status()["hash"] == cloud.mirror_hash("dev-0")
+    update = one_round(device, cloud)
+    report = device.apply(update)
+    assert device.status()["version"] == 1
+    assert device.status()["hash"] == cloud.mirror_hash("dev-0") == report["hash"]
+    assert device.status()["outbox"] == 0
+
+
+def test_uploads_survive_a_cloud_restart_and_are_not_counted_twice(tmp_path, device):
+    cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
+    device.serve_round(0)
+    packet = device.collect_uplink()
+    acked = cloud.receive(packet)
+    cloud.close()
+    cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)     # restarted
+    assert cloud.pending_samples("dev-0") == len(acked)
+    cloud.receive(packet)                                                    # re-sent after a lost ack
+    assert cloud.pending_samples("dev-0") == len(acked)
+    assert cloud.run_round("dev-0") is not None
+    assert cloud.pending_samples("dev-0") == 0
+    assert cloud.run_round("dev-0") is None                                  # nothing new: no update
+    cloud.close()
+
+
+def test_an_update_applied_twice_changes_nothing(device, cloud):
+    update = one_round(device, cloud)
+    device.apply(update)
+    assert device.apply(update)["status"] == "already_applied"
+    assert device.status()["version"] == 1
+
+
+def test_update_for_a_stale_base_is_refused_and_resync_recovers(device, cloud):
+    first = one_round(device, cloud)
+    second = one_round(device, cloud, rnd=1)               # device never applied the first
+    with pytest.raises(StaleBaseError):
+        device.apply(second)
+    assert device.status()["version"] == 0
+    device.apply(cloud.resync("dev-0"))
+    assert device.status()["hash"] == cloud.mirror_hash("dev-0")
+    assert cloud.update_for("dev-0", 0) == first
+
+
+def test_rollback_returns_to_a_kept_version(device, cloud):
+    v0 = device.status()["hash"]
+    device.apply(one_round(device, cloud))
+    device.rollback(0)
+    assert device.status()["hash"] == v0
+
+
+def test_device_state_reopens_after_a_restart(tmp_path, device, cloud):
+    device.apply(one_round(device, cloud))
+    device.serve_round(1)
+    status = device.status()
+    device.close()
+    again = DeviceRuntime.open(tmp_path / "dev")
+    assert again.status()["hash"] == status["hash"] and again.status()["outbox"] == status["outbox"]
+    again.close()
