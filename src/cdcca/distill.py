@@ -27,8 +27,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from cdcca.adapter_state import AdapterState
-from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
+from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
+
+
+TRAIN_GROUPS = {
+    "all": lambda name: True,
+    "bridge": lambda name: name.startswith("bridge."),
+    "lora": lambda name: not name.startswith("bridge."),
+}
 
 
 @dataclass
@@ -52,12 +59,15 @@ class AKDConfig:
     min_teacher_confidence: float = 0.0   # drop pseudo-labels the teacher itself doubts
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
+    train: str = "all"                    # which adapters the student updates: all | bridge | lora
     seed: int = 0
 
     def __post_init__(self):
         for name in ("w_ce", "w_mse", "w_wave", "w_kl", "lr", "lr_final", "temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AKDConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.train not in TRAIN_GROUPS:
+            raise ValueError(f"AKDConfig.train must be one of {', '.join(TRAIN_GROUPS)}; got {self.train!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("AKDConfig.epochs and batch_size must be ≥ 1")
         self.betas = tuple(self.betas)
@@ -201,7 +211,10 @@ class AKD:
         d_s = self.student.cfg.bridge.d_lm
         d_t = records[0].hidden.shape[-1]
         aligner = self._aligners.setdefault(device_id, Aligner(d_s, d_t))
-        params = trainable_parameters(self.student) + list(aligner.parameters())
+        chosen = TRAIN_GROUPS[cfg.train]
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(is_adapter_key(name) and chosen(name))
+        params = [p for p in self.student.parameters() if p.requires_grad] + list(aligner.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
         rng = random.Random(cfg.seed + replay.seen)
@@ -226,6 +239,8 @@ class AKD:
                     totals[k] = totals.get(k, 0.0) + float(v)
                 step += 1
         self.student.eval()
+        for name, p in self.student.named_parameters():
+            p.requires_grad_(is_adapter_key(name))
         replay.add(new)
         agree = float("nan")
         if device_answers is not None and records:

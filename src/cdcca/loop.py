@@ -38,6 +38,8 @@ class LoopConfig:
     uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=160))
     akd: AKDConfig = field(default_factory=AKDConfig)
     dwc: DWCConfig = field(default_factory=DWCConfig)
+    eval_every_round: bool = True  # held-out accuracy after every round (else after the last only)
+    save_states: str | None = None # folder to save the device's adapter state after each round
     seed: int = 0
 
     def __post_init__(self):
@@ -117,9 +119,17 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                 row.update(uploads=len(samples), bytes_up=len(packet), bytes_down=len(down), teacher_s=round(teacher_s, 2),
                            student_s=round(st.student_s, 2), samples_per_s=round(st.samples_per_s, 2),
                            pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed)
-        row["heldout"] = heldout_mc(device, prompter, data, domains, cfg.heldout_n)
-        row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
-        row["source_mc"] = heldout_mc(device, prompter, data, [clean], cfg.heldout_n)["clean"]
+        if cfg.save_states:
+            from pathlib import Path
+
+            from safetensors.torch import save_file
+
+            Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
+            save_file(state, str(Path(cfg.save_states) / f"round{chunk.round}.safetensors"))
+        if cfg.eval_every_round or chunk is chunks[-1]:
+            row["heldout"] = heldout_mc(device, prompter, data, domains, cfg.heldout_n)
+            row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
+            row["source_mc"] = heldout_mc(device, prompter, data, [clean], cfg.heldout_n)["clean"]
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
         if on_round:
