@@ -16,8 +16,8 @@ from cdcca.distill import AKDConfig
 from cdcca.loop import LoopConfig, run_loop
 from cdcca.uplink import UTSConfig
 
-BENCH_LOOP = dict(per_domain=160, heldout_n=200, eval_every_round=False)
-UTS_DEFAULT = UTSConfig(selection="budget", budget=64)
+BENCH_LOOP = dict(per_domain=320, heldout_n=200, eval_every_round=False)
+UTS_DEFAULT = UTSConfig(selection="budget", budget=128)
 
 
 def variants() -> dict[str, dict]:

@@ -1,0 +1,55 @@
+"""Bounded smoke tests on the real packaged weights (SmolLM2 GGUF, EfficientNet-Lite0, easy-VQA)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_device():
+    from cdcca.model.pair import load_pretrained
+
+    return load_pretrained("device")
+
+
+def test_assets_are_found_and_the_llm_cache_loads():
+    from cdcca.assets import build_llm_cache, load_llm
+
+    path = build_llm_cache()
+    lm = load_llm(layer_ids=[0, 29])
+    assert (path / "model.safetensors").is_file() and lm.config.num_hidden_layers == 2
+
+
+def test_shipped_weights_match_their_recorded_sha256():
+    import hashlib
+
+    from cdcca.model.pair import pretrain_record, weights_file
+
+    for role in ("device", "cloud"):
+        record = pretrain_record(role)
+        assert hashlib.sha256(weights_file(role).read_bytes()).hexdigest() == record["sha256"]
+
+
+def test_pretrained_device_answers_clean_easy_vqa(real_device, prompter):
+    from cdcca.data.easyvqa import load_split
+    from cdcca.data.stream import heldout_questions
+    from cdcca.evaluate import accuracy
+    from cdcca.model.encoder import encode_images, load_encoder
+
+    data = load_split("test")
+    qids = heldout_questions(data, 48)
+    imgs = np.unique(data.image_ids[qids])
+    tokens = torch.zeros(len(data.images), 49, 1280, dtype=torch.float16)
+    tokens[imgs] = encode_images(load_encoder(), data.images[imgs])
+    res = accuracy(real_device, prompter, data, qids, tokens)
+    assert res["mc"] >= 0.8 and res["da"] >= 0.8, res
+
+
+def test_missing_pretrained_weights_give_a_clear_error(tmp_path):
+    from cdcca.assets import AssetError
+    from cdcca.model.pair import load_pretrained
+
+    with pytest.raises(AssetError, match="cdcca pretrain --role device"):
+        load_pretrained("device", root=tmp_path)
