@@ -271,6 +271,128 @@ def demo(
     print(json.dumps(s))
 
 
+
+@bench_app.command("akd")
+def bench_akd(
+    variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, loss:ce, loss:ce+mse, loss:ce+mse+wave, loss:full, keep:R:ood|energy."),
+    save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """AKD ablations on the default continual stream: final held-out MC over shifted domains, source MC, cloud time."""
+    from cdcca.bench import akd
+
+    _threads(threads)
+    names = [v.strip() for v in variants.split(",")] if variants else None
+    base = {"save_states": str(save_states)} if save_states else None
+    try:
+        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base)
+    except ValueError as exc:
+        fail(str(exc))
+    if not as_json:
+        table = Table(title="AKD ablations (default stream)")
+        for col in ("variant", "adapted MC", "source MC", "uploads", "teacher s", "student s", "samples/s", "pseudo acc"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["variant"], f"{r['adapted_mc']:.3f}", f"{r['source_mc']:.3f}", str(r["uploads"]),
+                          str(r["teacher_s"]), str(r["student_s"]), str(r["samples_per_s"]),
+                          "-" if r["pseudo_label_acc"] is None else f"{r['pseudo_label_acc']:.3f}")
+        console.print(table)
+    print(json.dumps(rows))
+
+
+@bench_app.command("dwc")
+def bench_dwc(
+    states: Path = typer.Option(..., help="Folder of per-round AKD adapter states (from `cdcca bench akd --variants loss:full --save-states DIR`)."),
+    settings: Optional[str] = typer.Option(None, help="Comma-separated settings (default: all), e.g. int8:128K,nf4:32K,int8:128K:no-ef."),
+    n: int = typer.Option(200, help="Held-out questions per domain."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Downlink bytes vs accuracy on real AKD deltas, for several budgets and bit widths, with and without error feedback."""
+    from cdcca.bench import dwc
+
+    _threads(threads)
+    names = [v.strip() for v in settings.split(",")] if settings else None
+    try:
+        result = dwc.run(states, heldout_n=n, names=names, on_result=None if as_json else lambda r: console.print(r))
+    except (FileNotFoundError, KeyError) as exc:
+        fail(str(exc))
+    if not as_json:
+        table = Table(title=f"DWC on {result['rounds']} rounds of AKD deltas (dense fp16 delta {result['dense_fp16_bytes'] / 1e6:.2f} MB)")
+        for col in ("setting", "bytes/round", "× dense fp16", "× device model", "held-out MC", "Δ vs dense"):
+            table.add_column(col)
+        for r in result["results"]:
+            table.add_row(r["setting"], str(r["bytes_per_round"]), f"{r['ratio_dense_fp16']:.4f}",
+                          f"{r.get('ratio_device_model', float('nan')):.2e}", f"{r['heldout_mc']:.3f}", f"{r['delta_vs_dense']:+.3f}")
+        console.print(table)
+        console.print(f"throughput: {result['throughput']}")
+    print(json.dumps(result))
+
+
+# -- fleet: the protocol over Flower, a SuperLink and N SuperNodes on this machine (logic in cdcca.fleet.deploy) --
+fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud) and SuperNodes (devices).")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("up")
+def fleet_up(
+    devices: int = typer.Option(2, help="SuperNodes (devices) to start on 127.0.0.1, named dev-1..dev-N."),
+    state: Path = typer.Option(..., help="State dir: certificates, node keys, logs, cloud and device state."),
+    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds; anything but loopback requires TLS."),
+    port: int = typer.Option(9092, help="SuperLink port (Fleet, Control and Runtime APIs share it)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a transport check that needs no weights."),
+):
+    """Start a SuperLink and N SuperNodes with TLS and node authentication; prints the fleet as JSON."""
+    from cdcca.fleet.deploy import DeployError, up
+
+    try:
+        spec = up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, log=console.print)
+    except DeployError as exc:
+        fail(str(exc))
+    print(json.dumps({"state": spec.state, "superlink": spec.address, "devices": spec.devices,
+                      "node_ids": spec.node_ids, "tls": not spec.insecure}))
+
+
+@fleet_app.command("run")
+def fleet_run(
+    state: Path = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`."),
+    rounds: int = typer.Option(1, help="Rounds to run; a run continues after the rounds already logged."),
+    config: Optional[str] = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
+                                                    "(keys: src/cdcca/fleet/app/pyproject.toml)."),
+    timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
+):
+    """Run the fleet app (`flwr run`), stream its log to stderr, print the per-round records as JSON."""
+    import shlex
+    import tomllib
+
+    from cdcca.fleet.deploy import DeployError, run
+
+    if rounds < 1:
+        fail(f"--rounds must be at least 1, got {rounds}")
+    try:
+        extra = tomllib.loads("\n".join(shlex.split(config or "", posix=False)))
+    except tomllib.TOMLDecodeError as exc:
+        fail(f"--config must be 'key=value ...' with TOML values (strings in double quotes): {exc}")
+    try:
+        result = run(state, rounds, config=extra, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
+    except DeployError as exc:
+        fail(str(exc))
+    if not result.ok:
+        fail(f"run {result.run_id} ended {result.status}; log: {result.log_path}")
+    print(json.dumps({"run_id": result.run_id, "status": result.status, "rounds": result.rounds}))
+
+
+@fleet_app.command("down")
+def fleet_down(state: Path = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`.")):
+    """Stop the SuperLink and SuperNodes that `cdcca fleet up` started (by process group)."""
+    from cdcca.fleet.deploy import down
+
+    stopped = down(state)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -70,15 +70,24 @@ class RequestStream:
 
 
 class DeviceRuntime:
-    def __init__(self, state_dir: Path, config: dict, model: MLLM):
+    def __init__(self, state_dir: Path, config: dict, model: MLLM | None = None):
         self.dir = Path(state_dir)
         self.config = config
         self.device_id: str = config["device_id"]
         self.uts = UTSConfig(**config["uts"])
-        self.model = model
         self.store = AdapterStore(self.dir / "adapters")
         self.outbox = Outbox(self.dir / "outbox.sqlite")
-        load_adapter_state(self.model, self.store.current()[1])
+        self._model = model
+        if model is not None:
+            load_adapter_state(model, self.store.current()[1])
+
+    @property
+    def model(self) -> MLLM:
+        """The device MLLM with the current adapters, built on first use (status and apply need no model)."""
+        if self._model is None:
+            self._model = build_role_model("device", self.config.get("tiny", False))
+            load_adapter_state(self._model, self.store.current()[1])
+        return self._model
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -108,7 +117,7 @@ class DeviceRuntime:
             raise FileNotFoundError(f"no device state at {d}; create it with `cdcca device init --state {d}`") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{d / CONFIG} is corrupt ({exc}); restore it or re-create the device state") from None
-        return cls(d, config, model or build_role_model("device", config.get("tiny", False)))
+        return cls(d, config, model)
 
     def _save_config(self) -> None:
         write_json(self.dir / CONFIG, self.config)
@@ -166,14 +175,16 @@ class DeviceRuntime:
             report = self.store.apply_resync(packet)
         else:
             raise PacketError(f"device got a {kind!r} packet; it applies only 'update' or 'resync' packets")
-        load_adapter_state(self.model, self.store.current()[1])
+        if self._model is not None:
+            load_adapter_state(self._model, self.store.current()[1])
         self.config["bytes_down"] += len(packet)
         self._save_config()
         return report
 
     def rollback(self, version: int) -> dict:
         report = self.store.rollback(version)
-        load_adapter_state(self.model, self.store.current()[1])
+        if self._model is not None:
+            load_adapter_state(self._model, self.store.current()[1])
         return report
 
     def status(self) -> dict:

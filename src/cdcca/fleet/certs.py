@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -130,7 +131,7 @@ def make_server_cert(out_dir: str | os.PathLike[str], hosts: list[str] | tuple[s
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1] if len(names) > 2 else "localhost")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[2] if len(names) > 2 else "localhost")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -172,3 +173,53 @@ def verify_server_cert(tls: ServerTLS) -> x509.Certificate:
         raise ValueError(f"server certificate {tls.cert} is not valid now ({cert.not_valid_before_utc} .. "
                          f"{cert.not_valid_after_utc})")
     return cert
+
+
+def ensure_server_cert(out_dir: str | os.PathLike[str], hosts: list[str] | tuple[str, ...] = ()) -> ServerTLS:
+    """The server certificate in ``out_dir`` if it is valid and names every host; otherwise a new one.
+
+    The CA is kept: devices that already trust ``ca.pem`` keep working after a re-issue."""
+    out = Path(out_dir)
+    tls = ServerTLS(ca_cert=out / CA_CERT, cert=out / SERVER_CERT, key=out / SERVER_KEY)
+    if all(p.is_file() for p in (tls.ca_cert, tls.cert, tls.key)):
+        try:
+            cert = verify_server_cert(tls)
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+            have |= set(san.get_values_for_type(x509.DNSName))
+            if set(san_names(hosts)) <= have:
+                return tls
+        except (ValueError, x509.ExtensionNotFound, InvalidSignature):
+            pass
+    return make_server_cert(out, hosts)
+
+
+def ensure_node_key(out_dir: str | os.PathLike[str], name: str) -> NodeKey:
+    """The key pair ``out_dir/NAME`` if both files exist (a registered key must not change), else a new one."""
+    key = NodeKey(private=Path(out_dir) / name, public=Path(out_dir) / f"{name}.pub")
+    return key if key.private.is_file() and key.public.is_file() else make_node_key(out_dir, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cdcca.fleet.certs server|node``: the material of a two-machine deployment (docs/DEPLOY.md)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cdcca.fleet.certs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    srv = sub.add_parser("server", help="CA (kept if present) + SuperLink certificate")
+    srv.add_argument("--out", required=True, help="folder for ca.pem ca.key server.pem server.key")
+    srv.add_argument("--host", action="append", default=[], help="IP or DNS name devices dial (repeatable)")
+    node = sub.add_parser("node", help="a device's ECDSA P-384 key pair in OpenSSH format")
+    node.add_argument("--out", required=True, help="folder for NAME and NAME.pub")
+    node.add_argument("--name", required=True, help="device name, e.g. dev-1")
+    args = parser.parse_args(argv)
+    if args.what == "server":
+        tls = ensure_server_cert(args.out, args.host)
+        print(f"{tls.ca_cert}\n{tls.cert}\n{tls.key}  (subjectAltName: {', '.join(san_names(args.host))})")
+    else:
+        key = ensure_node_key(args.out, args.name)
+        print(f"{key.private}\n{key.public}")
+
+
+if __name__ == "__main__":
+    main()
