@@ -393,6 +393,136 @@ def fleet_down(state: Path = typer.Option(..., help="State dir of a fleet starte
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
+
+device_app = typer.Typer(no_args_is_help=True, help="Device runtime: state dir with adapter versions and a durable outbox.")
+cloud_app = typer.Typer(no_args_is_help=True, help="Cloud runtime: inbox, per-device mirrors, AKD → DWC rounds.")
+app.add_typer(device_app, name="device")
+app.add_typer(cloud_app, name="cloud")
+STATE_HELP = "State directory of this runtime."
+
+
+def _device(state: Path):
+    from cdcca.device import DeviceRuntime
+    from cdcca.store import StoreError
+
+    try:
+        return DeviceRuntime.open(state)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
+        fail(str(exc))
+
+
+@device_app.command("init")
+def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--id", help="Device name."),
+                tiny: bool = typer.Option(False, help="Tiny random model (transport checks only)."),
+                index: int = typer.Option(0, help="This device's slice of the request stream (0-based)."),
+                n_devices: int = typer.Option(1, help="Number of devices sharing the stream.")):
+    """Create a device state dir holding the pretrained adapters as version 0."""
+    from cdcca.device import DeviceRuntime
+
+    try:
+        dev = DeviceRuntime.create(state, device_id, tiny=tiny, stream={"index": index, "n_devices": n_devices})
+    except FileExistsError as exc:
+        fail(str(exc))
+    print(json.dumps(dev.status()))
+
+
+@device_app.command("status")
+def device_status(state: Path = typer.Option(..., help=STATE_HELP)):
+    """Version, hash, kept versions, outbox size and bytes sent/received."""
+    print(json.dumps(_device(state).status()))
+
+
+@device_app.command("serve")
+def device_serve(state: Path = typer.Option(..., help=STATE_HELP), round: int = typer.Option(..., help="Stream round to answer.")):
+    """Answer this device's requests of one round; uncertain samples go to the outbox (UTS)."""
+    print(json.dumps(_device(state).serve_round(round)))
+
+
+@device_app.command("uplink")
+def device_uplink(state: Path = typer.Option(..., help=STATE_HELP), out: Path = typer.Option(..., help="Where to write the uplink packet."),
+                  max_samples: int = typer.Option(256, help="Most samples in one packet.")):
+    """Pack pending outbox samples into an uplink packet (they stay in the outbox until acknowledged)."""
+    from cdcca.wire import write_packet
+
+    packet = _device(state).collect_uplink(max_samples)
+    if packet is None:
+        fail("the outbox is empty: nothing to upload (run `cdcca device serve` first)")
+    write_packet(out, packet)
+    print(json.dumps({"packet": str(out), "bytes": len(packet)}))
+
+
+@device_app.command("ack")
+def device_ack(state: Path = typer.Option(..., help=STATE_HELP), ids: Path = typer.Option(..., help="JSON list of acknowledged sample ids (from `cdcca cloud receive`).")):
+    """Drop acknowledged samples from the outbox."""
+    print(json.dumps({"removed": _device(state).ack_uplink(json.loads(ids.read_text()))}))
+
+
+@device_app.command("apply")
+def device_apply(packet: Path, state: Path = typer.Option(..., help=STATE_HELP)):
+    """Verify and apply an update or resync packet atomically."""
+    from cdcca.wire import PacketError
+
+    try:
+        print(json.dumps(_device(state).apply(packet.read_bytes())))
+    except PacketError as exc:
+        fail(str(exc))
+
+
+@device_app.command("rollback")
+def device_rollback(state: Path = typer.Option(..., help=STATE_HELP), version: int = typer.Option(..., help="A kept version (see status).")):
+    """Make a kept adapter version current again."""
+    try:
+        print(json.dumps(_device(state).rollback(version)))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        fail(str(exc))
+
+
+def _cloud(state: Path, tiny: bool):
+    from cdcca.cloud import CloudRuntime
+
+    return CloudRuntime.open(state, tiny=tiny)
+
+
+@cloud_app.command("receive")
+def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP), tiny: bool = typer.Option(False, help="Tiny models."),
+                  ack_out: Optional[Path] = typer.Option(None, help="Write the acknowledged sample ids here (JSON).")):
+    """Commit an uplink packet to the inbox and print the acknowledged sample ids."""
+    from cdcca.wire import PacketError
+
+    try:
+        ids = _cloud(state, tiny).receive(packet.read_bytes())
+    except PacketError as exc:
+        fail(str(exc))
+    if ack_out:
+        ack_out.write_text(json.dumps(ids))
+    print(json.dumps({"acknowledged": len(ids)}))
+
+
+@cloud_app.command("round")
+def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
+                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool = typer.Option(False, help="Tiny models.")):
+    """AKD → DWC for one device's new uploads; the update packet is stored before it is written to --out."""
+    from cdcca.wire import write_packet
+
+    cloud = _cloud(state, tiny)
+    packet = cloud.run_round(device_id)
+    if packet is None:
+        fail(f"no new uploads from {device_id}: nothing to distil")
+    write_packet(out, packet)
+    print(json.dumps({"update": str(out), "bytes": len(packet), "metrics": cloud.metrics(device_id)[-1]}))
+
+
+@cloud_app.command("resync")
+def cloud_resync(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
+                 out: Path = typer.Option(..., help="Where to write the dense resync packet."), tiny: bool = typer.Option(False, help="Tiny models.")):
+    """A full dense adapter state for a device that fell out of sync."""
+    from cdcca.wire import write_packet
+
+    packet = _cloud(state, tiny).resync(device_id)
+    write_packet(out, packet)
+    print(json.dumps({"resync": str(out), "bytes": len(packet)}))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -177,8 +177,9 @@ class DeviceRuntime:
             raise PacketError(f"device got a {kind!r} packet; it applies only 'update' or 'resync' packets")
         if self._model is not None:
             load_adapter_state(self._model, self.store.current()[1])
-        self.config["bytes_down"] += len(packet)
-        self._save_config()
+        if report.get("status") != "already_applied":
+            self.config["bytes_down"] += len(packet)
+            self._save_config()
         return report
 
     def rollback(self, version: int) -> dict:
