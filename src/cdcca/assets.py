@@ -165,7 +165,7 @@ def check_assets(rebuild: bool = False) -> list[AssetReport]:
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temp file + rename)."""
+    from cdcca.atomic import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode())

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cdcca.adapter_state import AdapterState, state_hash
+from cdcca.atomic import atomic_write
 from cdcca.distill import AKD, AKDConfig
 from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.model.mllm import adapter_state
 from cdcca.uplink import decode_uplink
-from cdcca.wire import PacketError, decode, write_packet
+from cdcca.wire import write_packet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
@@ -45,11 +45,7 @@ CREATE TABLE IF NOT EXISTS metrics (device_id TEXT, round INTEGER, json TEXT, PR
 
 
 def _atomic_save(path: Path, state: AdapterState) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))
 
 
 class CloudRuntime:
@@ -214,5 +210,3 @@ def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:
 
     return replace(cfg, budget_bytes=budget)
 
-
-__all__ = ["CloudRuntime", "PacketError", "decode"]

@@ -11,9 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
-from cdcca.adapter_state import AdapterState, clone_state, state_hash
+from cdcca.adapter_state import clone_state, state_hash
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence
 from cdcca.distill import AKD, AKDConfig

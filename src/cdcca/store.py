@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +44,7 @@ import safetensors.torch
 import torch
 
 from cdcca import wire
+from cdcca.atomic import atomic_write, fsync_dir
 from cdcca.adapter_state import AdapterState, clone_state, state_hash
 from cdcca.downlink import DWC_FORMAT, apply_delta, decode_resync, decode_update
 from cdcca.wire import PacketError
@@ -80,33 +80,8 @@ class WrongDeviceError(PacketError):
 # atomic file helpers
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, os.replace, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+_fsync_dir = fsync_dir
+_atomic_write = atomic_write
 
 
 def _vname(version: int) -> str:

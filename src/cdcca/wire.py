@@ -10,7 +10,6 @@ The hash detects corruption and naive tampering; it is not a signature (anyone c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -18,15 +17,15 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+
+from cdcca.atomic import atomic_write
 
 FORMAT_VERSION = 1
 KINDS = ("uplink", "update", "resync")
@@ -306,21 +305,5 @@ def read_packet(path: str | os.PathLike[str], **kw: Any) -> Packet:
 
 
 def write_packet(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write atomically: temp file in the same directory, fsync, then os.replace."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself (POSIX); best effort elsewhere
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    """Write a packet file atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
+    atomic_write(path, data)
