@@ -17,7 +17,7 @@ from cdcca.model.answer import Answer
 from cdcca.uplink import (SAMPLE_SCORERS, TOKEN_SCORERS, TOKEN_STATS_PATH, TokenStats, UplinkSample,
                           UTSConfig, auroc, build_uplink, collect_token_stats, decode_uplink, plan_uplink,
                           png_bytes, quantize_int8, sample_cost, score_energy, score_mc_dropout, score_ood,
-                          select_samples, select_tokens)
+                          select_samples, select_tokens, view_uncertainty)
 from cdcca.wire import PacketError
 
 torch.set_num_threads(1)
@@ -100,6 +100,20 @@ def test_byte_selection_fills_the_budget_most_uncertain_first_and_the_packet_fit
     out = plan_uplink(torch.randn(n, 49, C), [f"q{i}" for i in range(n)], answers, [f"s{i}" for i in range(n)], cfg)
     assert [s.sample_id for s in out] == ["s0", "s1", "s3"]       # the three least confident
     assert len(build_uplink(out, cfg, device_id="d", adapter_version="v")) <= cfg.byte_budget
+
+
+def test_view_consistency_scorer_needs_the_device_and_combines_both_views(tiny_device, prompter):
+    from cdcca.model.answer import answer_batch
+
+    tokens, qs = torch.rand(3, 49, 32), ["what color is the shape?", "is there a circle?", "what shape is it?"]
+    answers = answer_batch(tiny_device, prompter, tokens, qs)
+    u = view_uncertainty(tiny_device, prompter, tokens, qs, answers, stats=_stats(49, 32))
+    assert len(u) == 3 and all(0 <= x <= math.sqrt(SAMPLE_SCORERS["mc_disagreement"](a)) + 1e-9 for x, a in zip(u, answers))
+    cfg = UTSConfig(sample_scorer="view_consistency", threshold=-1.0)
+    with pytest.raises(ValueError, match="needs"):
+        plan_uplink(tokens, qs, answers, ["a", "b", "c"], cfg, stats=_stats(49, 32))
+    out = plan_uplink(tokens, qs, answers, ["a", "b", "c"], cfg, stats=_stats(49, 32), model=tiny_device, prompter=prompter)
+    assert [s.uncertainty for s in out] == pytest.approx(u)
 
 
 # -- token scorers ----------------------------------------------------------------------------------
@@ -411,7 +425,7 @@ def test_uts_benchmark_reports_auroc_bytes_ratios_and_overhead_with_a_tiny_devic
 
     res = run_bench(8, model=tiny_device, prompter=prompter, tokens_for=features, stats=_stats(49, 32),
                     cfg=UTSConfig(threshold=-1.0), repeats=1, batch_size=2, keep_ratios=(0.5, 1.0))
-    assert res["n"] == 8 and set(res["auroc"]) == set(SAMPLE_SCORERS) and res["default"]["upload_rate"] == 1.0
+    assert res["n"] == 8 and set(res["auroc"]) == {*SAMPLE_SCORERS, "view_consistency"} and res["default"]["upload_rate"] == 1.0
     assert set(res["bytes_per_uploaded_sample"]) == set(TOKEN_SCORERS)
     assert res["bytes_per_uploaded_sample"]["ood"]["0.5"] < res["bytes_per_uploaded_sample"]["ood"]["1"]
     for key in ("ratio_full_tokens", "ratio_png", "ratio_jpeg224"):

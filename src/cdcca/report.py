@@ -19,7 +19,9 @@ def plot_accuracy(rounds: list[dict], source_only: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for dev in sorted({r["device"] for r in rounds}):
         rs = [r for r in rounds if r["device"] == dev]
-        ax.plot([r["round"] for r in rs], [r["heldout_mc"] for r in rs], marker="o", label=f"{dev} adapted (held-out)")
+        held = [r for r in rs if r.get("heldout_mc") is not None]
+        if held:
+            ax.plot([r["round"] for r in held], [r["heldout_mc"] for r in held], marker="o", label=f"{dev} adapted (held-out)")
         ax.plot([r["round"] for r in rs], [r["online_mc"] for r in rs], ls=":", marker=".", label=f"{dev} online")
     ax.axhline(source_only, color="gray", ls="--", label="source-only (held-out)")
     ax.set_xlabel("round")

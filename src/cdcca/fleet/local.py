@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cdcca.cloud import CloudRuntime
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.device import DeviceRuntime
@@ -104,7 +102,3 @@ class LocalFleet:
 
 def domains_of(cfg: FleetConfig) -> list[Domain]:
     return resolve_sequence(cfg.stream)
-
-
-def mean(xs) -> float:
-    return float(np.mean(list(xs))) if xs else float("nan")
