@@ -12,6 +12,8 @@ from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")     # keep the live display and --json output clean
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import typer
