@@ -22,14 +22,6 @@ from cdcca.store import AdapterStore
 from cdcca.wire import PacketError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread (the machine is shared), restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SHAPES = {"l0.q.lora_A": (8, 512), "l0.q.lora_B": (512, 8), "l1.q.lora_A": (8, 512),
           "l1.q.lora_B": (512, 8), "l1.norm.weight": (64,), "head.bias": (16,)}
 

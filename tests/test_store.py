@@ -16,14 +16,6 @@ from cdcca.store import AdapterStore, StaleBaseError, StoreError, WrongDeviceErr
 from cdcca.wire import PacketError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread (the machine is shared), restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SHAPES = {"l0.lora_A": (8, 256), "l0.lora_B": (256, 8), "norm.weight": (32,)}
 CFG = DWCConfig(budget_bytes=4000)
 
