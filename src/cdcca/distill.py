@@ -236,7 +236,7 @@ class AKD:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                    totals[k] = totals.get(k, 0.0) + v.item()
                 step += 1
         self.student.eval()
         for name, p in self.student.named_parameters():
