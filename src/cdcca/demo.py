@@ -47,6 +47,9 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(FLEET_PRESETS)}")
     cfg = replace(FleetConfig(**FLEET_PRESETS[preset]), devices=devices, **overrides)
     out = Path(out)
+    import torch
+
+    torch.manual_seed(cfg.seed)                  # dropout in the student's bridge: same seed, same run
     for sub in ("cloud", "devices"):            # a demo always starts from the pretrained pair
         shutil.rmtree(out / sub, ignore_errors=True)
     t0 = time.perf_counter()

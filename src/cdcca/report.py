@@ -25,6 +25,7 @@ def plot_accuracy(rounds: list[dict], source_only: float, path: Path) -> None:
         ax.plot([r["round"] for r in rs], [r["online_mc"] for r in rs], ls=":", marker=".", label=f"{dev} online")
     ax.axhline(source_only, color="gray", ls="--", label="source-only (held-out)")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("MC accuracy, shifted domains")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
