@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 import torch
 
 from cdcca import wire
@@ -106,7 +107,7 @@ def _load_version_file(path: Path) -> tuple[AdapterState, dict[str, str]]:
     try:
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-        state = dict(safetensors.torch.load(data))
+        state = dict(load_safetensors(data))
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
         raise StoreError(f"{path.name} is not a valid safetensors file ({type(e).__name__})") from None
     h = state_hash(state)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import safetensors.torch
+from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 import torch
 
 from cdcca.atomic import atomic_write
@@ -268,7 +269,7 @@ def decode(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFA
     """Validate and decode a packet; raises PacketError on any problem."""
     c = _check(data, expect_kind, limits)
     try:
-        loaded = safetensors.torch.load(c.data)
+        loaded = load_safetensors(c.data)
     except Exception as e:  # noqa: BLE001 - anything safetensors dislikes is a bad packet
         first = (str(e).splitlines() or [repr(e)])[0]
         raise PacketError(f"safetensors rejected the packet: {first}") from None
