@@ -279,6 +279,7 @@ def demo(
 def bench_akd(
     variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, loss:ce, loss:ce+mse, loss:ce+mse+wave, loss:full, keep:R:ood|energy."),
     save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
+    teacher_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
@@ -286,6 +287,16 @@ def bench_akd(
     from cdcca.bench import akd
 
     _threads(threads)
+    if teacher_study:
+        try:
+            rows = akd.teacher_study(teacher_study)
+        except ValueError as exc:
+            fail(str(exc))
+        if not as_json:
+            for r in rows:
+                console.print(r)
+        print(json.dumps(rows))
+        return
     names = [v.strip() for v in variants.split(",")] if variants else None
     base = {"save_states": str(save_states)} if save_states else None
     try:

@@ -68,3 +68,56 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
         if on_result:
             on_result(row)
     return results
+
+
+TOKEN_VIEWS = {   # what the teacher sees of each uploaded sample
+    "ood-most-0.5": dict(token_scorer="ood", direction="most", keep_ratio=0.5),
+    "ood-least-0.5": dict(token_scorer="ood", direction="least", keep_ratio=0.5),
+    "random-0.5": dict(token_scorer="random", keep_ratio=0.5),
+    "all-tokens": dict(keep_ratio=1.0),
+}
+
+
+def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int = 128) -> list[dict]:
+    """Teacher vs device MC accuracy on exactly the samples UTS uploads, per token view (no training).
+
+    It answers: does the cloud know more than the device about the samples the device sends?
+    """
+    from cdcca.assets import load_tokenizer
+    from cdcca.data.easyvqa import load_split
+    from cdcca.data.stream import Domain, build_stream
+    from cdcca.evaluate import test_tokens
+    from cdcca.model.answer import answer_batch, mc_predict
+    from cdcca.model.pair import load_pretrained
+    from cdcca.model.prompt import Prompter
+    from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
+
+    data = load_split("test")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    device, cloud = load_pretrained("device"), load_pretrained("cloud")
+    dom = Domain.parse(domain)
+    qids = build_stream(data, [dom], requests, 1, 0)[0].question_ids
+    questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
+    tokens = test_tokens(dom)[data.image_ids[qids]].float()
+    answers = []
+    for s in range(0, len(qids), 64):
+        answers += answer_batch(device, prompter, tokens[s:s + 64], questions[s:s + 64])
+
+    def teacher_acc(batch) -> float:
+        picks = mc_predict(cloud, prompter, batch.tokens, batch.questions, batch.keep).argmax(-1)
+        return float(np.mean([prompter.candidates[int(p)] == gold[int(i)] for p, i in zip(picks, batch.sample_ids)]))
+
+    rows = []
+    ids = [str(i) for i in range(len(qids))]
+    for name, view in TOKEN_VIEWS.items():
+        uts = replace(UTS_DEFAULT, budget=uploads, **view)
+        batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
+                                           device_id="study", adapter_version="0"))
+        rows.append({"view": name, "selection": "uncertain", "n": len(batch), "teacher_mc": teacher_acc(batch),
+                     "device_mc": float(np.mean([answers[int(i)].mc == gold[int(i)] for i in batch.sample_ids]))})
+    everything = replace(UTS_DEFAULT, budget=len(qids), keep_ratio=1.0)
+    batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, everything), everything,
+                                       device_id="study", adapter_version="0"))
+    rows.append({"view": "all-tokens", "selection": "all requests", "n": len(batch), "teacher_mc": teacher_acc(batch),
+                 "device_mc": float(np.mean([a.mc == g for a, g in zip(answers, gold)]))})
+    return rows
