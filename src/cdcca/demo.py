@@ -20,13 +20,16 @@ from cdcca.fleet.local import FLEET_PRESETS, FleetConfig, LocalFleet, domains_of
 from cdcca.report import write_report
 
 
-def _heldout(model, domains: list[Domain], n: int) -> dict[str, float]:
+def _heldout_evaluator():
+    """A function (model, domains, n) → held-out MC per domain; tokenizer and data loaded once."""
     from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import candidate_answers, load_split
+    from cdcca.data.easyvqa import load_split
     from cdcca.loop import heldout_mc
     from cdcca.model.prompt import Prompter
 
-    return heldout_mc(model, Prompter(load_tokenizer(), candidate_answers()), load_split("test"), domains, n)
+    data = load_split("test")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    return lambda model, domains, n: heldout_mc(model, prompter, data, domains, n)
 
 
 def _table(rows: list[dict], title: str) -> Table:
@@ -59,6 +62,7 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
     if cfg.tiny:
         evaluate, source_only = (lambda dev: {"heldout_mc": None, "source_mc": None}), float("nan")
     else:
+        _heldout = _heldout_evaluator()
         console.print("source-only baseline: held-out accuracy of the pretrained device on every domain …")
         base = _heldout(fleet.devices[0].model, domains + [clean], cfg.heldout_n)
         source_only = float(np.mean([base[str(d)] for d in domains]))

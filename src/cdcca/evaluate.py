@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -12,8 +14,10 @@ from cdcca.model.mllm import MLLM
 from cdcca.model.prompt import Prompter
 
 
+@lru_cache(maxsize=8)
 def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
-    """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk)."""
+    """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk, and in memory so
+    per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
     from cdcca.model.encoder import cached_features
 
     return cached_features("test", domain.corruption, domain.severity, seed)

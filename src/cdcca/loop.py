@@ -10,18 +10,22 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from pathlib import Path
+
 import numpy as np
+from safetensors.torch import save_file
 
 from cdcca.adapter_state import clone_state, state_hash
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence
 from cdcca.distill import AKD, AKDConfig
-from cdcca.downlink import DWCConfig
+from cdcca.downlink import DWCConfig, apply_delta, build_resync, build_update, decode_update
 from cdcca.evaluate import accuracy, test_tokens
 from cdcca.model.answer import answer_batch
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.prompt import Prompter
 from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
+from cdcca.wire import decode
 
 
 @dataclass
@@ -67,9 +71,6 @@ def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Doma
 def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
              on_round=None, device_id: str = "device-0") -> dict:
     """Run every round of ``cfg.stream``; returns {"rounds": [...], "summary": {...}}."""
-    from cdcca.downlink import apply_delta, build_update, decode_update
-    from cdcca.wire import decode
-
     domains = resolve_sequence(cfg.stream)
     chunks = build_stream(data, domains, cfg.per_domain, cfg.rounds_per_domain, cfg.seed)
     clean = Domain("clean", 0)
@@ -104,8 +105,6 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                 pseudo_acc = float(np.mean([r.pseudo_label == data.answers[int(sid.split("-q")[1])] for r, sid in
                                             zip(records, up.sample_ids)]))
                 if cfg.downlink == "dense":
-                    from cdcca.downlink import build_resync
-
                     down = build_resync(new_state, device_id=device_id, version=version + 1)
                     state = {k: v.clone() for k, v in new_state.items()}
                 else:
@@ -119,10 +118,6 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                            student_s=round(st.student_s, 2), samples_per_s=round(st.samples_per_s, 2),
                            pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed)
         if cfg.save_states:
-            from pathlib import Path
-
-            from safetensors.torch import save_file
-
             Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
             save_file(state, str(Path(cfg.save_states) / f"round{chunk.round}.safetensors"))
         if cfg.eval_every_round or chunk is chunks[-1]:
