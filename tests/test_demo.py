@@ -18,6 +18,6 @@ def test_tiny_demo_writes_metrics_plots_and_report(tmp_path):
         assert key in row
     assert {r["device"] for r in saved["rounds"]} == {"dev-0", "dev-1"}
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in saved["rounds"])
-    for name in ("accuracy.png", "bytes.png", "report.html"):
+    for name in ("domains.png", "online.png", "bytes.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()

@@ -69,3 +69,90 @@ def test_replay_buffer_is_bounded():
     buf.add(list(range(10)))
     assert len(buf.items) == 3 and buf.seen == 10
     assert len(buf.sample(5)) == 3
+
+
+# -- what decides whether the teacher's knowledge arrives --------------------------------------
+def test_oracle_records_differ_from_teacher_records_in_the_labels_alone(tiny_device, tiny_cloud, prompter):
+    from cdcca.distill import with_true_labels
+
+    akd = AKD(tiny_cloud, tiny_device, prompter)
+    records = akd.teacher_pass(*uplink(4))
+    truth = ["red", "yes", "circle", "no"]
+    oracle = with_true_labels(records, truth, prompter.candidates)
+    assert [r.pseudo_label for r in oracle] == truth and all(r.confidence == 1.0 for r in oracle)
+    for r, o in zip(records, oracle):
+        assert r.sample_id == o.sample_id and r.question == o.question
+        assert o.tokens is r.tokens and o.keep is r.keep and o.hidden is r.hidden and o.logits is r.logits
+        assert o.probs[prompter.candidates.index(o.pseudo_label)] == 1.0 and o.probs.sum() == 1.0
+    with pytest.raises(ValueError):
+        with_true_labels(records, truth[:2], prompter.candidates)
+
+
+def test_entropy_weighting_scales_each_sample_by_cema_factor(tiny_device, tiny_cloud, prompter):
+    import math
+
+    from cdcca.distill import answer_loss_per_sample
+
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="entropy"))
+    records = akd.teacher_pass(*uplink(4))
+    records[0].probs = torch.full((13,), 1 / 13)              # the teacher knows nothing about sample 0
+    records[1].probs = torch.nn.functional.one_hot(torch.tensor(4), 13).float()   # and is sure about sample 1
+    tiny_device.eval()                                         # no dropout: both forwards see the same network
+    weighted = akd.loss_terms(records, Aligner(32, 32))["ce"]
+    text = prompter.batch([r.question for r in records], [r.pseudo_label for r in records])
+    fwd = tiny_device(torch.stack([r.tokens for r in records]).float(), torch.stack([r.keep for r in records]),
+                      text.input_ids, text.attention_mask)
+    per_sample = answer_loss_per_sample(tiny_device, fwd, text.labels)
+    e0 = 0.4 * math.log(13)
+    w = torch.tensor([math.exp(-(r.entropy - e0)) for r in records])
+    assert torch.allclose(weighted, (w / w.mean() * per_sample).mean(), atol=1e-5)
+    assert w[1] / w[0] == pytest.approx(13.0, rel=1e-4)       # exp(ln 13 − 0): the confident label counts 13×
+    akd.cfg.weighting = "none"
+    assert torch.allclose(akd.loss_terms(records, Aligner(32, 32))["ce"], per_sample.mean(), atol=1e-5)
+
+
+def test_per_sample_answer_loss_averages_to_the_batch_loss(tiny_device, prompter):
+    from cdcca.distill import answer_loss_per_sample
+    from cdcca.model.mllm import answer_loss
+
+    tiny_device.eval()
+    text = prompter.batch(QUESTIONS[:3], ["red", "yes", "circle"])
+    fwd = tiny_device(torch.randn(3, 49, 32), None, text.input_ids, text.attention_mask)
+    per = answer_loss_per_sample(tiny_device, fwd, text.labels)
+    n = (text.labels[:, 1:] != -100).sum(1)
+    assert torch.allclose((per * n).sum() / n.sum(), answer_loss(tiny_device, fwd, text.labels), atol=1e-5)
+
+
+def test_soft_targets_train_on_the_teacher_distribution(tiny_device, tiny_cloud, prompter):
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(w_mse=0, w_wave=0, w_kl=0, targets="soft"))
+    records = akd.teacher_pass(*uplink(2))
+    tiny_device.eval()
+    soft = akd.loss_terms(records, Aligner(32, 32))["ce"]
+    for r in records:       # a one-hot distribution on the argmax is the hard label's first-token CE over candidates
+        r.probs = torch.nn.functional.one_hot(r.probs.argmax(), 13).float()
+    assert not torch.allclose(soft, akd.loss_terms(records, Aligner(32, 32))["ce"])
+
+
+def tiny_source(n_images=6):
+    from cdcca.distill import SourceSet
+
+    questions = ["what shape is it?", "is it red?", "what color is it?"] * 2
+    return SourceSet(torch.randn(n_images, 49, 32).half(), torch.arange(6) % n_images, questions,
+                     ["circle", "no", "red", "triangle", "yes", "blue"])
+
+
+def test_source_rehearsal_adds_a_true_label_term_and_needs_the_source_set(tiny_device, tiny_cloud, prompter):
+    with pytest.raises(ValueError, match="source set"):
+        AKD(tiny_cloud, tiny_device, prompter, AKDConfig(source_replay=1.0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=2, source_replay=1.0), source=tiny_source())
+    new, stats = akd.distill("d0", adapter_state(tiny_device), akd.teacher_pass(*uplink(4)))
+    assert "source" in stats.losses and stats.losses["source"] > 0
+
+
+def test_confidence_gate_drops_doubtful_pseudo_labels(tiny_device, tiny_cloud, prompter):
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, min_teacher_confidence=0.5))
+    records = akd.teacher_pass(*uplink(4))
+    for r, c in zip(records, (0.9, 0.2, 0.6, 0.1)):
+        r.confidence = c
+    _, stats = akd.distill("d0", adapter_state(tiny_device), records)
+    assert stats.samples == 2

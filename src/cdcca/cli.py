@@ -62,7 +62,7 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 def pretrain(
     role: str = typer.Option(..., help="Which model to pretrain: 'device' (clean data) or 'cloud' (corruption-augmented)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
-    batch_size: int = typer.Option(32, help="Questions per step."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
     aug_share: Optional[float] = typer.Option(None, help="Share of each batch drawn from corrupted copies (cloud default 0.5)."),
     init: Optional[Path] = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
@@ -72,6 +72,9 @@ def pretrain(
     aug_family: Optional[str] = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
     torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    recipe: str = typer.Option("end-to-end", help="'end-to-end' (bridge + LoRA through the LLM) or 'consistency' "
+                               "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
+                               "output, no LLM pass; starts from --init or the shipped cloud)."),
 ):
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -82,8 +85,15 @@ def pretrain(
 
     if role not in ("device", "cloud"):
         fail(f"--role must be 'device' or 'cloud', got {role!r}")
+    if recipe not in ("end-to-end", "consistency"):
+        fail(f"--recipe must be 'end-to-end' or 'consistency', got {recipe!r}")
     _threads(threads)
-    overrides = {"seed": seed, "batch_size": batch_size}
+    if recipe == "consistency":
+        if role != "cloud":
+            fail("--recipe consistency trains the cloud teacher's bridge; use it with --role cloud")
+        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force)
+        return
+    overrides = {"seed": seed, "batch_size": batch_size or 32}
     if steps is not None:
         overrides["steps"] = steps
     if lr is not None:
@@ -112,6 +122,42 @@ def pretrain(
                                   progress=lambda s, loss: bar.update(task, completed=s, loss=loss), log=console.print)
     except AssetError as exc:
         fail(str(exc))
+    print(json.dumps(record, indent=2))
+
+
+def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cdcca.assets import AssetError, write_json
+    from cdcca.model.pair import pretrain_record, weights_file
+    from cdcca.robust import ConsistencyConfig, train_consistency, training_views
+
+    init = init or weights_file("cloud")
+    if not Path(init).is_file():
+        fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
+    overrides = {"seed": seed, "batch_size": batch_size or 64}
+    if steps is not None:
+        overrides["steps"] = steps
+    if lr is not None:
+        overrides["lr"] = lr
+    cfg = ConsistencyConfig(**overrides)
+    record_path = out / "cloud.json"
+    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == cfg.digest():
+        console.print(f"cloud: up to date at {out} (use --force to retrain)")
+        return
+    try:
+        clean, views = training_views(cfg)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("consistency (cloud bridge)", total=cfg.steps, loss=float("nan"))
+            record = train_consistency(Path(init), cfg, out, clean, views,
+                                       progress=lambda s, loss: bar.update(task, completed=s, loss=loss), log=console.print)
+    except AssetError as exc:
+        fail(str(exc))
+    previous = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() \
+        else pretrain_record("cloud")
+    record = {**record, "role": "cloud", "stages": previous.get("stages", [previous]) + [{k: v for k, v in record.items()}]}
+    write_json(record_path, record)
     print(json.dumps(record, indent=2))
 
 
@@ -277,9 +323,12 @@ def demo(
 
 @bench_app.command("akd")
 def bench_akd(
-    variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, loss:ce, loss:ce+mse, loss:ce+mse+wave, loss:full, keep:R:ood|energy."),
+    variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
     save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
+    label_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
+    weights: Optional[Path] = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
@@ -287,6 +336,24 @@ def bench_akd(
     from cdcca.bench import akd
 
     _threads(threads)
+    if label_study:
+        try:
+            rows = akd.label_study(label_study, weights=str(weights) if weights else None)
+        except ValueError as exc:
+            fail(str(exc))
+        if not as_json:
+            table = Table(title="Teacher vs device on the uploads (MC)")
+            for col in ("domain", "budget", "gate", "kept/uploads", "teacher", "device", "lead"):
+                table.add_column(col)
+            for r in rows:
+                lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
+                table.add_row(r["domain"], str(r["budget"]), f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
+                              "-" if r["teacher_mc"] is None else f"{r['teacher_mc']:.3f}",
+                              "-" if r["device_mc"] is None else f"{r['device_mc']:.3f}",
+                              "-" if lead is None else f"{100 * lead:+.1f}")
+            console.print(table)
+        print(json.dumps(rows))
+        return
     if teacher_study:
         try:
             rows = akd.teacher_study(teacher_study)
@@ -300,17 +367,22 @@ def bench_akd(
     names = [v.strip() for v in variants.split(",")] if variants else None
     base = {"save_states": str(save_states)} if save_states else None
     try:
-        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base)
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list)
     except ValueError as exc:
         fail(str(exc))
     if not as_json:
-        table = Table(title="AKD ablations (default stream)")
-        for col in ("variant", "adapted MC", "source MC", "uploads", "teacher s", "student s", "samples/s", "pseudo acc"):
+        def fmt(v):
+            return "-" if v is None else f"{v:.3f}"
+
+        table = Table(title="AKD on the default stream (held-out MC)")
+        for col in ("variant", "seed", "adapted MC", "source MC", "trained/uploads", "teacher on trained",
+                    "device on trained", "down KiB/round", "teacher s", "student s"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["variant"], f"{r['adapted_mc']:.3f}", f"{r['source_mc']:.3f}", str(r["uploads"]),
-                          str(r["teacher_s"]), str(r["student_s"]), str(r["samples_per_s"]),
-                          "-" if r["pseudo_label_acc"] is None else f"{r['pseudo_label_acc']:.3f}")
+            table.add_row(r["variant"], str(r["seed"]), fmt(r["adapted_mc"]), fmt(r["source_mc"]),
+                          f"{r['trained']}/{r['uploads']}", fmt(r["upload_teacher_mc"]), fmt(r["upload_device_mc"]),
+                          f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
         console.print(table)
     print(json.dumps(rows))
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save
 
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.atomic import atomic_write
-from cdcca.distill import AKD, AKDConfig
+from cdcca.distill import AKD, AKDConfig, load_source_set, random_source_set
 from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.model.mllm import adapter_state
 from cdcca.uplink import decode_uplink
@@ -71,7 +71,11 @@ class CloudRuntime:
         teacher = build_role_model("cloud", tiny)
         student = build_role_model("device", tiny)
         prompter = Prompter(load_tokenizer(), candidate_answers())
-        return cls(state_dir, AKD(teacher, student, prompter, akd or AKDConfig()), adapter_state(student), dwc)
+        akd = akd or AKDConfig()
+        source = None
+        if akd.source_replay > 0:
+            source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
+        return cls(state_dir, AKD(teacher, student, prompter, akd, source=source), adapter_state(student), dwc)
 
     # -- devices and their mirrors -----------------------------------------------------------
     def _device(self, device_id: str) -> tuple[int, str]:

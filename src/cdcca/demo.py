@@ -32,6 +32,57 @@ def _heldout_evaluator():
     return lambda model, domains, n: heldout_mc(model, prompter, data, domains, n)
 
 
+def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
+    """The cloud teacher's own held-out MC per domain, cached by its weights' hash (it never changes in a run)."""
+    import json
+
+    from cdcca.assets import cache_dir, write_json
+    from cdcca.model.pair import load_pretrained, pretrain_record
+
+    sha = pretrain_record("cloud").get("sha256", "unknown")[:16]
+    path = cache_dir() / "reference" / f"teacher-{sha}-{'_'.join(str(d) for d in domains)}-n{n}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    acc = _heldout_evaluator()(load_pretrained("cloud"), domains, n)
+    write_json(path, acc)
+    return acc
+
+
+def _source_only_online(cfg: FleetConfig, device) -> dict[str, float]:
+    """Online MC of the never-updated device on exactly the requests the first device serves."""
+    from cdcca.device import RequestStream
+    from cdcca.model.answer import mc_predict
+
+    prompter = device._prompter()
+    out = {}
+    for rnd in range(cfg.rounds):
+        tokens, questions, gold, _, domain = RequestStream(device.config["stream"]).chunk(rnd)
+        right = 0
+        for s in range(0, len(questions), 64):
+            probs = mc_predict(device.model, prompter, tokens[s:s + 64], questions[s:s + 64])
+            right += sum(prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold[s:s + 64]))
+        out[domain] = right / max(1, len(questions))
+    return out
+
+
+def settings_of(cfg: FleetConfig, preset: str) -> dict:
+    """The knobs a reader needs to judge the run, in words and rounded numbers."""
+    a, u, w = cfg.akd, cfg.uts, cfg.dwc
+    return {
+        "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
+        "requests per domain (all devices)": cfg.per_domain, "rounds per domain": cfg.rounds_per_domain,
+        "held-out questions per domain": cfg.heldout_n,
+        "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain by "
+                        f"{u.sample_scorer}; {u.keep_ratio:.0%} of tokens by {u.token_scorer}, {u.token_dtype}",
+        "distillation (AKD)": f"{a.epochs} epochs, lr {a.lr:g}, teacher-confidence gate {a.min_teacher_confidence:g}, "
+                              f"weighting {a.weighting}, targets {a.targets}, source rehearsal {a.source_replay:g}:1, "
+                              f"replay {a.replay_per_round:g}:1, trains {a.train}",
+        "downlink (DWC)": f"{w.quantizer}, budget {w.budget_bytes / 1024 if w.budget_bytes else 0:.0f} KiB, "
+                          f"error feedback {'on' if w.error_feedback else 'off'}",
+        "seed": cfg.seed,
+    }
+
+
 def _table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
     for c in ("round", "device", "domain", "online MC", "held-out MC", "source MC", "uploads", "up KiB", "down KiB", "s"):
@@ -66,6 +117,9 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
         console.print("source-only baseline: held-out accuracy of the pretrained device on every domain …")
         base = _heldout(fleet.devices[0].model, domains + [clean], cfg.heldout_n)
         source_only = float(np.mean([base[str(d)] for d in domains]))
+        online_base = _source_only_online(cfg, fleet.devices[0])
+        console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
+        teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
 
         def evaluate(dev):
             if dev is not fleet.devices[0]:            # held-out evaluation on the first device only
@@ -86,9 +140,15 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
         "adapted_mc": float(np.mean([r["heldout_mc"] for r in last])) if last else float("nan"),
         "source_mc_before": None if cfg.tiny else base["clean"],
         "source_mc_after": last[0]["source_mc"] if last else None,
+        "source_only": {} if cfg.tiny else base,
+        "adapted": {**last[0]["heldout"], "clean": last[0]["source_mc"]} if last else {},
+        "teacher": {} if cfg.tiny else teacher,
+        "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
+        "source_only_online": {} if cfg.tiny else online_base,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
-        "stream": cfg.stream, "preset": preset, "wall_s": round(time.perf_counter() - t0, 1),
+        "stream": cfg.stream, "preset": preset, "settings": settings_of(cfg, preset),
+        "wall_s": round(time.perf_counter() - t0, 1),
     }
     metrics = {"rounds": rows, "summary": summary}
     write_report(out, metrics)

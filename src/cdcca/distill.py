@@ -13,6 +13,14 @@ epochs on the new records plus a bounded replay of earlier ones:
 Hidden states are compared position by position: the tokenizers (and the number of bridge queries)
 match, so both sequences line up. The aligner is a trainable 1×1 Conv1d from student width to
 teacher width that stays on the cloud, one per device.
+
+Three levers decide whether the teacher's knowledge arrives (measured in docs/RESULTS.md):
+- **gating and weighting** — pseudo-labels below ``min_teacher_confidence`` are not trained on, and
+  ``weighting="entropy"`` scales each sample's CE and KL by 1/exp(H_t − E0) (CEMA, ICLR 2024), H_t the
+  teacher's entropy over the answer candidates and E0 = 0.4·ln(#candidates);
+- **soft targets** — ``targets="soft"`` trains on the teacher's candidate distribution instead of its argmax;
+- **source rehearsal** — the cloud owns the labelled source data the device was trained on; mixing
+  ``source_replay`` clean source samples per upload into each step keeps the device from forgetting.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,6 +67,10 @@ class AKDConfig:
     wavelet: str = "db6"
     wave_levels: int = 3
     min_teacher_confidence: float = 0.0   # drop pseudo-labels the teacher itself doubts
+    weighting: str = "none"               # "none" | "entropy": per-sample 1/exp(H_teacher − E0) on CE and KL (CEMA)
+    targets: str = "hard"                 # "hard": CE on the teacher's argmax | "soft": CE on its candidate distribution
+    source_replay: float = 0.0            # labelled clean source samples rehearsed per trained upload
+    w_source: float = 1.0                 # weight of the source-rehearsal CE
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
     train: str = "all"                    # which adapters the student updates: all | bridge | lora
@@ -68,6 +82,12 @@ class AKDConfig:
                 raise ValueError(f"AKDConfig.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.train not in TRAIN_GROUPS:
             raise ValueError(f"AKDConfig.train must be one of {', '.join(TRAIN_GROUPS)}; got {self.train!r}")
+        if self.weighting not in ("none", "entropy"):
+            raise ValueError(f"AKDConfig.weighting must be 'none' or 'entropy'; got {self.weighting!r}")
+        if self.targets not in ("hard", "soft"):
+            raise ValueError(f"AKDConfig.targets must be 'hard' or 'soft'; got {self.targets!r}")
+        if self.source_replay < 0 or self.w_source < 0:
+            raise ValueError("AKDConfig.source_replay and w_source must be ≥ 0")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("AKDConfig.epochs and batch_size must be ≥ 1")
         self.betas = tuple(self.betas)
@@ -94,6 +114,80 @@ class TeacherRecord:
     confidence: float           # teacher's probability of its pseudo-label among the candidates
     hidden: torch.Tensor        # (Q + T_prompt, d_t) fp16, pre-norm last layer, visual + prompt positions
     logits: torch.Tensor        # (V,) fp16 at the answer position
+    probs: torch.Tensor | None = None   # (n_candidates,) teacher's distribution over the answer candidates
+
+    @property
+    def entropy(self) -> float:
+        """Teacher entropy over the candidates (nats); 0 when the label is known for certain."""
+        if self.probs is None:
+            return 0.0
+        p = self.probs.float().clamp_min(1e-12)
+        return float(-(p * p.log()).sum())
+
+
+def with_true_labels(records: list[TeacherRecord], truth: Sequence[str], candidates: list[str]) -> list[TeacherRecord]:
+    """The oracle: the same records with the true answer as the label (confidence 1, one-hot targets).
+
+    Everything else — tokens, keep masks, teacher hidden states and logits — is left as it was, so an
+    oracle run differs from a teacher run in the labels alone.
+    """
+    out = []
+    for r, answer in zip(records, truth, strict=True):
+        onehot = torch.zeros(len(candidates))
+        if answer in candidates:
+            onehot[candidates.index(answer)] = 1.0
+        out.append(TeacherRecord(r.sample_id, r.tokens, r.keep, r.question, answer, 1.0, r.hidden, r.logits, onehot))
+    return out
+
+
+@dataclass
+class SourceSet:
+    """Labelled clean source-domain samples the cloud owns (the device's pretraining data), for rehearsal."""
+
+    tokens: torch.Tensor        # (N_images, P, C) fp16 visual tokens
+    image_ids: torch.Tensor     # (N_questions,) index into tokens
+    questions: list[str]
+    answers: list[str]
+
+    def sample(self, n: int, rng: random.Random) -> tuple[torch.Tensor, list[str], list[str]]:
+        idx = [rng.randrange(len(self.questions)) for _ in range(n)]
+        return (self.tokens[self.image_ids[idx]].float(), [self.questions[i] for i in idx],
+                [self.answers[i] for i in idx])
+
+
+def random_source_set(token_dim: int, candidates: list[str], n: int = 32, seed: int = 0) -> SourceSet:
+    """A source set of random tokens for the tiny random-initialised models (tests, ``--tiny`` runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    answers = [candidates[i % len(candidates)] for i in range(n)]
+    return SourceSet(torch.randn(n, 49, token_dim, generator=gen).half(), torch.arange(n),
+                     [f"is the answer {a}?" for a in answers], answers)
+
+
+SOURCE_IMAGES = 1000   # train images rehearsed: ~9,600 questions, features cached in ~1 min on 2 cores
+
+
+def load_source_set(n_images: int = SOURCE_IMAGES) -> SourceSet:
+    """The first ``n_images`` easy-VQA train images, their questions and cached clean encoder features:
+    the labelled source domain the device was pretrained on."""
+    from cdcca.data.easyvqa import load_split
+    from cdcca.model.encoder import cached_features
+
+    data = load_split("train")
+    rows = np.flatnonzero(data.image_ids < n_images)
+    return SourceSet(cached_features("train", limit=n_images), torch.as_tensor(data.image_ids[rows]),
+                     [data.questions[i] for i in rows], [data.answers[i] for i in rows])
+
+
+def answer_loss_per_sample(model: MLLM, fwd, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE averaged over each sample's own answer tokens: (B,). Its mean over equal-length
+    answers is :func:`answer_loss`; per sample, so that samples can be weighted."""
+    text = fwd.normed[:, fwd.n_visual:]
+    target = labels[:, 1:]
+    sel = target != -100                                          # (B, T-1); lm_head only where labelled
+    ce = F.cross_entropy(model.logits(text[:, :-1][sel]).float(), target[sel], reduction="none")
+    owner = sel.nonzero()[:, 0]
+    total = torch.zeros(len(labels), dtype=ce.dtype).index_add(0, owner, ce)
+    return total / sel.sum(1).clamp_min(1)
 
 
 class Aligner(nn.Module):
@@ -161,11 +255,15 @@ class DistillStats:
 class AKD:
     """The cloud's distiller: a teacher, one student network, and per-device aligner + replay state."""
 
-    def __init__(self, teacher: MLLM, student: MLLM, prompter: Prompter, cfg: AKDConfig | None = None):
+    def __init__(self, teacher: MLLM, student: MLLM, prompter: Prompter, cfg: AKDConfig | None = None,
+                 source: SourceSet | None = None):
         self.teacher = teacher.eval()
         self.student = student
         self.prompter = prompter
         self.cfg = cfg or AKDConfig()
+        if self.cfg.source_replay > 0 and source is None:
+            raise ValueError("AKDConfig.source_replay > 0 needs the labelled source set (AKD(..., source=load_source_set()))")
+        self.source = source
         self.teacher_forward_calls = 0
         self.teacher_samples = 0
         self._aligners: dict[str, Aligner] = {}
@@ -192,7 +290,7 @@ class AKD:
                 h = torch.cat([fwd.hidden[i, :Q], fwd.hidden[i, Q + T - n_text:]])   # drop padding
                 records.append(TeacherRecord(
                     sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
-                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half()))
+                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone()))
         return records
 
     # -- step 2: distil into the device's adapters --------------------------------------------
@@ -230,6 +328,8 @@ class AKD:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 terms = self.loss_terms(batch, aligner)
+                if cfg.source_replay > 0:
+                    terms["source"] = self.source_loss(max(1, round(len(batch) * cfg.source_replay)), rng)
                 loss = sum(terms.values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -249,6 +349,21 @@ class AKD:
                              {k: v / step for k, v in totals.items()}, agree)
         return adapter_state(self.student), stats
 
+    def sample_weights(self, batch: list[TeacherRecord]) -> torch.Tensor:
+        """Per-sample loss weights (B,): ones, or CEMA's 1/exp(H_teacher − E0) normalised to mean 1."""
+        if self.cfg.weighting == "none":
+            return torch.ones(len(batch))
+        e0 = 0.4 * math.log(len(self.prompter.candidates))
+        w = torch.tensor([math.exp(-(r.entropy - e0)) for r in batch])
+        return w / w.mean()
+
+    def source_loss(self, n: int, rng: random.Random) -> torch.Tensor:
+        """CE on the true answers of ``n`` clean source samples (rehearsal against forgetting)."""
+        tokens, questions, answers = self.source.sample(n, rng)
+        text = self.prompter.batch(questions, answers)
+        fwd = self.student(tokens, None, text.input_ids, text.attention_mask)
+        return self.cfg.w_source * answer_loss(self.student, fwd, text.labels)
+
     def loss_terms(self, batch: list[TeacherRecord], aligner: Aligner) -> dict[str, torch.Tensor]:
         """The switchable AKD terms for one batch (zero-weighted terms are skipped, not computed)."""
         cfg = self.cfg
@@ -256,16 +371,25 @@ class AKD:
         tokens = torch.stack([r.tokens for r in batch]).float()
         keep = torch.stack([r.keep for r in batch])
         fwd = self.student(tokens, keep, text.input_ids, text.attention_mask)
+        weights = self.sample_weights(batch)
+        B = len(batch)
         terms: dict[str, torch.Tensor] = {}
         if cfg.w_ce:
-            terms["ce"] = cfg.w_ce * answer_loss(self.student, fwd, text.labels)
+            if cfg.targets == "soft" and all(r.probs is not None for r in batch):
+                s_logits = self.student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
+                log_p = s_logits[:, self.prompter.candidate_first_ids].log_softmax(-1)
+                target = torch.stack([r.probs for r in batch]).float()
+                per_sample = -(target * log_p).sum(-1)
+            else:
+                per_sample = answer_loss_per_sample(self.student, fwd, text.labels)
+            terms["ce"] = cfg.w_ce * (weights * per_sample).mean()
         if cfg.w_kl:
-            B = len(batch)
             s_logits = self.student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
             t_logits = torch.stack([r.logits for r in batch]).float()
             T = cfg.temperature
-            terms["kl"] = cfg.w_kl * T * T * F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
-                                                      log_target=True, reduction="batchmean")
+            kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
+                          log_target=True, reduction="none").sum(-1)
+            terms["kl"] = cfg.w_kl * T * T * (weights * kl).mean()
         if cfg.w_mse or cfg.w_wave:
             h_s, h_t, mask = self._aligned_hidden(fwd, text, batch)
             h_s = aligner(h_s) * mask

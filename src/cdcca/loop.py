@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from cdcca.adapter_state import clone_state, state_hash
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence
-from cdcca.distill import AKD, AKDConfig
+from cdcca.distill import AKD, AKDConfig, with_true_labels
 from cdcca.downlink import DWCConfig, apply_delta, build_resync, build_update, decode_update
 from cdcca.evaluate import accuracy, test_tokens
 from cdcca.model.answer import answer_batch
@@ -38,6 +38,7 @@ class LoopConfig:
     heldout_n: int = 300           # held-out questions per domain for per-round accuracy
     answer_batch: int = 64
     downlink: str = "dense"        # "dense" (fp32 state) | "dwc" (compressed update) | "none" (source-only)
+    labels: str = "teacher"        # "teacher" (pseudo-labels) | "oracle" (the true answers of the same uploads)
     uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=160))
     akd: AKDConfig = field(default_factory=AKDConfig)
     dwc: DWCConfig = field(default_factory=DWCConfig)
@@ -48,6 +49,8 @@ class LoopConfig:
     def __post_init__(self):
         if self.downlink not in ("dense", "dwc", "none"):
             raise ValueError(f"LoopConfig.downlink must be dense, dwc or none; got {self.downlink!r}")
+        if self.labels not in ("teacher", "oracle"):
+            raise ValueError(f"LoopConfig.labels must be teacher or oracle; got {self.labels!r}")
 
 
 PRESETS = {
@@ -101,9 +104,12 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                 t1 = time.perf_counter()
                 records = akd.teacher_pass(up.tokens, up.keep, up.questions, up.sample_ids)
                 teacher_s = time.perf_counter() - t1
+                truth = [data.answers[int(sid.split("-q")[1])] for sid in up.sample_ids]
+                trained = upload_accuracy(records, up.mc, truth, akd.cfg.min_teacher_confidence)
+                if cfg.labels == "oracle":
+                    records = with_true_labels(records, truth, prompter.candidates)
                 new_state, st = akd.distill(device_id, state, records, device_answers=up.mc)
-                pseudo_acc = float(np.mean([r.pseudo_label == data.answers[int(sid.split("-q")[1])] for r, sid in
-                                            zip(records, up.sample_ids)]))
+                pseudo_acc = float(np.mean([r.pseudo_label == t for r, t in zip(records, truth)]))
                 if cfg.downlink == "dense":
                     down = build_resync(new_state, device_id=device_id, version=version + 1)
                     state = {k: v.clone() for k, v in new_state.items()}
@@ -116,7 +122,7 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                 load_adapter_state(device, state)
                 row.update(uploads=len(samples), bytes_up=len(packet), bytes_down=len(down), teacher_s=round(teacher_s, 2),
                            student_s=round(st.student_s, 2), samples_per_s=round(st.samples_per_s, 2),
-                           pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed)
+                           pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed, **trained)
         if cfg.save_states:
             Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
             save_file(state, str(Path(cfg.save_states) / f"round{chunk.round}.safetensors"))
@@ -133,6 +139,16 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
                "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
                "wall_s": round(time.perf_counter() - t_start, 1), "config": _jsonable(asdict(cfg))}
     return {"rounds": rounds, "summary": summary}
+
+
+def upload_accuracy(records, device_answers: list[str], truth: list[str], min_confidence: float) -> dict:
+    """Teacher vs device MC accuracy on the uploads AKD trains on (after the teacher-confidence gate)."""
+    kept = [i for i, r in enumerate(records) if r.confidence >= min_confidence]
+    if not kept:
+        return {"trained": 0, "upload_teacher_mc": None, "upload_device_mc": None}
+    return {"trained": len(kept),
+            "upload_teacher_mc": float(np.mean([records[i].pseudo_label == truth[i] for i in kept])),
+            "upload_device_mc": float(np.mean([device_answers[i] == truth[i] for i in kept]))}
 
 
 def _jsonable(obj):

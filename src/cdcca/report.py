@@ -1,32 +1,78 @@
-"""Run outputs: metrics.json, PNG plots and a self-contained report.html."""
+"""Run outputs: metrics.json, PNG plots and a self-contained report.html that reads like a results page.
+
+The page opens with one sentence a person can act on (from what to what, at which cost), then
+source-only, adapted, teacher and oracle side by side per domain, the per-domain held-out curves
+over rounds (does adapting to one shift forget another?), the online accuracy users saw, the bytes
+per round, the settings and the per-round table. Everything is embedded: the file opens offline.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from cdcca.assets import write_json
 
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
-def plot_accuracy(rounds: list[dict], source_only: float, path: Path) -> None:
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for dev in sorted({r["device"] for r in rounds}):
-        rs = [r for r in rounds if r["device"] == dev]
-        held = [r for r in rs if r.get("heldout_mc") is not None]
-        if held:
-            ax.plot([r["round"] for r in held], [r["heldout_mc"] for r in held], marker="o", label=f"{dev} adapted (held-out)")
-        ax.plot([r["round"] for r in rs], [r["online_mc"] for r in rs], ls=":", marker=".", label=f"{dev} online")
-    ax.axhline(source_only, color="gray", ls="--", label="source-only (held-out)")
-    ax.set_xlabel("round")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("MC accuracy, shifted domains")
+    return plt
+
+
+def _first_device_rounds(rounds: list[dict]) -> list[dict]:
+    """The rows of the device whose held-out accuracy is measured (the first one)."""
+    measured = [r for r in rounds if r.get("heldout")]
+    dev = measured[0]["device"] if measured else (rounds[0]["device"] if rounds else None)
+    return [r for r in rounds if r["device"] == dev]
+
+
+def plot_domains(rounds: list[dict], summary: dict, path: Path) -> None:
+    """Held-out MC per domain after every round (solid), source-only per domain (dashed), clean (black)."""
+    plt = _pyplot()
+    rs = [r for r in _first_device_rounds(rounds) if r.get("heldout")]
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    base = summary.get("source_only", {})
+    for i, dom in enumerate(rs[0]["heldout"] if rs else {}):
+        c = COLOURS[i % len(COLOURS)]
+        xs = [-1] + [r["round"] for r in rs]
+        ys = [base.get(dom)] + [r["heldout"][dom] for r in rs]
+        ax.plot(xs, ys, marker="o", color=c, label=dom)
+        if dom in base:
+            ax.axhline(base[dom], color=c, ls="--", lw=0.8, alpha=0.6)
+    if summary.get("source_mc_before") is not None:
+        ax.plot([-1] + [r["round"] for r in rs], [summary["source_mc_before"]] + [r["source_mc"] for r in rs],
+                marker="s", color="black", label="clean (forgetting check)")
+    labels = ["before"] + [f"{r['round']}\n{r['domain']}" for r in rs]
+    ax.set_xticks([-1] + [r["round"] for r in rs], labels, fontsize=7)
+    ax.set_ylabel("held-out MC accuracy")
+    ax.set_title("Held-out accuracy per domain after each round (dashed: source-only)", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_online(rounds: list[dict], summary: dict, path: Path) -> None:
+    """Online MC (the answers users got, before that round's update) against source-only on the same domain."""
+    plt = _pyplot()
+    rs = _first_device_rounds(rounds)
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    xs = [r["round"] for r in rs]
+    ax.plot(xs, [r["online_mc"] for r in rs], marker="o", label="adapted device, online (as users saw it)")
+    online_base = summary.get("source_only_online", {})
+    if online_base:
+        ax.plot(xs, [online_base.get(r["domain"]) for r in rs], marker="x", ls="--", color="gray",
+                label="source-only device, same requests")
+    ax.set_xticks(xs, [f"{r['round']}\n{r['domain']}" for r in rs], fontsize=7)
+    ax.set_ylabel("online MC accuracy")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -35,17 +81,14 @@ def plot_accuracy(rounds: list[dict], source_only: float, path: Path) -> None:
 
 
 def plot_bytes(rounds: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
     xs = sorted({r["round"] for r in rounds})
     up = [sum(r["bytes_up"] for r in rounds if r["round"] == x) / 1024 for x in xs]
     down = [sum(r["bytes_down"] for r in rounds if r["round"] == x) / 1024 for x in xs]
     ax.bar([x - 0.2 for x in xs], up, width=0.4, label="uplink KiB")
     ax.bar([x + 0.2 for x in xs], down, width=0.4, label="downlink KiB")
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("round")
     ax.set_ylabel("KiB (all devices)")
     ax.legend(fontsize=8)
@@ -54,25 +97,112 @@ def plot_bytes(rounds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def _pts(a, b) -> str:
+    return "–" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+
+def headline(summary: dict) -> str:
+    """One sentence: where the device went, what it kept, what it cost."""
+    rounds = max(1, summary.get("rounds", 1))
+    up = summary.get("bytes_up_total", 0) / rounds / 1024
+    down = summary.get("bytes_down_total", 0) / rounds / 1024
+    so, ad = summary.get("source_only_mc"), summary.get("adapted_mc")
+    if so is None or ad is None or so != so:
+        return (f"The loop ran {rounds} rounds end to end ({up:.0f} KiB up and {down:.0f} KiB down per round); "
+                "accuracy is not measured in this mode.")
+    kept = ""
+    if summary.get("source_mc_before") is not None and summary.get("source_mc_after") is not None:
+        kept = f", clean accuracy {_pct(summary['source_mc_before'])} → {_pct(summary['source_mc_after'])}"
+    return (f"On the shifted stream ({html.escape(summary.get('stream', '').replace(',', ' → '))}) the device went from "
+            f"{_pct(so)} (source-only) to {_pct(ad)} held-out accuracy ({_pts(ad, so)} points){kept}, "
+            f"with {up:.0f} KiB up and {down:.0f} KiB down per round.")
+
+
+def _comparison_table(summary: dict) -> str:
+    cols = [("source-only", summary.get("source_only", {})), ("adapted (cdcca)", summary.get("adapted", {})),
+            ("cloud teacher", summary.get("teacher", {})), ("oracle (true labels)", summary.get("oracle", {}))]
+    cols = [(name, vals) for name, vals in cols if vals]
+    domains = [d for d in summary.get("source_only", {}) if d != "clean"]
+    head = "<tr><th>domain</th>" + "".join(f"<th>{html.escape(n)}</th>" for n, _ in cols) + "</tr>"
+    body = ""
+    for d in domains + ["mean of shifted"]:
+        cells = []
+        for _, vals in cols:
+            v = vals.get(d)
+            if d == "mean of shifted":
+                shifted = [vals[k] for k in domains if k in vals]
+                v = sum(shifted) / len(shifted) if shifted else None
+            cells.append(f"<td>{_pct(v)}</td>")
+        style = ' class="mean"' if d == "mean of shifted" else ""
+        body += f"<tr{style}><td>{html.escape(d)}</td>{''.join(cells)}</tr>"
+    clean = "".join(f"<td>{_pct(v.get('clean'))}</td>" for _, v in cols)
+    return f"<table>{head}{body}<tr class='clean'><td>clean (source domain)</td>{clean}</tr></table>"
+
+
+def _rounds_table(rounds: list[dict]) -> str:
+    cols = [("round", "round"), ("device", "device"), ("domain", "domain"), ("online MC", "online_mc"),
+            ("held-out MC", "heldout_mc"), ("clean MC", "source_mc"), ("uploads", "uploads"),
+            ("up KiB", "bytes_up"), ("down KiB", "bytes_down"), ("cloud s", "cloud_s")]
+
+    def cell(key, v):
+        if v is None or v == "":
+            return "–"
+        if key in ("bytes_up", "bytes_down"):
+            return f"{v / 1024:.1f}"
+        if isinstance(v, float):
+            return f"{v:.3f}" if key.endswith("mc") else f"{v:.1f}"
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{n}</th>" for n, _ in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(k, r.get(k))}</td>" for _, k in cols) + "</tr>" for r in rounds)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _settings_table(settings: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td class='l'>{html.escape(str(v))}</td></tr>"
+                   for k, v in settings.items())
+    return f"<table class='settings'>{rows}</table>"
+
+
 def write_report(out_dir: Path, metrics: dict) -> None:
-    """metrics.json, accuracy.png, bytes.png and report.html (images embedded) in ``out_dir``."""
+    """metrics.json, domains.png, online.png, bytes.png and report.html (images embedded) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
     rounds, summary = metrics["rounds"], metrics["summary"]
-    plot_accuracy(rounds, summary["source_only_mc"], out_dir / "accuracy.png")
+    plots = {"domains.png": plot_domains, "online.png": plot_online}
+    for name, fn in plots.items():
+        fn(rounds, summary, out_dir / name)
     plot_bytes(rounds, out_dir / "bytes.png")
-    cols = ["round", "device", "domain", "online_mc", "heldout_mc", "source_mc", "uploads", "bytes_up", "bytes_down"]
 
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode((out_dir / name).read_bytes()).decode()
+        return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
 
-    table = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rounds)
-    imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode((out_dir / n).read_bytes()).decode()}">'
-                   for n in ("accuracy.png", "bytes.png"))
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>cdcca run</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em}}td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}}
-img{{max-width:100%;display:block;margin:1em 0}}pre{{background:#f6f6f6;padding:1em}}</style></head><body>
-<h1>cdcca: continual adaptation run</h1>
-<pre>{html.escape(json.dumps(summary, indent=2))}</pre>{imgs}
-<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{table}</table></body></html>"""
+    measured = bool(summary.get("source_only"))
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>cdcca: continual adaptation run</title>
+<style>body{{font-family:system-ui,-apple-system,sans-serif;margin:2em auto;max-width:62em;color:#222;line-height:1.45}}
+h1{{font-size:1.5em;margin-bottom:.2em}} h2{{font-size:1.1em;margin-top:1.8em;border-bottom:1px solid #ddd}}
+p.lead{{font-size:1.15em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:.7em 1em}}
+table{{border-collapse:collapse;margin:.5em 0}} td,th{{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}}
+th{{background:#fafafa}} td:first-child,th:first-child,td.l{{text-align:left}} tr.mean td{{font-weight:600}}
+tr.clean td{{color:#555}} img{{max-width:100%;display:block;margin:.6em 0}} .note{{color:#666;font-size:.9em}}</style>
+</head><body>
+<h1>cdcca: cloud-device continual adaptation</h1>
+<p class="lead">{headline(summary)}</p>
+{'<h2>Accuracy on held-out questions, side by side</h2>' + _comparison_table(summary) +
+ '<p class="note">Held-out questions on images the device never streamed. Source-only: the pretrained device, never '
+ 'updated. Adapted: the same device after the last round. Cloud teacher: the large model itself, on the full '
+ 'token set. Oracle: the same uploads trained on their true labels (the most any teacher could pass on with '
+ 'this data), when it was run.</p>' if measured else ''}
+{'<h2>Per-domain accuracy over rounds</h2>' + img('domains.png', 'held-out accuracy per domain over rounds') if measured else ''}
+<h2>Online accuracy, as users saw it</h2>{img('online.png', 'online accuracy per round')}
+<h2>Bytes on the link</h2>{img('bytes.png', 'bytes per round')}
+<h2>Settings</h2>{_settings_table(summary.get('settings', {}))}
+<h2>Every round</h2>{_rounds_table(rounds)}
+<p class="note">Raw numbers: metrics.json next to this page. Wall time {summary.get('wall_s', 0):.0f} s.</p>
+</body></html>"""
     (out_dir / "report.html").write_text(doc)

@@ -21,20 +21,38 @@ UTS_DEFAULT = UTSConfig(selection="budget", budget=128)
 
 
 def variants() -> dict[str, dict]:
-    """name → LoopConfig overrides. Loss ablations at the default UTS; keep ratios with ood / energy."""
-    out: dict[str, dict] = {"source-only": dict(downlink="none")}
+    """name → LoopConfig overrides.
+
+    ``cdcca`` is the shipped pipeline end to end (UTS uplink, AKD with its defaults, DWC at its default
+    budget); ``oracle`` trains the same uploads on their true labels (dense downlink): what any teacher
+    could deliver with this data. The rest are ablations against them.
+    """
+    out: dict[str, dict] = {
+        "source-only": dict(downlink="none"),
+        "cdcca": dict(downlink="dwc"),
+        "cdcca-dense": dict(downlink="dense"),
+        "oracle": dict(downlink="dense", labels="oracle"),
+        "pseudo-label": dict(downlink="dense", akd=AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="none")),
+        "no-gate": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none")),
+        "no-source-replay": dict(downlink="dense", akd=AKDConfig(source_replay=0.0)),
+        "soft-targets": dict(downlink="dense", akd=AKDConfig(targets="soft")),
+        "akd-v1": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", source_replay=0.0)),
+    }
     for name in ("ce", "ce+mse", "ce+mse+wave", "full"):
-        out[f"loss:{name}"] = dict(akd=AKDConfig.ablation(name))
+        out[f"loss:{name}"] = dict(downlink="dense", akd=AKDConfig.ablation(name))
     for scorer in ("ood", "energy"):
         for keep in (0.25, 0.5, 0.75, 1.0):
-            out[f"keep:{keep}:{scorer}"] = dict(uts=replace(UTS_DEFAULT, token_scorer=scorer, keep_ratio=keep))
+            out[f"keep:{keep}:{scorer}"] = dict(downlink="dense", uts=replace(UTS_DEFAULT, token_scorer=scorer, keep_ratio=keep))
     return out
 
 
-def run(names: list[str] | None = None, on_result=None, base: dict | None = None) -> list[dict]:
+def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """One row per (variant, seed): held-out MC over the shifted domains and clean, what was trained on, time."""
+    import torch
+
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
-    from cdcca.distill import AKD
+    from cdcca.distill import AKD, load_source_set
     from cdcca.model.mllm import adapter_state, load_adapter_state
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
@@ -47,27 +65,46 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     pretrained = adapter_state(device)
+    source = None
     results = []
-    for name in names or list(table):
-        load_adapter_state(device, pretrained)
-        cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
-        t0 = time.perf_counter()
-        res = run_loop(cfg, device, AKD(teacher, student, prompter, cfg.akd), prompter, data)
-        rounds = res["rounds"]
-        teacher_s = sum(r.get("teacher_s", 0.0) for r in rounds)
-        student_s = sum(r.get("student_s", 0.0) for r in rounds)
-        uploads = sum(r["uploads"] for r in rounds)
-        row = {"variant": name, "adapted_mc": res["summary"]["adapted_mc"], "source_mc": res["summary"]["source_mc"],
-               "heldout": res["summary"]["heldout"], "uploads": uploads,
-               "bytes_up_per_sample": (res["summary"]["bytes_up_total"] / uploads) if uploads else 0,
-               "teacher_s": round(teacher_s, 1), "student_s": round(student_s, 1),
-               "samples_per_s": round(uploads / (teacher_s + student_s), 2) if uploads else None,
-               "pseudo_label_acc": float(np.mean([r["pseudo_label_acc"] for r in rounds if "pseudo_label_acc" in r]))
-               if uploads else None, "wall_s": round(time.perf_counter() - t0, 1)}
-        results.append(row)
-        if on_result:
-            on_result(row)
+    for seed in seeds or [0]:
+        for name in names or list(table):
+            load_adapter_state(device, pretrained)
+            cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
+            cfg = replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
+            if cfg.akd.source_replay > 0 and source is None:
+                source = load_source_set()
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            res = run_loop(cfg, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
+            results.append(summarize(name, seed, res, time.perf_counter() - t0))
+            if on_result:
+                on_result(results[-1])
     return results
+
+
+def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
+    """A bench row from a loop result; upload accuracies are over the samples trained on (after gating)."""
+    rounds = res["rounds"]
+    teacher_s = sum(r.get("teacher_s", 0.0) for r in rounds)
+    student_s = sum(r.get("student_s", 0.0) for r in rounds)
+    uploads = sum(r["uploads"] for r in rounds)
+    trained = sum(r.get("trained", 0) for r in rounds)
+
+    def trained_mean(key: str):
+        pairs = [(r[key], r["trained"]) for r in rounds if r.get(key) is not None]
+        return float(sum(v * n for v, n in pairs) / sum(n for _, n in pairs)) if pairs else None
+
+    return {"variant": name, "seed": seed, "adapted_mc": res["summary"]["adapted_mc"],
+            "source_mc": res["summary"]["source_mc"], "heldout": res["summary"]["heldout"],
+            "uploads": uploads, "trained": trained,
+            "upload_teacher_mc": trained_mean("upload_teacher_mc"), "upload_device_mc": trained_mean("upload_device_mc"),
+            "bytes_up_per_round": res["summary"]["bytes_up_total"] / len(rounds),
+            "bytes_down_per_round": res["summary"]["bytes_down_total"] / len(rounds),
+            "teacher_s": round(teacher_s, 1), "student_s": round(student_s, 1),
+            "samples_per_s": round(trained / (teacher_s + student_s), 2) if trained else None,
+            "pseudo_label_acc": float(np.mean([r["pseudo_label_acc"] for r in rounds if "pseudo_label_acc" in r]))
+            if uploads else None, "wall_s": round(wall_s, 1)}
 
 
 TOKEN_VIEWS = {   # what the teacher sees of each uploaded sample
@@ -120,4 +157,56 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
                                        device_id="study", adapter_version="0"))
     rows.append({"view": "all-tokens", "selection": "all requests", "n": len(batch), "teacher_mc": teacher_acc(batch),
                  "device_mc": float(np.mean([a.mc == g for a, g in zip(answers, gold)]))})
+    return rows
+
+
+def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int, ...] = (128, 192, 320),
+                gates: tuple[float, ...] = (0.0, 0.6, 0.8, 0.9), weights: str | None = None) -> list[dict]:
+    """How good the teacher's labels are on what AKD would train on: per domain, upload budget and
+    teacher-confidence gate, the kept count and teacher vs device MC accuracy (no training).
+
+    The uploads of a budget are the ``budget`` most uncertain requests (UTS default scorer, half the
+    tokens); a gate keeps the uploads whose teacher confidence reaches it.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from cdcca.assets import load_tokenizer
+    from cdcca.data.easyvqa import load_split
+    from cdcca.data.stream import build_stream, resolve_sequence
+    from cdcca.evaluate import test_tokens
+    from cdcca.model.answer import answer_batch, mc_predict
+    from cdcca.model.pair import load_pretrained
+    from cdcca.model.prompt import Prompter
+    from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
+
+    data = load_split("test")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    device, cloud = load_pretrained("device"), load_pretrained("cloud", Path(weights) if weights else None)
+    domains = resolve_sequence(stream)
+    rows = []
+    for chunk in build_stream(data, domains, requests, 1, 0):
+        qids = chunk.question_ids
+        questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
+        tokens = test_tokens(chunk.domain)[data.image_ids[qids]].float()
+        answers = []
+        for s in range(0, len(qids), 64):
+            answers += answer_batch(device, prompter, tokens[s:s + 64], questions[s:s + 64])
+        ids = [str(i) for i in range(len(qids))]
+        for budget in budgets:
+            uts = replace(UTS_DEFAULT, budget=min(budget, len(qids)))
+            batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
+                                               device_id="study", adapter_version="0"))
+            probs = torch.cat([mc_predict(cloud, prompter, batch.tokens[s:s + 64], batch.questions[s:s + 64],
+                                          batch.keep[s:s + 64]) for s in range(0, len(batch), 64)])
+            conf, pick = probs.max(-1)
+            idx = [int(i) for i in batch.sample_ids]
+            for gate in gates:
+                kept = [j for j in range(len(idx)) if float(conf[j]) >= gate]
+                rows.append({"domain": str(chunk.domain), "budget": budget, "gate": gate, "uploads": len(idx),
+                             "kept": len(kept),
+                             "teacher_mc": float(np.mean([prompter.candidates[int(pick[j])] == gold[idx[j]] for j in kept]))
+                             if kept else None,
+                             "device_mc": float(np.mean([answers[idx[j]].mc == gold[idx[j]] for j in kept])) if kept else None})
     return rows

@@ -80,8 +80,11 @@ class StreamChunk:
 
 def build_stream(data: VQASet, sequence: list[Domain], per_domain: int, rounds_per_domain: int = 1,
                  seed: int = 0) -> list[StreamChunk]:
-    """Chunks of ``per_domain // rounds_per_domain`` stream questions per round, domain after domain."""
-    stream_imgs, _ = split_images(len(data.images), seed)
+    """Chunks of ``per_domain // rounds_per_domain`` stream questions per round, domain after domain.
+
+    ``seed`` picks the questions; the stream/held-out image split is fixed (seed 0, as in
+    :func:`heldout_questions`), so no seed ever streams an image that accuracy is measured on."""
+    stream_imgs, _ = split_images(len(data.images))
     pool = questions_on(data, stream_imgs)
     rng = np.random.default_rng(seed + 2)
     chunks, rnd = [], 0

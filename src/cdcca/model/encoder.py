@@ -70,15 +70,22 @@ def encode_images(encoder: nn.Module, images: np.ndarray, batch_size: int = 64, 
     return torch.cat(out)
 
 
-def feature_cache_path(split: str, corruption: str, severity: int, seed: int) -> Path:
+def feature_cache_path(split: str, corruption: str, severity: int, seed: int, limit: int | None = None) -> Path:
     tag = "clean" if corruption == "clean" else f"{corruption}-s{severity}-seed{seed}"
+    if limit is not None:
+        tag += f"-first{limit}"
     return cache_dir() / "features" / f"lite0-{split}-{tag}.safetensors"
 
 
 def cached_features(split: str, corruption: str = "clean", severity: int = 0, seed: int = 0,
-                    encoder: nn.Module | None = None, progress=None, device: str = "cpu") -> torch.Tensor:
-    """Tokens of every image of an easy-VQA split under one corruption, computed once and cached."""
-    path = feature_cache_path(split, corruption, severity, seed)
+                    encoder: nn.Module | None = None, progress=None, device: str = "cpu",
+                    limit: int | None = None) -> torch.Tensor:
+    """Tokens of every image (or the first ``limit``) of an easy-VQA split under one corruption, cached."""
+    if limit is not None:
+        full = feature_cache_path(split, corruption, severity, seed)
+        if full.is_file():          # the whole split is cached already: its first rows are the same tokens
+            return cached_features(split, corruption, severity, seed)[:limit]
+    path = feature_cache_path(split, corruption, severity, seed, limit)
     if path.is_file():
         try:
             return load_file(path)["tokens"]
@@ -87,7 +94,7 @@ def cached_features(split: str, corruption: str = "clean", severity: int = 0, se
     from cdcca.data.corruptions import corrupt
     from cdcca.data.easyvqa import load_split
 
-    images = corrupt(load_split(split).images, corruption, severity, seed)
+    images = corrupt(load_split(split).images[:limit], corruption, severity, seed)
     tokens = encode_images(encoder or load_encoder().to(device), images, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tokens(path, tokens)

@@ -1,0 +1,187 @@
+"""Teacher robustness by feature consistency: train the cloud's bridge so that corrupted, partly
+dropped visual tokens give the same LLM prefix as the clean, complete tokens of the same image.
+
+FARE (Schlarmann et al., ICML 2024) makes LLaVA robust this way at the vision/LLM interface without
+touching the LLM. Here the target is a frozen copy of the cloud's own bridge on the clean tokens, so
+no LLM pass is needed: only the small bridge runs, from cached encoder features, ~10× faster per
+sample than end-to-end training on 2 cores. The corruptions come from the cloud's own training family
+(the nine built-in ones), never from a device's stream; the random token drop teaches the bridge
+the half token sets the uplink sends. The LLM, its LoRA and its norms stay as pretrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.model.bridge import Bridge, BridgeConfig
+
+
+@dataclass
+class ConsistencyConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-4                    # cosine to 1 % after a 5 % warm-up
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    w_clean: float = 0.5                # weight of the clean view (keeps clean behaviour where it is)
+    aug_family: list[str] = field(default_factory=lambda: sorted(CORRUPTIONS))
+    aug_severity: tuple[int, int] = (3, 5)
+    aug_variants: int = 2               # cached corrupted copies of the train set (each image its own corruption)
+    token_drop_share: float = 0.5       # share of samples whose corrupted view loses a random subset of tokens
+    token_keep: tuple[float, float] = (0.25, 1.0)
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.aug_family) - set(CORRUPTIONS)
+        if unknown:
+            raise ValueError(f"ConsistencyConfig.aug_family has unknown corruptions {sorted(unknown)}")
+        if self.steps < 1 or self.batch_size < 1 or self.aug_variants < 1:
+            raise ValueError("ConsistencyConfig.steps, batch_size and aug_variants must be ≥ 1")
+        self.aug_severity = tuple(self.aug_severity)
+        self.token_keep = tuple(self.token_keep)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bridge_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``bridge.*`` tensors of a role's adapter file, without the prefix, in fp32."""
+    return {k[len("bridge."):]: v.float() for k, v in weights.items() if k.startswith("bridge.")}
+
+
+def consistency_loss(bridge: Bridge, target: torch.Tensor, corrupted: torch.Tensor, keep: torch.Tensor,
+                     clean: torch.Tensor, w_clean: float) -> dict[str, torch.Tensor]:
+    """MSE of the bridge's prefix on the corrupted (partly dropped) view and on the clean view to ``target``."""
+    terms = {"corrupted": F.mse_loss(bridge(corrupted, keep), target)}
+    if w_clean:
+        terms["clean"] = w_clean * F.mse_loss(bridge(clean), target)
+    return terms
+
+
+def _lr_at(cfg: ConsistencyConfig, step: int) -> float:
+    warm = max(1, cfg.steps // 20)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
+                      variants: list[torch.Tensor], progress=None, log=print) -> dict:
+    """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
+
+    ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
+    Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
+    """
+    from cdcca.pretrain import random_keep
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(init))
+    bcfg = BridgeConfig(token_dim=clean.shape[-1], n_tokens=clean.shape[1])
+    torch.manual_seed(cfg.seed)
+    bridge = Bridge(bcfg)
+    bridge.load_state_dict(bridge_state(weights))
+    frozen = copy.deepcopy(bridge).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    ckpt = out_dir / "cloud.consistency.ckpt.safetensors"
+    start = _resume(ckpt, bridge, opt, cfg.digest())
+    if start:
+        log(f"resuming consistency training at step {start}")
+    bridge.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
+        rng = np.random.default_rng([cfg.seed, step])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)            # the bridge's dropout
+        img = rng.integers(0, len(clean), cfg.batch_size)
+        which = rng.integers(0, len(variants), cfg.batch_size)
+        corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float()
+        clean_b = clean[img].float()
+        keep = random_keep(cfg.batch_size, clean.shape[1], cfg.token_keep, gen)
+        keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
+        with torch.no_grad():
+            target = frozen(clean_b)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        terms = consistency_loss(bridge, target, corrupted, keep, clean_b, cfg.w_clean)
+        loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bridge.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, loss.item())
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _checkpoint(ckpt, bridge, opt, step + 1, cfg.digest())
+    train_s = time.perf_counter() - t0
+    bridge.eval()
+    state = {k: v.half() for k, v in weights.items()}
+    state.update({f"bridge.{k}": v.detach().half() for k, v in bridge.state_dict().items()})
+    path = out_dir / "cloud.safetensors"
+    save_file(state, str(path), metadata={"role": "cloud", "digest": cfg.digest()})
+    ckpt.unlink(missing_ok=True)
+    return {
+        "recipe": "consistency", "config": asdict(cfg), "digest": cfg.digest(),
+        "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "first_loss": float(np.mean(losses[:20])) if losses else None,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "train_s": round(train_s, 1), "s_per_step": round(train_s / max(1, cfg.steps - start), 3),
+        "torch": torch.__version__,
+    }
+
+
+def _checkpoint(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, step: int, digest: str) -> None:
+    tensors = {f"bridge/{k}": v.detach().clone() for k, v in bridge.state_dict().items()}
+    for name, p in bridge.named_parameters():
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                tensors[f"opt/{key}/{name}"] = st[key].detach().clone()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
+    tmp.replace(path)
+
+
+def _resume(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, digest: str) -> int:
+    """Load a checkpoint written with the same config; 0 when there is none (or it is for another config)."""
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("digest") != digest:
+        return 0
+    tensors = load_file(str(path))
+    bridge.load_state_dict({k[len("bridge/"):]: v for k, v in tensors.items() if k.startswith("bridge/")})
+    step = int(meta["step"])
+    for name, p in bridge.named_parameters():
+        avg, sq = tensors.get(f"opt/exp_avg/{name}"), tensors.get(f"opt/exp_avg_sq/{name}")
+        if avg is not None and sq is not None:
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg, "exp_avg_sq": sq}
+    return step
+
+
+def training_views(cfg: ConsistencyConfig, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Clean train tokens and ``cfg.aug_variants`` corrupted copies (the pretraining feature caches)."""
+    from cdcca.model.encoder import cached_features
+    from cdcca.pretrain import PretrainConfig, augmented_features
+
+    pcfg = PretrainConfig.for_role("cloud", aug_family=cfg.aug_family, aug_severity=cfg.aug_severity, seed=cfg.seed)
+    return cached_features("train", device=device), [augmented_features(pcfg, v, device) for v in range(cfg.aug_variants)]
