@@ -20,14 +20,14 @@ def metrics():
                "adapted": {"pixelate:5": 0.80, "gaussian_blur:5": 0.845, "clean": 0.995},
                "teacher": {"pixelate:5": 0.85, "gaussian_blur:5": 0.86, "clean": 0.92},
                "source_only_online": {"pixelate:5": 0.69, "gaussian_blur:5": 0.75},
-               "bytes_up_total": 4_000_000, "bytes_down_total": 600_000, "rounds": 2, "stream": ",".join(DOMAINS),
+               "bytes_up_total": 4_000_000, "bytes_down_total": 600_000, "rounds": 2, "stream": ",".join(DOMAINS), "domains": DOMAINS,
                "settings": {"preset": "quick", "downlink (DWC)": "int8, budget 256 KiB"}, "wall_s": 123.4}
     return {"rounds": rounds, "summary": summary}
 
 
 def test_headline_says_from_what_to_what_and_at_which_cost():
     text = headline(metrics()["summary"])
-    assert "76.9 %" in text and "82.2 %" in text and "+5.4 points" in text
+    assert "76.9 %" in text and "82.2 %" in text and "+5.4 points" in text and "pixelate:5 → gaussian_blur:5" in text
     assert "100.0 % → 99.5 %" in text and "1953 KiB up" in text and "293 KiB down" in text
 
 

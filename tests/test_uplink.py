@@ -89,6 +89,14 @@ def test_budget_selection_picks_the_k_most_uncertain():
     assert select_samples([0.1, float("nan")], UTSConfig(selection="budget", budget=1)) == [1]
 
 
+def test_band_policy_leaves_the_most_uncertain_share_on_the_device():
+    u = [0.1, 0.9, 0.5, 0.95, 0.2, 0.7]              # most uncertain first: 3, 1, 5, 2, 4, 0
+    band = UTSConfig(selection="budget", budget=3, skip_top=1 / 3)
+    assert select_samples(u, band) == [2, 4, 5]      # the two most uncertain (3 and 1) are skipped
+    with pytest.raises(ValueError, match="skip_top"):
+        UTSConfig(skip_top=1.0)
+
+
 def test_threshold_selection_uploads_only_samples_above_the_threshold():
     assert select_samples([0.1, 0.5, 0.51, 0.9], UTSConfig(threshold=0.5)) == [2, 3]
 

@@ -91,7 +91,7 @@ def pretrain(
     if recipe == "consistency":
         if role != "cloud":
             fail("--recipe consistency trains the cloud teacher's bridge; use it with --role cloud")
-        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force)
+        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device)
         return
     overrides = {"seed": seed, "batch_size": batch_size or 32}
     if steps is not None:
@@ -125,7 +125,7 @@ def pretrain(
     print(json.dumps(record, indent=2))
 
 
-def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool) -> None:
+def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cdcca.assets import AssetError, write_json
@@ -150,7 +150,7 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("consistency (cloud bridge)", total=cfg.steps, loss=float("nan"))
-            record = train_consistency(Path(init), cfg, out, clean, views,
+            record = train_consistency(Path(init), cfg, out, clean, views, device=torch_device,
                                        progress=lambda s, loss: bar.update(task, completed=s, loss=loss), log=console.print)
     except AssetError as exc:
         fail(str(exc))
@@ -343,11 +343,11 @@ def bench_akd(
             fail(str(exc))
         if not as_json:
             table = Table(title="Teacher vs device on the uploads (MC)")
-            for col in ("domain", "budget", "gate", "kept/uploads", "teacher", "device", "lead"):
+            for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
                 table.add_column(col)
             for r in rows:
                 lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
-                table.add_row(r["domain"], str(r["budget"]), f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
+                table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
                               "-" if r["teacher_mc"] is None else f"{r['teacher_mc']:.3f}",
                               "-" if r["device_mc"] is None else f"{r['device_mc']:.3f}",
                               "-" if lead is None else f"{100 * lead:+.1f}")

@@ -147,7 +147,7 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
         "source_only_online": {} if cfg.tiny else online_base,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
-        "stream": cfg.stream, "preset": preset, "settings": settings_of(cfg, preset),
+        "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     metrics = {"rounds": rows, "summary": summary}

@@ -117,7 +117,7 @@ def headline(summary: dict) -> str:
     kept = ""
     if summary.get("source_mc_before") is not None and summary.get("source_mc_after") is not None:
         kept = f", clean accuracy {_pct(summary['source_mc_before'])} → {_pct(summary['source_mc_after'])}"
-    return (f"On the shifted stream ({html.escape(summary.get('stream', '').replace(',', ' → '))}) the device went from "
+    return (f"On the shifted stream ({html.escape(' → '.join(summary.get('domains') or [summary.get('stream', '')]))}) the device went from "
             f"{_pct(so)} (source-only) to {_pct(ad)} held-out accuracy ({_pts(ad, so)} points){kept}, "
             f"with {up:.0f} KiB up and {down:.0f} KiB down per round.")
 

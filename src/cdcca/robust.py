@@ -81,7 +81,7 @@ def _lr_at(cfg: ConsistencyConfig, step: int) -> float:
 
 
 def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
-                      variants: list[torch.Tensor], progress=None, log=print) -> dict:
+                      variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu") -> dict:
     """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
 
     ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
@@ -95,6 +95,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     torch.manual_seed(cfg.seed)
     bridge = Bridge(bcfg)
     bridge.load_state_dict(bridge_state(weights))
+    bridge.to(device)
     frozen = copy.deepcopy(bridge).eval().requires_grad_(False)
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = out_dir / "cloud.consistency.ckpt.safetensors"
@@ -111,10 +112,11 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         torch.manual_seed(cfg.seed * 1_000_003 + step)            # the bridge's dropout
         img = rng.integers(0, len(clean), cfg.batch_size)
         which = rng.integers(0, len(variants), cfg.batch_size)
-        corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float()
-        clean_b = clean[img].float()
+        corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float().to(device)
+        clean_b = clean[img].float().to(device)
         keep = random_keep(cfg.batch_size, clean.shape[1], cfg.token_keep, gen)
         keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
+        keep = keep.to(device)
         with torch.no_grad():
             target = frozen(clean_b)
         for g in opt.param_groups:
@@ -131,7 +133,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             _checkpoint(ckpt, bridge, opt, step + 1, cfg.digest())
     train_s = time.perf_counter() - t0
-    bridge.eval()
+    bridge.to("cpu").eval()
     state = {k: v.half() for k, v in weights.items()}
     state.update({f"bridge.{k}": v.detach().half() for k, v in bridge.state_dict().items()})
     path = out_dir / "cloud.safetensors"
@@ -149,12 +151,12 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
 
 
 def _checkpoint(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, step: int, digest: str) -> None:
-    tensors = {f"bridge/{k}": v.detach().clone() for k, v in bridge.state_dict().items()}
+    tensors = {f"bridge/{k}": v.detach().cpu().clone() for k, v in bridge.state_dict().items()}
     for name, p in bridge.named_parameters():
         st = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
-                tensors[f"opt/{key}/{name}"] = st[key].detach().clone()
+                tensors[f"opt/{key}/{name}"] = st[key].detach().cpu().clone()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
     tmp.replace(path)
@@ -174,7 +176,7 @@ def _resume(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, digest: str)
     for name, p in bridge.named_parameters():
         avg, sq = tensors.get(f"opt/exp_avg/{name}"), tensors.get(f"opt/exp_avg_sq/{name}")
         if avg is not None and sq is not None:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg, "exp_avg_sq": sq}
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg.to(p.device), "exp_avg_sq": sq.to(p.device)}
     return step
 
 

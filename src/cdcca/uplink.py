@@ -115,6 +115,9 @@ class UTSConfig:
         seed: Seed of the ``random`` and ``mc_dropout`` scorers (deterministic uploads).
         allow_image: Also upload each sample's PNG. Off by default: the raw image never leaves the
             device unless this is set explicitly.
+        skip_top: Share of a round's requests, the most uncertain ones, that are never uploaded
+            (0 = the paper's policy: upload the most uncertain). CEMA (ICLR 2024) skips the samples
+            so uncertain that neither model can answer them; > 0 makes UTS upload a band below them.
     """
 
     sample_scorer: str = "mc_disagreement"
@@ -133,6 +136,7 @@ class UTSConfig:
     ood_floor: float = 0.01
     seed: int = 0
     allow_image: bool = False
+    skip_top: float = 0.0
 
     def __post_init__(self):
         def choice(name: str, options: Sequence[str]) -> None:
@@ -157,6 +161,7 @@ class UTSConfig:
         number("budget", lambda v: v >= 0, "an integer ≥ 0", int)
         number("byte_budget", lambda v: v >= 0, "an integer ≥ 0", int)
         number("keep_ratio", lambda v: 0 < v <= 1, "in (0, 1]")
+        number("skip_top", lambda v: 0 <= v < 1, "in [0, 1)")
         number("mc_dropout_passes", lambda v: v >= 2, "an integer ≥ 2", int)
         number("mc_dropout_p", lambda v: 0 < v < 1, "in (0, 1)")
         number("ood_floor", lambda v: v > 0, "a positive number")
@@ -261,6 +266,7 @@ def select_samples(uncertainty: Sequence[float], cfg: UTSConfig, *,
     """
     u = [_nan_last_key(float(x)) for x in uncertainty]
     order = sorted(range(len(u)), key=lambda i: (-u[i], i))
+    order = order[int(round(cfg.skip_top * len(u))):]        # the band policy leaves the most uncertain out
     if cfg.selection == "threshold":
         picked = [i for i in order if u[i] > cfg.threshold]
     elif cfg.selection == "budget":

@@ -161,12 +161,14 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
 
 
 def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int, ...] = (128, 192, 320),
-                gates: tuple[float, ...] = (0.0, 0.6, 0.8, 0.9), weights: str | None = None) -> list[dict]:
+                gates: tuple[float, ...] = (0.0, 0.6, 0.8, 0.9), weights: str | None = None,
+                bands: tuple[float, ...] = (0.0, 0.2)) -> list[dict]:
     """How good the teacher's labels are on what AKD would train on: per domain, upload budget and
     teacher-confidence gate, the kept count and teacher vs device MC accuracy (no training).
 
     The uploads of a budget are the ``budget`` most uncertain requests (UTS default scorer, half the
-    tokens); a gate keeps the uploads whose teacher confidence reaches it.
+    tokens); a gate keeps the uploads whose teacher confidence reaches it; a band > 0 first leaves
+    that share of the most uncertain requests on the device (UTS ``skip_top``, CEMA's policy).
     """
     from pathlib import Path
 
@@ -194,19 +196,23 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
         for s in range(0, len(qids), 64):
             answers += answer_batch(device, prompter, tokens[s:s + 64], questions[s:s + 64])
         ids = [str(i) for i in range(len(qids))]
-        for budget in budgets:
-            uts = replace(UTS_DEFAULT, budget=min(budget, len(qids)))
+        for skip, budget in [(k, b) for k in bands for b in budgets if k == 0 or b < len(qids)]:
+            uts = replace(UTS_DEFAULT, budget=min(budget, len(qids)), skip_top=skip)
             batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
                                                device_id="study", adapter_version="0"))
             probs = torch.cat([mc_predict(cloud, prompter, batch.tokens[s:s + 64], batch.questions[s:s + 64],
                                           batch.keep[s:s + 64]) for s in range(0, len(batch), 64)])
-            conf, pick = probs.max(-1)
             idx = [int(i) for i in batch.sample_ids]
-            for gate in gates:
-                kept = [j for j in range(len(idx)) if float(conf[j]) >= gate]
-                rows.append({"domain": str(chunk.domain), "budget": budget, "gate": gate, "uploads": len(idx),
-                             "kept": len(kept),
-                             "teacher_mc": float(np.mean([prompter.candidates[int(pick[j])] == gold[idx[j]] for j in kept]))
-                             if kept else None,
-                             "device_mc": float(np.mean([answers[idx[j]].mc == gold[idx[j]] for j in kept])) if kept else None})
+            device_probs = torch.tensor([answers[i].mc_probs for i in idx])
+            fused = probs * device_probs
+            fused = fused / fused.sum(-1, keepdim=True)
+            for label, p in (("teacher", probs), ("teacher×device", fused)):
+                conf, pick = p.max(-1)
+                for gate in gates:
+                    kept = [j for j in range(len(idx)) if float(conf[j]) >= gate]
+                    rows.append({"domain": str(chunk.domain), "budget": budget, "skip_top": skip, "labels": label,
+                                 "gate": gate, "uploads": len(idx), "kept": len(kept),
+                                 "teacher_mc": float(np.mean([prompter.candidates[int(pick[j])] == gold[idx[j]] for j in kept]))
+                                 if kept else None,
+                                 "device_mc": float(np.mean([answers[idx[j]].mc == gold[idx[j]] for j in kept])) if kept else None})
     return rows
