@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from cdcca.adapter_state import state_hash
-from cdcca.distill import AKD, AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
+from cdcca.distill import AKD as _AKD
+from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, random_source_set, wavelet_highband_l1
 from cdcca.model.mllm import adapter_state, is_adapter_key
 
 QUESTIONS = ["what color is the shape?", "is there a circle in the image?", "what shape is present?",
              "is the shape red?", "what is the blue shape?"]
+
+
+def AKD(teacher, student, prompter, cfg=None, source=None):
+    """The distiller with a tiny random source set for rehearsal (the shipped default rehearses)."""
+    cfg = cfg or AKDConfig()
+    return _AKD(teacher, student, prompter, cfg, source=source or random_source_set(32, prompter.candidates))
 
 
 def uplink(n=5):
@@ -19,7 +26,7 @@ def uplink(n=5):
 
 
 def test_teacher_runs_once_per_sample_however_many_epochs(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=3, batch_size=2))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=3, batch_size=2, min_teacher_confidence=0.0))
     records = akd.teacher_pass(*uplink(5), batch_size=2)
     assert akd.teacher_forward_calls == 3 and akd.teacher_samples == 5
     akd.distill("d0", adapter_state(tiny_device), records)
@@ -42,7 +49,7 @@ def test_gradients_reach_student_adapters_only(tiny_device, tiny_cloud, prompter
 
 
 def test_distill_starts_from_the_given_adapters_and_changes_them(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=4))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=4, min_teacher_confidence=0.0))
     base = {k: v + 0.01 for k, v in adapter_state(tiny_device).items()}
     new, stats = akd.distill("d0", base, akd.teacher_pass(*uplink(4)))
     assert stats.steps == 1 and stats.samples == 4
@@ -143,8 +150,8 @@ def tiny_source(n_images=6):
 
 def test_source_rehearsal_adds_a_true_label_term_and_needs_the_source_set(tiny_device, tiny_cloud, prompter):
     with pytest.raises(ValueError, match="source set"):
-        AKD(tiny_cloud, tiny_device, prompter, AKDConfig(source_replay=1.0))
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=2, source_replay=1.0), source=tiny_source())
+        _AKD(tiny_cloud, tiny_device, prompter, AKDConfig(source_replay=1.0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=2, source_replay=1.0, min_teacher_confidence=0.0), source=tiny_source())
     new, stats = akd.distill("d0", adapter_state(tiny_device), akd.teacher_pass(*uplink(4)))
     assert "source" in stats.losses and stats.losses["source"] > 0
 

@@ -342,10 +342,11 @@ def bench_akd(
         except ValueError as exc:
             fail(str(exc))
         if not as_json:
-            table = Table(title="Teacher vs device on the uploads (MC)")
+            table = Table(title="Teacher vs device on the uploads (MC), pooled over the stream's domains")
             for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
                 table.add_column(col)
-            for r in rows:
+            for r in akd.pool_label_study(rows):
+                r["domain"] = "all"
                 lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
                 table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
                               "-" if r["teacher_mc"] is None else f"{r['teacher_mc']:.3f}",

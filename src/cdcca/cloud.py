@@ -19,6 +19,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,6 +73,8 @@ class CloudRuntime:
         student = build_role_model("device", tiny)
         prompter = Prompter(load_tokenizer(), candidate_answers())
         akd = akd or AKDConfig()
+        if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
+            akd = replace(akd, min_teacher_confidence=0.0)
         source = None
         if akd.source_replay > 0:
             source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
@@ -210,7 +213,5 @@ class CloudRuntime:
 
 
 def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:
-    from dataclasses import replace
-
     return replace(cfg, budget_bytes=budget)
 

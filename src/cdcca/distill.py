@@ -66,10 +66,11 @@ class AKDConfig:
     temperature: float = 2.0
     wavelet: str = "db6"
     wave_levels: int = 3
-    min_teacher_confidence: float = 0.0   # drop pseudo-labels the teacher itself doubts
+    min_teacher_confidence: float = 0.8   # train only on pseudo-labels the teacher is this sure of (label study: +18
+                                          # points over the device on the kept uploads, against +9 ungated)
     weighting: str = "none"               # "none" | "entropy": per-sample 1/exp(H_teacher − E0) on CE and KL (CEMA)
     targets: str = "hard"                 # "hard": CE on the teacher's argmax | "soft": CE on its candidate distribution
-    source_replay: float = 0.0            # labelled clean source samples rehearsed per trained upload
+    source_replay: float = 1.0            # labelled clean source samples rehearsed per trained record (against forgetting)
     w_source: float = 1.0                 # weight of the source-rehearsal CE
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.assets import load_tokenizer, write_json
+from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
@@ -91,37 +92,6 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
     return ranks < k[:, None]
 
 
-def _save_checkpoint(path: Path, model: MLLM, opt: torch.optim.Optimizer, step: int, digest: str) -> None:
-    tensors = {f"adapter/{k}": v for k, v in adapter_state(model).items()}
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for name, p in zip(names, trainable_parameters(model)):
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in st:
-                tensors[f"opt/{key}/{name}"] = st[key].detach().cpu()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
-    tmp.replace(path)
-
-
-def _load_checkpoint(path: Path, model: MLLM, opt: torch.optim.Optimizer, digest: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("digest") != digest:
-        return 0
-    tensors = load_file(str(path))
-    load_adapter_state(model, {k[8:]: v for k, v in tensors.items() if k.startswith("adapter/")})
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    step = int(meta["step"])
-    for name, p in zip(names, trainable_parameters(model)):
-        avg, sq = tensors.get(f"opt/exp_avg/{name}"), tensors.get(f"opt/exp_avg_sq/{name}")
-        if avg is not None and sq is not None:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg.to(p.device), "exp_avg_sq": sq.to(p.device)}
-    return step
-
-
 def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
     """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
     from cdcca.data.easyvqa import load_split
@@ -143,7 +113,10 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = out_dir / f"{cfg.role}.ckpt.safetensors"
-    start = _load_checkpoint(ckpt, model, opt, cfg.digest()) if ckpt.is_file() else 0
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    start, saved = load_checkpoint(ckpt, named, opt, cfg.digest())
+    if saved:
+        load_adapter_state(model, saved)
     if start:
         log(f"resuming {cfg.role} pretraining at step {start}")
     warm = max(1, int(0.1 * cfg.steps))
@@ -178,15 +151,11 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
             fwd = model(toks.to(device), None if keep is None else keep.to(device),
                         text.input_ids.to(device), text.attention_mask.to(device))
             loss = answer_loss(model, fwd, text.labels.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, params, cfg.grad_clip))
         if progress is not None:
-            progress(step + 1, loss.item())
+            progress(step + 1, losses[-1])
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(ckpt, model, opt, step + 1, cfg.digest())
+            save_checkpoint(ckpt, adapter_state(model), named, opt, step + 1, cfg.digest())
     train_s = time.perf_counter() - t1
     model.to("cpu").eval()
     state = {k: v.half() for k, v in adapter_state(model).items()}

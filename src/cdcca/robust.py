@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
+from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.bridge import Bridge, BridgeConfig
 
@@ -99,7 +99,10 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     frozen = copy.deepcopy(bridge).eval().requires_grad_(False)
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     ckpt = out_dir / "cloud.consistency.ckpt.safetensors"
-    start = _resume(ckpt, bridge, opt, cfg.digest())
+    named = list(bridge.named_parameters())
+    start, saved = load_checkpoint(ckpt, named, opt, cfg.digest())
+    if saved:
+        bridge.load_state_dict(saved)
     if start:
         log(f"resuming consistency training at step {start}")
     bridge.train()
@@ -122,16 +125,11 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         terms = consistency_loss(bridge, target, corrupted, keep, clean_b, cfg.w_clean)
-        loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(bridge.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(sum(terms.values()), opt, bridge.parameters(), cfg.grad_clip))
         if progress is not None:
-            progress(step + 1, loss.item())
+            progress(step + 1, losses[-1])
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _checkpoint(ckpt, bridge, opt, step + 1, cfg.digest())
+            save_checkpoint(ckpt, bridge.state_dict(), named, opt, step + 1, cfg.digest())
     train_s = time.perf_counter() - t0
     bridge.to("cpu").eval()
     state = {k: v.half() for k, v in weights.items()}
@@ -148,36 +146,6 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         "train_s": round(train_s, 1), "s_per_step": round(train_s / max(1, cfg.steps - start), 3),
         "torch": torch.__version__,
     }
-
-
-def _checkpoint(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, step: int, digest: str) -> None:
-    tensors = {f"bridge/{k}": v.detach().cpu().clone() for k, v in bridge.state_dict().items()}
-    for name, p in bridge.named_parameters():
-        st = opt.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in st:
-                tensors[f"opt/{key}/{name}"] = st[key].detach().cpu().clone()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
-    tmp.replace(path)
-
-
-def _resume(path: Path, bridge: Bridge, opt: torch.optim.Optimizer, digest: str) -> int:
-    """Load a checkpoint written with the same config; 0 when there is none (or it is for another config)."""
-    if not path.is_file():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("digest") != digest:
-        return 0
-    tensors = load_file(str(path))
-    bridge.load_state_dict({k[len("bridge/"):]: v for k, v in tensors.items() if k.startswith("bridge/")})
-    step = int(meta["step"])
-    for name, p in bridge.named_parameters():
-        avg, sq = tensors.get(f"opt/exp_avg/{name}"), tensors.get(f"opt/exp_avg_sq/{name}")
-        if avg is not None and sq is not None:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": avg.to(p.device), "exp_avg_sq": sq.to(p.device)}
-    return step
 
 
 def training_views(cfg: ConsistencyConfig, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -216,3 +216,23 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
                                  if kept else None,
                                  "device_mc": float(np.mean([answers[idx[j]].mc == gold[idx[j]] for j in kept])) if kept else None})
     return rows
+
+
+def pool_label_study(rows: list[dict]) -> list[dict]:
+    """The label study pooled over domains: per (budget, band, labels, gate), kept-weighted accuracies."""
+    pooled: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["budget"], r["skip_top"], r["labels"], r["gate"])
+        p = pooled.setdefault(key, {"budget": key[0], "skip_top": key[1], "labels": key[2], "gate": key[3],
+                                    "uploads": 0, "kept": 0, "teacher_right": 0.0, "device_right": 0.0})
+        p["uploads"] += r["uploads"]
+        p["kept"] += r["kept"]
+        if r["kept"]:
+            p["teacher_right"] += r["teacher_mc"] * r["kept"]
+            p["device_right"] += r["device_mc"] * r["kept"]
+    out = []
+    for p in pooled.values():
+        n = p.pop("kept")
+        t, d = p.pop("teacher_right"), p.pop("device_right")
+        out.append({**p, "kept": n, "teacher_mc": t / n if n else None, "device_mc": d / n if n else None})
+    return out

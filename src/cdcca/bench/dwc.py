@@ -23,12 +23,12 @@ from safetensors.torch import load_file
 from cdcca.downlink import DWCConfig, apply_delta, build_update, decode_update
 from cdcca.wire import decode
 
-DEFAULT = DWCConfig(budget_bytes=128 * 1024)
+DEFAULT = DWCConfig()
 
 
 def settings() -> dict[str, DWCConfig]:
     out = {}
-    for budget in (32, 128, 512):
+    for budget in (32, 128, 256, 512):
         for q in ("int8", "int4", "nf4"):
             out[f"{q}:{budget}K"] = replace(DEFAULT, budget_bytes=budget * 1024, quantizer=q)
         out[f"int8:{budget}K:no-ef"] = replace(DEFAULT, budget_bytes=budget * 1024, error_feedback=False)
@@ -116,4 +116,4 @@ def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, 
         if on_result:
             on_result(rows[-1])
     return {"rounds": len(targets), "dense_fp16_bytes": dense_fp16, "device_model_fp16_bytes": model_bytes,
-            "default": "int8:128K", "results": rows, "throughput": throughput(base, targets[0], DEFAULT)}
+            "default": f"{DEFAULT.quantizer}:{DEFAULT.budget_bytes // 1024}K", "results": rows, "throughput": throughput(base, targets[0], DEFAULT)}

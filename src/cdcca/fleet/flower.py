@@ -55,7 +55,7 @@ class FleetRunConfig:
     max_samples: int = 256          # uplink samples per packet
     akd_epochs: int = 3
     akd_batch_size: int = 16
-    dwc_budget_kb: int = 128        # update packet budget, as in the embedded fleet
+    dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> "FleetRunConfig":

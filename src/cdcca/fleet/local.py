@@ -28,7 +28,7 @@ class FleetConfig:
     heldout_n: int = 200           # held-out questions per domain for the per-round accuracy
     uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=64))
     akd: AKDConfig = field(default_factory=AKDConfig)
-    dwc: DWCConfig = field(default_factory=lambda: DWCConfig(budget_bytes=128 * 1024))
+    dwc: DWCConfig = field(default_factory=DWCConfig)
     tiny: bool = False
     seed: int = 0
 
@@ -38,7 +38,9 @@ class FleetConfig:
 
 
 FLEET_PRESETS = {
-    "quick": dict(per_domain=160, heldout_n=200),
+    # one round per domain of the default stream, as in `cdcca bench akd`: 320 requests, the 128 most
+    # uncertain uploaded, of which AKD keeps those the teacher is sure of
+    "quick": dict(per_domain=320, heldout_n=200, uts=UTSConfig(selection="budget", budget=128)),
     "paper": dict(per_domain=640, rounds_per_domain=2, heldout_n=1000, uts=UTSConfig(selection="budget", budget=160)),
     "tiny": dict(per_domain=16, heldout_n=16, tiny=True, uts=UTSConfig(selection="budget", budget=4, token_scorer="energy")),
 }
