@@ -301,6 +301,8 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
+                                "report's side-by-side table; about as long again as the run, cached per settings."),
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report."""
     from cdcca.assets import AssetError
@@ -310,7 +312,7 @@ def demo(
     if devices < 1:
         fail(f"--devices must be ≥ 1, got {devices}")
     try:
-        metrics = run_demo(preset, out, devices=devices, console=console)
+        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle)
     except (AssetError, ValueError) as exc:
         fail(str(exc))
     s = metrics["summary"]

@@ -48,6 +48,37 @@ def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
     return acc
 
 
+def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
+    """Held-out MC after the same stream trained on the true labels of the same uploads (dense updates):
+    what any teacher could pass on with this data. Cached by the weights' hashes and the settings."""
+    import hashlib
+    import json
+
+    from cdcca.assets import cache_dir, load_tokenizer, write_json
+    from cdcca.data.easyvqa import load_split
+    from cdcca.distill import AKD, load_source_set
+    from cdcca.loop import LoopConfig, run_loop
+    from cdcca.model.pair import load_pretrained, pretrain_record
+    from cdcca.model.prompt import Prompter
+
+    loop = LoopConfig(stream=cfg.stream, per_domain=cfg.per_domain, rounds_per_domain=cfg.rounds_per_domain,
+                      heldout_n=cfg.heldout_n, downlink="dense", labels="oracle", uts=cfg.uts, akd=cfg.akd,
+                      eval_every_round=False, seed=cfg.seed)
+    key = json.dumps([pretrain_record("cloud").get("sha256"), pretrain_record("device").get("sha256"),
+                      repr(loop)], sort_keys=True)
+    path = cache_dir() / "reference" / f"oracle-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = load_split("test")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
+    source = load_source_set() if cfg.akd.source_replay > 0 else None
+    res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
+    acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"]}
+    write_json(path, acc)
+    return acc
+
+
 def _source_only_online(cfg: FleetConfig, device) -> dict[str, float]:
     """Online MC of the never-updated device on exactly the requests the first device serves."""
     from cdcca.device import RequestStream
@@ -95,7 +126,8 @@ def _table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None = None, **overrides) -> dict:
+def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None = None, oracle: bool = False,
+             **overrides) -> dict:
     console = console or Console()
     if preset not in FLEET_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(FLEET_PRESETS)}")
@@ -134,6 +166,10 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
             rows += fleet.run_round(rnd, evaluate)
             live.update(_table(rows, f"cdcca demo — round {rnd + 1}/{cfg.rounds}"))
     fleet.close()
+    oracle_acc = {}
+    if oracle and not cfg.tiny:
+        console.print("oracle: the same stream trained on the true labels of the same uploads (cached per settings) …")
+        oracle_acc = _oracle_reference(cfg)
     last = [r for r in rows if r["round"] == cfg.rounds - 1 and r.get("heldout_mc") is not None]
     summary = {
         "source_only_mc": source_only,
@@ -144,6 +180,8 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
         "adapted": {**last[0]["heldout"], "clean": last[0]["source_mc"]} if last else {},
         "teacher": {} if cfg.tiny else teacher,
         "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
+        "oracle": oracle_acc,
+        "oracle_mc": float(np.mean([oracle_acc[str(d)] for d in domains])) if oracle_acc else None,
         "source_only_online": {} if cfg.tiny else online_base,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,

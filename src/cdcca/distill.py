@@ -20,7 +20,7 @@ Three levers decide whether the teacher's knowledge arrives (measured in docs/RE
   teacher's entropy over the answer candidates and E0 = 0.4·ln(#candidates);
 - **soft targets** — ``targets="soft"`` trains on the teacher's candidate distribution instead of its argmax;
 - **source rehearsal** — the cloud owns the labelled source data the device was trained on; mixing
-  ``source_replay`` clean source samples per upload into each step keeps the device from forgetting.
+  ``source_replay`` clean source samples per trained record into each step limits forgetting.
 """
 
 from __future__ import annotations
