@@ -327,6 +327,7 @@ def demo(
 def bench_akd(
     variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
     save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
     label_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
@@ -371,7 +372,8 @@ def bench_akd(
     base = {"save_states": str(save_states)} if save_states else None
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list)
+        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,
+                       settings=set_ or [])
     except ValueError as exc:
         fail(str(exc))
     if not as_json:

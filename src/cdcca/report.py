@@ -37,9 +37,10 @@ def plot_domains(rounds: list[dict], summary: dict, path: Path) -> None:
     """Held-out MC per domain after every round (solid), source-only per domain (dashed), clean (black)."""
     plt = _pyplot()
     rs = [r for r in _first_device_rounds(rounds) if r.get("heldout")]
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     base = summary.get("source_only", {})
-    for i, dom in enumerate(rs[0]["heldout"] if rs else {}):
+    for i, dom in enumerate([d for d in summary.get("domains") or (rs[0]["heldout"] if rs else {})
+                             if rs and d in rs[0]["heldout"]]):     # stream order
         c = COLOURS[i % len(COLOURS)]
         xs = [-1] + [r["round"] for r in rs]
         ys = [base.get(dom)] + [r["heldout"][dom] for r in rs]
@@ -53,7 +54,7 @@ def plot_domains(rounds: list[dict], summary: dict, path: Path) -> None:
     ax.set_xticks([-1] + [r["round"] for r in rs], labels, fontsize=7)
     ax.set_ylabel("held-out MC accuracy")
     ax.set_title("Held-out accuracy per domain after each round (dashed: source-only)", fontsize=9)
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: never hides a curve
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -126,7 +127,7 @@ def _comparison_table(summary: dict) -> str:
     cols = [("source-only", summary.get("source_only", {})), ("adapted (cdcca)", summary.get("adapted", {})),
             ("cloud teacher", summary.get("teacher", {})), ("oracle (true labels)", summary.get("oracle", {}))]
     cols = [(name, vals) for name, vals in cols if vals]
-    domains = [d for d in summary.get("source_only", {}) if d != "clean"]
+    domains = summary.get("domains") or [d for d in summary.get("source_only", {}) if d != "clean"]
     head = "<tr><th>domain</th>" + "".join(f"<th>{html.escape(n)}</th>" for n, _ in cols) + "</tr>"
     body = ""
     for d in domains + ["mean of shifted"]:

@@ -46,7 +46,31 @@ def variants() -> dict[str, dict]:
     return out
 
 
-def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None) -> list[dict]:
+def apply_settings(cfg: LoopConfig, settings: list[str]) -> LoopConfig:
+    """``cfg`` with ``FIELD=VALUE`` overrides applied after the variant's own: ``per_domain=640``,
+    ``akd.source_replay=0.5``, ``uts.budget=320``, ``dwc.budget_bytes=524288`` (values parsed as JSON
+    where they parse, else taken as strings). Unknown fields raise with the field named."""
+    import json
+    from dataclasses import fields
+
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. akd.source_replay=0.5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        part, _, name = key.rpartition(".")
+        target = getattr(cfg, part) if part else cfg
+        if part not in ("", "akd", "uts", "dwc") or name not in {f.name for f in fields(target)}:
+            raise ValueError(f"--set {item!r}: unknown field {key!r}; use a LoopConfig field or akd.*, uts.*, dwc.*")
+        cfg = replace(cfg, **{part: replace(target, **{name: value})}) if part else replace(cfg, **{name: value})
+    return cfg
+
+
+def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None,
+        settings: list[str] | None = None) -> list[dict]:
     """One row per (variant, seed): held-out MC over the shifted domains and clean, what was trained on, time."""
     import torch
 
@@ -71,6 +95,7 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
         for name in names or list(table):
             load_adapter_state(device, pretrained)
             cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
+            cfg = apply_settings(cfg, settings or [])
             cfg = replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
             if cfg.akd.source_replay > 0 and source is None:
                 source = load_source_set()
