@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cdcca.assets import write_json
-from cdcca.model.answer import Answer, answer_batch
+from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.outbox import Outbox
 from cdcca.store import AdapterStore
@@ -125,10 +125,7 @@ class DeviceRuntime:
     # -- serving -----------------------------------------------------------------------------
     def answer(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64) -> list[Answer]:
         """Answer requests and queue the uncertain ones (UTS) in the outbox."""
-        answers: list[Answer] = []
-        for s in range(0, len(questions), batch_size):
-            answers += answer_batch(self.model, self._prompter(), tokens[s:s + batch_size], questions[s:s + batch_size],
-                                    temperature=self.uts.temperature)
+        answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, self.uts.temperature)
         samples = plan_uplink(tokens, questions, answers, sample_ids, self.uts, bridge=self.model.bridge)
         self.outbox.add_many(samples)
         return answers

@@ -21,7 +21,7 @@ from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_s
 from cdcca.distill import AKD, AKDConfig, with_true_labels
 from cdcca.downlink import DWCConfig, apply_delta, build_resync, build_update, decode_update
 from cdcca.evaluate import accuracy, test_tokens
-from cdcca.model.answer import answer_batch
+from cdcca.model.answer import answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.prompt import Prompter
 from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
@@ -88,10 +88,7 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
         qids = chunk.question_ids
         questions = [data.questions[i] for i in qids]
         tokens = toks_all[data.image_ids[qids]].float()
-        answers = []
-        for s in range(0, len(qids), cfg.answer_batch):
-            answers += answer_batch(device, prompter, tokens[s:s + cfg.answer_batch], questions[s:s + cfg.answer_batch],
-                                    temperature=cfg.uts.temperature)
+        answers = answer_all(device, prompter, tokens, questions, cfg.answer_batch, cfg.uts.temperature)
         online_mc = float(np.mean([a.mc == data.answers[i] for a, i in zip(answers, qids)]))
         ids = [f"r{chunk.round}-q{i}" for i in qids]
         row = {"round": chunk.round, "device": device_id, "domain": str(chunk.domain), "online_mc": online_mc,

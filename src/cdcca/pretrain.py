@@ -83,6 +83,15 @@ def augmented_features(cfg: PretrainConfig, variant: int, device: str) -> torch.
     return tokens
 
 
+def one_cycle_lr(peak: float, step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` share of ``steps``, then cosine decay to 1 % of ``peak``."""
+    warm = max(1, int(warmup * steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    frac = (step - warm) / max(1, steps - warm)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
     """(B, P) bool masks keeping a random share in ``keep_range`` of the tokens (at least one)."""
     ratio = torch.empty(batch).uniform_(*keep_range, generator=gen)
@@ -119,14 +128,6 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
         load_adapter_state(model, saved)
     if start:
         log(f"resuming {cfg.role} pretraining at step {start}")
-    warm = max(1, int(0.1 * cfg.steps))
-
-    def lr_at(step: int) -> float:   # one-cycle: linear warm-up, cosine decay to 1 % of peak
-        if step < warm:
-            return cfg.lr * (step + 1) / warm
-        frac = (step - warm) / max(1, cfg.steps - warm)
-        return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     rng = np.random.default_rng(cfg.seed + start)
     t1 = time.perf_counter()
     losses = []
@@ -146,7 +147,7 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
             keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
         text = prompter.batch([data.questions[i] for i in q], [data.answers[i] for i in q])
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = one_cycle_lr(cfg.lr, step, cfg.steps, warmup=0.1)
         with autocast:
             fwd = model(toks.to(device), None if keep is None else keep.to(device),
                         text.input_ids.to(device), text.attention_mask.to(device))

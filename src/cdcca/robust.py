@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,14 +71,6 @@ def consistency_loss(bridge: Bridge, target: torch.Tensor, corrupted: torch.Tens
     return terms
 
 
-def _lr_at(cfg: ConsistencyConfig, step: int) -> float:
-    warm = max(1, cfg.steps // 20)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
                       variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu") -> dict:
     """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
@@ -87,7 +78,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
     Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
     """
-    from cdcca.pretrain import random_keep
+    from cdcca.pretrain import one_cycle_lr, random_keep
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(init))
@@ -123,7 +114,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         with torch.no_grad():
             target = frozen(clean_b)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
+            g["lr"] = one_cycle_lr(cfg.lr, step, cfg.steps, warmup=0.05)
         terms = consistency_loss(bridge, target, corrupted, keep, clean_b, cfg.w_clean)
         losses.append(optimizer_step(sum(terms.values()), opt, bridge.parameters(), cfg.grad_clip))
         if progress is not None:

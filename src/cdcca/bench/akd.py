@@ -149,7 +149,7 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import Domain, build_stream
     from cdcca.evaluate import test_tokens
-    from cdcca.model.answer import answer_batch, mc_predict
+    from cdcca.model.answer import answer_all, mc_predict
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
     from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
@@ -161,9 +161,7 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     qids = build_stream(data, [dom], requests, 1, 0)[0].question_ids
     questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
     tokens = test_tokens(dom)[data.image_ids[qids]].float()
-    answers = []
-    for s in range(0, len(qids), 64):
-        answers += answer_batch(device, prompter, tokens[s:s + 64], questions[s:s + 64])
+    answers = answer_all(device, prompter, tokens, questions)
 
     def teacher_acc(batch) -> float:
         picks = mc_predict(cloud, prompter, batch.tokens, batch.questions, batch.keep).argmax(-1)
@@ -203,7 +201,7 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import build_stream, resolve_sequence
     from cdcca.evaluate import test_tokens
-    from cdcca.model.answer import answer_batch, mc_predict
+    from cdcca.model.answer import answer_all, mc_predict
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
     from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
@@ -217,9 +215,7 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
         qids = chunk.question_ids
         questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
         tokens = test_tokens(chunk.domain)[data.image_ids[qids]].float()
-        answers = []
-        for s in range(0, len(qids), 64):
-            answers += answer_batch(device, prompter, tokens[s:s + 64], questions[s:s + 64])
+        answers = answer_all(device, prompter, tokens, questions)
         ids = [str(i) for i in range(len(qids))]
         for skip, budget in [(k, b) for k in bands for b in budgets if k == 0 or b < len(qids)]:
             uts = replace(UTS_DEFAULT, budget=min(budget, len(qids)), skip_top=skip)

@@ -78,6 +78,16 @@ def answer_batch(model: MLLM, prompter: Prompter, tokens: torch.Tensor, question
     return answers
 
 
+def answer_all(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
+               batch_size: int = 64, temperature: float = 1.0) -> list[Answer]:
+    """:func:`answer_batch` over any number of requests, ``batch_size`` at a time."""
+    answers: list[Answer] = []
+    for s in range(0, len(questions), batch_size):
+        answers += answer_batch(model, prompter, tokens[s:s + batch_size], questions[s:s + batch_size],
+                                temperature=temperature)
+    return answers
+
+
 @torch.no_grad()
 def mc_predict(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
                keep: torch.Tensor | None = None) -> torch.Tensor:
