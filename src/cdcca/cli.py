@@ -1,4 +1,4 @@
-"""The ``cdcca`` command line: assets, pretrain, eval, packet tools, benchmarks and the demo."""
+"""The ``cdcca`` command line: assets, pretrain, eval, packet tools, the demo, runtimes and the fleet (benchmarks: cli_bench)."""
 
 from __future__ import annotations
 
@@ -20,27 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cdcca.cli_bench import bench_app
+from cdcca.cli_common import use_threads, console, fail
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
 packet_app = typer.Typer(no_args_is_help=True, help="Inspect uplink/update packets.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    torch.set_num_threads(n or max(1, os.cpu_count() or 1))
-
-
-def fail(message: str) -> None:
-    """One-line error and exit 2: the message names the problem and the fix."""
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
-
-
 @app.command()
 def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cache of the LLM from the GGUF file.")):
     """Find the packaged weights and data, build the LLM cache once, and print sizes and load times."""
@@ -87,7 +74,7 @@ def pretrain(
         fail(f"--role must be 'device' or 'cloud', got {role!r}")
     if recipe not in ("end-to-end", "consistency"):
         fail(f"--recipe must be 'end-to-end' or 'consistency', got {recipe!r}")
-    _threads(threads)
+    use_threads(threads)
     if recipe == "consistency":
         if role != "cloud":
             fail("--recipe consistency trains the cloud teacher's bridge; use it with --role cloud")
@@ -187,7 +174,7 @@ def eval_cmd(
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
 
-    _threads(threads)
+    use_threads(threads)
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
         net = load_pretrained(model, weights)
@@ -252,49 +239,6 @@ def packet_inspect(
     out.print(tensors)
 
 
-@bench_app.command("uts")
-def bench_uts(
-    n: int = typer.Option(400, help="Stream requests over the default shift sequence."),
-    repeats: int = typer.Option(5, help="Timing repeats (medians are reported)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
-):
-    """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
-    from cdcca.assets import AssetError
-    from cdcca.bench.uts import run_bench
-
-    if n < 4:
-        fail(f"--n must be at least 4 (one request per domain), got {n}")
-    _threads(threads)
-    try:
-        res = run_bench(n, repeats=repeats, log=None if as_json else console.print)
-    except AssetError as exc:
-        fail(str(exc))
-    if not as_json:
-        table = Table(title=f"UTS on {', '.join(res['domains'])} ({res['n']} requests, {res['model']})")
-        table.add_column("measure")
-        table.add_column("value")
-        for name, value in res["auroc"].items():
-            table.add_row(f"AUROC {name}" + (" (best)" if name == res["best_sample_scorer"] else ""), f"{value:.3f}")
-        d = res["default"]
-        table.add_row("upload rate (default)", f"{d['upload_rate']:.3f} ({d['uploaded']} samples)")
-        table.add_row("bytes / uploaded sample", f"{d['bytes_per_uploaded_sample']:.0f}")
-        for key in ("ratio_full_tokens", "ratio_png", "ratio_png_source_file", "ratio_jpeg224"):
-            table.add_row(key, f"{res[key]:.4f}")
-        t = res["timing"]
-        table.add_row("answer ms / request", f"{t['answer_ms_per_request']:.2f}")
-        for name, ms in t["uts_ms_per_request_all_uploaded"].items():
-            table.add_row(f"UTS ms / request, all uploaded ({name})", f"{ms:.3f} ({t['overhead_by_token_scorer'][name]:.1%})")
-        table.add_row("overhead (default, all uploaded)", f"{t['overhead']:.1%}")
-        table.add_row("overhead (at upload rate)", f"{t['overhead_at_upload_rate']:.1%}")
-        table.add_row("view_consistency scorer overhead", f"{t['view_consistency_overhead']:.1%}")
-        console.print(table)
-        for note in res["notes"]:
-            console.print(f"note: {note}")
-    print(json.dumps(res))
-
-
-
 @app.command()
 def demo(
     preset: str = typer.Option("quick", help="Run size: quick (minutes on 2 cores), paper (longer), tiny (random models, seconds)."),
@@ -308,7 +252,7 @@ def demo(
     from cdcca.assets import AssetError
     from cdcca.demo import run_demo
 
-    _threads(threads)
+    use_threads(threads)
     if devices < 1:
         fail(f"--devices must be ≥ 1, got {devices}")
     try:
@@ -323,105 +267,6 @@ def demo(
 
 
 
-@bench_app.command("akd")
-def bench_akd(
-    variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
-    save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
-    teacher_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
-    label_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
-    weights: Optional[Path] = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-):
-    """AKD ablations on the default continual stream: final held-out MC over shifted domains, source MC, cloud time."""
-    from cdcca.bench import akd
-
-    _threads(threads)
-    if label_study:
-        try:
-            rows = akd.label_study(label_study, weights=str(weights) if weights else None)
-        except ValueError as exc:
-            fail(str(exc))
-        if not as_json:
-            table = Table(title="Teacher vs device on the uploads (MC), pooled over the stream's domains")
-            for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
-                table.add_column(col)
-            for r in akd.pool_label_study(rows):
-                r["domain"] = "all"
-                lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
-                table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
-                              "-" if r["teacher_mc"] is None else f"{r['teacher_mc']:.3f}",
-                              "-" if r["device_mc"] is None else f"{r['device_mc']:.3f}",
-                              "-" if lead is None else f"{100 * lead:+.1f}")
-            console.print(table)
-        print(json.dumps(rows))
-        return
-    if teacher_study:
-        try:
-            rows = akd.teacher_study(teacher_study)
-        except ValueError as exc:
-            fail(str(exc))
-        if not as_json:
-            for r in rows:
-                console.print(r)
-        print(json.dumps(rows))
-        return
-    names = [v.strip() for v in variants.split(",")] if variants else None
-    base = {"save_states": str(save_states)} if save_states else None
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,
-                       settings=set_ or [])
-    except ValueError as exc:
-        fail(str(exc))
-    if not as_json:
-        def fmt(v):
-            return "-" if v is None else f"{v:.3f}"
-
-        table = Table(title="AKD on the default stream (held-out MC)")
-        for col in ("variant", "seed", "adapted MC", "source MC", "trained/uploads", "teacher on trained",
-                    "device on trained", "down KiB/round", "teacher s", "student s"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["variant"], str(r["seed"]), fmt(r["adapted_mc"]), fmt(r["source_mc"]),
-                          f"{r['trained']}/{r['uploads']}", fmt(r["upload_teacher_mc"]), fmt(r["upload_device_mc"]),
-                          f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
-        console.print(table)
-    print(json.dumps(rows))
-
-
-@bench_app.command("dwc")
-def bench_dwc(
-    states: Path = typer.Option(..., help="Folder of per-round AKD adapter states (from `cdcca bench akd --variants loss:full --save-states DIR`)."),
-    settings: Optional[str] = typer.Option(None, help="Comma-separated settings (default: all), e.g. int8:128K,nf4:32K,int8:128K:no-ef."),
-    n: int = typer.Option(200, help="Held-out questions per domain."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
-):
-    """Downlink bytes vs accuracy on real AKD deltas, for several budgets and bit widths, with and without error feedback."""
-    from cdcca.bench import dwc
-
-    _threads(threads)
-    names = [v.strip() for v in settings.split(",")] if settings else None
-    try:
-        result = dwc.run(states, heldout_n=n, names=names, on_result=None if as_json else lambda r: console.print(r))
-    except (FileNotFoundError, KeyError) as exc:
-        fail(str(exc))
-    if not as_json:
-        table = Table(title=f"DWC on {result['rounds']} rounds of AKD deltas (dense fp16 delta {result['dense_fp16_bytes'] / 1e6:.2f} MB)")
-        for col in ("setting", "bytes/round", "× dense fp16", "× device model", "held-out MC", "Δ vs dense"):
-            table.add_column(col)
-        for r in result["results"]:
-            table.add_row(r["setting"], str(r["bytes_per_round"]), f"{r['ratio_dense_fp16']:.4f}",
-                          f"{r.get('ratio_device_model', float('nan')):.2e}", f"{r['heldout_mc']:.3f}", f"{r['delta_vs_dense']:+.3f}")
-        console.print(table)
-        console.print(f"throughput: {result['throughput']}")
-    print(json.dumps(result))
-
-
-# -- fleet: the protocol over Flower, a SuperLink and N SuperNodes on this machine (logic in cdcca.fleet.deploy) --
 fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud) and SuperNodes (devices).")
 app.add_typer(fleet_app, name="fleet")
 
