@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from cdcca.adapter_state import AdapterState
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
+from cdcca.prefix import PrefixTeacher, bridge_prefix, train_prefix
 
 
 TRAIN_GROUPS = {
@@ -75,6 +76,10 @@ class AKDConfig:
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
     train: str = "all"                    # which adapters the student updates: all | bridge | lora
+    prefix_epochs: int = 0                # prefix distillation (cdcca.prefix) before the label phase; 0 = off
+    prefix_lr: float = 3e-4
+    prefix_batch: int = 32
+    prefix_ridge: float = 100.0           # ridge of the teacher → device prefix map fitted on clean source images
     seed: int = 0
 
     def __post_init__(self):
@@ -89,8 +94,10 @@ class AKDConfig:
             raise ValueError(f"AKDConfig.targets must be 'hard' or 'soft'; got {self.targets!r}")
         if self.source_replay < 0 or self.w_source < 0:
             raise ValueError("AKDConfig.source_replay and w_source must be ≥ 0")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("AKDConfig.epochs and batch_size must be ≥ 1")
+        if self.epochs < 0 or self.prefix_epochs < 0 or self.batch_size < 1 or self.prefix_batch < 1:
+            raise ValueError("AKDConfig.epochs and prefix_epochs must be ≥ 0, batch sizes ≥ 1")
+        if self.epochs == 0 and self.prefix_epochs == 0:
+            raise ValueError("AKDConfig: epochs and prefix_epochs are both 0, so nothing would be trained")
         self.betas = tuple(self.betas)
 
     @classmethod
@@ -116,6 +123,7 @@ class TeacherRecord:
     hidden: torch.Tensor        # (Q + T_prompt, d_t) fp16, pre-norm last layer, visual + prompt positions
     logits: torch.Tensor        # (V,) fp16 at the answer position
     probs: torch.Tensor | None = None   # (n_candidates,) teacher's distribution over the answer candidates
+    prefix: torch.Tensor | None = None  # (Q, d_t) fp16 teacher bridge output on the uploaded tokens
 
     @property
     def entropy(self) -> float:
@@ -137,7 +145,7 @@ def with_true_labels(records: list[TeacherRecord], truth: Sequence[str], candida
         onehot = torch.zeros(len(candidates))
         if answer in candidates:
             onehot[candidates.index(answer)] = 1.0
-        out.append(TeacherRecord(r.sample_id, r.tokens, r.keep, r.question, answer, 1.0, r.hidden, r.logits, onehot))
+        out.append(replace(r, pseudo_label=answer, confidence=1.0, probs=onehot))
     return out
 
 
@@ -265,6 +273,13 @@ class AKD:
         if self.cfg.source_replay > 0 and source is None:
             raise ValueError("AKDConfig.source_replay > 0 needs the labelled source set (AKD(..., source=load_source_set()))")
         self.source = source
+        self.prefix_teacher: PrefixTeacher | None = None
+        if self.cfg.prefix_epochs > 0:
+            if source is None:
+                raise ValueError("AKDConfig.prefix_epochs > 0 needs the clean source set (AKD(..., source=load_source_set()))")
+            # the student holds the source device's adapters now: the map and the anchors are the source model's
+            self.prefix_teacher = PrefixTeacher.fit(self.teacher.bridge, student.bridge, source.tokens, self.cfg.prefix_ridge)
+        self._prefix_replay: dict[str, ReplayBuffer] = {}
         self.teacher_forward_calls = 0
         self.teacher_samples = 0
         self._aligners: dict[str, Aligner] = {}
@@ -280,6 +295,7 @@ class AKD:
             qs = questions[s:s + batch_size]
             text = self.prompter.batch(qs)
             fwd = self.teacher(tokens[s:s + batch_size], keep[s:s + batch_size], text.input_ids, text.attention_mask)
+            vis = bridge_prefix(self.teacher.bridge, tokens[s:s + batch_size], keep[s:s + batch_size])
             self.teacher_forward_calls += 1
             self.teacher_samples += len(qs)
             logits = self.teacher.logits(fwd.normed[:, -1]).float()            # (b, V)
@@ -291,7 +307,8 @@ class AKD:
                 h = torch.cat([fwd.hidden[i, :Q], fwd.hidden[i, Q + T - n_text:]])   # drop padding
                 records.append(TeacherRecord(
                     sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
-                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone()))
+                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone(),
+                    vis[i].half()))
         return records
 
     # -- step 2: distil into the device's adapters --------------------------------------------
@@ -303,10 +320,13 @@ class AKD:
         new = [r for r in records if r.confidence >= cfg.min_teacher_confidence]
         replay = self._replay.setdefault(device_id, ReplayBuffer(cfg.replay_capacity, cfg.seed))
         old = replay.sample(int(len(new) * cfg.replay_per_round))
-        data = new + old
+        data = new + old if cfg.epochs > 0 else []
         load_adapter_state(self.student, base)
+        rng = random.Random(cfg.seed + replay.seen)
+        prefix_stats = self.distill_prefix(device_id, records, rng) if self.prefix_teacher and records else {}
         if not data:
-            return adapter_state(self.student), DistillStats(0, 0, 0, 0.0, 0.0)
+            replay.add(new)
+            return adapter_state(self.student), DistillStats(0, 0, 0, 0.0, time.perf_counter() - t0, prefix_stats)
         d_s = self.student.cfg.bridge.d_lm
         d_t = records[0].hidden.shape[-1]
         aligner = self._aligners.setdefault(device_id, Aligner(d_s, d_t))
@@ -316,7 +336,6 @@ class AKD:
         params = [p for p in self.student.parameters() if p.requires_grad] + list(aligner.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
-        rng = random.Random(cfg.seed + replay.seen)
         totals: dict[str, float] = {}
         step = 0
         self.student.train()
@@ -347,8 +366,22 @@ class AKD:
         if device_answers is not None and records:
             agree = sum(a == r.pseudo_label for a, r in zip(device_answers, records)) / len(records)
         stats = DistillStats(len(new), len(old), step, 0.0, time.perf_counter() - t0,
-                             {k: v / step for k, v in totals.items()}, agree)
+                             {**{k: v / step for k, v in totals.items()}, **prefix_stats}, agree)
         return adapter_state(self.student), stats
+
+    def distill_prefix(self, device_id: str, records: list[TeacherRecord], rng: random.Random) -> dict[str, float]:
+        """Prefix distillation of the student's bridge on every record (no gate: the target is not a
+        label) plus a replay of earlier ones; see :mod:`cdcca.prefix`."""
+        cfg = self.cfg
+        replay = self._prefix_replay.setdefault(device_id, ReplayBuffer(cfg.replay_capacity, cfg.seed + 1))
+        data = records + replay.sample(int(len(records) * cfg.replay_per_round))
+        targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]))
+        stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]),
+                             torch.stack([r.keep for r in data]), targets, epochs=cfg.prefix_epochs,
+                             batch_size=cfg.prefix_batch, lr=cfg.prefix_lr, source_ratio=cfg.source_replay,
+                             grad_clip=cfg.grad_clip, rng=rng)
+        replay.add(records)
+        return stats
 
     def sample_weights(self, batch: list[TeacherRecord]) -> torch.Tensor:
         """Per-sample loss weights (B,): ones, or CEMA's 1/exp(H_teacher − E0) normalised to mean 1."""

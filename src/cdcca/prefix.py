@@ -1,0 +1,123 @@
+"""Prefix distillation: the device's bridge learns the cloud's robust visual prefix, translated.
+
+The cloud's bridge was trained to give corrupted tokens the prefix it gives clean ones
+(:mod:`cdcca.robust`); the device's bridge was not. Both bridges feed the same kind of LLM input (a
+``Q × d`` prefix), so a linear map fitted on *clean source images* — the cloud's prefix in, the
+device's own source prefix out — translates what the teacher sees into the device's language.
+Fed straight into the device, the translated prefix of a shifted upload answers about as well as
+the cloud itself (docs/RESULTS.md §0.5). Training the device's bridge to produce that prefix from the
+uploaded tokens passes the robustness on without any label, so every upload counts (no gate), and
+without an LLM pass, so it costs a few seconds per round on a CPU. The device's own clean prefix
+on source images is the anchor that keeps the source domain where it was.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cdcca.model.bridge import Bridge
+
+
+@dataclass
+class PrefixMap:
+    """``y = [x, 1] @ weight``: teacher prefix vectors (…, d_t) → device prefix vectors (…, d_s)."""
+
+    weight: torch.Tensor        # (d_t + 1, d_s) fp32
+
+    @classmethod
+    def fit(cls, teacher_prefix: torch.Tensor, device_prefix: torch.Tensor, ridge: float) -> "PrefixMap":
+        """Ridge regression over every (image, query) pair; one map shared by the query positions."""
+        x = teacher_prefix.reshape(-1, teacher_prefix.shape[-1]).double()
+        y = device_prefix.reshape(-1, device_prefix.shape[-1]).double()
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype)
+        return cls(torch.linalg.solve(gram, xa.T @ y).float())
+
+    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = prefix.float()
+        return torch.cat([x, torch.ones(*x.shape[:-1], 1)], -1) @ self.weight
+
+
+@torch.no_grad()
+def bridge_prefix(bridge: Bridge, tokens: torch.Tensor, keep: torch.Tensor | None = None,
+                  batch_size: int = 256) -> torch.Tensor:
+    """The bridge's output (N, Q, d) in eval mode, batched (its training mode is restored after)."""
+    was_training = bridge.training
+    bridge.eval()
+    try:
+        out = [bridge(tokens[s:s + batch_size].float(), None if keep is None else keep[s:s + batch_size])
+               for s in range(0, len(tokens), batch_size)]
+    finally:
+        bridge.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class PrefixTeacher:
+    """What the cloud fixes once per source model: the map and the device's clean source prefix."""
+
+    map: PrefixMap
+    source_tokens: torch.Tensor      # (N_images, P, C) fp16 clean source tokens
+    anchors: torch.Tensor            # (N_images, Q, d_s) fp16: the source device's bridge on them
+    scale: float                     # mean square of the anchors: losses are relative to it
+
+    @classmethod
+    def fit(cls, teacher_bridge: Bridge, device_bridge: Bridge, source_tokens: torch.Tensor,
+            ridge: float) -> "PrefixTeacher":
+        anchors = bridge_prefix(device_bridge, source_tokens)
+        pmap = PrefixMap.fit(bridge_prefix(teacher_bridge, source_tokens), anchors, ridge)
+        return cls(pmap, source_tokens, anchors.half(), float(anchors.pow(2).mean()))
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    return (pred - target.float()).pow(2).mean() / scale
+
+
+def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
+                 targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
+                 grad_clip: float, rng: random.Random) -> dict[str, float]:
+    """Fit ``bridge`` so that bridge(tokens, keep) ≈ targets, anchored on clean source images.
+
+    ``targets`` are translated teacher prefixes (N, Q, d_s). Each step also draws ``source_ratio``
+    clean source images per sample and pulls their prefix towards the source device's own. Only
+    the bridge's parameters move; returns the mean of each loss term and the number of steps."""
+    params = list(bridge.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = len(tokens)
+    steps = epochs * math.ceil(n / batch_size)
+    totals = {"prefix": 0.0, "prefix_source": 0.0}
+    bridge.train()
+    step = 0
+    try:
+        for _ in range(epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            for s in range(0, n, batch_size):
+                idx = order[s:s + batch_size]
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / max(1, steps)))
+                loss_up = relative_mse(bridge(tokens[idx].float(), keep[idx]), targets[idx], teacher.scale)
+                loss = loss_up
+                if source_ratio > 0:
+                    src = [rng.randrange(len(teacher.source_tokens)) for _ in range(max(1, round(len(idx) * source_ratio)))]
+                    loss_src = relative_mse(bridge(teacher.source_tokens[src].float()), teacher.anchors[src], teacher.scale)
+                    loss = loss + loss_src
+                    totals["prefix_source"] += loss_src.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                totals["prefix"] += loss_up.item()
+                step += 1
+    finally:
+        bridge.eval()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return {**{k: v / max(1, step) for k, v in totals.items()}, "prefix_steps": float(step)}
