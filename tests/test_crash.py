@@ -63,8 +63,8 @@ def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp
     """, marker)
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
     assert cloud.pending_samples("dev-0") == len(acked)           # nothing acknowledged was lost
-    assert cloud.mirror(cloud_id := "dev-0")[0] == 0               # the half-done round left no trace
-    update = cloud.run_round(cloud_id)
+    assert cloud.mirror("dev-0")[0] == 0                            # the half-done round left no trace
+    update = cloud.run_round("dev-0")
     device.apply(update)
     assert device.status()["hash"] == cloud.mirror_hash("dev-0")
     assert device.apply(update)["status"] == "already_applied"    # never applied twice

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from cdcca.data.corruptions import CORRUPTIONS, corrupt, corrupt_mixed
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import RowError, load_jsonl
 from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence, split_images
-from cdcca.data.easyvqa import VQASet
 
 
 def red_square():

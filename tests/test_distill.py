@@ -152,7 +152,7 @@ def test_source_rehearsal_adds_a_true_label_term_and_needs_the_source_set(tiny_d
     with pytest.raises(ValueError, match="source set"):
         _AKD(tiny_cloud, tiny_device, prompter, AKDConfig(source_replay=1.0))
     akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=2, source_replay=1.0, min_teacher_confidence=0.0), source=tiny_source())
-    new, stats = akd.distill("d0", adapter_state(tiny_device), akd.teacher_pass(*uplink(4)))
+    _new, stats = akd.distill("d0", adapter_state(tiny_device), akd.teacher_pass(*uplink(4)))
     assert "source" in stats.losses and stats.losses["source"] > 0
 
 

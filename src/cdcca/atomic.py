@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -33,3 +34,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def write_json(path: str | os.PathLike[str], obj) -> None:
+    """JSON (indented, keys sorted) written atomically; the parent folder is created if missing."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, json.dumps(obj, indent=2, sort_keys=True).encode())

@@ -8,7 +8,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,17 +20,32 @@ from rich.console import Console
 from rich.table import Table
 
 from cdcca.cli_bench import bench_app
-from cdcca.cli_common import use_threads, console, fail
+from cdcca.cli_common import console, fail, use_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
 packet_app = typer.Typer(no_args_is_help=True, help="Inspect uplink/update packets.")
 app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from cdcca import __version__
+
+        typer.echo(f"cdcca {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root_options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Cloud-device collaborative continual adaptation for multimodal LLMs."""
 @app.command()
 def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cache of the LLM from the GGUF file.")):
     """Find the packaged weights and data, build the LLM cache once, and print sizes and load times."""
-    from cdcca.assets import AssetError, cache_dir, check_assets
+    from cdcca.assets import AssetError, cache_dir
+    from cdcca.doctor import check_assets
 
     try:
         reports = check_assets(rebuild=rebuild)
@@ -48,17 +62,17 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 @app.command()
 def pretrain(
     role: str = typer.Option(..., help="Which model to pretrain: 'device' (clean data) or 'cloud' (corruption-augmented)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
-    aug_share: Optional[float] = typer.Option(None, help="Share of each batch drawn from corrupted copies (cloud default 0.5)."),
-    init: Optional[Path] = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
+    batch_size: int | None = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
+    aug_share: float | None = typer.Option(None, help="Share of each batch drawn from corrupted copies (cloud default 0.5)."),
+    init: Path | None = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
     seed: int = typer.Option(0, help="Random seed; a run is deterministic given the seed on one machine."),
     out: Path = typer.Option(None, help="Output folder for ROLE.safetensors + ROLE.json (default: $CDCCA_CACHE/pretrained)."),
     force: bool = typer.Option(False, help="Retrain even if weights with the same config exist."),
-    aug_family: Optional[str] = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
+    aug_family: str | None = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
     torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     recipe: str = typer.Option("end-to-end", help="'end-to-end' (bridge + LoRA through the LLM) or 'consistency' "
                                "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
                                "output, no LLM pass; starts from --init or the shipped cloud)."),
@@ -68,7 +82,8 @@ def pretrain(
 
     from cdcca.assets import AssetError, cache_dir
     from cdcca.model.pair import build_model
-    from cdcca.pretrain import PretrainConfig, pretrain as run_pretrain
+    from cdcca.pretrain import PretrainConfig
+    from cdcca.pretrain import pretrain as run_pretrain
 
     if role not in ("device", "cloud"):
         fail(f"--role must be 'device' or 'cloud', got {role!r}")
@@ -115,7 +130,8 @@ def pretrain(
 def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cdcca.assets import AssetError, write_json
+    from cdcca.assets import AssetError
+    from cdcca.atomic import write_json
     from cdcca.model.pair import pretrain_record, weights_file
     from cdcca.robust import ConsistencyConfig, train_consistency, training_views
 
@@ -160,12 +176,12 @@ def eval_cmd(
     model: str = typer.Option("device", help="'device' or 'cloud'."),
     shift: str = typer.Option("clean", help="Corruption name (see `cdcca eval --help`), or 'clean'."),
     severity: int = typer.Option(5, help="Severity 1..5 of --shift."),
-    stream: Optional[str] = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list NAME:SEV,..."),
+    stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list NAME:SEV,..."),
     n: int = typer.Option(1000, help="Held-out test questions per domain."),
-    weights: Optional[Path] = typer.Option(None, help="Folder with ROLE.safetensors (default: the shipped weights)."),
+    weights: Path | None = typer.Option(None, help="Folder with ROLE.safetensors (default: the shipped weights)."),
     direct: bool = typer.Option(True, help="Also generate direct answers (DA); --no-direct scores MC only (faster)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
     """Held-out accuracy (direct answer and multiple choice, 0–1) of a model, clean or under shift."""
     from cdcca.assets import AssetError, load_tokenizer
@@ -244,7 +260,7 @@ def demo(
     preset: str = typer.Option("quick", help="Run size: quick (minutes on 2 cores), paper (longer), tiny (random models, seconds)."),
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
 ):
@@ -295,7 +311,7 @@ def fleet_up(
 def fleet_run(
     state: Path = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`."),
     rounds: int = typer.Option(1, help="Rounds to run; a run continues after the rounds already logged."),
-    config: Optional[str] = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
+    config: str | None = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
                                                     "(keys: src/cdcca/fleet/app/pyproject.toml)."),
     timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
 ):
@@ -421,7 +437,7 @@ def _cloud(state: Path, tiny: bool):
 
 @cloud_app.command("receive")
 def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP), tiny: bool = typer.Option(False, help="Tiny models."),
-                  ack_out: Optional[Path] = typer.Option(None, help="Write the acknowledged sample ids here (JSON).")):
+                  ack_out: Path | None = typer.Option(None, help="Write the acknowledged sample ids here (JSON).")):
     """Commit an uplink packet to the inbox and print the acknowledged sample ids."""
     from cdcca.wire import PacketError
 

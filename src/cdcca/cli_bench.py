@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from cdcca.cli_common import use_threads, console, fail
+from cdcca.cli_common import console, fail, use_threads
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 
@@ -19,7 +18,7 @@ def bench_uts(
     n: int = typer.Option(400, help="Stream requests over the default shift sequence."),
     repeats: int = typer.Option(5, help="Timing repeats (medians are reported)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
+    threads: int | None = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
     from cdcca.assets import AssetError
@@ -58,15 +57,15 @@ def bench_uts(
 
 @bench_app.command("akd")
 def bench_akd(
-    variants: Optional[str] = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
+    variants: str | None = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
-    save_states: Optional[Path] = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
-    teacher_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
-    label_study: Optional[str] = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
-    weights: Optional[Path] = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
+    save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
+    teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
+    label_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
+    weights: Path | None = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
     """AKD ablations on the default continual stream: final held-out MC over shifted domains, source MC, cloud time."""
     from cdcca.bench import akd
@@ -128,10 +127,10 @@ def bench_akd(
 @bench_app.command("dwc")
 def bench_dwc(
     states: Path = typer.Option(..., help="Folder of per-round AKD adapter states (from `cdcca bench akd --variants loss:full --save-states DIR`)."),
-    settings: Optional[str] = typer.Option(None, help="Comma-separated settings (default: all), e.g. int8:128K,nf4:32K,int8:128K:no-ef."),
+    settings: str | None = typer.Option(None, help="Comma-separated settings (default: all), e.g. int8:128K,nf4:32K,int8:128K:no-ef."),
     n: int = typer.Option(200, help="Held-out questions per domain."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
     """Downlink bytes vs accuracy on real AKD deltas, for several budgets and bit widths, with and without error feedback."""
     from cdcca.bench import dwc

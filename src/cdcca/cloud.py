@@ -6,11 +6,14 @@ State dir layout (SQLite in WAL mode for what must be transactional, files for t
                                  devices (mirror version + hash), updates (stored update packets), metrics
     uplinks/<sha>.pkt            uplink packets exactly as received
     devices/<id>/mirror-vN.safetensors, residual-vN.safetensors, update-vN.pkt
+    devices/<id>/records-rR.safetensors, akd-vN.json, aligner-vN.safetensors   (AKD's state: student_store)
 
 Crash safety: an upload is acknowledged only after its transaction commits; a round writes its
 files first (new version numbers, never overwriting) and then commits one transaction that marks
 the samples processed and moves the device's mirror to version N. A crash before that commit
 leaves the previous version current and the samples unprocessed, so the round simply runs again.
+AKD's replay buffers and aligner are versioned with the mirror, so a restarted cloud continues
+exactly where it stopped (its next update is bit-identical to an uninterrupted run's).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cdcca.atomic import atomic_write
 from cdcca.distill import AKD, AKDConfig, load_source_set, random_source_set
 from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.model.mllm import adapter_state
+from cdcca.student_store import load_student_state, save_records, save_student_state
 from cdcca.uplink import decode_uplink
 from cdcca.wire import write_packet
 
@@ -56,27 +60,28 @@ class CloudRuntime:
         self.akd = akd
         self.dwc = dwc or DWCConfig()
         self.initial_state = initial_state
+        self._student_versions: dict[str, int] = {}    # device → mirror version AKD's in-memory state belongs to
         self.db = sqlite3.connect(str(self.dir / "cloud.sqlite"), isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
 
     @classmethod
-    def open(cls, state_dir, *, tiny: bool = False, akd: AKDConfig | None = None, dwc: DWCConfig | None = None) -> "CloudRuntime":
+    def open(cls, state_dir, *, tiny: bool = False, akd: AKDConfig | None = None, dwc: DWCConfig | None = None) -> CloudRuntime:
         """Open (or create) a cloud state dir with the teacher and a student network loaded."""
         from cdcca.assets import load_tokenizer
         from cdcca.data.easyvqa import candidate_answers
-        from cdcca.device import build_role_model
+        from cdcca.model.pair import role_model
         from cdcca.model.prompt import Prompter
 
-        teacher = build_role_model("cloud", tiny)
-        student = build_role_model("device", tiny)
+        teacher = role_model("cloud", tiny)
+        student = role_model("device", tiny)
         prompter = Prompter(load_tokenizer(), candidate_answers())
         akd = akd or AKDConfig()
         if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
             akd = replace(akd, min_teacher_confidence=0.0)
         source = None
-        if akd.source_replay > 0:
+        if akd.needs_source:
             source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
         return cls(state_dir, AKD(teacher, student, prompter, akd, source=source), adapter_state(student), dwc)
 
@@ -143,8 +148,11 @@ class CloudRuntime:
             for i, sid in enumerate(up.sample_ids):
                 if sid in sids:
                     sids.discard(sid)      # a sample id repeated inside one packet is used once
-                    tokens.append(up.tokens[i]); keep.append(up.keep[i]); questions.append(up.questions[i])
-                    ids.append(sid); device_answers.append(up.mc[i])
+                    tokens.append(up.tokens[i])
+                    keep.append(up.keep[i])
+                    questions.append(up.questions[i])
+                    ids.append(sid)
+                    device_answers.append(up.mc[i])
         if not ids:
             return None
         return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers
@@ -158,16 +166,19 @@ class CloudRuntime:
         tokens, keep, questions, ids, device_answers = pending
         version, base = self.mirror(device_id)
         rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (device_id,)).fetchone()[0] + 1
+        d = self.dir / "devices" / device_id
+        self._restore_student(device_id, version)
         t0 = time.perf_counter()
         records = self.akd.teacher_pass(tokens, keep, questions, ids)
         teacher_s = time.perf_counter() - t0
         target, st = self.akd.distill(device_id, base, records, device_answers)
+        save_records(d / f"records-r{rnd}.safetensors", records)
+        save_student_state(d, version + 1, self.akd.student_state(device_id))
         budget = self.db.execute("SELECT budget FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
         dwc = self.dwc if budget is None else _with_budget(self.dwc, budget)
         packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
                                                      device_id=device_id, base_version=version,
                                                      new_version=version + 1, round=rnd)
-        d = self.dir / "devices" / device_id
         new = version + 1
         _atomic_save(d / f"mirror-v{new}.safetensors", mirror)
         _atomic_save(d / f"residual-v{new}.safetensors", residual)
@@ -192,7 +203,17 @@ class CloudRuntime:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self._student_versions[device_id] = new
         return packet
+
+    def _restore_student(self, device_id: str, version: int) -> None:
+        """Make AKD's state for the device the one saved with mirror ``version`` (unless it already is),
+        and mark it stale until this round commits: a failed round must not leave it half-advanced."""
+        if self._student_versions.pop(device_id, None) == version:
+            return
+        fresh = self.akd.fresh_student_state()
+        saved = load_student_state(self.dir / "devices" / device_id, version, self.akd.cfg, fresh.aligner)
+        self.akd.students[device_id] = saved or fresh
 
     def update_for(self, device_id: str, device_version: int) -> bytes | None:
         """The stored update whose base is ``device_version`` (to re-send after a lost reply)."""

@@ -36,7 +36,8 @@ def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
     """The cloud teacher's own held-out MC per domain, cached by its weights' hash (it never changes in a run)."""
     import json
 
-    from cdcca.assets import cache_dir, write_json
+    from cdcca.assets import cache_dir
+    from cdcca.atomic import write_json
     from cdcca.model.pair import load_pretrained, pretrain_record
 
     sha = pretrain_record("cloud").get("sha256", "unknown")[:16]
@@ -54,7 +55,8 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     import hashlib
     import json
 
-    from cdcca.assets import cache_dir, load_tokenizer, write_json
+    from cdcca.assets import cache_dir, load_tokenizer
+    from cdcca.atomic import write_json
     from cdcca.data.easyvqa import load_split
     from cdcca.distill import AKD, load_source_set
     from cdcca.loop import LoopConfig, run_loop
@@ -72,7 +74,7 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     data = load_split("test")
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
-    source = load_source_set() if cfg.akd.source_replay > 0 else None
+    source = load_source_set() if cfg.akd.needs_source else None
     res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
     acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"]}
     write_json(path, acc)

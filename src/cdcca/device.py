@@ -20,22 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdcca.assets import write_json
+from cdcca.atomic import write_json
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
+from cdcca.model.pair import role_model
 from cdcca.outbox import Outbox
 from cdcca.store import AdapterStore
 from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
 from cdcca.wire import PacketError, decode
 
 CONFIG = "device.json"
-
-
-def build_role_model(role: str, tiny: bool) -> MLLM:
-    """The pretrained model of a role, or a tiny random one (tests and transport checks)."""
-    from cdcca.model.pair import load_pretrained, tiny_model
-
-    return tiny_model(role, seed=0 if role == "device" else 1) if tiny else load_pretrained(role)
 
 
 class RequestStream:
@@ -85,19 +79,19 @@ class DeviceRuntime:
     def model(self) -> MLLM:
         """The device MLLM with the current adapters, built on first use (status and apply need no model)."""
         if self._model is None:
-            self._model = build_role_model("device", self.config.get("tiny", False))
+            self._model = role_model("device", self.config.get("tiny", False))
             load_adapter_state(self._model, self.store.current()[1])
         return self._model
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
     def create(cls, state_dir, device_id: str, *, tiny: bool = False, uts: UTSConfig | None = None,
-               stream: dict | None = None, model: MLLM | None = None) -> "DeviceRuntime":
+               stream: dict | None = None, model: MLLM | None = None) -> DeviceRuntime:
         """Initialise a state dir with the pretrained device adapters as version 0."""
         d = Path(state_dir)
         if (d / CONFIG).exists():
             raise FileExistsError(f"device state already exists at {d}; open it with DeviceRuntime.open")
-        model = model or build_role_model("device", tiny)
+        model = model or role_model("device", tiny)
         uts = uts or UTSConfig(selection="budget", budget=8 if tiny else 64, token_scorer="energy" if tiny else "ood")
         stream = {"tiny": tiny, "index": 0, "n_devices": 1, "stream": "default", "per_domain": 320, **(stream or {})}
         stream["device_id"] = device_id
@@ -109,7 +103,7 @@ class DeviceRuntime:
         return cls(d, config, model)
 
     @classmethod
-    def open(cls, state_dir, model: MLLM | None = None) -> "DeviceRuntime":
+    def open(cls, state_dir, model: MLLM | None = None) -> DeviceRuntime:
         d = Path(state_dir)
         try:
             config = json.loads((d / CONFIG).read_text())

@@ -41,7 +41,6 @@ from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, l
 from cdcca.model.prompt import Prompter
 from cdcca.prefix import PrefixTeacher, bridge_prefix, train_prefix
 
-
 TRAIN_GROUPS = {
     "all": lambda name: True,
     "bridge": lambda name: name.startswith("bridge."),
@@ -100,8 +99,13 @@ class AKDConfig:
             raise ValueError("AKDConfig: epochs and prefix_epochs are both 0, so nothing would be trained")
         self.betas = tuple(self.betas)
 
+    @property
+    def needs_source(self) -> bool:
+        """Whether the distiller needs the labelled clean source set (rehearsal or prefix anchors)."""
+        return self.source_replay > 0 or self.prefix_epochs > 0
+
     @classmethod
-    def ablation(cls, name: str, **kw) -> "AKDConfig":
+    def ablation(cls, name: str, **kw) -> AKDConfig:
         """Named loss ablations: ce, ce+mse, ce+mse+wave, full (ce+mse+wave+kl)."""
         terms = {"ce": dict(w_mse=0, w_wave=0, w_kl=0), "ce+mse": dict(w_wave=0, w_kl=0),
                  "ce+mse+wave": dict(w_kl=0), "full": {}}
@@ -179,7 +183,7 @@ def load_source_set(n_images: int = SOURCE_IMAGES) -> SourceSet:
     """The first ``n_images`` easy-VQA train images, their questions and cached clean encoder features:
     the labelled source domain the device was pretrained on."""
     from cdcca.data.easyvqa import load_split
-    from cdcca.model.encoder import cached_features
+    from cdcca.data.features import cached_features
 
     data = load_split("train")
     rows = np.flatnonzero(data.image_ids < n_images)
@@ -247,18 +251,27 @@ class ReplayBuffer:
 
 
 @dataclass
+class StudentState:
+    """Per device, what the cloud carries from round to round besides the adapter mirror."""
+
+    aligner: Aligner
+    replay: ReplayBuffer            # gated records, for the label phase
+    prefix_replay: ReplayBuffer     # every record, for prefix distillation
+
+
+@dataclass
 class DistillStats:
     samples: int
     replayed: int
     steps: int
-    teacher_s: float
     student_s: float
     losses: dict[str, float] = field(default_factory=dict)
     pseudo_label_agreement: float = float("nan")   # share where the device's own answer matched the teacher
 
     @property
     def samples_per_s(self) -> float:
-        return self.samples / max(1e-9, self.teacher_s + self.student_s)
+        """Trained samples per second of student time (the teacher pass is timed by the caller)."""
+        return self.samples / max(1e-9, self.student_s)
 
 
 class AKD:
@@ -279,11 +292,23 @@ class AKD:
                 raise ValueError("AKDConfig.prefix_epochs > 0 needs the clean source set (AKD(..., source=load_source_set()))")
             # the student holds the source device's adapters now: the map and the anchors are the source model's
             self.prefix_teacher = PrefixTeacher.fit(self.teacher.bridge, student.bridge, source.tokens, self.cfg.prefix_ridge)
-        self._prefix_replay: dict[str, ReplayBuffer] = {}
         self.teacher_forward_calls = 0
         self.teacher_samples = 0
-        self._aligners: dict[str, Aligner] = {}
-        self._replay: dict[str, ReplayBuffer] = {}
+        self.students: dict[str, StudentState] = {}
+
+    def fresh_student_state(self) -> StudentState:
+        """A device's state before its first round: a seeded aligner and empty replay buffers."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            aligner = Aligner(self.student.cfg.bridge.d_lm, self.teacher.cfg.bridge.d_lm)
+        return StudentState(aligner, ReplayBuffer(self.cfg.replay_capacity, self.cfg.seed),
+                            ReplayBuffer(self.cfg.replay_capacity, self.cfg.seed + 1))
+
+    def student_state(self, device_id: str) -> StudentState:
+        """What this cloud keeps for one device between rounds (created on first contact)."""
+        if device_id not in self.students:
+            self.students[device_id] = self.fresh_student_state()
+        return self.students[device_id]
 
     # -- step 1: the teacher pass, once per uploaded sample ---------------------------------------
     @torch.no_grad()
@@ -318,18 +343,35 @@ class AKD:
         cfg = self.cfg
         t0 = time.perf_counter()
         new = [r for r in records if r.confidence >= cfg.min_teacher_confidence]
-        replay = self._replay.setdefault(device_id, ReplayBuffer(cfg.replay_capacity, cfg.seed))
+        state = self.student_state(device_id)
+        replay = state.replay
+        # dropout draws from a generator seeded by the device's history, so a restarted cloud repeats them
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + replay.seen * 1009 + state.prefix_replay.seen)
+            return self._distill(state, base, records, new, device_answers, t0)
+
+    def _distill(self, state: StudentState, base: AdapterState, records: list[TeacherRecord],
+                 new: list[TeacherRecord], device_answers: list[str] | None, t0: float) -> tuple[AdapterState, DistillStats]:
+        cfg = self.cfg
+        replay = state.replay
         old = replay.sample(int(len(new) * cfg.replay_per_round))
         data = new + old if cfg.epochs > 0 else []
         load_adapter_state(self.student, base)
         rng = random.Random(cfg.seed + replay.seen)
-        prefix_stats = self.distill_prefix(device_id, records, rng) if self.prefix_teacher and records else {}
-        if not data:
-            replay.add(new)
-            return adapter_state(self.student), DistillStats(0, 0, 0, 0.0, time.perf_counter() - t0, prefix_stats)
-        d_s = self.student.cfg.bridge.d_lm
-        d_t = records[0].hidden.shape[-1]
-        aligner = self._aligners.setdefault(device_id, Aligner(d_s, d_t))
+        prefix_stats = self.distill_prefix(state.prefix_replay, records, rng) if self.prefix_teacher and records else {}
+        steps, totals = self._train_labels(state.aligner, data, rng) if data else (0, {})
+        replay.add(new)
+        agree = float("nan")
+        if device_answers is not None and records:
+            agree = sum(a == r.pseudo_label for a, r in zip(device_answers, records)) / len(records)
+        losses = {**{k: v / max(1, steps) for k, v in totals.items()}, **prefix_stats}
+        stats = DistillStats(len(new) if data else 0, len(old) if data else 0, steps, time.perf_counter() - t0, losses, agree)
+        return adapter_state(self.student), stats
+
+    def _train_labels(self, aligner: Aligner, data: list[TeacherRecord], rng: random.Random) -> tuple[int, dict[str, float]]:
+        """The label phase: ``cfg.epochs`` over ``data`` with the AKD loss (+ source rehearsal); returns
+        the number of steps and the summed loss terms."""
+        cfg = self.cfg
         chosen = TRAIN_GROUPS[cfg.train]
         for name, p in self.student.named_parameters():
             p.requires_grad_(is_adapter_key(name) and chosen(name))
@@ -361,19 +403,12 @@ class AKD:
         self.student.eval()
         for name, p in self.student.named_parameters():
             p.requires_grad_(is_adapter_key(name))
-        replay.add(new)
-        agree = float("nan")
-        if device_answers is not None and records:
-            agree = sum(a == r.pseudo_label for a, r in zip(device_answers, records)) / len(records)
-        stats = DistillStats(len(new), len(old), step, 0.0, time.perf_counter() - t0,
-                             {**{k: v / step for k, v in totals.items()}, **prefix_stats}, agree)
-        return adapter_state(self.student), stats
+        return step, totals
 
-    def distill_prefix(self, device_id: str, records: list[TeacherRecord], rng: random.Random) -> dict[str, float]:
+    def distill_prefix(self, replay: ReplayBuffer, records: list[TeacherRecord], rng: random.Random) -> dict[str, float]:
         """Prefix distillation of the student's bridge on every record (no gate: the target is not a
-        label) plus a replay of earlier ones; see :mod:`cdcca.prefix`."""
+        label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.prefix`."""
         cfg = self.cfg
-        replay = self._prefix_replay.setdefault(device_id, ReplayBuffer(cfg.replay_capacity, cfg.seed + 1))
         data = records + replay.sample(int(len(records) * cfg.replay_per_round))
         targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]))
         stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]),

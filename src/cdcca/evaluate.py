@@ -18,7 +18,7 @@ from cdcca.model.prompt import Prompter
 def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
     """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk, and in memory so
     per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
-    from cdcca.model.encoder import cached_features
+    from cdcca.data.features import cached_features
 
     return cached_features("test", domain.corruption, domain.severity, seed)
 

@@ -29,7 +29,7 @@ class PrefixMap:
     weight: torch.Tensor        # (d_t + 1, d_s) fp32
 
     @classmethod
-    def fit(cls, teacher_prefix: torch.Tensor, device_prefix: torch.Tensor, ridge: float) -> "PrefixMap":
+    def fit(cls, teacher_prefix: torch.Tensor, device_prefix: torch.Tensor, ridge: float) -> PrefixMap:
         """Ridge regression over every (image, query) pair; one map shared by the query positions."""
         x = teacher_prefix.reshape(-1, teacher_prefix.shape[-1]).double()
         y = device_prefix.reshape(-1, device_prefix.shape[-1]).double()
@@ -67,7 +67,7 @@ class PrefixTeacher:
 
     @classmethod
     def fit(cls, teacher_bridge: Bridge, device_bridge: Bridge, source_tokens: torch.Tensor,
-            ridge: float) -> "PrefixTeacher":
+            ridge: float) -> PrefixTeacher:
         anchors = bridge_prefix(device_bridge, source_tokens)
         pmap = PrefixMap.fit(bridge_prefix(teacher_bridge, source_tokens), anchors, ridge)
         return cls(pmap, source_tokens, anchors.half(), float(anchors.pow(2).mean()))

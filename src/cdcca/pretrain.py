@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.assets import load_tokenizer, write_json
+from cdcca.assets import load_tokenizer
+from cdcca.atomic import write_json
 from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
@@ -55,7 +56,7 @@ class PretrainConfig:
         self.token_keep = tuple(self.token_keep)
 
     @classmethod
-    def for_role(cls, role: str, **overrides) -> "PretrainConfig":
+    def for_role(cls, role: str, **overrides) -> PretrainConfig:
         base = dict(role=role)
         if role == "cloud":
             base.update(steps=2000, aug_share=0.5, aug_family=sorted(CORRUPTIONS), token_drop_share=0.5)
@@ -67,20 +68,10 @@ class PretrainConfig:
 
 
 def augmented_features(cfg: PretrainConfig, variant: int, device: str) -> torch.Tensor:
-    """Tokens of a corrupted copy of every train image (each image its own random corruption)."""
-    from cdcca.assets import cache_dir
-    from cdcca.data.corruptions import corrupt_mixed
-    from cdcca.data.easyvqa import load_split
-    from cdcca.model.encoder import encode_images, load_encoder, save_tokens
+    """Tokens of a corrupted copy of every train image under the cloud's training family (cached)."""
+    from cdcca.data.features import augmented_features as cached_augmented
 
-    tag = hashlib.sha256(json.dumps([sorted(cfg.aug_family), cfg.aug_severity]).encode()).hexdigest()[:10]
-    path = cache_dir() / "features" / f"lite0-train-aug{tag}-v{variant}-seed{cfg.seed}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["tokens"]
-    images = corrupt_mixed(load_split("train").images, cfg.aug_family, cfg.aug_severity, seed=cfg.seed * 1000 + variant)
-    tokens = encode_images(load_encoder().to(device), images, batch_size=256 if device != "cpu" else 64)
-    save_tokens(path, tokens)
-    return tokens
+    return cached_augmented(cfg.aug_family, cfg.aug_severity, variant, cfg.seed, device)
 
 
 def one_cycle_lr(peak: float, step: int, steps: int, warmup: float) -> float:
@@ -104,7 +95,7 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
 def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
     """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
     from cdcca.data.easyvqa import load_split
-    from cdcca.model.encoder import cached_features
+    from cdcca.data.features import cached_features
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -12,7 +12,7 @@ import base64
 import html
 from pathlib import Path
 
-from cdcca.assets import write_json
+from cdcca.atomic import write_json
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 

@@ -36,17 +36,17 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 import torch
+from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 
 from cdcca import wire
-from cdcca.atomic import atomic_write, fsync_dir
 from cdcca.adapter_state import AdapterState, clone_state, state_hash
+from cdcca.atomic import atomic_write, fsync_dir
 from cdcca.downlink import DWC_FORMAT, apply_delta, decode_resync, decode_update
 from cdcca.wire import PacketError
 
@@ -55,7 +55,7 @@ try:  # POSIX advisory locking; without it the single-writer rule is simply not 
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AdapterStore", "StoreError", "StaleBaseError", "WrongDeviceError"]
+__all__ = ["AdapterStore", "StaleBaseError", "StoreError", "WrongDeviceError"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _vname(version: int) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _serialize(state: AdapterState, meta: dict[str, str]) -> bytes:
@@ -108,7 +108,7 @@ def _load_version_file(path: Path) -> tuple[AdapterState, dict[str, str]]:
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
         state = dict(load_safetensors(data))
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+    except Exception as e:
         raise StoreError(f"{path.name} is not a valid safetensors file ({type(e).__name__})") from None
     h = state_hash(state)
     if meta.get("hash") != h:

@@ -19,12 +19,12 @@ import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import safetensors.torch
-from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 import torch
+from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 
 from cdcca.atomic import atomic_write
 
@@ -121,7 +121,7 @@ def _encode(kind: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         if t.dtype not in _ALLOWED:
             raise ValueError(f"tensor {_short(name)} has dtype {t.dtype}, not allowed in packets")
         flat[name] = t.detach().cpu().contiguous().clone()  # clone: safetensors rejects shared storage
-    stamp = created or datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    stamp = created or datetime.now(UTC).isoformat(timespec="milliseconds")
     user.update({_K_VERSION: str(version), _K_KIND: kind, _K_CREATED: stamp.replace("+00:00", "Z")})
     raw = safetensors.torch.save(flat, metadata=user)
     (n,) = struct.unpack("<Q", raw[:8])
@@ -270,7 +270,7 @@ def decode(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFA
     c = _check(data, expect_kind, limits)
     try:
         loaded = load_safetensors(c.data)
-    except Exception as e:  # noqa: BLE001 - anything safetensors dislikes is a bad packet
+    except Exception as e:
         first = (str(e).splitlines() or [repr(e)])[0]
         raise PacketError(f"safetensors rejected the packet: {first}") from None
     want = {k: (_DTYPES[e["dtype"]][0], tuple(e["shape"])) for k, e in c.header.items() if k != "__metadata__"}

@@ -97,7 +97,7 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
             cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
             cfg = apply_settings(cfg, settings or [])
             cfg = replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
-            if cfg.akd.source_replay > 0 and source is None:
+            if cfg.akd.needs_source and source is None:
                 source = load_source_set()
             torch.manual_seed(seed)
             t0 = time.perf_counter()

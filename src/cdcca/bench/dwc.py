@@ -47,7 +47,7 @@ def replay(base: dict, targets: list[dict], cfg: DWCConfig) -> tuple[dict, list[
     state, residual, sizes, secs = base, None, [], 0.0
     for r, target in enumerate(targets):
         t0 = time.perf_counter()
-        packet, mirror, residual, _ = build_update(state, target, residual, cfg, device_id="bench",
+        packet, _mirror, residual, _ = build_update(state, target, residual, cfg, device_id="bench",
                                                    base_version=r, new_version=r + 1, round=r)
         state = apply_delta(state, decode_update(decode(packet, expect_kind="update")))
         secs += time.perf_counter() - t0

@@ -30,8 +30,18 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from cdcca.uplink import (SAMPLE_SCORERS, TOKEN_SCORER_NAMES, UTSConfig, auroc, build_uplink,
-                          decode_uplink, plan_uplink, png_bytes, sample_uncertainty, view_uncertainty)
+from cdcca.metrics import auroc
+from cdcca.uplink import (
+    SAMPLE_SCORERS,
+    TOKEN_SCORER_NAMES,
+    UTSConfig,
+    build_uplink,
+    decode_uplink,
+    plan_uplink,
+    png_bytes,
+    sample_uncertainty,
+    view_uncertainty,
+)
 
 KEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
 

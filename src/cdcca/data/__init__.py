@@ -1,1 +1,2 @@
-"""Data: easy-VQA and users' own VQA rows, image corruptions, and the continual shift stream."""
+"""Data: easy-VQA and users' own VQA rows, image corruptions, the continual shift stream, and the
+on-disk cache of the frozen encoder's tokens for those image sets (``features``)."""

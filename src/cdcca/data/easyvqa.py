@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from cdcca.assets import AssetError, DATA_PACKAGE, INSTALL_HINT, package_dir
+from cdcca.assets import DATA_PACKAGE, INSTALL_HINT, AssetError, package_dir
 
 
 @dataclass
@@ -29,7 +29,7 @@ class VQASet:
     def __len__(self) -> int:
         return len(self.questions)
 
-    def subset(self, idx: np.ndarray | list[int], name: str | None = None) -> "VQASet":
+    def subset(self, idx: np.ndarray | list[int], name: str | None = None) -> VQASet:
         idx = np.asarray(idx, dtype=np.int64)
         return VQASet(name or self.name, self.images, [self.questions[i] for i in idx],
                       [self.answers[i] for i in idx], self.image_ids[idx], self.candidates)

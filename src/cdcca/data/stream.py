@@ -26,7 +26,7 @@ class Domain:
     severity: int
 
     @classmethod
-    def parse(cls, text: str) -> "Domain":
+    def parse(cls, text: str) -> Domain:
         name, _, sev = text.partition(":")
         if name == "clean":
             return cls("clean", 0)

@@ -95,7 +95,7 @@ def make_ca(out_dir: str | os.PathLike[str], *, common_name: str = "cdcca fleet 
     out = private_dir(out_dir)
     key = ec.generate_private_key(CURVE)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -128,7 +128,7 @@ def make_server_cert(out_dir: str | os.PathLike[str], hosts: list[str] | tuple[s
     ca_key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), password=None)
     names = san_names(hosts)
     key = ec.generate_private_key(CURVE)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[2] if len(names) > 2 else "localhost")]))
@@ -168,7 +168,7 @@ def verify_server_cert(tls: ServerTLS) -> x509.Certificate:
     ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
     cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
     cert.verify_directly_issued_by(ca)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ValueError(f"server certificate {tls.cert} is not valid now ({cert.not_valid_before_utc} .. "
                          f"{cert.not_valid_after_utc})")

@@ -32,9 +32,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cdcca.fleet import certs
 
@@ -78,7 +78,7 @@ class FleetSpec:
         (Path(self.state) / "fleet.json").write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, state: str | os.PathLike[str]) -> "FleetSpec":
+    def load(cls, state: str | os.PathLike[str]) -> FleetSpec:
         path = Path(state) / "fleet.json"
         if not path.is_file():
             raise DeployError(f"no fleet in {state} (no fleet.json); start one with `cdcca fleet up --state {state}`")

@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -58,7 +59,7 @@ class FleetRunConfig:
     dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
 
     @classmethod
-    def from_flower(cls, run_config: dict[str, Any]) -> "FleetRunConfig":
+    def from_flower(cls, run_config: dict[str, Any]) -> FleetRunConfig:
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in run_config.items():

@@ -52,7 +52,7 @@ class LocalFleet:
         self.history: list[dict] = []
 
     @classmethod
-    def setup(cls, cfg: FleetConfig, out_dir: Path) -> "LocalFleet":
+    def setup(cls, cfg: FleetConfig, out_dir: Path) -> LocalFleet:
         out_dir = Path(out_dir)
         cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc)
         devices = []

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cdcca.assets import AssetError, load_llm
 from cdcca.model.bridge import BridgeConfig
-from cdcca.model.llm import device_layer_ids
+from cdcca.model.llm import device_layer_ids, prune_layers
 from cdcca.model.mllm import MLLM, MLLMConfig, load_adapter_state
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -27,7 +27,10 @@ def model_config(role: str) -> MLLMConfig:
 def build_model(role: str, cfg: MLLMConfig | None = None) -> MLLM:
     """A role's MLLM on the real SmolLM2 weights, adapters freshly initialised."""
     cfg = cfg or model_config(role)
-    return MLLM(cfg, load_llm(layer_ids=cfg.layer_ids))
+    lm = load_llm()
+    if cfg.layer_ids is not None:
+        prune_layers(lm, cfg.layer_ids)
+    return MLLM(cfg, lm)
 
 
 def tiny_model(role: str = "device", seed: int = 0, token_dim: int = 32, vocab_size: int = 49152) -> MLLM:
@@ -65,3 +68,8 @@ def pretrain_record(role: str, root: Path | None = None) -> dict:
     """The recorded config, seed, metrics and SHA-256 that came with a role's weights."""
     path = weights_file(role, root).with_suffix(".json")
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def role_model(role: str, tiny: bool = False) -> MLLM:
+    """The pretrained model of a role, or a tiny random one (tests and transport checks)."""
+    return tiny_model(role, seed=0 if role == "device" else 1) if tiny else load_pretrained(role)

@@ -1,0 +1,125 @@
+"""UTS constants and :class:`UTSConfig`: the knobs every other uplink module reads, kept at the
+bottom of the package so scorers, packet and planner can share them without import cycles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+UPLINK_FORMAT = "1"
+N_TOKENS = 49
+TOKEN_DIM = 1280
+MAX_DENSE_ELEMENTS = 2**27                            # N·P·C floats a decoded packet may expand to (512 MiB)
+TOKEN_STATS_PATH = Path(__file__).resolve().parent.parent / "weights" / "token_stats.safetensors"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+SAMPLE_SCORER_NAMES = ("confidence", "entropy", "margin", "mc_disagreement", "mc_entropy", "view_consistency")
+SELECTIONS = ("threshold", "budget", "bytes")
+TOKEN_SCORER_NAMES = ("ood", "mc_dropout", "energy", "random")
+DIRECTIONS = ("most", "least")
+FILLS = ("mask", "mean", "zeros")
+TOKEN_DTYPES = ("int8", "fp16")
+
+
+@dataclass
+class UTSConfig:
+    """How the device decides what to upload. Every field is validated in ``__post_init__``.
+
+    Attributes:
+        sample_scorer: Uncertainty of one answer (higher = upload sooner). ``"confidence"``: 1 − Π_t
+            max_v p_t(v), the authors' rule; ``"entropy"``: mean per-step token entropy (nats);
+            ``"margin"``: 1 − (p(top1) − p(top2)) at the first step; ``"mc_disagreement"`` (default):
+            1 − max candidate probability — the device's own probability that its multiple-choice
+            answer is wrong, which is exactly the event the cloud can correct; ``"mc_entropy"``: the
+            candidate distribution's entropy normalized by log(#candidates); ``"view_consistency"``
+            (opt-in, needs the device ``model`` and ``prompter`` in :func:`plan_uplink`): a second MC
+            view with the most out-of-distribution half of the tokens dropped, combined with
+            ``mc_disagreement`` (:func:`view_uncertainty`). It catches confidently wrong answers the
+            answer-only scorers miss, at the price of one extra LLM prefill per request.
+        temperature: Softmax temperature the caller passes to ``answer_batch`` when it computes the
+            answers that are scored. The authors use 0.1, which pushes Π max-prob towards 1 for
+            almost every answer (the ``confidence`` scorer then barely separates); 1.0 keeps it
+            informative. It does not change the greedy answer or ``mc_probs``.
+        selection: Which samples leave the device in a round. ``"threshold"``: every sample whose
+            uncertainty exceeds ``threshold``; ``"budget"``: the ``budget`` most uncertain;
+            ``"bytes"``: the most uncertain samples, in order, while the packet fits ``byte_budget``.
+        threshold: Uncertainty above which a sample is uploaded (``selection="threshold"``). The
+            device's candidate softmax is sharp: on the default shift stream 0.01 uploads about a
+            quarter of the requests and catches about half of the wrong answers (0.5 uploads < 1 %).
+        budget: Samples uploaded per round (``selection="budget"``).
+        byte_budget: Packet bytes per round (``selection="bytes"``).
+        token_scorer: Per-token uncertainty over the 49 visual tokens. ``"ood"``: diagonal
+            Mahalanobis distance to the position's clean source statistics (:class:`TokenStats`);
+            ``"mc_dropout"``: disagreement of T dropout passes through the bridge's token pathway;
+            ``"energy"``: the token's L2 norm (what the authors' code effectively ranks by);
+            ``"random"``: seeded uniform.
+        keep_ratio: Fraction of the 49 tokens uploaded per sample (0.5 was the paper's best); at
+            least one token is always kept.
+        direction: ``"most"`` keeps the highest-scoring (most uncertain) tokens, ``"least"`` the lowest.
+        fill: How the cloud fills the dropped slots. ``"mask"`` (default): masked out of its bridge's
+            cross-attention; ``"mean"``: the position's clean source mean (needs :class:`TokenStats`);
+            ``"zeros"``: zero vectors.
+        token_dtype: ``"int8"`` (per-token absmax scale in fp16, ~1 byte/channel) or ``"fp16"``.
+        mc_dropout_passes: T, stochastic passes of the ``mc_dropout`` scorer.
+        mc_dropout_p: Dropout probability of the ``mc_dropout`` scorer.
+        ood_floor: Variance floor of the ``ood`` scorer, relative to the mean source variance (many
+            channels of the ReLU6 feature map never fire on clean data; without a floor one stray
+            activation would dominate a token's score).
+        seed: Seed of the ``random`` and ``mc_dropout`` scorers (deterministic uploads).
+        allow_image: Also upload each sample's PNG. Off by default: the raw image never leaves the
+            device unless this is set explicitly.
+        skip_top: Share of a round's requests, the most uncertain ones, that are never uploaded
+            (0 = the paper's policy: upload the most uncertain). CEMA (ICLR 2024) skips the samples
+            so uncertain that neither model can answer them; > 0 makes UTS upload a band below them.
+    """
+
+    sample_scorer: str = "mc_disagreement"
+    temperature: float = 1.0
+    selection: str = "threshold"
+    threshold: float = 0.01
+    budget: int = 8
+    byte_budget: int = 256 * 1024
+    token_scorer: str = "ood"
+    keep_ratio: float = 0.5
+    direction: str = "most"
+    fill: str = "mask"
+    token_dtype: str = "int8"
+    mc_dropout_passes: int = 8
+    mc_dropout_p: float = 0.1
+    ood_floor: float = 0.01
+    seed: int = 0
+    allow_image: bool = False
+    skip_top: float = 0.0
+
+    def __post_init__(self):
+        def choice(name: str, options: Sequence[str]) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                raise ValueError(f"UTSConfig.{name} must be one of {', '.join(options)}; got {value!r}")
+
+        def number(name: str, ok: Callable[[float], bool], rule: str, kind: type = float) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+                    or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"UTSConfig.{name} must be {rule}; got {value!r}")
+
+        choice("sample_scorer", SAMPLE_SCORER_NAMES)
+        choice("selection", SELECTIONS)
+        choice("token_scorer", TOKEN_SCORER_NAMES)
+        choice("direction", DIRECTIONS)
+        choice("fill", FILLS)
+        choice("token_dtype", TOKEN_DTYPES)
+        number("temperature", lambda v: v > 0, "a positive number")
+        number("threshold", lambda v: True, "a finite number")
+        number("budget", lambda v: v >= 0, "an integer ≥ 0", int)
+        number("byte_budget", lambda v: v >= 0, "an integer ≥ 0", int)
+        number("keep_ratio", lambda v: 0 < v <= 1, "in (0, 1]")
+        number("skip_top", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("mc_dropout_passes", lambda v: v >= 2, "an integer ≥ 2", int)
+        number("mc_dropout_p", lambda v: 0 < v < 1, "in (0, 1)")
+        number("ood_floor", lambda v: v > 0, "a positive number")
+        number("seed", lambda v: True, "an integer", int)
+        if not isinstance(self.allow_image, bool):
+            raise ValueError(f"UTSConfig.allow_image must be True or False; got {self.allow_image!r}")

@@ -1,0 +1,329 @@
+"""The ``uplink`` wire packet: what one device sends the cloud for a round (kept tokens, int8 or
+fp16, plus text), and its strict decoder, since the cloud must not trust a device's bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cdcca import wire
+from cdcca.uplink.config import FILLS, MAX_DENSE_ELEMENTS, PNG_SIGNATURE, TOKEN_DIM, TOKEN_DTYPES, UPLINK_FORMAT, UTSConfig
+from cdcca.uplink.tokens import TokenStats, default_token_stats
+from cdcca.wire import PacketError
+
+
+@dataclass
+class UplinkSample:
+    """One request the device wants the cloud to see. ``tokens`` (P, C) are the device's visual
+    tokens; only the positions where ``keep`` is True are uploaded (None = all)."""
+
+    sample_id: str
+    tokens: torch.Tensor
+    question: str
+    answer: str
+    confidence: float
+    uncertainty: float = float("nan")
+    keep: torch.Tensor | None = None
+    mc: str = ""
+    image_png: bytes | None = None
+
+
+@dataclass
+class UplinkBatch:
+    """What the cloud gets from one uplink packet, ready for its bridge: ``bridge(tokens, keep)``."""
+
+    tokens: torch.Tensor          # (N, P, C) float32, dropped slots filled per ``fill``
+    keep: torch.Tensor            # (N, P) bool: False only where fill == "mask" dropped a slot
+    sent: torch.Tensor            # (N, P) bool: positions that were actually uploaded
+    questions: list[str]
+    answers: list[str]
+    mc: list[str]
+    confidences: list[float]
+    uncertainties: list[float]
+    sample_ids: list[str]
+    device_id: str
+    adapter_version: str
+    fill: str
+    token_dtype: str
+    images: list[bytes | None] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) float → int8 (M, C) and fp16 per-row scales with x ≈ q · scale (symmetric absmax).
+
+    The error per value is at most scale / 2, with scale ≥ absmax / 127 (equal up to fp16 rounding)."""
+    x = x.float()
+    target = x.abs().amax(-1) / 127.0
+    scale = target.half()
+    # round the fp16 scale up, never down, so |x| / scale ≤ 127 and no value is clipped
+    scale = torch.where(scale.float() < target, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    if not torch.isfinite(scale).all():
+        raise ValueError("token values are too large for an fp16 int8 scale (|x| > 8.3e6)")
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    q = torch.where(scale[:, None] > 0, (x / s).round().clamp(-127, 127), torch.zeros_like(x))
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def _text_entry(s: UplinkSample) -> dict[str, str]:
+    return {"id": s.sample_id, "q": s.question, "a": s.answer, "mc": s.mc}
+
+
+def _utf8(obj) -> bytes:
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"uplink text must be valid UTF-8 (no lone surrogates): {exc}") from None
+
+
+PACKET_OVERHEAD = 2048   # bytes of header, metadata and alignment a packet adds (an upper bound)
+
+
+def sample_cost(n_kept: int, token_dim: int = TOKEN_DIM, token_dtype: str = "int8", text_bytes: int = 64,
+                image_bytes: int = 0) -> int:
+    """Bytes one sample adds to an uplink packet (tokens, scales, positions, numbers, its text)."""
+    per_token = token_dim * (1 if token_dtype == "int8" else 2) + (2 if token_dtype == "int8" else 0) + 1
+    return n_kept * per_token + 4 + 4 + 4 + text_bytes + 40 + image_bytes + (4 if image_bytes else 0)
+
+
+def _kept(sample: UplinkSample, P: int) -> torch.Tensor:
+    if sample.keep is None:
+        return torch.ones(P, dtype=torch.bool)
+    keep = torch.as_tensor(sample.keep).bool().reshape(-1)
+    if keep.numel() != P:
+        raise ValueError(f"sample {sample.sample_id!r}: keep has {keep.numel()} entries, tokens have {P}")
+    if not keep.any():
+        raise ValueError(f"sample {sample.sample_id!r}: keeps no token; keep at least one")
+    return keep
+
+
+def _gather(samples: Sequence[UplinkSample]) -> tuple[int, int, torch.Tensor, torch.Tensor, list[int]]:
+    """Check the samples agree on (P, C) and have unique ids; (P, C, kept rows as float32 sample after
+    sample, their grid positions, kept tokens per sample)."""
+    P, C = tuple(samples[0].tokens.shape) if samples[0].tokens.ndim == 2 else (None, None)
+    if P is None or not 1 <= P <= 256 or C < 1:
+        raise ValueError(f"sample tokens must be (P, C) with 1 ≤ P ≤ 256; got {tuple(samples[0].tokens.shape)}")
+    ids = [s.sample_id for s in samples]
+    if any(not isinstance(i, str) or not i for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError("sample ids must be unique non-empty strings")
+    rows, positions, counts = [], [], []
+    for s in samples:
+        if tuple(s.tokens.shape) != (P, C):
+            raise ValueError(f"sample {s.sample_id!r} has tokens {tuple(s.tokens.shape)}, expected {(P, C)}")
+        keep = _kept(s, P)
+        pos = keep.nonzero().flatten()
+        rows.append(s.tokens[pos].float())
+        positions.append(pos)
+        counts.append(len(pos))
+    flat = torch.cat(rows)
+    if not torch.isfinite(flat).all():
+        raise ValueError("uplink tokens must be finite")
+    return P, C, flat, torch.cat(positions), counts
+
+
+def _image_tensors(samples: Sequence[UplinkSample]) -> dict[str, torch.Tensor]:
+    """``image_png`` (the PNG files back to back) and ``image_sizes`` (0 = a sample without one)."""
+    images = [bytes(s.image_png or b"") for s in samples]
+    for s, img in zip(samples, images):
+        if img and not img.startswith(PNG_SIGNATURE):
+            raise ValueError(f"sample {s.sample_id!r}: image_png is not a PNG file")
+    blob = b"".join(images)
+    return {
+        "image_png": torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8),
+        "image_sizes": torch.tensor([len(i) for i in images], dtype=torch.int32),
+    }
+
+
+def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: str, adapter_version: str) -> bytes:
+    """Pack the samples' kept tokens, quantized per cfg.token_dtype, into one ``uplink`` packet.
+
+    At the default setting a sample costs ~31 KB, so one packet holds up to ~2,000 samples before the
+    wire's 64 MiB limit; send larger backlogs in several packets (``Outbox.pending(limit)``).
+    """
+    if not samples:
+        raise ValueError("an uplink packet needs at least one sample")
+    P, C, flat, positions, counts = _gather(samples)
+    tensors: dict[str, torch.Tensor] = {
+        "positions": positions.to(torch.uint8),
+        "counts": torch.tensor(counts, dtype=torch.int32),
+        "confidence": torch.tensor([float(s.confidence) for s in samples], dtype=torch.float32),
+        "uncertainty": torch.tensor([float(s.uncertainty) for s in samples], dtype=torch.float32),
+        "text": torch.frombuffer(bytearray(_utf8([_text_entry(s) for s in samples])), dtype=torch.uint8),
+    }
+    if cfg.token_dtype == "int8":
+        tensors["tokens"], tensors["scales"] = quantize_int8(flat)
+    else:
+        if flat.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError("token values overflow fp16; use token_dtype='int8'")
+        tensors["tokens"] = flat.half()
+    if cfg.allow_image:
+        tensors.update(_image_tensors(samples))
+    meta = {
+        "uts.format": UPLINK_FORMAT, "device_id": str(device_id), "adapter_version": str(adapter_version),
+        "n_samples": str(len(samples)), "n_tokens": str(P), "token_dim": str(C),
+        "token_dtype": cfg.token_dtype, "fill": cfg.fill, "sample_scorer": cfg.sample_scorer,
+        "token_scorer": cfg.token_scorer, "keep_ratio": repr(float(cfg.keep_ratio)), "direction": cfg.direction,
+    }
+    data = wire.encode("uplink", tensors, meta)
+    if len(data) > wire.DEFAULT_LIMITS.max_bytes:
+        raise ValueError(f"uplink packet would be {len(data)} bytes, over the wire limit of "
+                         f"{wire.DEFAULT_LIMITS.max_bytes}; send the samples in several packets")
+    return data
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise PacketError(f"uplink packet: {message}")
+
+
+def _int_meta(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
+    raw = meta.get(key)
+    _need(raw is not None, f"metadata lacks {key!r}")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    _need(value is not None and str(value) == raw and lo <= value <= hi, f"{key}={raw[:40]!r} must be an integer in {lo}..{hi}")
+    return value
+
+
+def _tensor(t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    _need(name in t, f"tensor {name!r} is missing")
+    x = t[name]
+    _need(x.dtype == dtype, f"tensor {name!r} is {x.dtype}, expected {dtype}")
+    _need(tuple(x.shape) == shape, f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
+    return x
+
+
+def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor],
+                 fill: str | None) -> tuple[int, int, int, str, str]:
+    """(N, P, C, token_dtype, fill) from the metadata, once the tensor set matches that layout."""
+    _need(meta.get("uts.format") == UPLINK_FORMAT,
+          f"uts.format {meta.get('uts.format', '')[:20]!r} is not {UPLINK_FORMAT!r}; upgrade cdcca on this side")
+    N = _int_meta(meta, "n_samples", 1, 2**20)
+    P = _int_meta(meta, "n_tokens", 1, 256)
+    C = _int_meta(meta, "token_dim", 1, 2**20)
+    _need(N * P * C <= MAX_DENSE_ELEMENTS, f"{N}×{P}×{C} tokens would expand beyond {MAX_DENSE_ELEMENTS} floats")
+    token_dtype = meta.get("token_dtype")
+    _need(token_dtype in TOKEN_DTYPES, f"token_dtype {str(token_dtype)[:20]!r} is not one of {TOKEN_DTYPES}")
+    fill = fill or meta.get("fill")
+    _need(fill in FILLS, f"fill {str(fill)[:20]!r} is not one of {FILLS}")
+    for key in ("device_id", "adapter_version"):
+        _need(key in meta, f"metadata lacks {key!r}")
+    allowed = {"tokens", "positions", "counts", "confidence", "uncertainty", "text"}
+    allowed |= {"scales"} if token_dtype == "int8" else set()
+    allowed |= {"image_png", "image_sizes"} if "image_sizes" in t else set()
+    _need(set(t) == allowed, f"tensors {sorted(t)} do not match the layout {sorted(allowed)}")
+    return N, P, C, token_dtype, fill
+
+
+def _read_tokens(t: dict[str, torch.Tensor], N: int, P: int, C: int,
+                 token_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(counts, positions, float32 rows) of the kept tokens."""
+    counts = _tensor(t, "counts", torch.int32, (N,)).long()
+    _need(bool(((counts >= 1) & (counts <= P)).all()), f"every sample must carry 1..{P} tokens")
+    M = int(counts.sum())
+    positions = _tensor(t, "positions", torch.uint8, (M,)).long()
+    q = _tensor(t, "tokens", torch.int8 if token_dtype == "int8" else torch.float16, (M, C))
+    if token_dtype == "int8":
+        scales = _tensor(t, "scales", torch.float16, (M,))
+        _need(bool(torch.isfinite(scales).all() and (scales >= 0).all()), "scales must be finite and ≥ 0")
+        rows = dequantize_int8(q, scales)
+    else:
+        rows = q.float()
+        _need(bool(torch.isfinite(rows).all()), "tokens must be finite")
+    return counts, positions, rows
+
+
+def _sample_of(counts: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
+    """The sample index of every kept token, after checking positions lie on the grid and ascend."""
+    _need(bool((positions < P).all()), f"a token position is ≥ n_tokens={P}")
+    sample_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    if len(positions) > 1:   # within a sample, positions strictly ascending (hence distinct)
+        step = positions[1:] - positions[:-1]
+        same = sample_of[1:] == sample_of[:-1]
+        _need(bool((step[same] > 0).all()), "positions within a sample must be strictly ascending")
+    return sample_of
+
+
+def _read_text(t: dict[str, torch.Tensor], N: int) -> list[dict[str, str]]:
+    """The N ``{id, q, a, mc}`` entries, ids unique and non-empty."""
+    try:
+        entries = json.loads(bytes(t["text"].numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PacketError(f"uplink packet: text is not UTF-8 JSON ({exc})") from None
+    _need(isinstance(entries, list) and len(entries) == N, f"text must be a JSON list of {N} entries")
+    for e in entries:
+        _need(isinstance(e, dict) and set(e) == {"id", "q", "a", "mc"} and all(isinstance(v, str) for v in e.values()),
+              "each text entry must be {id, q, a, mc} strings")
+    ids = [e["id"] for e in entries]
+    _need(all(ids) and len(set(ids)) == N, "sample ids must be unique and non-empty")
+    return entries
+
+
+def _read_images(t: dict[str, torch.Tensor], N: int) -> list[bytes | None]:
+    images: list[bytes | None] = [None] * N
+    if "image_sizes" in t:
+        sizes = _tensor(t, "image_sizes", torch.int32, (N,)).long()
+        _need(bool((sizes >= 0).all()), "image sizes must be ≥ 0")
+        blob = _tensor(t, "image_png", torch.uint8, (int(sizes.sum()),)).numpy().tobytes()
+        off = 0
+        for i, n in enumerate(sizes.tolist()):
+            if n:
+                images[i] = blob[off:off + n]
+                _need(images[i].startswith(PNG_SIGNATURE), f"image of sample {i} is not a PNG")
+            off += n
+    return images
+
+
+def _densify(rows: torch.Tensor, sample_of: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int, int],
+             fill: str, stats: TokenStats | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (N, P, C) with dropped slots filled, the bridge's keep mask, the sent mask)."""
+    N, P, C = shape
+    sent = torch.zeros(N, P, dtype=torch.bool)
+    sent[sample_of, positions] = True
+    if fill == "mean":
+        stats = stats or default_token_stats()
+        if stats.shape != (P, C):
+            raise ValueError(f"fill='mean' needs token stats of shape {(P, C)}, got {stats.shape}")
+        dense = stats.mean.expand(N, P, C).clone()
+    else:
+        dense = torch.zeros(N, P, C)
+    dense[sample_of, positions] = rows
+    keep = sent.clone() if fill == "mask" else torch.ones(N, P, dtype=torch.bool)
+    return dense, keep, sent
+
+
+def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | None = None) -> UplinkBatch:
+    """Validate an uplink packet and rebuild dense (N, P, C) float32 tokens plus the bridge's keep mask.
+
+    ``fill`` overrides the packet's fill mode; ``"mean"`` uses ``stats`` (default: the packaged
+    source statistics). Any inconsistency raises :class:`wire.PacketError`.
+    """
+    pkt = wire.decode(data, expect_kind="uplink")
+    meta, t = pkt.meta, pkt.tensors
+    N, P, C, token_dtype, fill = _read_layout(meta, t, fill)
+    counts, positions, rows = _read_tokens(t, N, P, C, token_dtype)
+    conf = _tensor(t, "confidence", torch.float32, (N,))
+    unc = _tensor(t, "uncertainty", torch.float32, (N,))
+    sample_of = _sample_of(counts, positions, P)
+    entries = _read_text(t, N)
+    images = _read_images(t, N)
+    dense, keep, sent = _densify(rows, sample_of, positions, (N, P, C), fill, stats)
+    return UplinkBatch(
+        tokens=dense, keep=keep, sent=sent, questions=[e["q"] for e in entries], answers=[e["a"] for e in entries],
+        mc=[e["mc"] for e in entries], confidences=conf.tolist(), uncertainties=unc.tolist(),
+        sample_ids=[e["id"] for e in entries], device_id=meta["device_id"], adapter_version=meta["adapter_version"],
+        fill=fill, token_dtype=token_dtype, images=images, meta=dict(meta), nbytes=len(data))

@@ -1,0 +1,221 @@
+"""Visual-token side of UTS: source-domain token statistics for the ``ood`` scorer, the token
+scorers ``(B, P, C) -> (B, P)`` and the per-sample choice of which tokens to upload."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from cdcca.uplink.config import DIRECTIONS, N_TOKENS, TOKEN_STATS_PATH, UTSConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# token statistics (source domain) for the ood scorer
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TokenStats:
+    """Per-position mean and variance (P, C) of clean source-domain visual tokens."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    n: int = 0
+
+    def __post_init__(self):
+        self.mean, self.var = self.mean.float(), self.var.float()
+        if self.mean.ndim != 2 or self.mean.shape != self.var.shape:
+            raise ValueError(f"TokenStats needs mean and var of one (P, C) shape; got "
+                             f"{tuple(self.mean.shape)} and {tuple(self.var.shape)}")
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.var).all()) or (self.var < 0).any():
+            raise ValueError("TokenStats mean/var must be finite and var ≥ 0")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mean.shape)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as fp16 safetensors (~250 KB for 49 × 1280), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"mean": self.mean.half().contiguous(), "var": self.var.half().contiguous()}, str(tmp),
+                  metadata={"format": "cdcca.token_stats/1", "n": str(int(self.n))})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TokenStats:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                mean, var = f.get_tensor("mean"), f.get_tensor("var")
+            return cls(mean, var, int(meta.get("n", 0)))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is not a token-statistics file ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild it with "
+                             f"cdcca.uplink.build_token_stats()") from None
+
+
+@torch.no_grad()
+def collect_token_stats(tokens: torch.Tensor, chunk: int = 256) -> TokenStats:
+    """Per-position mean and (population) variance of (N, P, C) tokens, accumulated in float64."""
+    if tokens.ndim != 3 or len(tokens) == 0:
+        raise ValueError(f"tokens must be a non-empty (N, P, C) tensor, got {tuple(tokens.shape)}")
+    s = torch.zeros(tokens.shape[1:], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for start in range(0, len(tokens), chunk):
+        x = tokens[start:start + chunk].double()
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+    n = len(tokens)
+    mean = s / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    return TokenStats(mean.float(), var.float(), n)
+
+
+def build_token_stats(out: str | os.PathLike[str] | None = None) -> Path:
+    """Compute the source statistics from the cached clean easy-VQA *train* features and write them
+    (default: the packaged ``cdcca/weights/token_stats.safetensors``)."""
+    from cdcca.data.features import cached_features
+
+    stats = collect_token_stats(cached_features("train"))
+    path = stats.save(out or TOKEN_STATS_PATH)
+    default_token_stats.cache_clear()
+    return path
+
+
+@lru_cache(maxsize=1)
+def default_token_stats() -> TokenStats:
+    """The packaged source statistics (49 × 1280)."""
+    from cdcca.assets import AssetError
+
+    if not TOKEN_STATS_PATH.is_file():
+        raise AssetError(f"token statistics not found at {TOKEN_STATS_PATH}; build them with: "
+                         "python -c 'from cdcca.uplink import build_token_stats; build_token_stats()'")
+    return TokenStats.load(TOKEN_STATS_PATH)
+
+
+# ----------------------------------------------------------------------------------------------
+# token scorers: (B, P, C) -> (B, P), higher = more uncertain / informative
+# ----------------------------------------------------------------------------------------------
+def _check_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must be (B, P, C), got {tuple(tokens.shape)}")
+    return tokens.float()
+
+
+@torch.no_grad()
+def score_ood(tokens: torch.Tensor, *, stats: TokenStats | None = None, floor: float = 0.01, **_) -> torch.Tensor:
+    """Diagonal Mahalanobis distance to the position's source statistics, normalized by dim:
+    ``mean_c (x_pc − μ_pc)² / (σ²_pc + floor · mean(σ²))``. Needs ``stats`` of shape (P, C)
+    (default: the packaged ones)."""
+    x = _check_tokens(tokens)
+    stats = stats or default_token_stats()
+    if stats.shape != tuple(x.shape[1:]):
+        raise ValueError(f"token stats are {stats.shape}, tokens are {tuple(x.shape[1:])}")
+    var = stats.var + floor * float(stats.var.mean().clamp_min(1e-12))
+    return ((x - stats.mean) ** 2 / var).mean(-1)
+
+
+def _random_feature_net(dim: int, seed: int, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 7919)
+    w1 = torch.randn(dim, width, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(width, width, generator=g) / math.sqrt(width)
+    return w1, w2
+
+
+@torch.no_grad()
+def score_mc_dropout(tokens: torch.Tensor, *, bridge: torch.nn.Module | None = None, passes: int = 8,
+                     p: float = 0.1, seed: int = 0, **_) -> torch.Tensor:
+    """MC dropout through a network: how much T dropout passes disagree about a token's embedding.
+
+    With the device's ``bridge`` the network is the bridge's own token pathway — LayerNorm, token
+    projection + position embedding (the keys/values its cross-attention reads), dropout, then the
+    first cross-attention block's value projection. Without one it is a fixed, seeded random-feature
+    network (LayerNorm → C×64 → GELU → dropout → 64×64). Each pass's output z_t is unit-normalized;
+    the score is the total variance of those unit vectors, ``1 − ‖mean_t z_t‖²`` ∈ [0, 1]: a token
+    whose embedding hinges on a few channels swings under dropout, one with redundant evidence does not.
+
+    Why not dropout on the token vector itself? With x̃ = m ⊙ x / (1 − p), m ~ Bernoulli(1 − p),
+    Var[x̃_c] = p/(1 − p) · x_c², so the summed variance is p/(1 − p)·‖x‖²: a monotone function of the
+    token's energy that ranks tokens exactly like :func:`score_energy`, however many passes are run.
+    Here the LayerNorm removes the token's scale, so the score cannot be a function of its norm.
+    """
+    x = _check_tokens(tokens)
+    B, P, C = x.shape
+    g = torch.Generator().manual_seed(seed)
+    if bridge is not None:
+        if getattr(bridge.cfg, "token_dim", C) != C or getattr(bridge.cfg, "n_tokens", P) != P:
+            raise ValueError(f"bridge expects tokens (*, {bridge.cfg.n_tokens}, {bridge.cfg.token_dim}), "
+                             f"got {tuple(x.shape)}")
+        h = bridge.token_proj(bridge.token_norm(x)) + bridge.pos                 # (B, P, d)
+        d = h.shape[-1]
+        ca = bridge.blocks[0].cross_attn
+        w_v, b_v = ca.in_proj_weight[2 * d:], ca.in_proj_bias[2 * d:]
+        mask = torch.rand((passes, B, P, d), generator=g) >= p
+        z = (h * mask / (1 - p)) @ w_v.T + b_v                                    # (T, B, P, d)
+    else:
+        w1, w2 = _random_feature_net(C, seed)
+        h = F.gelu(F.layer_norm(x, (C,)) @ w1)                                   # (B, P, 64)
+        mask = torch.rand((passes, *h.shape), generator=g) >= p
+        z = (h * mask / (1 - p)) @ w2                                            # (T, B, P, 64)
+    z = F.normalize(z, dim=-1)
+    return (1.0 - z.mean(0).pow(2).sum(-1)).clamp_min(0)
+
+
+@torch.no_grad()
+def score_energy(tokens: torch.Tensor, **_) -> torch.Tensor:
+    """The token's L2 norm — what ranking by dropout on the raw token effectively computes."""
+    return _check_tokens(tokens).norm(dim=-1)
+
+
+@torch.no_grad()
+def score_random(tokens: torch.Tensor, *, seed: int = 0, **_) -> torch.Tensor:
+    """Seeded uniform scores (the uninformed baseline)."""
+    B, P = _check_tokens(tokens).shape[:2]
+    return torch.rand((B, P), generator=torch.Generator().manual_seed(seed))
+
+
+TOKEN_SCORERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ood": score_ood,
+    "mc_dropout": score_mc_dropout,
+    "energy": score_energy,
+    "random": score_random,
+}
+
+
+def score_tokens(tokens: torch.Tensor, cfg: UTSConfig, *, stats: TokenStats | None = None,
+                 bridge: torch.nn.Module | None = None) -> torch.Tensor:
+    """(B, P) scores of cfg.token_scorer (stats for ``ood``, the device bridge for ``mc_dropout``)."""
+    return TOKEN_SCORERS[cfg.token_scorer](tokens, stats=stats, bridge=bridge, passes=cfg.mc_dropout_passes,
+                                           p=cfg.mc_dropout_p, seed=cfg.seed, floor=cfg.ood_floor)
+
+
+def n_keep(keep_ratio: float, n_tokens: int = N_TOKENS) -> int:
+    return max(1, min(n_tokens, round(keep_ratio * n_tokens)))
+
+
+def select_tokens(scores: torch.Tensor, keep_ratio: float, direction: str = "most") -> torch.Tensor:
+    """keep (B, P) bool: the round(keep_ratio · P) highest (``most``) or lowest (``least``) scores, ≥ 1."""
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (B, P), got {tuple(scores.shape)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    s = torch.nan_to_num(scores.float(), nan=math.inf)
+    k = n_keep(keep_ratio, s.shape[1])
+    idx = s.topk(k, dim=1, largest=direction == "most").indices
+    return torch.zeros(s.shape, dtype=torch.bool).scatter_(1, idx, True)
