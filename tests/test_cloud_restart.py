@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
+from cdcca.adapter_state import state_hash
 from cdcca.cloud import CloudRuntime
 from cdcca.device import DeviceRuntime
-from cdcca.adapter_state import state_hash
 from cdcca.distill import AKDConfig
 from cdcca.downlink import decode_update
 from cdcca.wire import decode
