@@ -25,16 +25,14 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from cdcca.fleet import certs, deploy
 from cdcca.fleet.flower import (
     ROUND_LOG,
-    Downlink,
     FleetRunConfig,
     RoundLog,
-    Uplink,
     _record,
     claims_own_name,
-    cloud_round,
     cloud_rounds,
     device_home,
 )
+from cdcca.protocol import UplinkMessage
 
 # ---------------------------------------------------------------------------------------------------
 # certificates and node keys
@@ -102,45 +100,8 @@ def test_a_tls_client_trusting_the_ca_accepts_the_server(tmp_path, name):
 # the ServerApp's helpers, with a stand-in cloud
 
 
-class FakeCloud:
-    """The CloudRuntime calls cloud_round makes; the mirror is at version 2."""
-
-    def __init__(self, stored=None, new=b"update 2->3"):
-        self.stored, self.new = stored or {}, new
-
-    def receive(self, packet):
-        return ["s1", "s2"]
-
-    def mirror_hash(self, device_id):
-        return "h2"
-
-    def update_for(self, device_id, version):
-        return self.stored.get(version)
-
-    def resync(self, device_id):
-        return b"resync v2"
-
-    def run_round(self, device_id):
-        return self.new
-
-
-def uplink(version, hash_, packet=b"uplink"):
-    return Uplink(node_id=7, device_id="dev-1", packet=packet, served={}, status={"version": version, "hash": hash_})
-
-
-def test_a_device_in_sync_gets_acks_and_its_new_update():
-    down = cloud_round(FakeCloud(), uplink(2, "h2"))
-    assert down == Downlink(acked=["s1", "s2"], packets=[b"update 2->3"], caught_up=False)
-
-
-def test_a_device_that_missed_an_update_gets_it_replayed_first():
-    down = cloud_round(FakeCloud(stored={1: b"update 1->2"}), uplink(1, "h1"))
-    assert down.packets == [b"update 1->2", b"update 2->3"] and down.caught_up
-
-
-def test_a_device_with_no_stored_update_for_its_version_gets_a_resync():
-    down = cloud_round(FakeCloud(new=None), uplink(0, "h0", packet=None))
-    assert down == Downlink(acked=[], packets=[b"resync v2"], caught_up=True)
+def uplink(packet):
+    return UplinkMessage(device_id="dev-1", packet=packet, served={}, status={"version": 2, "hash": "h2"})
 
 
 def test_a_node_speaks_only_for_its_registered_device():
@@ -160,13 +121,19 @@ def test_a_node_speaks_only_for_its_registered_device():
 def test_a_rejected_uplink_leaves_only_that_device_out():
     from cdcca.wire import PacketError
 
-    class Picky(FakeCloud):
+    class Picky:
         def receive(self, packet):
             if packet == b"bad":
                 raise PacketError("truncated")
             return ["s1"]
 
-    ups = {1: uplink(2, "h2", packet=b"bad"), 2: uplink(2, "h2")}
+        def mirror_hash(self, device_id):
+            return "h2"
+
+        def run_round(self, device_id):
+            return b"update"
+
+    ups = {1: uplink(b"bad"), 2: uplink(b"uplink")}
     assert list(cloud_rounds(Picky(), ups)) == [2]
 
 

@@ -60,7 +60,8 @@ class CloudRuntime:
         self.akd = akd
         self.dwc = dwc or DWCConfig()
         self.initial_state = initial_state
-        self._student_versions: dict[str, int] = {}    # device → mirror version AKD's in-memory state belongs to
+        self._student_versions: dict[str, int] = {}
+        self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)    # device → mirror version AKD's in-memory state belongs to
         self.db = sqlite3.connect(str(self.dir / "cloud.sqlite"), isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -160,8 +161,10 @@ class CloudRuntime:
     # -- a round: AKD → DWC ------------------------------------------------------------------
     def run_round(self, device_id: str) -> bytes | None:
         """Distil the device's new uploads into its mirror and store (then return) the update packet."""
+        t_round = time.perf_counter()
         pending = self._load_pending(device_id)
         if pending is None:
+            self.last_round_s = time.perf_counter() - t_round
             return None
         tokens, keep, questions, ids, device_answers = pending
         version, base = self.mirror(device_id)
@@ -204,6 +207,7 @@ class CloudRuntime:
             self.db.execute("ROLLBACK")
             raise
         self._student_versions[device_id] = new
+        self.last_round_s = time.perf_counter() - t_round
         return packet
 
     def _restore_student(self, device_id: str, version: int) -> None:

@@ -1,6 +1,7 @@
 """The cdcca protocol as Flower apps: the cloud is the ServerApp, each device a ClientApp (Message API).
 
-One round, for every connected device (the same steps as the embedded fleet in ``cdcca.fleet.local``):
+One round, for every connected device — the steps of :mod:`cdcca.protocol`, as the embedded fleet
+(``cdcca.fleet.local``) runs them, with Flower messages as the transport:
 
     ServerApp (cloud)                              ClientApp (device; one process per message)
     query.uplink {round}                  ──►      serve_round(round); collect_uplink()
@@ -26,15 +27,18 @@ import math
 import time
 from collections.abc import Iterable
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+
+if TYPE_CHECKING:     # the protocol imports torch; the apps import it only when a step runs
+    from cdcca.protocol import DownlinkMessage, UplinkMessage
 
 ROUND_LOG = "fleet-rounds.jsonl"      # per-round metrics, one JSON object a line, in the cloud state dir
 
@@ -132,32 +136,28 @@ def open_device(context: Context):
 
 @client_app.query("uplink")
 def uplink(msg: Message, context: Context) -> Message:
+    from cdcca.protocol import device_uplink
+
     cfg = msg.content["config"]
     with closing(open_device(context)) as device:
-        served = device.serve_round(int(cfg["round"]))
-        device.outbox.requeue()     # still in flight = their ack was lost; the cloud dedups sample ids
-        packet = device.collect_uplink(int(cfg["max-samples"]))
-        up = {"device-id": device.device_id, **({"packet": packet} if packet is not None else {})}
-        return Message(RecordDict({"uplink": ConfigRecord(up), "served": _record(served),
-                                   "status": _record(device.status())}), reply_to=msg)
+        up = device_uplink(device, int(cfg["round"]), int(cfg["max-samples"]))
+        record = {"device-id": up.device_id, **({"packet": up.packet} if up.packet is not None else {})}
+        return Message(RecordDict({"uplink": ConfigRecord(record), "served": _record(up.served),
+                                   "status": _record(up.status)}), reply_to=msg)
 
 
 @client_app.train("apply")
 def apply(msg: Message, context: Context) -> Message:
-    from cdcca.store import StaleBaseError
+    from cdcca.protocol import DownlinkMessage, device_apply
 
     down = msg.content["downlink"]
     with closing(open_device(context)) as device:
-        device.ack_uplink(list(down.get("acked", [])))
-        applied = []
-        for packet in down.get("packets", []):
-            try:
-                applied.append(device.apply(packet)["status"])
-            except StaleBaseError as exc:
-                return Message(RecordDict({"resync": ConfigRecord({"reason": str(exc)}),
-                                           "status": _record(device.status())}), reply_to=msg)
-        return Message(RecordDict({"applied": ConfigRecord({"status": applied} if applied else {}),
-                                   "status": _record(device.status())}), reply_to=msg)
+        report = device_apply(device, DownlinkMessage(list(down.get("acked", [])), list(down.get("packets", []))))
+        if report.resync_reason is not None:
+            return Message(RecordDict({"resync": ConfigRecord({"reason": report.resync_reason}),
+                                       "status": _record(report.status)}), reply_to=msg)
+        return Message(RecordDict({"applied": ConfigRecord({"status": report.applied} if report.applied else {}),
+                                   "status": _record(report.status)}), reply_to=msg)
 
 
 @client_app.evaluate()
@@ -170,26 +170,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 # ServerApp: the round, one helper per step
 
 server_app = ServerApp()
-
-
-@dataclass
-class Uplink:
-    """What one device sent in a round."""
-
-    node_id: int
-    device_id: str
-    packet: bytes | None
-    served: dict[str, Any]
-    status: dict[str, Any]
-
-
-@dataclass
-class Downlink:
-    """What the cloud sends one device back: acknowledgements and update packets, applied in order."""
-
-    acked: list[str]
-    packets: list[bytes] = field(default_factory=list)
-    caught_up: bool = False          # the first packet replays an update whose reply was lost
 
 
 @server_app.main()
@@ -271,8 +251,10 @@ def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
     return Message(RecordDict(records), dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, Uplink]:
+def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, UplinkMessage]:
     """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
+    from cdcca.protocol import UplinkMessage
+
     names = {n.node_id: n.name for n in grid.get_nodes()}
     ask = ConfigRecord({"round": rnd, "max-samples": cfg.max_samples})
     uplinks = {}
@@ -283,8 +265,8 @@ def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, Upli
         device_id = str(up.get("device-id", ""))
         if not claims_own_name(nid, names[nid], device_id, up.get("packet")):
             continue
-        uplinks[nid] = Uplink(nid, device_id, up.get("packet"), _dict(reply.content.get("served")),
-                              _dict(reply.content.get("status")))
+        uplinks[nid] = UplinkMessage(device_id, up.get("packet"), _dict(reply.content.get("served")),
+                                     _dict(reply.content.get("status")))
     return uplinks
 
 
@@ -304,33 +286,21 @@ def claims_own_name(node_id: int, registered: str, device_id: str, packet: bytes
     return True
 
 
-def cloud_rounds(cloud, uplinks: dict[int, Uplink]) -> dict[int, Downlink]:
-    """The cloud's part of the round for each device; a device whose packet is rejected is left out."""
+def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage]) -> dict[int, DownlinkMessage]:
+    """The cloud's step of the round for each device; a device whose packet is rejected is left out."""
+    from cdcca.protocol import cloud_downlink
     from cdcca.wire import PacketError
 
     downlinks = {}
     for nid, up in uplinks.items():
         try:
-            downlinks[nid] = cloud_round(cloud, up)
+            downlinks[nid] = cloud_downlink(cloud, up)
         except PacketError as exc:
             log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
     return downlinks
 
 
-def cloud_round(cloud, up: Uplink) -> Downlink:
-    """Commit the uploads, replay an update the device missed, then AKD → DWC for this device."""
-    down = Downlink(acked=cloud.receive(up.packet) if up.packet is not None else [])
-    if up.status.get("hash") != cloud.mirror_hash(up.device_id):     # an earlier train.apply got lost
-        missed = cloud.update_for(up.device_id, int(up.status.get("version", -1)))
-        down.packets.append(missed if missed is not None else cloud.resync(up.device_id))
-        down.caught_up = True
-    update = cloud.run_round(up.device_id)
-    if update is not None:
-        down.packets.append(update)
-    return down
-
-
-def send_downlinks(grid: Grid, cloud, uplinks: dict[int, Uplink], downlinks: dict[int, Downlink],
+def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
                    rnd: int, cfg: FleetRunConfig) -> set[int]:
     """train.apply to each device alone; a device on a stale base gets a dense resync. Returns resynced nodes."""
     msgs = [_to(nid, "train.apply", rnd, downlink=ConfigRecord({"acked": d.acked, "packets": d.packets}))
@@ -340,8 +310,10 @@ def send_downlinks(grid: Grid, cloud, uplinks: dict[int, Uplink], downlinks: dic
         if usable(msg, reply, "status") and "resync" in reply.content:
             stale.append(msg.metadata.dst_node_id)
             log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
+    from cdcca.protocol import cloud_resync
+
     resync = [_to(nid, "train.apply", rnd, downlink=ConfigRecord(
-        {"acked": [], "packets": [cloud.resync(uplinks[nid].device_id)]})) for nid in stale]
+        {"acked": [], "packets": cloud_resync(cloud, uplinks[nid].device_id).packets})) for nid in stale]
     for msg, reply in exchange(grid, resync, cfg):
         usable(msg, reply, "status")
     return set(stale)
@@ -354,7 +326,7 @@ def collect_status(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, dict[
             for msg, reply in exchange(grid, msgs, cfg) if usable(msg, reply, "status")}
 
 
-def check_mirrors(cloud, rnd: int, uplinks: dict[int, Uplink], downlinks: dict[int, Downlink],
+def check_mirrors(cloud, rnd: int, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
                   resynced: set[int], statuses: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """One round's record: per device what moved and whether it now equals its cloud mirror."""
     devices = {}

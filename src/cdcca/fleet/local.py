@@ -1,7 +1,7 @@
 """The embedded fleet: N device runtimes and one cloud runtime in one process, no network.
 
-It moves exactly the packets a deployment moves (uplink → cloud inbox, update → device store),
-through the same runtimes, so what the demo measures is what a deployment would do.
+It runs the steps of :mod:`cdcca.protocol` — the same functions the Flower apps call — through the
+same runtimes, moving the same packets, so what the demo measures is what a deployment would do.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cdcca import protocol
 from cdcca.cloud import CloudRuntime
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.device import DeviceRuntime
 from cdcca.distill import AKDConfig
 from cdcca.downlink import DWCConfig
-from cdcca.store import StaleBaseError
 from cdcca.uplink import UTSConfig
 
 
@@ -67,29 +67,19 @@ class LocalFleet:
         return cls(cfg, out_dir, devices, cloud)
 
     def run_round(self, rnd: int, evaluate=None) -> list[dict]:
-        """One round for every device: serve → uplink → cloud round → downlink → (evaluate)."""
+        """One round for every device, the steps of :mod:`cdcca.protocol` (then an optional evaluation)."""
         rows = []
         for dev in self.devices:
             t0 = time.perf_counter()
-            served = dev.serve_round(rnd)
             before = dev.status()
-            packet = dev.collect_uplink()
-            acked = self.cloud.receive(packet) if packet is not None else []
-            dev.ack_uplink(acked)
-            t1 = time.perf_counter()
-            update = self.cloud.run_round(dev.device_id)
-            cloud_s = time.perf_counter() - t1
-            if update is not None:
-                try:
-                    dev.apply(update)
-                except StaleBaseError:
-                    dev.apply(self.cloud.resync(dev.device_id))
-            after = dev.status()
+            up, down, report = protocol.run_round(dev, self.cloud, rnd)
+            after = report.status
             assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
-            row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
-                   "uploads": len(acked),
+            row = {"round": rnd, "device": dev.device_id, "domain": up.served["domain"], "online_mc": up.served["online_mc"],
+                   "uploads": len(down.acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
-                   "version": after["version"], "cloud_s": round(cloud_s, 2), "wall_s": round(time.perf_counter() - t0, 2)}
+                   "version": after["version"], "cloud_s": round(self.cloud.last_round_s, 2),
+                   "wall_s": round(time.perf_counter() - t0, 2)}
             if evaluate is not None:
                 row.update(evaluate(dev))
             rows.append(row)

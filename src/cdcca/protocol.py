@@ -1,0 +1,96 @@
+"""One round of the cdcca protocol, step by step: the only place a step of a round is written down.
+
+Every driver calls these four functions; only the transport between them differs (a function call
+in :mod:`cdcca.fleet.local`, Flower messages in :mod:`cdcca.fleet.flower`):
+
+    device_uplink(device, round)   device   serve this round's requests (answer, UTS score, outbox),
+                                            requeue samples whose acknowledgement never came, pack the
+                                            outbox → :class:`UplinkMessage`
+    cloud_downlink(cloud, up)      cloud    commit the uploads (their ids are the acknowledgements),
+                                            replay the update a device missed (catch-up: its hash is
+                                            not the mirror's), then AKD → DWC → :class:`DownlinkMessage`
+    device_apply(device, down)     device   drop acknowledged samples, apply the packets in order →
+                                            :class:`ApplyReport` (a stale base asks for a resync)
+    cloud_resync(cloud, device)    cloud    a dense resync packet for a device that fell out of sync
+
+The messages hold bytes, strings and numbers only, so any transport can carry them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdcca.store import StaleBaseError
+
+
+@dataclass
+class UplinkMessage:
+    """What one device sends at the start of a round."""
+
+    device_id: str
+    packet: bytes | None            # None: nothing uncertain to upload this round
+    served: dict[str, Any]          # this round's online metrics (requests, online MC, domain)
+    status: dict[str, Any]          # version, hash, outbox, byte counters before the cloud step
+
+
+@dataclass
+class DownlinkMessage:
+    """What the cloud sends one device back: acknowledgements and packets, applied in order."""
+
+    acked: list[str]
+    packets: list[bytes] = field(default_factory=list)
+    caught_up: bool = False         # the first packet replays an update whose delivery was lost
+
+
+@dataclass
+class ApplyReport:
+    applied: list[str]              # the store's status per packet ("applied", "already_applied")
+    resync_reason: str | None       # set when a packet's base was not the device's version
+    status: dict[str, Any]
+
+
+def device_uplink(device, rnd: int, max_samples: int = 256) -> UplinkMessage:
+    served = device.serve_round(rnd)
+    device.outbox.requeue()          # still in flight = their ack was lost; the cloud dedups sample ids
+    packet = device.collect_uplink(max_samples)
+    return UplinkMessage(device.device_id, packet, served, device.status())
+
+
+def cloud_downlink(cloud, up: UplinkMessage) -> DownlinkMessage:
+    """Commit the uploads, replay an update the device missed, then AKD → DWC for this device.
+    A malformed packet raises :class:`cdcca.wire.PacketError` before anything is stored or acknowledged."""
+    down = DownlinkMessage(acked=cloud.receive(up.packet) if up.packet is not None else [])
+    if up.status.get("hash") != cloud.mirror_hash(up.device_id):     # an earlier delivery got lost
+        missed = cloud.update_for(up.device_id, int(up.status.get("version", -1)))
+        down.packets.append(missed if missed is not None else cloud.resync(up.device_id))
+        down.caught_up = True
+    update = cloud.run_round(up.device_id)
+    if update is not None:
+        down.packets.append(update)
+    return down
+
+
+def device_apply(device, down: DownlinkMessage) -> ApplyReport:
+    device.ack_uplink(list(down.acked))
+    applied = []
+    for packet in down.packets:
+        try:
+            applied.append(device.apply(packet)["status"])
+        except StaleBaseError as exc:
+            return ApplyReport(applied, str(exc), device.status())
+    return ApplyReport(applied, None, device.status())
+
+
+def cloud_resync(cloud, device_id: str) -> DownlinkMessage:
+    return DownlinkMessage(acked=[], packets=[cloud.resync(device_id)])
+
+
+def run_round(device, cloud, rnd: int, max_samples: int = 256) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
+    """All four steps for one device in one process (the embedded fleet)."""
+    up = device_uplink(device, rnd, max_samples)
+    down = cloud_downlink(cloud, up)
+    report = device_apply(device, down)
+    if report.resync_reason is not None:
+        report = device_apply(device, cloud_resync(cloud, device.device_id))
+    return up, down, report

@@ -1,0 +1,108 @@
+"""The steps of one round (cdcca.protocol), each on its own: what the cloud answers a device in sync,
+behind, or lost, and what a device does with a packet on a stale base."""
+
+import pytest
+
+from cdcca.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, run_round
+from cdcca.store import StaleBaseError
+
+
+class FakeCloud:
+    """The CloudRuntime calls the cloud step makes; the mirror is at version 2."""
+
+    def __init__(self, stored=None, new=b"update 2->3"):
+        self.stored, self.new = stored or {}, new
+
+    def receive(self, packet):
+        return ["s1", "s2"]
+
+    def mirror_hash(self, device_id):
+        return "h2"
+
+    def update_for(self, device_id, version):
+        return self.stored.get(version)
+
+    def resync(self, device_id):
+        return b"resync v2"
+
+    def run_round(self, device_id):
+        return self.new
+
+
+def uplink(version, hash_, packet=b"uplink"):
+    return UplinkMessage(device_id="dev-1", packet=packet, served={}, status={"version": version, "hash": hash_})
+
+
+def test_a_device_in_sync_gets_acks_and_its_new_update():
+    down = cloud_downlink(FakeCloud(), uplink(2, "h2"))
+    assert down == DownlinkMessage(acked=["s1", "s2"], packets=[b"update 2->3"], caught_up=False)
+
+
+def test_a_device_that_missed_an_update_gets_it_replayed_first():
+    down = cloud_downlink(FakeCloud(stored={1: b"update 1->2"}), uplink(1, "h1"))
+    assert down.packets == [b"update 1->2", b"update 2->3"] and down.caught_up
+
+
+def test_a_device_with_no_stored_update_for_its_version_gets_a_resync():
+    down = cloud_downlink(FakeCloud(new=None), uplink(0, "h0", packet=None))
+    assert down == DownlinkMessage(acked=[], packets=[b"resync v2"], caught_up=True)
+
+
+class FakeDevice:
+    device_id = "dev-1"
+
+    def __init__(self):
+        self.acked, self.seen = [], []
+
+    def ack_uplink(self, ids):
+        self.acked += ids
+
+    def apply(self, packet):
+        self.seen.append(packet)
+        if packet == b"stale":
+            raise StaleBaseError("update base v1 is not the device's v2")
+        return {"status": "applied"}
+
+    def status(self):
+        return {"version": 2, "hash": "h2"}
+
+
+def test_a_device_acks_then_applies_in_order_and_stops_at_a_stale_base():
+    dev = FakeDevice()
+    report = device_apply(dev, DownlinkMessage(acked=["s1"], packets=[b"u1", b"stale", b"u3"]))
+    assert dev.acked == ["s1"] and dev.seen == [b"u1", b"stale"]
+    assert report.applied == ["applied"] and "v1" in report.resync_reason
+
+
+def test_one_round_in_process_resyncs_a_device_on_a_stale_base():
+    class StaleOnce(FakeDevice):
+        def apply(self, packet):
+            if packet == b"update 2->3":
+                self.seen.append(packet)
+                raise StaleBaseError("stale")
+            return super().apply(packet)
+
+        def serve_round(self, rnd):
+            return {"round": rnd}
+
+        def collect_uplink(self, max_samples):
+            return b"uplink"
+
+        class outbox:
+            @staticmethod
+            def requeue():
+                return 0
+
+    dev = StaleOnce()
+    up, down, report = run_round(dev, FakeCloud(), 0)
+    assert up.packet == b"uplink" and down.packets == [b"update 2->3"]
+    assert dev.seen == [b"update 2->3", b"resync v2"] and report.resync_reason is None
+
+
+def test_messages_carry_only_plain_values():
+    import dataclasses
+
+    up = UplinkMessage("dev-1", None, {"round": 0}, {"version": 0})
+    assert dataclasses.asdict(up) == {"device_id": "dev-1", "packet": None, "served": {"round": 0}, "status": {"version": 0}}
+    with pytest.raises(TypeError):
+        DownlinkMessage()
