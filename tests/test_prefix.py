@@ -60,3 +60,14 @@ def test_prefix_distillation_needs_the_source_set_and_something_to_train(tiny_de
         AKD(tiny_cloud, tiny_device, prompter, AKDConfig(prefix_epochs=2, source_replay=0.0))
     with pytest.raises(ValueError, match="nothing would be trained"):
         AKDConfig(epochs=0, prefix_epochs=0)
+
+
+def test_the_input_group_moves_only_the_bridge_input_side(tiny_device, tiny_cloud):
+    source = torch.randn(8, 49, 32).half()
+    teacher = PrefixTeacher.fit(tiny_cloud.bridge, tiny_device.bridge, source, ridge=1.0)
+    tokens, keep = torch.randn(4, 49, 32), torch.ones(4, 49, dtype=torch.bool)
+    before = {k: v.clone() for k, v in tiny_device.bridge.state_dict().items()}
+    train_prefix(tiny_device.bridge, teacher, tokens, keep, teacher.map(bridge_prefix(tiny_cloud.bridge, tokens, keep)),
+                 epochs=2, batch_size=2, lr=1e-3, source_ratio=0.0, grad_clip=2.0, rng=random.Random(0), group="input")
+    changed = {k for k, v in tiny_device.bridge.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"token_norm.weight", "token_norm.bias", "token_proj.weight", "token_proj.bias", "pos"}

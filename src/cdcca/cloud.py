@@ -22,7 +22,8 @@ import hashlib
 import json
 import sqlite3
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,8 +31,9 @@ from safetensors.torch import load_file, save
 
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.atomic import atomic_write
-from cdcca.distill import AKD, AKDConfig, load_source_set, random_source_set
+from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord, load_source_set, random_source_set
 from cdcca.downlink import DWCConfig, build_resync, build_update
+from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
 from cdcca.student_store import load_student_state, save_records, save_student_state
 from cdcca.uplink import decode_uplink
@@ -53,12 +55,30 @@ def _atomic_save(path: Path, state: AdapterState) -> None:
     atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))
 
 
+@dataclass
+class RoundReport:
+    """What the last :meth:`CloudRuntime.run_round` saw and did, for benchmarks and logs."""
+
+    sample_ids: list[str]
+    records: list[TeacherRecord]     # the teacher's records (its labels, before any label override)
+    device_answers: list[str]        # the device's own MC answers to the same samples
+    stats: DistillStats
+    teacher_s: float
+
+
 class CloudRuntime:
-    def __init__(self, state_dir, akd: AKD, initial_state: AdapterState, dwc: DWCConfig | None = None):
+    def __init__(self, state_dir, akd: AKD, initial_state: AdapterState, dwc: DWCConfig | None = None,
+                 downlink: str = "dwc"):
+        if downlink not in ("dwc", "dense"):
+            raise ValueError(f"downlink must be 'dwc' (compressed updates) or 'dense' (full fp32 state); got {downlink!r}")
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.akd = akd
         self.dwc = dwc or DWCConfig()
+        self.downlink = downlink
+        # benchmarks only: replace the teacher's labels before distillation (the oracle's true answers)
+        self.label_override: Callable[[list[TeacherRecord]], list[TeacherRecord]] | None = None
+        self.last_round: RoundReport | None = None
         self.initial_state = initial_state
         self._student_versions: dict[str, int] = {}
         self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)    # device → mirror version AKD's in-memory state belongs to
@@ -172,28 +192,19 @@ class CloudRuntime:
         d = self.dir / "devices" / device_id
         self._restore_student(device_id, version)
         t0 = time.perf_counter()
-        records = self.akd.teacher_pass(tokens, keep, questions, ids)
+        teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids)
         teacher_s = time.perf_counter() - t0
+        records = self.label_override(teacher_records) if self.label_override else teacher_records
         target, st = self.akd.distill(device_id, base, records, device_answers)
+        self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
-        save_student_state(d, version + 1, self.akd.student_state(device_id))
-        budget = self.db.execute("SELECT budget FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
-        dwc = self.dwc if budget is None else _with_budget(self.dwc, budget)
-        packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
-                                                     device_id=device_id, base_version=version,
-                                                     new_version=version + 1, round=rnd)
         new = version + 1
-        _atomic_save(d / f"mirror-v{new}.safetensors", mirror)
-        _atomic_save(d / f"residual-v{new}.safetensors", residual)
-        write_packet(d / f"update-v{new}.pkt", packet)
+        save_student_state(d, new, self.akd.student_state(device_id))
         metrics = {"round": rnd, "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
-                   "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses,
-                   "bytes_down": len(packet), "dense_fp16_bytes": ust.dense_fp16_bytes, "energy_kept": ust.energy_kept}
-        next_budget = None
-        if self.dwc.adaptive and self.dwc.budget_bytes is not None:
-            from cdcca.downlink import next_budget as rule
-
-            next_budget = rule(dwc, dwc.budget_bytes, ust)
+                   "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses}
+        packet, mirror, next_budget = self._downlink(device_id, base, target, version, rnd, metrics)
+        _atomic_save(d / f"mirror-v{new}.safetensors", mirror)
+        write_packet(d / f"update-v{new}.pkt", packet)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", [(rnd, sid) for sid in ids])
@@ -218,6 +229,27 @@ class CloudRuntime:
         fresh = self.akd.fresh_student_state()
         saved = load_student_state(self.dir / "devices" / device_id, version, self.akd.cfg, fresh.aligner)
         self.akd.students[device_id] = saved or fresh
+
+    def _downlink(self, device_id: str, base: AdapterState, target: AdapterState, version: int, rnd: int,
+                  metrics: dict) -> tuple[bytes, AdapterState, int | None]:
+        """The packet that moves the device from ``base`` to (about) ``target``, the mirror it leads to,
+        and the next DWC budget when the adaptive rule is on. Writes the new residual."""
+        new = version + 1
+        if self.downlink == "dense":
+            packet = build_resync(target, device_id=device_id, version=new)
+            metrics["bytes_down"] = len(packet)
+            return packet, {k: v.float() for k, v in target.items()}, None
+        budget = self.db.execute("SELECT budget FROM devices WHERE device_id=?", (device_id,)).fetchone()[0]
+        dwc = self.dwc if budget is None else _with_budget(self.dwc, budget)
+        packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
+                                                     device_id=device_id, base_version=version,
+                                                     new_version=new, round=rnd)
+        _atomic_save(self.dir / "devices" / device_id / f"residual-v{new}.safetensors", residual)
+        metrics.update(bytes_down=len(packet), dense_fp16_bytes=ust.dense_fp16_bytes, energy_kept=ust.energy_kept)
+        next_budget = None
+        if self.dwc.adaptive and self.dwc.budget_bytes is not None:
+            next_budget = next_budget_rule(dwc, dwc.budget_bytes, ust)
+        return packet, mirror, next_budget
 
     def update_for(self, device_id: str, device_version: int) -> bytes | None:
         """The stored update whose base is ``device_version`` (to re-send after a lost reply)."""

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from cdcca.adapter_state import AdapterState
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
-from cdcca.prefix import PrefixTeacher, bridge_prefix, train_prefix
+from cdcca.prefix import PREFIX_GROUPS, PrefixTeacher, bridge_prefix, train_prefix
 
 TRAIN_GROUPS = {
     "all": lambda name: True,
@@ -79,12 +79,15 @@ class AKDConfig:
     prefix_lr: float = 3e-4
     prefix_batch: int = 32
     prefix_ridge: float = 100.0           # ridge of the teacher → device prefix map fitted on clean source images
+    prefix_params: str = "all"            # bridge parameters prefix distillation moves: all | input
     seed: int = 0
 
     def __post_init__(self):
         for name in ("w_ce", "w_mse", "w_wave", "w_kl", "lr", "lr_final", "temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AKDConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.prefix_params not in PREFIX_GROUPS:
+            raise ValueError(f"AKDConfig.prefix_params must be one of {', '.join(PREFIX_GROUPS)}; got {self.prefix_params!r}")
         if self.train not in TRAIN_GROUPS:
             raise ValueError(f"AKDConfig.train must be one of {', '.join(TRAIN_GROUPS)}; got {self.train!r}")
         if self.weighting not in ("none", "entropy"):
@@ -414,7 +417,7 @@ class AKD:
         stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]),
                              torch.stack([r.keep for r in data]), targets, epochs=cfg.prefix_epochs,
                              batch_size=cfg.prefix_batch, lr=cfg.prefix_lr, source_ratio=cfg.source_replay,
-                             grad_clip=cfg.grad_clip, rng=rng)
+                             grad_clip=cfg.grad_clip, rng=rng, group=cfg.prefix_params)
         replay.add(records)
         return stats
 

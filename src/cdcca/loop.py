@@ -1,12 +1,15 @@
-"""An in-process round driver: device stream → UTS uplink → AKD → adapter update → device.
+"""The benchmark driver: one device and the cloud over the continual shift stream, measured.
 
-No state on disk and no fleet: it measures the algorithms (and their ablations) quickly. The
-update is either the dense fp32 adapter state or a DWC packet; the packets are real bytes either
-way. The system runtimes (:mod:`cdcca.device`, :mod:`cdcca.cloud`) persist the same steps.
+It runs exactly what ships — the device and cloud runtimes on scratch state dirs and the steps of
+:mod:`cdcca.protocol` — and adds only measurement: held-out accuracy per domain after each round,
+what the teacher and the device knew about the trained samples, timings. Three knobs exist for
+comparison runs: ``downlink`` ("dwc" as shipped, "dense" full fp32 state, "none" = source-only),
+``labels`` ("oracle": the uploads' true answers replace the teacher's) and ``save_states``.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,17 +17,17 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import save_file
 
-from cdcca.adapter_state import clone_state, state_hash
+from cdcca import protocol
+from cdcca.cloud import CloudRuntime
 from cdcca.data.easyvqa import VQASet
-from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence
+from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+from cdcca.device import DeviceRuntime
 from cdcca.distill import AKD, AKDConfig, with_true_labels
-from cdcca.downlink import DWCConfig, apply_delta, build_resync, build_update, decode_update
+from cdcca.downlink import DWCConfig
 from cdcca.evaluate import accuracy, test_tokens
-from cdcca.model.answer import answer_all
-from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
+from cdcca.model.mllm import MLLM, adapter_state
 from cdcca.model.prompt import Prompter
-from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
-from cdcca.wire import decode
+from cdcca.uplink import UTSConfig
 
 
 @dataclass
@@ -71,71 +74,83 @@ def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Doma
 
 
 def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
-             on_round=None, device_id: str = "device-0") -> dict:
-    """Run every round of ``cfg.stream``; returns {"rounds": [...], "summary": {...}}."""
+             on_round=None, device_id: str = "device-0", workdir: str | Path | None = None) -> dict:
+    """Run every round of ``cfg.stream`` through the runtimes and :mod:`cdcca.protocol`, as the
+    demo and a deployment do, in a scratch state dir (``workdir``, default a temporary one);
+    returns {"rounds": [...], "summary": {...}}."""
+    if workdir is not None:
+        return _run(cfg, device, akd, prompter, data, on_round, device_id, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="cdcca-loop-") as tmp:
+        return _run(cfg, device, akd, prompter, data, on_round, device_id, Path(tmp))
+
+
+def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet, on_round, device_id: str,
+         root: Path) -> dict:
     domains = resolve_sequence(cfg.stream)
-    chunks = build_stream(data, domains, cfg.per_domain, cfg.rounds_per_domain, cfg.seed)
-    clean = Domain("clean", 0)
-    state = clone_state(adapter_state(device))
-    residual = None
-    version = 0
+    stream = {"index": 0, "n_devices": 1, "stream": cfg.stream, "per_domain": cfg.per_domain,
+              "rounds_per_domain": cfg.rounds_per_domain, "seed": cfg.seed}
+    dev = DeviceRuntime.create(root / "device", device_id, uts=cfg.uts, stream=stream, model=device)
+    cloud = CloudRuntime(root / "cloud", akd, adapter_state(device), cfg.dwc,
+                         downlink="dense" if cfg.downlink == "dense" else "dwc")
+    if cfg.labels == "oracle":
+        cloud.label_override = lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records],
+                                                                prompter.candidates)
     rounds = []
     t_start = time.perf_counter()
-    for chunk in chunks:
-        t0 = time.perf_counter()
-        toks_all = test_tokens(chunk.domain)
-        qids = chunk.question_ids
-        questions = [data.questions[i] for i in qids]
-        tokens = toks_all[data.image_ids[qids]].float()
-        answers = answer_all(device, prompter, tokens, questions, cfg.answer_batch, cfg.uts.temperature)
-        online_mc = float(np.mean([a.mc == data.answers[i] for a, i in zip(answers, qids)]))
-        ids = [f"r{chunk.round}-q{i}" for i in qids]
-        row = {"round": chunk.round, "device": device_id, "domain": str(chunk.domain), "online_mc": online_mc,
-               "uploads": 0, "bytes_up": 0, "bytes_down": 0}
-        if cfg.downlink != "none":
-            samples = plan_uplink(tokens, questions, answers, ids, cfg.uts, bridge=device.bridge)
-            if samples:
-                packet = build_uplink(samples, cfg.uts, device_id=device_id, adapter_version=str(version))
-                up = decode_uplink(packet)
-                t1 = time.perf_counter()
-                records = akd.teacher_pass(up.tokens, up.keep, up.questions, up.sample_ids)
-                teacher_s = time.perf_counter() - t1
-                truth = [data.answers[int(sid.split("-q")[1])] for sid in up.sample_ids]
-                oracle = cfg.labels == "oracle"          # the oracle trains on every upload: no teacher gate applies
-                trained = upload_accuracy(records, up.mc, truth, 0.0 if oracle else akd.cfg.min_teacher_confidence)
-                if oracle:
-                    records = with_true_labels(records, truth, prompter.candidates)
-                new_state, st = akd.distill(device_id, state, records, device_answers=up.mc)
-                pseudo_acc = float(np.mean([r.pseudo_label == t for r, t in zip(records, truth)]))
-                if cfg.downlink == "dense":
-                    down = build_resync(new_state, device_id=device_id, version=version + 1)
-                    state = {k: v.clone() for k, v in new_state.items()}
-                else:
-                    down, mirror, residual, _ = build_update(state, new_state, residual, cfg.dwc, device_id=device_id,
-                                                             base_version=version, new_version=version + 1, round=chunk.round)
-                    state = apply_delta(state, decode_update(decode(down, expect_kind="update")))
-                    assert state_hash(state) == state_hash(mirror)
-                version += 1
-                load_adapter_state(device, state)
-                row.update(uploads=len(samples), bytes_up=len(packet), bytes_down=len(down), teacher_s=round(teacher_s, 2),
-                           student_s=round(st.student_s, 2), samples_per_s=round(st.samples_per_s, 2),
-                           pseudo_label_acc=pseudo_acc, losses=st.losses, replayed=st.replayed, **trained)
-        if cfg.save_states:
-            Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
-            save_file(state, str(Path(cfg.save_states) / f"round{chunk.round}.safetensors"))
-        if cfg.eval_every_round or chunk is chunks[-1]:
-            row["heldout"] = heldout_mc(device, prompter, data, domains, cfg.heldout_n)
-            row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
-            row["source_mc"] = heldout_mc(device, prompter, data, [clean], cfg.heldout_n)["clean"]
-        row["wall_s"] = round(time.perf_counter() - t0, 1)
-        rounds.append(row)
-        if on_round:
-            on_round(row)
+    try:
+        n_rounds = len(domains) * cfg.rounds_per_domain
+        for rnd in range(n_rounds):
+            row = _round(cfg, dev, cloud, data, rnd)
+            if cfg.save_states:
+                Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
+                save_file(dev.store.current()[1], str(Path(cfg.save_states) / f"round{rnd}.safetensors"))
+            if cfg.eval_every_round or rnd == n_rounds - 1:
+                row["heldout"] = heldout_mc(dev.model, prompter, data, domains, cfg.heldout_n)
+                row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
+                row["source_mc"] = heldout_mc(dev.model, prompter, data, [Domain("clean", 0)], cfg.heldout_n)["clean"]
+            rounds.append(row)
+            if on_round:
+                on_round(row)
+    finally:
+        dev.close()
+        cloud.close()
     last = rounds[-1]
     summary = {"adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"], "heldout": last["heldout"],
                "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
                "wall_s": round(time.perf_counter() - t_start, 1), "config": _jsonable(asdict(cfg))}
     return {"rounds": rounds, "summary": summary}
+
+
+def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int) -> dict:
+    """One round of the protocol (or only serving, for source-only) and what it moved and trained."""
+    t0 = time.perf_counter()
+    before = dev.status()
+    if cfg.downlink == "none":
+        served = dev.serve_round(rnd)
+        uploads = 0
+    else:
+        up, down, _ = protocol.run_round(dev, cloud, rnd)
+        served, uploads = up.served, len(down.acked)
+    after = dev.status()
+    row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
+           "uploads": uploads, "bytes_up": after["bytes_up"] - before["bytes_up"],
+           "bytes_down": after["bytes_down"] - before["bytes_down"]}
+    report = cloud.last_round if uploads else None
+    if report is not None:
+        truth = [_truth(data, sid) for sid in report.sample_ids]
+        gate = 0.0 if cfg.labels == "oracle" else cloud.akd.cfg.min_teacher_confidence   # the oracle trains every upload
+        st = report.stats
+        row.update(teacher_s=round(report.teacher_s, 2), student_s=round(st.student_s, 2),
+                   samples_per_s=round(st.samples_per_s, 2), losses=st.losses, replayed=st.replayed,
+                   pseudo_label_acc=float(np.mean([r.pseudo_label == t for r, t in zip(report.records, truth)])),
+                   **upload_accuracy(report.records, report.device_answers, truth, gate))
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _truth(data: VQASet, sample_id: str) -> str:
+    """The true answer of a stream sample (ids end in ``-q<question index>``)."""
+    return data.answers[int(sample_id.rsplit("-q", 1)[1])]
 
 
 def upload_accuracy(records, device_answers: list[str], truth: list[str], min_confidence: float) -> dict:

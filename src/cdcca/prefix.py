@@ -73,22 +73,32 @@ class PrefixTeacher:
         return cls(pmap, source_tokens, anchors.half(), float(anchors.pow(2).mean()))
 
 
+# which bridge parameters prefix distillation moves: all of them, or only the input side (token
+# LayerNorm, input projection, position table; ~0.33 M entries) so that the update is small
+PREFIX_GROUPS = {
+    "all": lambda name: True,
+    "input": lambda name: name.startswith(("token_norm.", "token_proj.", "pos")),
+}
+
+
 def relative_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
     return (pred - target.float()).pow(2).mean() / scale
 
 
 def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
                  targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
-                 grad_clip: float, rng: random.Random) -> dict[str, float]:
+                 grad_clip: float, rng: random.Random, group: str = "all") -> dict[str, float]:
     """Fit ``bridge`` so that bridge(tokens, keep) ≈ targets, anchored on clean source images.
 
     ``targets`` are translated teacher prefixes (N, Q, d_s). Each step also draws ``source_ratio``
     clean source images per sample and pulls their prefix towards the source device's own. Only
-    the bridge's parameters move; returns the mean of each loss term and the number of steps."""
-    params = list(bridge.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    the bridge's parameters of ``group`` (:data:`PREFIX_GROUPS`) move; returns the mean of each loss
+    term and the number of steps."""
+    named = list(bridge.named_parameters())
+    flags = [p.requires_grad for _, p in named]
+    for name, p in named:
+        p.requires_grad_(PREFIX_GROUPS[group](name))
+    params = [p for _, p in named if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(tokens)
     steps = epochs * math.ceil(n / batch_size)
@@ -118,6 +128,6 @@ def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, k
                 step += 1
     finally:
         bridge.eval()
-        for p, flag in zip(params, flags):
+        for (_, p), flag in zip(named, flags):
             p.requires_grad_(flag)
     return {**{k: v / max(1, step) for k, v in totals.items()}, "prefix_steps": float(step)}

@@ -28,7 +28,7 @@ DEFAULT = DWCConfig()
 
 def settings() -> dict[str, DWCConfig]:
     out = {}
-    for budget in (32, 128, 256, 512):
+    for budget in (32, 128, 256, 512, 1024, 2048):
         for q in ("int8", "int4", "nf4"):
             out[f"{q}:{budget}K"] = replace(DEFAULT, budget_bytes=budget * 1024, quantizer=q)
         out[f"int8:{budget}K:no-ef"] = replace(DEFAULT, budget_bytes=budget * 1024, error_feedback=False)
@@ -90,6 +90,10 @@ def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, 
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
 
+    table = settings()
+    unknown = [n for n in names or [] if n not in table]
+    if unknown:            # before any model is loaded
+        raise KeyError(f"unknown DWC setting(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     targets = trajectory(states_dir)
     data = load_split("test")
     prompter = Prompter(load_tokenizer(), data.candidates)
@@ -106,7 +110,6 @@ def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, 
     dense_acc = accuracy(targets[-1])
     rows = [{"setting": "dense-fp32", "bytes_per_round": sum(v.numel() for v in base.values()) * 4,
              "ratio_dense_fp16": 2.0, "heldout_mc": dense_acc, "delta_vs_dense": 0.0}]
-    table = settings()
     for name in names or list(table):
         state, sizes, _ = replay(base, targets, table[name])
         acc = accuracy(state)
