@@ -20,3 +20,14 @@ def test_bench_akd_rejects_an_unknown_setting_before_any_heavy_work():
 def test_bench_dwc_names_an_unknown_setting_before_loading_anything(tmp_path):
     result = CliRunner().invoke(app, ["bench", "dwc", "--states", str(tmp_path), "--settings", "int9:1K"])
     assert result.exit_code != 0 and "int9:1K" in result.output and "int8:256K" in result.output
+
+
+def test_a_cloud_state_remembers_it_was_created_tiny_and_refuses_the_other_kind(tmp_path):
+    from cdcca.cloud import remembered_tiny
+
+    assert remembered_tiny(tmp_path, True) is True
+    assert remembered_tiny(tmp_path, None) is True                 # no --tiny needed afterwards
+    result = CliRunner().invoke(app, ["cloud", "resync", "--state", str(tmp_path), "--device", "d", "--out",
+                                      str(tmp_path / "r.pkt"), "--no-tiny"])
+    said = " ".join(result.output.split())                          # the console wraps long lines
+    assert result.exit_code == 2 and "created with tiny models" in said and "Traceback" not in said

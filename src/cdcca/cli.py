@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdcca.cli_bench import bench_app
-from cdcca.cli_common import console, fail, use_threads
+from cdcca.cli_common import console, fail, one_line_errors, use_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
@@ -429,22 +429,18 @@ def device_rollback(state: Path = typer.Option(..., help=STATE_HELP), version: i
         fail(str(exc))
 
 
-def _cloud(state: Path, tiny: bool):
+def _cloud(state: Path, tiny: bool | None):
     from cdcca.cloud import CloudRuntime
 
     return CloudRuntime.open(state, tiny=tiny)
 
 
 @cloud_app.command("receive")
-def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP), tiny: bool = typer.Option(False, help="Tiny models."),
+def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after)."),
                   ack_out: Path | None = typer.Option(None, help="Write the acknowledged sample ids here (JSON).")):
     """Commit an uplink packet to the inbox and print the acknowledged sample ids."""
-    from cdcca.wire import PacketError
-
-    try:
+    with one_line_errors():
         ids = _cloud(state, tiny).receive(packet.read_bytes())
-    except PacketError as exc:
-        fail(str(exc))
     if ack_out:
         ack_out.write_text(json.dumps(ids))
     print(json.dumps({"acknowledged": len(ids)}))
@@ -452,12 +448,13 @@ def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP)
 
 @cloud_app.command("round")
 def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
-                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool = typer.Option(False, help="Tiny models.")):
+                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
     """AKD → DWC for one device's new uploads; the update packet is stored before it is written to --out."""
     from cdcca.wire import write_packet
 
-    cloud = _cloud(state, tiny)
-    packet = cloud.run_round(device_id)
+    with one_line_errors():
+        cloud = _cloud(state, tiny)
+        packet = cloud.run_round(device_id)
     if packet is None:
         fail(f"no new uploads from {device_id}: nothing to distil")
     write_packet(out, packet)
@@ -466,11 +463,12 @@ def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
 
 @cloud_app.command("resync")
 def cloud_resync(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
-                 out: Path = typer.Option(..., help="Where to write the dense resync packet."), tiny: bool = typer.Option(False, help="Tiny models.")):
+                 out: Path = typer.Option(..., help="Where to write the dense resync packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
     """A full dense adapter state for a device that fell out of sync."""
     from cdcca.wire import write_packet
 
-    packet = _cloud(state, tiny).resync(device_id)
+    with one_line_errors():
+        packet = _cloud(state, tiny).resync(device_id)
     write_packet(out, packet)
     print(json.dumps({"resync": str(out), "bytes": len(packet)}))
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -20,3 +23,16 @@ def fail(message: str) -> None:
     """One-line error and exit 2: the message names the problem and the fix."""
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn the errors a user can cause (bad packets, damaged or mismatched state dirs, missing
+    assets or files) into :func:`fail`'s one line instead of a traceback."""
+    from cdcca.assets import AssetError
+    from cdcca.wire import PacketError
+
+    try:
+        yield
+    except (PacketError, AssetError, ValueError, RuntimeError, OSError, sqlite3.DatabaseError) as exc:
+        fail(str(exc))

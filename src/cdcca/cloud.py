@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from cdcca.adapter_state import AdapterState, state_hash
-from cdcca.atomic import atomic_write
+from cdcca.atomic import atomic_write, write_json
 from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord, load_source_set, random_source_set
 from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.downlink import next_budget as next_budget_rule
@@ -88,8 +88,13 @@ class CloudRuntime:
         self.db.executescript(SCHEMA)
 
     @classmethod
-    def open(cls, state_dir, *, tiny: bool = False, akd: AKDConfig | None = None, dwc: DWCConfig | None = None) -> CloudRuntime:
-        """Open (or create) a cloud state dir with the teacher and a student network loaded."""
+    def open(cls, state_dir, *, tiny: bool | None = None, akd: AKDConfig | None = None,
+             dwc: DWCConfig | None = None) -> CloudRuntime:
+        """Open (or create) a cloud state dir with the teacher and a student network loaded.
+
+        ``tiny`` (random tiny models) is recorded in ``cloud.json`` when the state is created and
+        read back afterwards; asking for the other kind of model on an existing state is an error."""
+        tiny = remembered_tiny(Path(state_dir), tiny)
         from cdcca.assets import load_tokenizer
         from cdcca.data.easyvqa import candidate_answers
         from cdcca.model.pair import role_model
@@ -267,6 +272,20 @@ class CloudRuntime:
 
     def close(self) -> None:
         self.db.close()
+
+
+def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
+    """Whether the state dir's models are tiny: as recorded at creation (recorded now if new)."""
+    record = state_dir / "cloud.json"
+    if record.is_file():
+        created = bool(json.loads(record.read_text()).get("tiny", False))
+        if tiny is not None and tiny != created:
+            raise ValueError(f"the cloud state at {state_dir} was created with {'tiny' if created else 'the real'} models; "
+                             f"open it without --tiny/--no-tiny, or use a new state dir")
+        return created
+    tiny = bool(tiny)
+    write_json(record, {"tiny": tiny, "created": time.time()})
+    return tiny
 
 
 def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:

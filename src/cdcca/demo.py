@@ -107,13 +107,22 @@ def settings_of(cfg: FleetConfig, preset: str) -> dict:
         "held-out questions per domain": cfg.heldout_n,
         "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain by "
                         f"{u.sample_scorer}; {u.keep_ratio:.0%} of tokens by {u.token_scorer}, {u.token_dtype}",
-        "distillation (AKD)": f"{a.epochs} epochs, lr {a.lr:g}, teacher-confidence gate {a.min_teacher_confidence:g}, "
-                              f"weighting {a.weighting}, targets {a.targets}, source rehearsal {a.source_replay:g}:1, "
-                              f"replay {a.replay_per_round:g}:1, trains {a.train}",
+        "distillation (AKD)": _akd_in_words(a),
         "downlink (DWC)": f"{w.quantizer}, budget {w.budget_bytes / 1024 if w.budget_bytes else 0:.0f} KiB, "
                           f"error feedback {'on' if w.error_feedback else 'off'}",
         "seed": cfg.seed,
     }
+
+
+def _akd_in_words(a) -> str:
+    parts = []
+    if a.prefix_epochs:
+        parts.append(f"prefix distillation of the bridge ({a.prefix_params}): {a.prefix_epochs} epochs, lr {a.prefix_lr:g}, "
+                     f"every upload, anchored on clean source images {a.source_replay:g}:1")
+    if a.epochs:
+        parts.append(f"label phase: {a.epochs} epochs, lr {a.lr:g}, teacher-confidence gate {a.min_teacher_confidence:g}, "
+                     f"weighting {a.weighting}, targets {a.targets}, trains {a.train}")
+    return "; ".join(parts) + f"; replay {a.replay_per_round:g}:1"
 
 
 def _table(rows: list[dict], title: str) -> Table:
