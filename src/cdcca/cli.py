@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdcca.cli_bench import bench_app
-from cdcca.cli_common import console, fail, one_line_errors, use_threads
+from cdcca.cli_common import Recipe, Role, console, fail, one_line_errors, use_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
@@ -61,7 +61,7 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 
 @app.command()
 def pretrain(
-    role: str = typer.Option(..., help="Which model to pretrain: 'device' (clean data) or 'cloud' (corruption-augmented)."),
+    role: Role = typer.Option(..., help="Which model to pretrain: device (clean data) or cloud (corruption-augmented)."),
     steps: int | None = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
     batch_size: int | None = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
     lr: float | None = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
@@ -69,11 +69,11 @@ def pretrain(
     init: Path | None = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
     seed: int = typer.Option(0, help="Random seed; a run is deterministic given the seed on one machine."),
     out: Path = typer.Option(None, help="Output folder for ROLE.safetensors + ROLE.json (default: $CDCCA_CACHE/pretrained)."),
-    force: bool = typer.Option(False, help="Retrain even if weights with the same config exist."),
+    force: bool = typer.Option(False, help="Retrain even if weights with the same config exist (overwrites ROLE.safetensors and ROLE.json in --out)."),
     aug_family: str | None = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
     torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    recipe: str = typer.Option("end-to-end", help="'end-to-end' (bridge + LoRA through the LLM) or 'consistency' "
+    recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM) or consistency "
                                "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
                                "output, no LLM pass; starts from --init or the shipped cloud)."),
 ):
@@ -85,10 +85,7 @@ def pretrain(
     from cdcca.pretrain import PretrainConfig
     from cdcca.pretrain import pretrain as run_pretrain
 
-    if role not in ("device", "cloud"):
-        fail(f"--role must be 'device' or 'cloud', got {role!r}")
-    if recipe not in ("end-to-end", "consistency"):
-        fail(f"--recipe must be 'end-to-end' or 'consistency', got {recipe!r}")
+    role, recipe = role.value, recipe.value
     use_threads(threads)
     if recipe == "consistency":
         if role != "cloud":
@@ -173,7 +170,7 @@ def _eval_domain(model, prompter, data, qids, domain, role, direct) -> dict:
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("device", help="'device' or 'cloud'."),
+    role: Role = typer.Option(Role.device, "--role", "--model", help="Which model to evaluate (--model is the same option)."),
     shift: str = typer.Option("clean", help="Corruption name (see `cdcca eval --help`), or 'clean'."),
     severity: int = typer.Option(5, help="Severity 1..5 of --shift."),
     stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list NAME:SEV,..."),
@@ -193,13 +190,14 @@ def eval_cmd(
     use_threads(threads)
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
-        net = load_pretrained(model, weights)
+        net = load_pretrained(role.value, weights)
         data = load_split("test")
         prompter = Prompter(load_tokenizer(), data.candidates)
     except (ValueError, AssetError) as exc:
         fail(str(exc))
     qids = heldout_questions(data, n)
     t = time.perf_counter()
+    model = role.value
     rows = [_eval_domain(net, prompter, data, qids, d, model, direct) for d in domains]
     wall = time.perf_counter() - t
     if stream:
@@ -364,7 +362,7 @@ def _device(state: Path):
 
 
 @device_app.command("init")
-def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--id", help="Device name."),
+def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", "--id", help="Device name (--id is the same option)."),
                 tiny: bool = typer.Option(False, help="Tiny random model (transport checks only)."),
                 index: int = typer.Option(0, help="This device's slice of the request stream (0-based)."),
                 n_devices: int = typer.Option(1, help="Number of devices sharing the stream.")):

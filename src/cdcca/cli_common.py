@@ -6,11 +6,24 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 
 import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+
+
+class Role(StrEnum):
+    """Which model of the pair a command is about (shown as a choice in --help)."""
+
+    device = "device"
+    cloud = "cloud"
+
+
+class Recipe(StrEnum):
+    end_to_end = "end-to-end"
+    consistency = "consistency"
 
 
 def use_threads(n: int | None) -> None:
