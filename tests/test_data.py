@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdcca.data.corruptions import CORRUPTIONS, corrupt, corrupt_mixed
+from cdcca.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELD_OUT, corrupt, corrupt_mixed
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import RowError, load_jsonl
 from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence, split_images
@@ -18,7 +18,7 @@ def red_square():
     return img[None]
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("name", sorted(ALL_CORRUPTIONS))
 @pytest.mark.parametrize("severity", [1, 5])
 def test_corruptions_keep_shape_dtype_and_hue(name, severity):
     out = corrupt(red_square(), name, severity, seed=0)
@@ -31,6 +31,18 @@ def test_corruptions_are_deterministic_given_a_seed():
     a = corrupt(red_square(), "gaussian_noise", 3, seed=7)
     assert np.array_equal(a, corrupt(red_square(), "gaussian_noise", 3, seed=7))
     assert np.array_equal(corrupt_mixed(red_square(), ["jpeg", "fog"], (3, 5), 1), corrupt_mixed(red_square(), ["jpeg", "fog"], (3, 5), 1))
+
+
+def test_held_out_corruptions_change_the_image_and_stay_out_of_every_training_family():
+    from cdcca.pretrain import PretrainConfig
+    from cdcca.robust import ConsistencyConfig
+
+    for name in HELD_OUT:
+        assert not np.array_equal(corrupt(red_square(), name, 5), red_square())
+    assert not set(HELD_OUT) & set(CORRUPTIONS)
+    assert not set(HELD_OUT) & set(PretrainConfig.for_role("cloud").aug_family)
+    assert not set(HELD_OUT) & set(ConsistencyConfig().aug_family)
+    assert [str(d) for d in resolve_sequence("unseen")] == ["zoom_blur:5", "glass_blur:5", "downsample:5"]
 
 
 def test_unknown_corruption_and_severity_are_refused():

@@ -99,16 +99,58 @@ CORRUPTIONS: dict[str, Corruption] = {
 }
 
 
+def zoom_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Mean of centre zooms of the image (a moving camera): blur that grows away from the centre."""
+    top = [1.06, 1.10, 1.14, 1.18, 1.24][s - 1]
+    h, w = img.shape[:2]
+    acc = img.astype(np.float32)
+    zooms = np.linspace(1.0, top, 6)[1:]
+    for z in zooms:
+        big = np.asarray(Image.fromarray(img).resize((round(w * z), round(h * z)), Image.BILINEAR), np.float32)
+        y0, x0 = (big.shape[0] - h) // 2, (big.shape[1] - w) // 2
+        acc += big[y0:y0 + h, x0:x0 + w]
+    return _clip(acc / (len(zooms) + 1))
+
+
+def glass_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Frosted glass: a light blur, then every pixel swapped with a random neighbour, then blur again."""
+    sigma, delta = [(0.5, 1), (0.6, 1), (0.7, 2), (0.8, 2), (1.0, 3)][s - 1]
+    x = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(sigma))).copy()
+    h, w = x.shape[:2]
+    dy = rng.integers(-delta, delta + 1, (h, w))
+    dx = rng.integers(-delta, delta + 1, (h, w))
+    yy = np.clip(np.arange(h)[:, None] + dy, 0, h - 1)
+    xx = np.clip(np.arange(w)[None, :] + dx, 0, w - 1)
+    return np.asarray(Image.fromarray(x[yy, xx]).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+def downsample(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """A low-resolution sensor: bilinear down to a small side and back up (smooth, unlike pixelate)."""
+    side = [28, 22, 18, 14, 12][s - 1]
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR).resize((w, h), Image.BILINEAR))
+
+
+# Never in any training family (the cloud's robustness recipes draw from CORRUPTIONS only): these
+# measure whether what the cloud learned carries to corruption types nobody trained on.
+HELD_OUT: dict[str, Corruption] = {
+    "zoom_blur": zoom_blur,
+    "glass_blur": glass_blur,
+    "downsample": downsample,
+}
+ALL_CORRUPTIONS: dict[str, Corruption] = {**CORRUPTIONS, **HELD_OUT}
+
+
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """Apply one corruption to a stack of uint8 images (N, H, W, 3); deterministic given ``seed``."""
     if name == "clean":
         return images
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from: clean, {', '.join(CORRUPTIONS)}")
+    if name not in ALL_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; choose from: clean, {', '.join(ALL_CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
     rng = np.random.default_rng(seed)
-    fn = CORRUPTIONS[name]
+    fn = ALL_CORRUPTIONS[name]
     return np.stack([fn(img, severity, rng) for img in images])
 
 

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.data.corruptions import ALL_CORRUPTIONS
 from cdcca.data.easyvqa import VQASet
 
 # The device loses most on blur, pixelation and JPEG (the ImageNet encoder shrugs off noise and fog
 # on flat shapes), so the default sequence walks through those at high severity.
 DEFAULT_SEQUENCE = ("pixelate:5", "gaussian_blur:5", "jpeg:5", "low_light:5")
-STREAMS = {"default": DEFAULT_SEQUENCE}
+# corruption types outside every training family (data/corruptions.HELD_OUT): the generalisation check
+UNSEEN_SEQUENCE = ("zoom_blur:5", "glass_blur:5", "downsample:5")
+STREAMS = {"default": DEFAULT_SEQUENCE, "unseen": UNSEEN_SEQUENCE}
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,8 @@ class Domain:
         name, _, sev = text.partition(":")
         if name == "clean":
             return cls("clean", 0)
-        if name not in CORRUPTIONS:
-            raise ValueError(f"unknown domain {text!r}; use NAME:SEVERITY with NAME in {', '.join(CORRUPTIONS)} or 'clean'")
+        if name not in ALL_CORRUPTIONS:
+            raise ValueError(f"unknown domain {text!r}; use NAME:SEVERITY with NAME in {', '.join(ALL_CORRUPTIONS)} or 'clean'")
         try:
             severity = int(sev or 5)
         except ValueError:
