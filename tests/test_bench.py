@@ -6,11 +6,17 @@ from cdcca.bench.akd import apply_settings, pool_label_study, variants
 from cdcca.loop import LoopConfig
 
 
-def test_oracle_differs_from_the_dense_pipeline_in_the_labels_alone():
+@pytest.mark.parametrize(("oracle", "teacher"), [("oracle", "prefix+labels"), ("oracle-labels-only", "labels-only")])
+def test_each_oracle_differs_from_its_teacher_run_in_the_labels_alone(oracle, teacher):
     table = variants()
-    oracle, dense = dict(table["oracle"]), dict(table["cdcca-dense"])
-    assert oracle.pop("labels") == "oracle" and "labels" not in dense
-    assert oracle == dense                                    # same uploads, AKD recipe, dense downlink
+    with_truth, with_teacher = dict(table[oracle]), dict(table[teacher])
+    assert with_truth.pop("labels") == "oracle" and "labels" not in with_teacher
+    assert with_truth == with_teacher                         # same uploads, AKD recipe, dense downlink
+    assert with_truth["akd"].epochs > 0                       # the label phase is on: the labels are used
+
+
+def test_the_shipped_pipeline_is_every_default():
+    table = variants()
     assert table["cdcca"] == {"downlink": "dwc"}              # the shipped pipeline: every default, DWC on
     assert table["source-only"] == {"downlink": "none"}
 

@@ -233,7 +233,7 @@ def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(flee
     from cdcca.cloud import CloudRuntime
     from cdcca.store import AdapterStore
 
-    result = deploy.run(fleet.state, 2, config={"akd-epochs": 1, "akd-batch-size": 4}, timeout=400, echo=None)
+    result = deploy.run(fleet.state, 2, config={"akd-prefix-epochs": 2, "akd-epochs": 1, "akd-batch-size": 4}, timeout=400, echo=None)
     assert result.ok, f"{result.status}; log: {result.log_path}"
     assert [r["round"] for r in result.rounds] == [0, 1]
     for row in result.rounds:

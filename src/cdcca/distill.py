@@ -3,8 +3,13 @@
 Per uploaded sample the teacher runs **once** (:meth:`AKD.teacher_pass`): from the same visual
 tokens the device sent, it picks a pseudo-label (its multiple-choice answer) and we cache its
 pre-norm last-layer hidden states over the visual + prompt positions and its logits at the answer
-position. The student — a model holding *that device's current* adapters — then trains for a few
-epochs on the new records plus a bounded replay of earlier ones:
+position, and its bridge's output (the visual prefix). The student — a model holding *that device's
+current* adapters — then learns in up to two phases, each on the new records plus a bounded replay:
+
+1. **prefix distillation** (``prefix_epochs``; :mod:`cdcca.prefix`): the device's bridge learns to
+   produce the teacher's robust prefix, translated into the device's prefix space by a map fitted
+   on clean source images — every upload, no label, no LLM pass;
+2. **the label phase** (``epochs``; the paper's AKD loss) on the pseudo-labels the teacher is sure of:
 
     loss = w_ce · CE(pseudo-label tokens)
          + w_mse · MSE(aligner(h_s), h_t) + w_wave · Σ_j L1(DWT_j(aligner(h_s)), DWT_j(h_t))   (j = 3 'db6' high bands)
@@ -14,7 +19,8 @@ Hidden states are compared position by position: the tokenizers (and the number 
 match, so both sequences line up. The aligner is a trainable 1×1 Conv1d from student width to
 teacher width that stays on the cloud, one per device.
 
-Three levers decide whether the teacher's knowledge arrives (measured in docs/RESULTS.md):
+Which phases run by default is decided by measurement (docs/RESULTS.md §0). In the label phase
+three levers decide whether the teacher's knowledge arrives:
 - **gating and weighting** — pseudo-labels below ``min_teacher_confidence`` are not trained on, and
   ``weighting="entropy"`` scales each sample's CE and KL by 1/exp(H_t − E0) (CEMA, ICLR 2024), H_t the
   teacher's entropy over the answer candidates and E0 = 0.4·ln(#candidates);
@@ -52,7 +58,8 @@ TRAIN_GROUPS = {
 class AKDConfig:
     """How the cloud distils; the defaults follow the authors' released settings where they fit."""
 
-    epochs: int = 3                       # paper: 3
+    epochs: int = 0                       # label phase (paper: 3); off by default: with prefix distillation it
+                                          # added +1.5 points but cost 3.5 points of clean accuracy (RESULTS §0)
     batch_size: int = 16
     lr: float = 1e-4                      # paper 3e-5 (7B LLM); 3e-4 here made the device forget clean data (-10 pts)
     lr_final: float = 1.7e-5              # cosine decay target (paper 5e-6: the same 1/6 ratio)
@@ -75,11 +82,12 @@ class AKDConfig:
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
     train: str = "all"                    # which adapters the student updates: all | bridge | lora
-    prefix_epochs: int = 0                # prefix distillation (cdcca.prefix) before the label phase; 0 = off
+    prefix_epochs: int = 20               # prefix distillation (cdcca.prefix) before the label phase; 0 = off
     prefix_lr: float = 3e-4
     prefix_batch: int = 32
     prefix_ridge: float = 100.0           # ridge of the teacher → device prefix map fitted on clean source images
-    prefix_params: str = "all"            # bridge parameters prefix distillation moves: all | input
+    prefix_params: str = "input"          # bridge parameters prefix distillation moves: input (0.33 M entries, fits
+                                          # the 256 KiB downlink) | all (2.4 M: +0.4 dense, but DWC loses 4.5 of it)
     seed: int = 0
 
     def __post_init__(self):

@@ -24,22 +24,29 @@ def variants() -> dict[str, dict]:
     """name → LoopConfig overrides.
 
     ``cdcca`` is the shipped pipeline end to end (UTS uplink, AKD with its defaults, DWC at its default
-    budget); ``oracle`` trains the same uploads on their true labels (dense downlink): what any teacher
-    could deliver with this data. The rest are ablations against them.
+    budget). ``oracle`` adds the label phase on the uploads' true answers to the shipped AKD (dense
+    downlink): what this data could deliver with perfect labels; ``oracle-labels-only`` is the same
+    without prefix distillation. The ``loss:*``, ``pseudo-label``, ``no-gate``, ``soft-targets`` and
+    ``akd-v1`` rows ablate the paper's label-phase AKD on its own (prefix distillation off), as
+    ``labels-only`` does in full; ``prefix+labels`` runs both phases.
     """
+    labels = dict(epochs=3, prefix_epochs=0)           # the paper's AKD alone: the label phase, no prefix phase
     out: dict[str, dict] = {
         "source-only": dict(downlink="none"),
         "cdcca": dict(downlink="dwc"),
         "cdcca-dense": dict(downlink="dense"),
-        "oracle": dict(downlink="dense", labels="oracle"),
-        "pseudo-label": dict(downlink="dense", akd=AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="none")),
-        "no-gate": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none")),
-        "no-source-replay": dict(downlink="dense", akd=AKDConfig(source_replay=0.0)),
-        "soft-targets": dict(downlink="dense", akd=AKDConfig(targets="soft")),
-        "akd-v1": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", source_replay=0.0)),
+        "oracle": dict(downlink="dense", labels="oracle", akd=AKDConfig(epochs=3)),
+        "oracle-labels-only": dict(downlink="dense", labels="oracle", akd=AKDConfig(**labels)),
+        "labels-only": dict(downlink="dense", akd=AKDConfig(**labels)),
+        "prefix+labels": dict(downlink="dense", akd=AKDConfig(epochs=3)),
+        "pseudo-label": dict(downlink="dense", akd=AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="none", **labels)),
+        "no-gate": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", **labels)),
+        "no-source-replay": dict(downlink="dense", akd=AKDConfig(source_replay=0.0, **labels)),
+        "soft-targets": dict(downlink="dense", akd=AKDConfig(targets="soft", **labels)),
+        "akd-v1": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", source_replay=0.0, **labels)),
     }
     for name in ("ce", "ce+mse", "ce+mse+wave", "full"):
-        out[f"loss:{name}"] = dict(downlink="dense", akd=AKDConfig.ablation(name))
+        out[f"loss:{name}"] = dict(downlink="dense", akd=AKDConfig.ablation(name, **labels))
     for scorer in ("ood", "energy"):
         for keep in (0.25, 0.5, 0.75, 1.0):
             out[f"keep:{keep}:{scorer}"] = dict(downlink="dense", uts=replace(UTS_DEFAULT, token_scorer=scorer, keep_ratio=keep))
