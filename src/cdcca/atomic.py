@@ -41,3 +41,12 @@ def write_json(path: str | os.PathLike[str], obj) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (tensors made contiguous; metadata is strings only)."""
+    from safetensors.torch import save
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))

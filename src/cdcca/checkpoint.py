@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from cdcca.atomic import write_safetensors
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 
@@ -25,9 +27,7 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], params: NamedP
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
                 tensors[f"opt/{key}/{name}"] = st[key].detach().cpu().clone()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "digest": digest})
-    tmp.replace(path)
+    write_safetensors(path, tensors, metadata={"step": str(step), "digest": digest})
 
 
 def load_checkpoint(path: Path, params: NamedParams, opt: torch.optim.Optimizer,

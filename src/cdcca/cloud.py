@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from cdcca.adapter_state import AdapterState, state_hash
-from cdcca.atomic import atomic_write, write_json
+from cdcca.atomic import write_json, write_safetensors
 from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord, load_source_set, random_source_set
 from cdcca.downlink import DWCConfig, build_resync, build_update
 from cdcca.downlink import next_budget as next_budget_rule
@@ -49,10 +49,6 @@ CREATE TABLE IF NOT EXISTS updates (device_id TEXT, base_version INTEGER, new_ve
                                     PRIMARY KEY (device_id, base_version));
 CREATE TABLE IF NOT EXISTS metrics (device_id TEXT, round INTEGER, json TEXT, PRIMARY KEY (device_id, round));
 """
-
-
-def _atomic_save(path: Path, state: AdapterState) -> None:
-    atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))
 
 
 @dataclass
@@ -117,7 +113,7 @@ class CloudRuntime:
         if row is None:   # a new device starts from the shipped pretrained adapters (its version 0)
             d = self.dir / "devices" / device_id
             d.mkdir(parents=True, exist_ok=True)
-            _atomic_save(d / "mirror-v0.safetensors", self.initial_state)
+            write_safetensors(d / "mirror-v0.safetensors", self.initial_state)
             h = state_hash(self.initial_state)
             self.db.execute("INSERT OR IGNORE INTO devices(device_id, version, hash) VALUES (?,?,?)", (device_id, 0, h))
             return 0, h
@@ -208,7 +204,7 @@ class CloudRuntime:
         metrics = {"round": rnd, "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
                    "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses}
         packet, mirror, next_budget = self._downlink(device_id, base, target, version, rnd, metrics)
-        _atomic_save(d / f"mirror-v{new}.safetensors", mirror)
+        write_safetensors(d / f"mirror-v{new}.safetensors", mirror)
         write_packet(d / f"update-v{new}.pkt", packet)
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -249,7 +245,7 @@ class CloudRuntime:
         packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
                                                      device_id=device_id, base_version=version,
                                                      new_version=new, round=rnd)
-        _atomic_save(self.dir / "devices" / device_id / f"residual-v{new}.safetensors", residual)
+        write_safetensors(self.dir / "devices" / device_id / f"residual-v{new}.safetensors", residual)
         metrics.update(bytes_down=len(packet), dense_fp16_bytes=ust.dense_fp16_bytes, energy_kept=ust.energy_kept)
         next_budget = None
         if self.dwc.adaptive and self.dwc.budget_bytes is not None:

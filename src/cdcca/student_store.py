@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
-from cdcca.atomic import atomic_write, write_json
+from cdcca.atomic import write_json, write_safetensors
 from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, StudentState, TeacherRecord
 
 FORMAT = "1"
@@ -46,8 +45,7 @@ def save_records(path: Path, records: list[TeacherRecord]) -> None:
         if all(getattr(r, name) is not None for r in records):
             tensors[name] = torch.stack([getattr(r, name) for r in records])
     meta = [{"id": r.sample_id, "q": r.question, "label": r.pseudo_label, "conf": r.confidence} for r in records]
-    atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()},
-                            metadata={"format": FORMAT, "records": json.dumps(meta)}))
+    write_safetensors(path, tensors, metadata={"format": FORMAT, "records": json.dumps(meta)})
 
 
 def load_records(path: Path) -> dict[str, TeacherRecord]:
@@ -83,8 +81,8 @@ def _restore_buffer(state: dict, capacity: int, records: dict[str, TeacherRecord
 
 def save_student_state(folder: Path, version: int, state: StudentState) -> None:
     """The buffers and the aligner as of mirror ``version`` (records are saved per round beforehand)."""
-    atomic_write(folder / f"aligner-v{version}.safetensors",
-                 save({k: v.detach().contiguous() for k, v in state.aligner.state_dict().items()}))
+    write_safetensors(folder / f"aligner-v{version}.safetensors",
+                      {k: v.detach() for k, v in state.aligner.state_dict().items()})
     write_json(folder / f"akd-v{version}.json", {"format": FORMAT, "replay": _buffer_state(state.replay),
                                                   "prefix_replay": _buffer_state(state.prefix_replay)})
 

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from cdcca.assets import cache_dir
-from cdcca.atomic import atomic_write
+from cdcca.atomic import write_safetensors
 from cdcca.data.corruptions import corrupt, corrupt_mixed
 from cdcca.data.easyvqa import load_split
 from cdcca.model.encoder import encode_images, load_encoder
@@ -67,5 +67,4 @@ def augmented_features(family: list[str], severity: tuple[int, int], variant: in
 
 def save_tokens(path: Path, tokens: torch.Tensor) -> None:
     """Write a feature cache file atomically, so an interrupted run never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, save({"tokens": tokens.contiguous()}))
+    write_safetensors(path, {"tokens": tokens})

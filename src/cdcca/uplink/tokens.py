@@ -41,14 +41,11 @@ class TokenStats:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as fp16 safetensors (~250 KB for 49 × 1280), atomically."""
-        from safetensors.torch import save_file
+        from cdcca.atomic import write_safetensors
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"mean": self.mean.half().contiguous(), "var": self.var.half().contiguous()}, str(tmp),
-                  metadata={"format": "cdcca.token_stats/1", "n": str(int(self.n))})
-        tmp.replace(path)
+        write_safetensors(path, {"mean": self.mean.half(), "var": self.var.half()},
+                          metadata={"format": "cdcca.token_stats/1", "n": str(int(self.n))})
         return path
 
     @classmethod
