@@ -7,6 +7,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,8 +80,6 @@ def pretrain(
                                "output, no LLM pass; starts from --init or the shipped cloud)."),
 ):
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from cdcca.assets import AssetError, cache_dir
     from cdcca.model.pair import build_model
     from cdcca.pretrain import PretrainConfig
@@ -92,41 +92,51 @@ def pretrain(
             fail("--recipe consistency trains the cloud teacher's bridge; use it with --role cloud")
         _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device)
         return
-    overrides = {"seed": seed, "batch_size": batch_size or 32}
-    if steps is not None:
-        overrides["steps"] = steps
-    if lr is not None:
-        overrides["lr"] = lr
-    if aug_share is not None:
-        overrides["aug_share"] = aug_share
-    if init is not None:
-        overrides["init"] = str(init)
-    if aug_family:
-        overrides["aug_family"] = [s.strip() for s in aug_family.split(",")]
+    overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
+                       init=None if init is None else str(init),
+                       aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
     try:
         cfg = PretrainConfig.for_role(role, **overrides)
     except ValueError as exc:
         fail(str(exc))
     out = out or cache_dir() / "pretrained"
-    record_path = out / f"{role}.json"
-    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == cfg.digest():
-        console.print(f"{role}: up to date at {out} (use --force to retrain)")
+    if _up_to_date(role, out, cfg.digest(), force):
         return
     try:
         model = build_model(role)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task(f"pretrain {role}", total=cfg.steps, loss=float("nan"))
-            record = run_pretrain(model, cfg, out, device=torch_device,
-                                  progress=lambda s, loss: bar.update(task, completed=s, loss=loss), log=console.print)
+        with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
+            record = run_pretrain(model, cfg, out, device=torch_device, progress=progress, log=console.print)
     except AssetError as exc:
         fail(str(exc))
     print(json.dumps(record, indent=2))
 
 
-def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str) -> None:
+def _given(base: dict, **options) -> dict:
+    """``base`` plus the options the user gave (None keeps the recipe's default)."""
+    return {**base, **{k: v for k, v in options.items() if v is not None}}
+
+
+def _up_to_date(role: str, out: Path, digest: str, force: bool) -> bool:
+    """Whether ``out/{role}.json`` already records this exact config (then say so and skip the run)."""
+    record_path = out / f"{role}.json"
+    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == digest:
+        console.print(f"{role}: up to date at {out} (use --force to retrain)")
+        return True
+    return False
+
+
+@contextmanager
+def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], None]]:
+    """A progress bar with the running loss; yields the ``progress(step, loss)`` callback the trainers take."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"))
+        yield lambda s, loss: bar.update(task, completed=s, loss=loss)
+
+
+def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str) -> None:
     from cdcca.assets import AssetError
     from cdcca.atomic import write_json
     from cdcca.model.pair import pretrain_record, weights_file
@@ -135,29 +145,20 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
     init = init or weights_file("cloud")
     if not Path(init).is_file():
         fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
-    overrides = {"seed": seed, "batch_size": batch_size or 64}
-    if steps is not None:
-        overrides["steps"] = steps
-    if lr is not None:
-        overrides["lr"] = lr
-    cfg = ConsistencyConfig(**overrides)
-    record_path = out / "cloud.json"
-    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == cfg.digest():
-        console.print(f"cloud: up to date at {out} (use --force to retrain)")
+    cfg = ConsistencyConfig(**_given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr))
+    if _up_to_date("cloud", out, cfg.digest(), force):
         return
     try:
         clean, views = training_views(cfg)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
-            task = bar.add_task("consistency (cloud bridge)", total=cfg.steps, loss=float("nan"))
-            record = train_consistency(Path(init), cfg, out, clean, views, device=torch_device,
-                                       progress=lambda s, loss: bar.update(task, completed=s, loss=loss), log=console.print)
+        with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
+            record = train_consistency(Path(init), cfg, out, clean, views, device=torch_device, progress=progress,
+                                       log=console.print)
     except AssetError as exc:
         fail(str(exc))
     previous = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() \
         else pretrain_record("cloud")
     record = {**record, "role": "cloud", "stages": previous.get("stages", [previous]) + [{k: v for k, v in record.items()}]}
-    write_json(record_path, record)
+    write_json(out / "cloud.json", record)
     print(json.dumps(record, indent=2))
 
 

@@ -77,17 +77,7 @@ def bench_akd(
         except ValueError as exc:
             fail(str(exc))
         if not as_json:
-            table = Table(title="Teacher vs device on the uploads (MC), pooled over the stream's domains")
-            for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
-                table.add_column(col)
-            for r in akd.pool_label_study(rows):
-                r["domain"] = "all"
-                lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
-                table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}", f"{r['kept']}/{r['uploads']}",
-                              "-" if r["teacher_mc"] is None else f"{r['teacher_mc']:.3f}",
-                              "-" if r["device_mc"] is None else f"{r['device_mc']:.3f}",
-                              "-" if lead is None else f"{100 * lead:+.1f}")
-            console.print(table)
+            _print_label_study(akd.pool_label_study(rows))
         print(json.dumps(rows))
         return
     if teacher_study:
@@ -109,19 +99,40 @@ def bench_akd(
     except ValueError as exc:
         fail(str(exc))
     if not as_json:
-        def fmt(v):
-            return "-" if v is None else f"{v:.3f}"
-
-        table = Table(title="AKD on the default stream (held-out MC)")
-        for col in ("variant", "seed", "adapted MC", "source MC", "trained/uploads", "teacher on trained",
-                    "device on trained", "down KiB/round", "teacher s", "student s"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["variant"], str(r["seed"]), fmt(r["adapted_mc"]), fmt(r["source_mc"]),
-                          f"{r['trained']}/{r['uploads']}", fmt(r["upload_teacher_mc"]), fmt(r["upload_device_mc"]),
-                          f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
-        console.print(table)
+        _print_akd_rows(rows)
     print(json.dumps(rows))
+
+
+def _fmt3(v: float | None) -> str:
+    """An accuracy to three places, or '-' where there is none."""
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _print_label_study(pooled: list[dict]) -> None:
+    """The label study's table: teacher vs device MC on the uploads, pooled over the stream's domains."""
+    table = Table(title="Teacher vs device on the uploads (MC), pooled over the stream's domains")
+    for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
+        table.add_column(col)
+    for r in pooled:
+        r["domain"] = "all"
+        lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
+        table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}",
+                      f"{r['kept']}/{r['uploads']}", _fmt3(r["teacher_mc"]), _fmt3(r["device_mc"]),
+                      "-" if lead is None else f"{100 * lead:+.1f}")
+    console.print(table)
+
+
+def _print_akd_rows(rows: list[dict]) -> None:
+    """The ablation table: one row per (variant, seed)."""
+    table = Table(title="AKD on the default stream (held-out MC)")
+    for col in ("variant", "seed", "adapted MC", "source MC", "trained/uploads", "teacher on trained",
+                "device on trained", "down KiB/round", "teacher s", "student s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["variant"], str(r["seed"]), _fmt3(r["adapted_mc"]), _fmt3(r["source_mc"]),
+                      f"{r['trained']}/{r['uploads']}", _fmt3(r["upload_teacher_mc"]), _fmt3(r["upload_device_mc"]),
+                      f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
+    console.print(table)
 
 
 @bench_app.command("dwc")

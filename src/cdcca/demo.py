@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -137,8 +139,67 @@ def _table(rows: list[dict], title: str) -> Table:
     return t
 
 
+def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
+                console: Console) -> tuple[Callable[[Any], dict], dict[str, dict]]:
+    """The per-round evaluator and what the summary compares with: the never-updated device (held-out
+    per domain and online) and the cloud teacher. Tiny models have neither: no held-out evaluation."""
+    if cfg.tiny:
+        return (lambda dev: {"heldout_mc": None, "source_mc": None}), {"source_only": {}, "online": {}, "teacher": {}}
+    clean = Domain("clean", 0)
+    heldout = _heldout_evaluator()
+    console.print("source-only baseline: held-out accuracy of the pretrained device on every domain …")
+    base = heldout(fleet.devices[0].model, domains + [clean], cfg.heldout_n)
+    online_base = _source_only_online(cfg, fleet.devices[0])
+    console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
+    teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
+
+    def evaluate(dev):
+        if dev is not fleet.devices[0]:            # held-out evaluation on the first device only
+            return {"heldout_mc": None, "source_mc": None}
+        acc = heldout(dev.model, domains + [clean], cfg.heldout_n)
+        return {"heldout": {str(d): acc[str(d)] for d in domains},
+                "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
+
+    return evaluate, {"source_only": base, "online": online_base, "teacher": teacher}
+
+
+def _run_rounds(fleet: LocalFleet, cfg: FleetConfig, evaluate: Callable[[Any], dict], console: Console) -> list[dict]:
+    """Every round on every device, with a live table of the rows so far."""
+    rows: list[dict] = []
+    with Live(_table(rows, "cdcca demo"), console=console, refresh_per_second=2) as live:
+        for rnd in range(cfg.rounds):
+            rows += fleet.run_round(rnd, evaluate)
+            live.update(_table(rows, f"cdcca demo — round {rnd + 1}/{cfg.rounds}"))
+    return rows
+
+
+def _summary(cfg: FleetConfig, preset: str, domains: list[Domain], rows: list[dict], refs: dict[str, dict],
+             oracle_acc: dict[str, float], t0: float) -> dict:
+    """The run in a few numbers: adapted vs source-only held-out MC, the teacher and oracle references, traffic."""
+    last = [r for r in rows if r["round"] == cfg.rounds - 1 and r.get("heldout_mc") is not None]
+    base, teacher = refs["source_only"], refs["teacher"]
+    return {
+        "source_only_mc": float("nan") if cfg.tiny else float(np.mean([base[str(d)] for d in domains])),
+        "adapted_mc": float(np.mean([r["heldout_mc"] for r in last])) if last else float("nan"),
+        "source_mc_before": None if cfg.tiny else base["clean"],
+        "source_mc_after": last[0]["source_mc"] if last else None,
+        "source_only": base,
+        "adapted": {**last[0]["heldout"], "clean": last[0]["source_mc"]} if last else {},
+        "teacher": teacher,
+        "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
+        "oracle": oracle_acc,
+        "oracle_mc": float(np.mean([oracle_acc[str(d)] for d in domains])) if oracle_acc else None,
+        "source_only_online": refs["online"],
+        "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
+        "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None = None, oracle: bool = False,
              **overrides) -> dict:
+    """Run ``preset`` from the pretrained pair on ``devices`` device runtimes; write metrics, plots and the report to ``out``."""
     console = console or Console()
     if preset not in FLEET_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(FLEET_PRESETS)}")
@@ -152,53 +213,13 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
     t0 = time.perf_counter()
     fleet = LocalFleet.setup(cfg, out)
     domains = domains_of(cfg)
-    clean = Domain("clean", 0)
-    if cfg.tiny:
-        evaluate, source_only = (lambda dev: {"heldout_mc": None, "source_mc": None}), float("nan")
-    else:
-        _heldout = _heldout_evaluator()
-        console.print("source-only baseline: held-out accuracy of the pretrained device on every domain …")
-        base = _heldout(fleet.devices[0].model, domains + [clean], cfg.heldout_n)
-        source_only = float(np.mean([base[str(d)] for d in domains]))
-        online_base = _source_only_online(cfg, fleet.devices[0])
-        console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
-        teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
-
-        def evaluate(dev):
-            if dev is not fleet.devices[0]:            # held-out evaluation on the first device only
-                return {"heldout_mc": None, "source_mc": None}
-            acc = _heldout(dev.model, domains + [clean], cfg.heldout_n)
-            return {"heldout": {str(d): acc[str(d)] for d in domains},
-                    "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
-
-    rows: list[dict] = []
-    with Live(_table(rows, "cdcca demo"), console=console, refresh_per_second=2) as live:
-        for rnd in range(cfg.rounds):
-            rows += fleet.run_round(rnd, evaluate)
-            live.update(_table(rows, f"cdcca demo — round {rnd + 1}/{cfg.rounds}"))
+    evaluate, refs = _references(cfg, fleet, domains, console)
+    rows = _run_rounds(fleet, cfg, evaluate, console)
     fleet.close()
     oracle_acc = {}
     if oracle and not cfg.tiny:
         console.print("oracle: the same stream trained on the true labels of the same uploads (cached per settings) …")
         oracle_acc = _oracle_reference(cfg)
-    last = [r for r in rows if r["round"] == cfg.rounds - 1 and r.get("heldout_mc") is not None]
-    summary = {
-        "source_only_mc": source_only,
-        "adapted_mc": float(np.mean([r["heldout_mc"] for r in last])) if last else float("nan"),
-        "source_mc_before": None if cfg.tiny else base["clean"],
-        "source_mc_after": last[0]["source_mc"] if last else None,
-        "source_only": {} if cfg.tiny else base,
-        "adapted": {**last[0]["heldout"], "clean": last[0]["source_mc"]} if last else {},
-        "teacher": {} if cfg.tiny else teacher,
-        "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
-        "oracle": oracle_acc,
-        "oracle_mc": float(np.mean([oracle_acc[str(d)] for d in domains])) if oracle_acc else None,
-        "source_only_online": {} if cfg.tiny else online_base,
-        "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
-        "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
-        "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
-    metrics = {"rounds": rows, "summary": summary}
+    metrics = {"rounds": rows, "summary": _summary(cfg, preset, domains, rows, refs, oracle_acc, t0)}
     write_report(out, metrics)
     return metrics

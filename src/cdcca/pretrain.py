@@ -92,21 +92,20 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
     return ranks < k[:, None]
 
 
-def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
-    """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
-    from cdcca.data.easyvqa import load_split
+def _training_features(cfg: PretrainConfig, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Cached clean train tokens and, when the batch mixes in corrupted copies, those copies' tokens."""
     from cdcca.data.features import cached_features
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = load_split("train")
-    prompter = Prompter(load_tokenizer(), data.candidates)
-    t0 = time.perf_counter()
     clean = cached_features("train", device=device)
     variants = [augmented_features(cfg, v, device) for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
-    features_s = time.perf_counter() - t0
+    return clean, variants
 
+
+def _prepare_training(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str, log) -> tuple:
+    """Load ``cfg.init``, build the optimizer and resume from the checkpoint in ``out_dir`` if one matches ``cfg``.
+
+    Returns (optimizer, trainable parameters, named trainable parameters, checkpoint path, start step).
+    """
     if cfg.init:
         load_adapter_state(model, {k: v.float() for k, v in load_file(cfg.init).items()})
     model.to(device).train()
@@ -119,50 +118,93 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu
         load_adapter_state(model, saved)
     if start:
         log(f"resuming {cfg.role} pretraining at step {start}")
-    rng = np.random.default_rng(cfg.seed + start)
-    t1 = time.perf_counter()
-    losses = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    for step in range(start, cfg.steps):
-        q = rng.integers(0, len(data), cfg.batch_size)
-        img = data.image_ids[q]
-        toks = clean[img].clone()
-        if variants:
-            aug = rng.random(cfg.batch_size) < cfg.aug_share
-            which = rng.integers(0, len(variants), cfg.batch_size)
-            for i in np.flatnonzero(aug):
-                toks[i] = variants[which[i]][img[i]]
-        keep = None
-        if cfg.token_drop_share > 0:
-            keep = random_keep(cfg.batch_size, toks.shape[1], cfg.token_keep, gen)
-            keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
-        text = prompter.batch([data.questions[i] for i in q], [data.answers[i] for i in q])
-        for g in opt.param_groups:
-            g["lr"] = one_cycle_lr(cfg.lr, step, cfg.steps, warmup=0.1)
-        with autocast:
-            fwd = model(toks.to(device), None if keep is None else keep.to(device),
-                        text.input_ids.to(device), text.attention_mask.to(device))
-            loss = answer_loss(model, fwd, text.labels.to(device))
-        losses.append(optimizer_step(loss, opt, params, cfg.grad_clip))
-        if progress is not None:
-            progress(step + 1, losses[-1])
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt, adapter_state(model), named, opt, step + 1, cfg.digest())
-    train_s = time.perf_counter() - t1
+    return opt, params, named, ckpt, start
+
+
+def _draw_batch(cfg: PretrainConfig, data, prompter: Prompter, clean: torch.Tensor, variants: list[torch.Tensor],
+                rng: np.random.Generator, gen: torch.Generator) -> tuple:
+    """One step's (tokens, keep mask or None, tokenized text): random questions, a share of their images
+    swapped for a corrupted copy, a share of the samples with tokens dropped."""
+    q = rng.integers(0, len(data), cfg.batch_size)
+    img = data.image_ids[q]
+    toks = clean[img].clone()
+    if variants:
+        aug = rng.random(cfg.batch_size) < cfg.aug_share
+        which = rng.integers(0, len(variants), cfg.batch_size)
+        for i in np.flatnonzero(aug):
+            toks[i] = variants[which[i]][img[i]]
+    keep = None
+    if cfg.token_drop_share > 0:
+        keep = random_keep(cfg.batch_size, toks.shape[1], cfg.token_keep, gen)
+        keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
+    text = prompter.batch([data.questions[i] for i in q], [data.answers[i] for i in q])
+    return toks, keep, text
+
+
+def _train_step(model: MLLM, opt: torch.optim.Optimizer, params: list, cfg: PretrainConfig, step: int, batch: tuple,
+                device: str, autocast) -> float:
+    """Set the step's learning rate, run the answer loss on ``batch`` and take one optimizer step; the loss."""
+    toks, keep, text = batch
+    for g in opt.param_groups:
+        g["lr"] = one_cycle_lr(cfg.lr, step, cfg.steps, warmup=0.1)
+    with autocast:
+        fwd = model(toks.to(device), None if keep is None else keep.to(device),
+                    text.input_ids.to(device), text.attention_mask.to(device))
+        loss = answer_loss(model, fwd, text.labels.to(device))
+    return optimizer_step(loss, opt, params, cfg.grad_clip)
+
+
+def _export(model: MLLM, cfg: PretrainConfig, out_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write the adapters as fp16 ``{role}.safetensors``; the path and the exported tensors."""
     model.to("cpu").eval()
     state = {k: v.half() for k, v in adapter_state(model).items()}
     weights = out_dir / f"{cfg.role}.safetensors"
     save_file(state, str(weights), metadata={"role": cfg.role, "digest": cfg.digest()})
-    record = {
+    return weights, state
+
+
+def _record(cfg: PretrainConfig, device: str, weights: Path, state: dict[str, torch.Tensor], losses: list[float],
+            features_s: float, train_s: float, steps_run: int) -> dict:
+    """What ``{role}.json`` records: the config and its digest, the weights' hash, the loss and the times."""
+    return {
         "role": cfg.role, "config": asdict(cfg), "digest": cfg.digest(), "device": device,
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "adapter_params": sum(v.numel() for v in state.values()),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "features_s": round(features_s, 1), "train_s": round(train_s, 1),
-        "s_per_step": round(train_s / max(1, cfg.steps - start), 3),
+        "s_per_step": round(train_s / max(1, steps_run), 3),
         "torch": torch.__version__,
         "init_sha256": hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest() if cfg.init else None,
     }
+
+
+def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
+    """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
+    from cdcca.data.easyvqa import load_split
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = load_split("train")
+    prompter = Prompter(load_tokenizer(), data.candidates)
+    t0 = time.perf_counter()
+    clean, variants = _training_features(cfg, device)
+    features_s = time.perf_counter() - t0
+    opt, params, named, ckpt, start = _prepare_training(model, cfg, out_dir, device, log)
+    rng = np.random.default_rng(cfg.seed + start)
+    t1 = time.perf_counter()
+    losses = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    for step in range(start, cfg.steps):
+        batch = _draw_batch(cfg, data, prompter, clean, variants, rng, gen)
+        losses.append(_train_step(model, opt, params, cfg, step, batch, device, autocast))
+        if progress is not None:
+            progress(step + 1, losses[-1])
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(ckpt, adapter_state(model), named, opt, step + 1, cfg.digest())
+    train_s = time.perf_counter() - t1
+    weights, state = _export(model, cfg, out_dir)
+    record = _record(cfg, device, weights, state, losses, features_s, train_s, cfg.steps - start)
     write_json(weights.with_suffix(".json"), record)
     ckpt.unlink(missing_ok=True)
     return record

@@ -71,17 +71,13 @@ def consistency_loss(bridge: Bridge, target: torch.Tensor, corrupted: torch.Tens
     return terms
 
 
-def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
-                      variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu") -> dict:
-    """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
+def _prepare_bridge(weights: dict[str, torch.Tensor], cfg: ConsistencyConfig, clean: torch.Tensor, out_dir: Path,
+                    device: str, log) -> tuple:
+    """The bridge to train (resumed from the checkpoint in ``out_dir`` if one matches ``cfg``), its frozen
+    clean-view target copy and the optimizer.
 
-    ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
-    Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
+    Returns (bridge, frozen copy, optimizer, named parameters, checkpoint path, start step).
     """
-    from cdcca.pretrain import one_cycle_lr, random_keep
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(init))
     bcfg = BridgeConfig(token_dim=clean.shape[-1], n_tokens=clean.shape[1])
     torch.manual_seed(cfg.seed)
     bridge = Bridge(bcfg)
@@ -96,21 +92,54 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         bridge.load_state_dict(saved)
     if start:
         log(f"resuming consistency training at step {start}")
+    return bridge, frozen, opt, named, ckpt, start
+
+
+def _draw_views(cfg: ConsistencyConfig, step: int, clean: torch.Tensor, variants: list[torch.Tensor],
+                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's (corrupted, clean, keep) batch; also seeds the bridge's dropout for the step."""
+    from cdcca.pretrain import random_keep
+
+    # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
+    rng = np.random.default_rng([cfg.seed, step])
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    torch.manual_seed(cfg.seed * 1_000_003 + step)            # the bridge's dropout
+    img = rng.integers(0, len(clean), cfg.batch_size)
+    which = rng.integers(0, len(variants), cfg.batch_size)
+    corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float().to(device)
+    clean_b = clean[img].float().to(device)
+    keep = random_keep(cfg.batch_size, clean.shape[1], cfg.token_keep, gen)
+    keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
+    return corrupted, clean_b, keep.to(device)
+
+
+def _export_bridge(bridge: Bridge, weights: dict[str, torch.Tensor], cfg: ConsistencyConfig, out_dir: Path) -> Path:
+    """Write ``init``'s adapters with the trained bridge as fp16 ``cloud.safetensors``; its path."""
+    bridge.to("cpu").eval()
+    state = {k: v.half() for k, v in weights.items()}
+    state.update({f"bridge.{k}": v.detach().half() for k, v in bridge.state_dict().items()})
+    path = out_dir / "cloud.safetensors"
+    save_file(state, str(path), metadata={"role": "cloud", "digest": cfg.digest()})
+    return path
+
+
+def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
+                      variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu") -> dict:
+    """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
+
+    ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
+    Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
+    """
+    from cdcca.pretrain import one_cycle_lr
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(init))
+    bridge, frozen, opt, named, ckpt, start = _prepare_bridge(weights, cfg, clean, out_dir, device, log)
     bridge.train()
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
-        rng = np.random.default_rng([cfg.seed, step])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        torch.manual_seed(cfg.seed * 1_000_003 + step)            # the bridge's dropout
-        img = rng.integers(0, len(clean), cfg.batch_size)
-        which = rng.integers(0, len(variants), cfg.batch_size)
-        corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float().to(device)
-        clean_b = clean[img].float().to(device)
-        keep = random_keep(cfg.batch_size, clean.shape[1], cfg.token_keep, gen)
-        keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
-        keep = keep.to(device)
+        corrupted, clean_b, keep = _draw_views(cfg, step, clean, variants, device)
         with torch.no_grad():
             target = frozen(clean_b)
         for g in opt.param_groups:
@@ -122,11 +151,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(ckpt, bridge.state_dict(), named, opt, step + 1, cfg.digest())
     train_s = time.perf_counter() - t0
-    bridge.to("cpu").eval()
-    state = {k: v.half() for k, v in weights.items()}
-    state.update({f"bridge.{k}": v.detach().half() for k, v in bridge.state_dict().items()})
-    path = out_dir / "cloud.safetensors"
-    save_file(state, str(path), metadata={"role": "cloud", "digest": cfg.digest()})
+    path = _export_bridge(bridge, weights, cfg, out_dir)
     ckpt.unlink(missing_ok=True)
     return {
         "recipe": "consistency", "config": asdict(cfg), "digest": cfg.digest(),

@@ -25,7 +25,9 @@ import io
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,32 +104,45 @@ def _mc_accuracy(model, prompter, batch, gold: list[str], batch_size: int = 64) 
         right += sum(prompter.candidates[int(i)] == g for i, g in zip(probs.argmax(-1), gold[s:s + batch_size]))
     return right / max(1, len(gold))
 
+def _flat(rounds: list[dict], key: str) -> list:
+    """One per-request field of every round, in stream order."""
+    return [x for r in rounds for x in r[key]]
 
-def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, tokens_for=None, stats=None,
-              cfg: UTSConfig | None = None, repeats: int = 5, batch_size: int = 32,
-              keep_ratios=KEEP_RATIOS, fidelity: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Run the UTS benchmark; returns a JSON-ready dict (see the module docstring).
 
-    Defaults load the real pretrained device, the packaged token statistics and cached features;
-    tests pass a tiny ``model`` with matching ``tokens_for(domain) -> (n_images, P, C)`` and ``stats``.
-    """
+def _best(aurocs: dict[str, float], names) -> str:
+    """The scorer of ``names`` with the highest AUROC (NaN counts as lowest)."""
+    return max(names, key=lambda k: -1 if np.isnan(aurocs[k]) else aurocs[k])
+
+
+@dataclass
+class _Bench:
+    """What every measured part shares: the real pretrained pair and data, unless a test passes its own."""
+
+    model: Any
+    which: str
+    data: Any
+    prompter: Any
+    fidelity_model: Any
+    fid_name: str
+    tokens_for: Callable[[Any], torch.Tensor]
+    stats: Any
+
+
+def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool) -> _Bench:
+    """Fill in the defaults: the pretrained device, the cloud as fidelity model when its weights exist,
+    the packaged token statistics for the real encoder's 1280-dim tokens, cached test features."""
     from cdcca.assets import load_tokenizer
-    from cdcca.data.corruptions import corrupt
     from cdcca.data.easyvqa import load_split
-    from cdcca.data.stream import build_stream, resolve_sequence
     from cdcca.evaluate import test_tokens
     from cdcca.model.pair import load_pretrained, weights_file
     from cdcca.model.prompt import Prompter
     from cdcca.uplink import default_token_stats
 
-    log = log or (lambda _msg: None)
-    cfg = cfg or UTSConfig()
     which = "given"
     if model is None:
         model, which = load_pretrained("device"), "pretrained device"
     data = load_split("test")
     prompter = prompter or Prompter(load_tokenizer(), data.candidates)
-    tokens_for = tokens_for or test_tokens
     fid_name = "device"
     if fidelity and fidelity_model is None:
         if which == "pretrained device" and weights_file("cloud").is_file():
@@ -136,115 +151,191 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
             fidelity_model = model
     elif fidelity_model is not None:
         fid_name = "given"
-    C = model.bridge.cfg.token_dim
-    if stats is None and C == 1280:
+    if stats is None and model.bridge.cfg.token_dim == 1280:
         stats = default_token_stats()
+    return _Bench(model, which, data, prompter, fidelity_model, fid_name, tokens_for or test_tokens, stats)
+
+
+def _answer_round(bench: _Bench, chunk, cfg: UTSConfig, file_sizes: list[int]) -> dict:
+    """The device answers one round; keep what the later parts measure (tokens, answers, view scores, image bytes)."""
+    from cdcca.data.corruptions import corrupt
+
+    data = bench.data
+    feats = bench.tokens_for(chunk.domain)
+    imgs_all = corrupt(data.images, chunk.domain.corruption, chunk.domain.severity, 0)
+    qids = chunk.question_ids
+    img_ids = data.image_ids[qids]
+    toks = feats[img_ids]
+    qs = [data.questions[i] for i in qids]
+    answers = _answer_all(bench.model, bench.prompter, toks, qs, 64)
+    view = view_uncertainty(bench.model, bench.prompter, toks, qs, answers, stats=bench.stats, floor=cfg.ood_floor) \
+        if bench.stats is not None else [float("nan")] * len(qs)
+    return {"domain": str(chunk.domain), "tokens": toks, "questions": qs, "answers": answers,
+            "gold": [data.answers[i] for i in qids], "view": view, "ids": [f"r{chunk.round}-q{int(i)}" for i in qids],
+            "png": [len(png_bytes(imgs_all[i])) for i in img_ids],
+            "png_file": [file_sizes[i] for i in img_ids],
+            "jpeg224": [jpeg224_bytes(imgs_all[i]) for i in img_ids]}
+
+
+def _stream_rounds(bench: _Bench, n: int, cfg: UTSConfig, log: Callable[[str], None]) -> list[dict]:
+    """Answer about ``n`` requests of the default shift stream, one round per domain."""
+    from cdcca.data.stream import build_stream, resolve_sequence
 
     sequence = resolve_sequence("default")
-    per_domain = max(1, n // len(sequence))
-    chunks = build_stream(data, sequence, per_domain)
-    file_sizes = _source_png_sizes(len(data.images))
+    chunks = build_stream(bench.data, sequence, max(1, n // len(sequence)))
+    file_sizes = _source_png_sizes(len(bench.data.images))
     rounds = []
     for chunk in chunks:
         log(f"round {chunk.round}: {chunk.domain} ({len(chunk.question_ids)} requests)")
-        feats = tokens_for(chunk.domain)
-        imgs_all = corrupt(data.images, chunk.domain.corruption, chunk.domain.severity, 0)
-        qids = chunk.question_ids
-        img_ids = data.image_ids[qids]
-        toks = feats[img_ids]
-        qs = [data.questions[i] for i in qids]
-        answers = _answer_all(model, prompter, toks, qs, 64)
-        view = view_uncertainty(model, prompter, toks, qs, answers, stats=stats, floor=cfg.ood_floor) \
-            if stats is not None else [float("nan")] * len(qs)
-        rounds.append({"domain": str(chunk.domain), "tokens": toks, "questions": qs, "answers": answers,
-                       "gold": [data.answers[i] for i in qids], "view": view, "ids": [f"r{chunk.round}-q{int(i)}" for i in qids],
-                       "png": [len(png_bytes(imgs_all[i])) for i in img_ids],
-                       "png_file": [file_sizes[i] for i in img_ids],
-                       "jpeg224": [jpeg224_bytes(imgs_all[i]) for i in img_ids]})
+        rounds.append(_answer_round(bench, chunk, cfg, file_sizes))
+    return rounds
 
-    all_answers = [a for r in rounds for a in r["answers"]]
-    gold = [g for r in rounds for g in r["gold"]]
-    wrong = [a.mc != g for a, g in zip(all_answers, gold)]
-    n_req = len(all_answers)
-    aurocs = {name: auroc(sample_uncertainty(all_answers, name), wrong) for name in SAMPLE_SCORERS}
-    aurocs["view_consistency"] = auroc([v for r in rounds for v in r["view"]], wrong)
-    best = max(aurocs, key=lambda k: -1 if np.isnan(aurocs[k]) else aurocs[k])
-    best_answer_only = max(SAMPLE_SCORERS, key=lambda k: -1 if np.isnan(aurocs[k]) else aurocs[k])
-    view_cfg = replace(cfg, sample_scorer="view_consistency")
-    view_uploaded = sum(v > view_cfg.threshold for r in rounds for v in r["view"])
 
-    def upload(c: UTSConfig):
-        packets, samples = [], []
-        for r in rounds:
-            picked = plan_uplink(r["tokens"], r["questions"], r["answers"], r["ids"], c, stats=stats,
-                                 bridge=model.bridge)
-            if picked:
-                packets.append(build_uplink(picked, c, device_id="bench", adapter_version="v0"))
-                samples += picked
-        return packets, samples
+def _plan_and_pack(tokens, questions, answers, ids, c: UTSConfig, stats, bridge) -> tuple[list, bytes]:
+    """The UTS work on one batch (score, select, quantize, pack): the picked samples and their packet."""
+    picked = plan_uplink(tokens, questions, answers, ids, c, stats=stats, bridge=bridge)
+    return picked, (build_uplink(picked, c, device_id="bench", adapter_version="v0") if picked else b"")
 
+
+def _upload(rounds: list[dict], c: UTSConfig, bench: _Bench) -> tuple[list[bytes], list]:
+    """Every round's uplink packet under ``c`` (rounds with no upload send none) and all uploaded samples."""
+    packets, samples = [], []
+    for r in rounds:
+        picked, packet = _plan_and_pack(r["tokens"], r["questions"], r["answers"], r["ids"], c, bench.stats,
+                                        bench.model.bridge)
+        if picked:
+            packets.append(packet)
+            samples += picked
+    return packets, samples
+
+
+def _uploaded_accuracy(bench: _Bench, packets: list[bytes], gold_by_id: dict[str, str]) -> float:
+    """MC accuracy of the fidelity model on the samples decoded from ``packets``: what the kept tokens carry."""
+    right = total_n = 0
+    for p in packets:
+        batch = decode_uplink(p, stats=bench.stats)
+        g = [gold_by_id[i] for i in batch.sample_ids]
+        right += _mc_accuracy(bench.fidelity_model, bench.prompter, batch, g) * len(g)
+        total_n += len(g)
+    return round(right / total_n, 4)
+
+
+def _token_keep_rows(bench: _Bench, rounds: list[dict], cfg: UTSConfig, keep_ratios, fidelity: bool,
+                     log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Per token scorer × keep ratio: bytes per uploaded sample and (``fidelity``) MC accuracy on the uploads."""
     gold_by_id = {i: g for r in rounds for i, g in zip(r["ids"], r["gold"])}
-    default_packets, default_samples = upload(cfg)
-    total = sum(map(len, default_packets))
     per_scorer_bytes, per_scorer_acc = {}, {}
     full_acc = None                 # keep ratio 1.0 uploads every token: the same for every token scorer
     for scorer in TOKEN_SCORER_NAMES:
         per_scorer_bytes[scorer], per_scorer_acc[scorer] = {}, {}
         for ratio in keep_ratios:
-            c = replace(cfg, token_scorer=scorer, keep_ratio=ratio)
-            packets, samples = upload(c)
+            packets, samples = _upload(rounds, replace(cfg, token_scorer=scorer, keep_ratio=ratio), bench)
             key = f"{ratio:g}"
             per_scorer_bytes[scorer][key] = round(sum(map(len, packets)) / len(samples), 1) if samples else None
-            if fidelity and samples and ratio == 1.0 and full_acc is not None:
-                per_scorer_acc[scorer][key] = full_acc
-            elif fidelity and samples:
-                right = total_n = 0
-                for p in packets:
-                    batch = decode_uplink(p, stats=stats)
-                    g = [gold_by_id[i] for i in batch.sample_ids]
-                    right += _mc_accuracy(fidelity_model, prompter, batch, g) * len(g)
-                    total_n += len(g)
-                per_scorer_acc[scorer][key] = round(right / total_n, 4)
+            if fidelity and samples:
+                acc = full_acc if ratio == 1.0 and full_acc is not None else _uploaded_accuracy(bench, packets, gold_by_id)
+                per_scorer_acc[scorer][key] = acc
                 if ratio == 1.0:
-                    full_acc = per_scorer_acc[scorer][key]
+                    full_acc = acc
         log(f"token scorer {scorer}: {per_scorer_bytes[scorer]}")
+    return per_scorer_bytes, per_scorer_acc
 
-    png_total = sum(b for r in rounds for b in r["png"])
-    src_png_total = sum(b for r in rounds for b in r["png_file"])
-    jpeg_total = sum(b for r in rounds for b in r["jpeg224"])
-    picked_ids = {s.sample_id for s in default_samples}
-    device_right_uploaded = sum(a.mc == g for r in rounds for i, a, g in zip(r["ids"], r["answers"], r["gold"])
-                                if i in picked_ids)
-    ids_flat = [i for r in rounds for i in r["ids"]]
-    caught = sum(w for i, w in zip(ids_flat, wrong) if i in picked_ids)
 
-    # timing: the same batch, answered by the device vs. the UTS work on it, per request
-    r0 = rounds[0]
-    b = min(batch_size, len(r0["questions"]))
-    toks, qs, ans, ids = r0["tokens"][:b], r0["questions"][:b], r0["answers"][:b], r0["ids"][:b]
+def _timing_rows(bench: _Bench, r0: dict, cfg: UTSConfig, repeats: int, batch_size: int, upload_rate: float) -> dict:
+    """UTS work per request against the device's own answer time on the same batch of the first round."""
     from cdcca.model.answer import answer_batch
 
-    t_answer = _median_time(lambda: answer_batch(model, prompter, toks, qs), repeats) / b
-    t_view = _median_time(lambda: view_uncertainty(model, prompter, toks, qs, ans, stats=stats), repeats) / b \
-        if stats is not None else float("nan")
-
-    def uts_work(c: UTSConfig):
-        def go():
-            picked = plan_uplink(toks, qs, ans, ids, c, stats=stats, bridge=model.bridge)
-            return build_uplink(picked, c, device_id="bench", adapter_version="v0") if picked else b""
-        return go
-
+    b = min(batch_size, len(r0["questions"]))
+    toks, qs, ans, ids = r0["tokens"][:b], r0["questions"][:b], r0["answers"][:b], r0["ids"][:b]
+    t_answer = _median_time(lambda: answer_batch(bench.model, bench.prompter, toks, qs), repeats) / b
+    t_view = _median_time(lambda: view_uncertainty(bench.model, bench.prompter, toks, qs, ans, stats=bench.stats),
+                          repeats) / b if bench.stats is not None else float("nan")
     # worst case: every request of the batch is token-scored, quantized and packed (all uploaded)
     uts_ms = {}
     for scorer in TOKEN_SCORER_NAMES:
         c = replace(cfg, token_scorer=scorer, selection="budget", budget=b)
-        uts_ms[scorer] = _median_time(uts_work(c), repeats) / b
+        uts_ms[scorer] = _median_time(partial(_plan_and_pack, toks, qs, ans, ids, c, bench.stats, bench.model.bridge),
+                                      repeats) / b
     overhead = uts_ms[cfg.token_scorer] / t_answer
-    upload_rate = len(default_samples) / n_req
+    return {"batch_size": b, "repeats": repeats, "threads": torch.get_num_threads(),
+            "answer_ms_per_request": round(t_answer * 1e3, 3),
+            "uts_ms_per_request_all_uploaded": {k: round(v * 1e3, 3) for k, v in uts_ms.items()},
+            "overhead": round(overhead, 4),
+            "overhead_by_token_scorer": {k: round(v / t_answer, 4) for k, v in uts_ms.items()},
+            "overhead_at_upload_rate": round(overhead * upload_rate, 4),
+            "view_consistency_ms_per_request": round(t_view * 1e3, 3),
+            "view_consistency_overhead": round(t_view / t_answer, 4)}
 
-    png_per_req, per_uploaded = png_total / n_req, (total / len(default_samples) if default_samples else 0.0)
-    src_per_req = src_png_total / n_req
-    notes = [
+
+def _device_rows(which: str, rounds: list[dict], wrong: list[bool]) -> dict:
+    """Which device answered the stream, and how well (MC and direct answers)."""
+    n_req = len(wrong)
+    answers, gold = _flat(rounds, "answers"), _flat(rounds, "gold")
+    return {"model": which, "n": n_req, "domains": [r["domain"] for r in rounds],
+            "device_mc_accuracy": round(1 - sum(wrong) / n_req, 4),
+            "device_da_accuracy": round(sum(a.text == g for a, g in zip(answers, gold)) / n_req, 4)}
+
+
+def _auroc_rows(rounds: list[dict], wrong: list[bool], cfg: UTSConfig) -> dict:
+    """Every sample scorer's AUROC for the device's wrong answers (with a bootstrap interval) and the
+    upload rate the opt-in view_consistency scorer would have."""
+    answers, view = _flat(rounds, "answers"), _flat(rounds, "view")
+    aurocs = {name: auroc(sample_uncertainty(answers, name), wrong) for name in SAMPLE_SCORERS}
+    aurocs["view_consistency"] = auroc(view, wrong)
+    view_cfg = replace(cfg, sample_scorer="view_consistency")
+    return {"auroc": {k: round(v, 4) for k, v in aurocs.items()}, "best_sample_scorer": _best(aurocs, aurocs),
+            "auroc_ci95": {k: _auroc_ci(sample_uncertainty(answers, k) if k in SAMPLE_SCORERS else view, wrong)
+                           for k in aurocs},
+            "best_answer_only_scorer": _best(aurocs, SAMPLE_SCORERS),
+            "view_consistency_upload_rate": round(sum(v > view_cfg.threshold for v in view) / len(wrong), 4)}
+
+
+def _per_uploaded(total: int, samples: list) -> float:
+    """Uplink bytes per uploaded sample (0 when nothing is uploaded)."""
+    return total / len(samples) if samples else 0.0
+
+
+def _default_row(cfg: UTSConfig, rounds: list[dict], wrong: list[bool], samples: list, total: int) -> dict:
+    """The default setting: its config, how many requests it uploads, the wrong answers among them, the bytes."""
+    n_req = len(wrong)
+    picked_ids = {s.sample_id for s in samples}
+    caught = sum(w for i, w in zip(_flat(rounds, "ids"), wrong) if i in picked_ids)
+    return {**asdict(cfg), "uploaded": len(samples), "upload_rate": round(len(samples) / n_req, 4),
+            "wrong_caught": round(caught / max(1, sum(wrong)), 4),
+            "uplink_bytes": total, "bytes_per_request": round(total / n_req, 1),
+            "bytes_per_uploaded_sample": round(_per_uploaded(total, samples), 1)}
+
+
+def _device_mc_on_uploaded(rounds: list[dict], samples: list) -> float:
+    """The device's own MC accuracy on the samples the default setting uploads."""
+    picked_ids = {s.sample_id for s in samples}
+    right = sum(a.mc == g for i, a, g in zip(_flat(rounds, "ids"), _flat(rounds, "answers"), _flat(rounds, "gold"))
+                if i in picked_ids)
+    return round(right / max(1, len(samples)), 4)
+
+
+def _image_bytes(rounds: list[dict]) -> dict[str, int]:
+    """Total bytes of the stream's images: shifted 64×64 PNG, easy-VQA's clean source file, 224×224 JPEG."""
+    return {key: sum(_flat(rounds, key)) for key in ("png", "png_file", "jpeg224")}
+
+
+def _ratio_rows(rounds: list[dict], images: dict[str, int], total: int) -> dict:
+    """Default uplink bytes against uploading every request's full fp32 tokens or one of its images."""
+    n_req = len(_flat(rounds, "ids"))
+    full_bytes = int(np.prod(rounds[0]["tokens"].shape[1:])) * 4     # one request's tokens as fp32 (250,880 B)
+    return {"full_tokens_bytes_per_request": full_bytes,
+            "png_bytes_per_request": round(images["png"] / n_req, 1),
+            "png_source_file_bytes_per_request": round(images["png_file"] / n_req, 1),
+            "jpeg224_bytes_per_request": round(images["jpeg224"] / n_req, 1),
+            "ratio_full_tokens": round(total / (n_req * full_bytes), 5),
+            "ratio_png": round(total / images["png"], 4), "ratio_png_source_file": round(total / images["png_file"], 4),
+            "ratio_jpeg224": round(total / images["jpeg224"], 4)}
+
+
+def _notes(images: dict[str, int], n_req: int, per_uploaded: float, fid_name: str) -> list[str]:
+    """What a reader needs to read the numbers right."""
+    png_per_req, src_per_req = images["png"] / n_req, images["png_file"] / n_req
+    return [
         f"ratio_png compares with the 64x64 PNG of the shifted image the device saw ({png_per_req:.0f} B on "
         f"average); ratio_png_source_file with easy-VQA's own clean PNG files ({src_per_req:.0f} B). An uploaded "
         f"sample's kept tokens cost {per_uploaded:.0f} B ({per_uploaded / png_per_req:.0f}x the shifted PNG): "
@@ -260,36 +351,35 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
         "timings: medians of repeats on a CPU shared with other jobs; torch threads = "
         f"{torch.get_num_threads()}.",
     ]
-    cfg_dict = asdict(cfg)
-    full_bytes = int(np.prod(r0["tokens"].shape[1:])) * 4     # one request's tokens as fp32 (250,880 B)
+
+
+def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, tokens_for=None, stats=None,
+              cfg: UTSConfig | None = None, repeats: int = 5, batch_size: int = 32,
+              keep_ratios=KEEP_RATIOS, fidelity: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Run the UTS benchmark; returns a JSON-ready dict (see the module docstring).
+
+    Defaults load the real pretrained device, the packaged token statistics and cached features;
+    tests pass a tiny ``model`` with matching ``tokens_for(domain) -> (n_images, P, C)`` and ``stats``.
+    The measured parts run in this order (it fixes what each draws from the random generators):
+    the stream, the default upload, the token-keep rows, the timing.
+    """
+    log = log or (lambda _msg: None)
+    cfg = cfg or UTSConfig()
+    bench = _load(model, prompter, fidelity_model, tokens_for, stats, fidelity)
+    rounds = _stream_rounds(bench, n, cfg, log)
+    packets, samples = _upload(rounds, cfg, bench)
+    per_scorer_bytes, per_scorer_acc = _token_keep_rows(bench, rounds, cfg, keep_ratios, fidelity, log)
+    wrong = [a.mc != g for a, g in zip(_flat(rounds, "answers"), _flat(rounds, "gold"))]
+    total, n_req = sum(map(len, packets)), len(wrong)
+    timing = _timing_rows(bench, rounds[0], cfg, repeats, batch_size, upload_rate=len(samples) / n_req)
+    images = _image_bytes(rounds)
     return {
-        "model": which, "n": n_req, "domains": [r["domain"] for r in rounds],
-        "device_mc_accuracy": round(1 - sum(wrong) / n_req, 4),
-        "device_da_accuracy": round(sum(a.text == g for a, g in zip(all_answers, gold)) / n_req, 4),
-        "auroc": {k: round(v, 4) for k, v in aurocs.items()}, "best_sample_scorer": best,
-        "auroc_ci95": {k: _auroc_ci(sample_uncertainty(all_answers, k) if k in SAMPLE_SCORERS
-                                    else [v for r in rounds for v in r["view"]], wrong) for k in aurocs},
-        "best_answer_only_scorer": best_answer_only,
-        "view_consistency_upload_rate": round(view_uploaded / n_req, 4),
-        "default": {**cfg_dict, "uploaded": len(default_samples), "upload_rate": round(upload_rate, 4),
-                    "wrong_caught": round(caught / max(1, sum(wrong)), 4),
-                    "uplink_bytes": total, "bytes_per_request": round(total / n_req, 1),
-                    "bytes_per_uploaded_sample": round(per_uploaded, 1)},
+        **_device_rows(bench.which, rounds, wrong), **_auroc_rows(rounds, wrong, cfg),
+        "default": _default_row(cfg, rounds, wrong, samples, total),
         "bytes_per_uploaded_sample": per_scorer_bytes,
-        "uploaded_mc_accuracy": per_scorer_acc, "fidelity_model": fid_name,
-        "device_mc_accuracy_on_uploaded": round(device_right_uploaded / max(1, len(default_samples)), 4),
-        "full_tokens_bytes_per_request": full_bytes,
-        "png_bytes_per_request": round(png_per_req, 1), "png_source_file_bytes_per_request": round(src_per_req, 1), "jpeg224_bytes_per_request": round(jpeg_total / n_req, 1),
-        "ratio_full_tokens": round(total / (n_req * full_bytes), 5),
-        "ratio_png": round(total / png_total, 4), "ratio_png_source_file": round(total / src_png_total, 4),
-        "ratio_jpeg224": round(total / jpeg_total, 4),
-        "timing": {"batch_size": b, "repeats": repeats, "threads": torch.get_num_threads(),
-                   "answer_ms_per_request": round(t_answer * 1e3, 3),
-                   "uts_ms_per_request_all_uploaded": {k: round(v * 1e3, 3) for k, v in uts_ms.items()},
-                   "overhead": round(overhead, 4),
-                   "overhead_by_token_scorer": {k: round(v / t_answer, 4) for k, v in uts_ms.items()},
-                   "overhead_at_upload_rate": round(overhead * upload_rate, 4),
-                   "view_consistency_ms_per_request": round(t_view * 1e3, 3),
-                   "view_consistency_overhead": round(t_view / t_answer, 4)},
-        "notes": notes,
+        "uploaded_mc_accuracy": per_scorer_acc, "fidelity_model": bench.fid_name,
+        "device_mc_accuracy_on_uploaded": _device_mc_on_uploaded(rounds, samples),
+        **_ratio_rows(rounds, images, total),
+        "timing": timing,
+        "notes": _notes(images, n_req, _per_uploaded(total, samples), bench.fid_name),
     }
