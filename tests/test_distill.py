@@ -5,8 +5,9 @@ import torch
 
 from cdcca.adapter_state import state_hash
 from cdcca.distill import AKD as _AKD
-from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, random_source_set, wavelet_highband_l1
+from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
 from cdcca.model.mllm import adapter_state, is_adapter_key
+from cdcca.source_set import random_source_set
 
 QUESTIONS = ["what color is the shape?", "is there a circle in the image?", "what shape is present?",
              "is the shape red?", "what is the blue shape?"]
@@ -141,7 +142,7 @@ def test_soft_targets_train_on_the_teacher_distribution(tiny_device, tiny_cloud,
 
 
 def tiny_source(n_images=6):
-    from cdcca.distill import SourceSet
+    from cdcca.source_set import SourceSet
 
     questions = ["what shape is it?", "is it red?", "what color is it?"] * 2
     return SourceSet(torch.randn(n_images, 49, 32).half(), torch.arange(6) % n_images, questions,

@@ -60,10 +60,11 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     from cdcca.assets import cache_dir, load_tokenizer
     from cdcca.atomic import write_json
     from cdcca.data.easyvqa import load_split
-    from cdcca.distill import AKD, load_source_set
+    from cdcca.distill import AKD
     from cdcca.loop import LoopConfig, run_loop
     from cdcca.model.pair import load_pretrained, pretrain_record
     from cdcca.model.prompt import Prompter
+    from cdcca.source_set import load_source_set
 
     loop = LoopConfig(stream=cfg.stream, per_domain=cfg.per_domain, rounds_per_domain=cfg.rounds_per_domain,
                       heldout_n=cfg.heldout_n, downlink="dense", labels="oracle", uts=cfg.uts, akd=cfg.akd,

@@ -37,7 +37,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,6 +45,7 @@ from cdcca.adapter_state import AdapterState
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
 from cdcca.prefix import PREFIX_GROUPS, PrefixTeacher, bridge_prefix, train_prefix
+from cdcca.source_set import SourceSet
 
 TRAIN_GROUPS = {
     "all": lambda name: True,
@@ -162,44 +162,6 @@ def with_true_labels(records: list[TeacherRecord], truth: Sequence[str], candida
             onehot[candidates.index(answer)] = 1.0
         out.append(replace(r, pseudo_label=answer, confidence=1.0, probs=onehot))
     return out
-
-
-@dataclass
-class SourceSet:
-    """Labelled clean source-domain samples the cloud owns (the device's pretraining data), for rehearsal."""
-
-    tokens: torch.Tensor        # (N_images, P, C) fp16 visual tokens
-    image_ids: torch.Tensor     # (N_questions,) index into tokens
-    questions: list[str]
-    answers: list[str]
-
-    def sample(self, n: int, rng: random.Random) -> tuple[torch.Tensor, list[str], list[str]]:
-        idx = [rng.randrange(len(self.questions)) for _ in range(n)]
-        return (self.tokens[self.image_ids[idx]].float(), [self.questions[i] for i in idx],
-                [self.answers[i] for i in idx])
-
-
-def random_source_set(token_dim: int, candidates: list[str], n: int = 32, seed: int = 0) -> SourceSet:
-    """A source set of random tokens for the tiny random-initialised models (tests, ``--tiny`` runs)."""
-    gen = torch.Generator().manual_seed(seed)
-    answers = [candidates[i % len(candidates)] for i in range(n)]
-    return SourceSet(torch.randn(n, 49, token_dim, generator=gen).half(), torch.arange(n),
-                     [f"is the answer {a}?" for a in answers], answers)
-
-
-SOURCE_IMAGES = 1000   # train images rehearsed: ~9,600 questions, features cached in ~1 min on 2 cores
-
-
-def load_source_set(n_images: int = SOURCE_IMAGES) -> SourceSet:
-    """The first ``n_images`` easy-VQA train images, their questions and cached clean encoder features:
-    the labelled source domain the device was pretrained on."""
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.features import cached_features
-
-    data = load_split("train")
-    rows = np.flatnonzero(data.image_ids < n_images)
-    return SourceSet(cached_features("train", limit=n_images), torch.as_tensor(data.image_ids[rows]),
-                     [data.questions[i] for i in rows], [data.answers[i] for i in rows])
 
 
 def answer_loss_per_sample(model: MLLM, fwd, labels: torch.Tensor) -> torch.Tensor:

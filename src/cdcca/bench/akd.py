@@ -83,10 +83,11 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
 
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
-    from cdcca.distill import AKD, load_source_set
+    from cdcca.distill import AKD
     from cdcca.model.mllm import adapter_state, load_adapter_state
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
+    from cdcca.source_set import load_source_set
 
     table = variants()
     unknown = set(names or []) - set(table)
