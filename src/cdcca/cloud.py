@@ -77,8 +77,8 @@ class CloudRuntime:
         self.label_override: Callable[[list[TeacherRecord]], list[TeacherRecord]] | None = None
         self.last_round: RoundReport | None = None
         self.initial_state = initial_state
-        self._student_versions: dict[str, int] = {}
-        self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)    # device → mirror version AKD's in-memory state belongs to
+        self._student_versions: dict[str, int] = {}   # device → mirror version AKD's in-memory state belongs to
+        self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)
         self.db = sqlite3.connect(str(self.dir / "cloud.sqlite"), isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from cdcca.adapter_state import AdapterState
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
-from cdcca.prefix import PREFIX_GROUPS, PrefixTeacher, bridge_prefix, train_prefix
+from cdcca.prefix import PREFIX_GROUPS, PrefixTeacher, train_prefix
 from cdcca.source_set import SourceSet
 
 TRAIN_GROUPS = {
@@ -293,7 +293,6 @@ class AKD:
             qs = questions[s:s + batch_size]
             text = self.prompter.batch(qs)
             fwd = self.teacher(tokens[s:s + batch_size], keep[s:s + batch_size], text.input_ids, text.attention_mask)
-            vis = bridge_prefix(self.teacher.bridge, tokens[s:s + batch_size], keep[s:s + batch_size])
             self.teacher_forward_calls += 1
             self.teacher_samples += len(qs)
             logits = self.teacher.logits(fwd.normed[:, -1]).float()            # (b, V)
@@ -306,7 +305,7 @@ class AKD:
                 records.append(TeacherRecord(
                     sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
                     self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone(),
-                    vis[i].half()))
+                    fwd.visual[i].half()))
         return records
 
     # -- step 2: distil into the device's adapters --------------------------------------------
@@ -327,8 +326,8 @@ class AKD:
                  new: list[TeacherRecord], device_answers: list[str] | None, t0: float) -> tuple[AdapterState, DistillStats]:
         cfg = self.cfg
         replay = state.replay
-        old = replay.sample(int(len(new) * cfg.replay_per_round))
-        data = new + old if cfg.epochs > 0 else []
+        old = replay.sample(int(len(new) * cfg.replay_per_round)) if cfg.epochs > 0 else []
+        data = new + old
         load_adapter_state(self.student, base)
         rng = random.Random(cfg.seed + replay.seen)
         prefix_stats = self.distill_prefix(state.prefix_replay, records, rng) if self.prefix_teacher and records else {}

@@ -38,7 +38,6 @@ class LoopConfig:
     per_domain: int = 320          # stream requests per domain
     rounds_per_domain: int = 1
     heldout_n: int = 300           # held-out questions per domain for per-round accuracy
-    answer_batch: int = 64
     downlink: str = "dense"        # "dense" (fp32 state) | "dwc" (compressed update) | "none" (source-only)
     labels: str = "teacher"        # "teacher" (pseudo-labels) | "oracle" (the true answers of the same uploads)
     uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=160))
@@ -53,19 +52,6 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.downlink must be dense, dwc or none; got {self.downlink!r}")
         if self.labels not in ("teacher", "oracle"):
             raise ValueError(f"LoopConfig.labels must be teacher or oracle; got {self.labels!r}")
-
-
-PRESETS = {
-    "quick": dict(per_domain=320, rounds_per_domain=1, heldout_n=300),
-    "tiny": dict(per_domain=32, rounds_per_domain=1, heldout_n=32),
-    "paper": dict(per_domain=1000, rounds_per_domain=2, heldout_n=1000),
-}
-
-
-def preset(name: str, **overrides) -> LoopConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return LoopConfig(**{**PRESETS[name], **overrides})
 
 
 def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int) -> dict[str, float]:

@@ -46,6 +46,7 @@ class Forward:
     hidden: torch.Tensor        # (B, Q+T, d) last decoder layer output, before the final norm
     normed: torch.Tensor        # (B, Q+T, d) after the final norm (what lm_head reads)
     n_visual: int
+    visual: torch.Tensor        # (B, Q, d) the bridge's output: the visual prefix the LLM was fed
 
 
 class MLLM(nn.Module):
@@ -92,7 +93,7 @@ class MLLM(nn.Module):
                             past_key_values=past, use_cache=use_cache)
         finally:
             handle.remove()
-        fwd = Forward(hidden=captured["h"], normed=out.last_hidden_state, n_visual=Q)
+        fwd = Forward(hidden=captured["h"], normed=out.last_hidden_state, n_visual=Q, visual=vis)
         return (fwd, out.past_key_values, mask, positions) if use_cache else fwd
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
