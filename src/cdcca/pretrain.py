@@ -67,13 +67,6 @@ class PretrainConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def augmented_features(cfg: PretrainConfig, variant: int, device: str) -> torch.Tensor:
-    """Tokens of a corrupted copy of every train image under the cloud's training family (cached)."""
-    from cdcca.data.features import augmented_features as cached_augmented
-
-    return cached_augmented(cfg.aug_family, cfg.aug_severity, variant, cfg.seed, device)
-
-
 def one_cycle_lr(peak: float, step: int, steps: int, warmup: float) -> float:
     """Linear warm-up over the first ``warmup`` share of ``steps``, then cosine decay to 1 % of ``peak``."""
     warm = max(1, int(warmup * steps))
@@ -94,10 +87,11 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
 
 def _training_features(cfg: PretrainConfig, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Cached clean train tokens and, when the batch mixes in corrupted copies, those copies' tokens."""
-    from cdcca.data.features import cached_features
+    from cdcca.data.features import augmented_features, cached_features
 
     clean = cached_features("train", device=device)
-    variants = [augmented_features(cfg, v, device) for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
+    variants = [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
+                for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
     return clean, variants
 
 

@@ -166,8 +166,7 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
 
 def training_views(cfg: ConsistencyConfig, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Clean train tokens and ``cfg.aug_variants`` corrupted copies (the pretraining feature caches)."""
-    from cdcca.data.features import cached_features
-    from cdcca.pretrain import PretrainConfig, augmented_features
+    from cdcca.data.features import augmented_features, cached_features
 
-    pcfg = PretrainConfig.for_role("cloud", aug_family=cfg.aug_family, aug_severity=cfg.aug_severity, seed=cfg.seed)
-    return cached_features("train", device=device), [augmented_features(pcfg, v, device) for v in range(cfg.aug_variants)]
+    return cached_features("train", device=device), [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
+                                                     for v in range(cfg.aug_variants)]
