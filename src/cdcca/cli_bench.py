@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cdcca.cli_common import console, fail, use_threads
+from cdcca.cli_common import console, fail, one_line_errors, use_threads
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 
@@ -161,6 +161,62 @@ def bench_dwc(
                           f"{r.get('ratio_device_model', float('nan')):.2e}", f"{r['heldout_mc']:.3f}", f"{r['delta_vs_dense']:+.3f}")
         console.print(table)
         console.print(f"throughput: {result['throughput']}")
+    print(json.dumps(result))
+
+
+@bench_app.command("tta-rate")
+def bench_tta_rate(
+    method: str = typer.Option("tent", help="Device-only method: tent, eata or cotta."),
+    rates: str = typer.Option("1e-4,3e-4,1e-3,3e-3", help="Comma-separated learning rates to try."),
+    tolerance: float = typer.Option(0.01, help="Largest clean-accuracy drop a rate may cause."),
+    n: int = typer.Option(200, help="Held-out clean questions."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+):
+    """Choose a baseline's learning rate on the clean source domain only (no shifted data, no stream answer)."""
+    from cdcca.bench.akd import BenchModels
+    from cdcca.bench.baselines import tune_rate, with_rate
+
+    use_threads(threads)
+    with one_line_errors():
+        rate_list = [float(r) for r in rates.split(",") if r.strip()]
+        if not rate_list:
+            raise ValueError("--rates: give at least one learning rate, e.g. 1e-4,1e-3")
+        with_rate(method, rate_list[0])
+        result = tune_rate(method, rate_list, BenchModels.load(), heldout_n=n, tolerance=tolerance,
+                           on_result=None if as_json else lambda r: console.print(r))
+    if not as_json:
+        console.print(f"{method}: clean MC before {result['reference_clean_mc']:.3f}; chosen lr {result['chosen_lr']:g}")
+    print(json.dumps(result))
+
+
+@bench_app.command("paper")
+def bench_paper(
+    preset: str = typer.Option("quick", help="quick (160 requests and 64 uploads per domain, 100 held-out questions; "
+                               "Tables 3-4 on the first seed; ~1 h on 2 cores for 3 seeds) or full (320/128/200, every seed)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    out: Path = typer.Option(Path("runs/paper"), help="Output folder: cells/ (the resume point), paper.json, tables.md, plots, report.html."),
+    link_mbps: float = typer.Option(10.0, help="Link speed for Table 5's transfer times, Mbit/s."),
+    results_page: Path | None = typer.Option(None, help="Also write the tables into this page's bench-paper block (e.g. docs/RESULTS.md)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only (progress still goes to stderr)."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+):
+    """The paper's Tables 1, 3, 4, 5 on this benchmark: baselines, CDCCA, teacher and oracle over seeds; resumable."""
+    from cdcca.bench.paper import plan, run_paper
+    from cdcca.bench.paper_report import markdown, update_results_page
+
+    use_threads(threads)
+    if link_mbps <= 0:
+        fail(f"--link-mbps must be positive, got {link_mbps}")
+    with one_line_errors():
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        plan(preset, seed_list)                       # bad preset or seeds fail before any model loads
+        result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps)
+        if results_page:
+            update_results_page(results_page, markdown(result))
+    if not as_json:
+        console.print((out / "tables.md").read_text())
+        console.print(f"report: {out / 'report.html'}")
     print(json.dumps(result))
 
 

@@ -44,6 +44,7 @@ class LoopConfig:
     akd: AKDConfig = field(default_factory=AKDConfig)
     dwc: DWCConfig = field(default_factory=DWCConfig)
     eval_every_round: bool = True  # held-out accuracy after every round (else after the last only)
+    heldout_da: bool = False       # also direct-answer accuracy (greedy generation) at held-out evaluations
     save_states: str | None = None # folder to save the device's adapter state after each round
     seed: int = 0
 
@@ -55,8 +56,29 @@ class LoopConfig:
 
 
 def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int) -> dict[str, float]:
+    return {d: s["mc"] for d, s in heldout_scores(model, prompter, data, domains, n).items()}
+
+
+def heldout_scores(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int,
+                   direct: bool = False, tokens_of=test_tokens) -> dict[str, dict]:
+    """``{domain: {"n", "mc", "da"}}`` on the fixed held-out questions; ``da`` only when ``direct``.
+    ``tokens_of(domain)`` gives the per-image tokens (default: the frozen encoder's cached ones)."""
     qids = heldout_questions(data, n)
-    return {str(d): accuracy(model, prompter, data, qids, test_tokens(d), direct=False)["mc"] for d in domains}
+    return {str(d): accuracy(model, prompter, data, qids, tokens_of(d), direct=direct) for d in domains}
+
+
+def measure_heldout(row: dict, model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int,
+                    direct: bool, tokens_of=test_tokens) -> None:
+    """Add held-out MC (and DA) per domain, their shifted-domain mean and clean MC to a round row."""
+    shifted = [d for d in domains if d.corruption != "clean"]
+    scores = heldout_scores(model, prompter, data, [*shifted, Domain("clean", 0)], n, direct, tokens_of)
+    clean = scores.pop("clean")
+    row["heldout"] = {d: s["mc"] for d, s in scores.items()}
+    row["heldout_mc"] = float(np.mean(list(row["heldout"].values()))) if shifted else None
+    row["source_mc"] = clean["mc"]
+    if direct:
+        row["heldout_da"] = {d: s["da"] for d, s in scores.items()}
+        row["source_da"] = clean["da"]
 
 
 def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
@@ -91,20 +113,27 @@ def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQAS
                 Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
                 save_file(dev.store.current()[1], str(Path(cfg.save_states) / f"round{rnd}.safetensors"))
             if cfg.eval_every_round or rnd == n_rounds - 1:
-                row["heldout"] = heldout_mc(dev.model, prompter, data, domains, cfg.heldout_n)
-                row["heldout_mc"] = float(np.mean(list(row["heldout"].values())))
-                row["source_mc"] = heldout_mc(dev.model, prompter, data, [Domain("clean", 0)], cfg.heldout_n)["clean"]
+                measure_heldout(row, dev.model, prompter, data, domains, cfg.heldout_n, cfg.heldout_da)
             rounds.append(row)
             if on_round:
                 on_round(row)
     finally:
         dev.close()
         cloud.close()
+    return {"rounds": rounds, "summary": loop_summary(rounds, cfg, time.perf_counter() - t_start)}
+
+
+def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
+    """The run's summary from its rounds: the last round's held-out scores, the bytes moved."""
     last = rounds[-1]
     summary = {"adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"], "heldout": last["heldout"],
                "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
-               "wall_s": round(time.perf_counter() - t_start, 1), "config": _jsonable(asdict(cfg))}
-    return {"rounds": rounds, "summary": summary}
+               "wall_s": round(wall_s, 1), "config": _jsonable(asdict(cfg))}
+    if "heldout_da" in last:
+        summary.update(heldout_da=last["heldout_da"],
+                       adapted_da=float(np.mean(list(last["heldout_da"].values()))) if last["heldout_da"] else None,
+                       source_da=last["source_da"])
+    return summary
 
 
 def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int) -> dict:

@@ -14,10 +14,23 @@ from pathlib import Path
 
 from cdcca.atomic import write_json
 
+PAGE_STYLE = """<style>body{font-family:system-ui,-apple-system,sans-serif;margin:2em auto;max-width:62em;color:#222;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.1em;margin-top:1.8em;border-bottom:1px solid #ddd}
+p.lead{font-size:1.15em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:.7em 1em}
+table{border-collapse:collapse;margin:.5em 0} td,th{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
+th{background:#fafafa} td:first-child,th:first-child,td.l{text-align:left} tr.mean td{font-weight:600}
+tr.clean td{color:#555} img{max-width:100%;display:block;margin:.6em 0} .note{color:#666;font-size:.9em}</style>"""
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
-def _pyplot():
+def embed_png(path: Path, alt: str) -> str:
+    """An <img> with the PNG inline, so the page opens offline and travels as one file."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +48,7 @@ def _first_device_rounds(rounds: list[dict]) -> list[dict]:
 
 def plot_domains(rounds: list[dict], summary: dict, path: Path) -> None:
     """Held-out MC per domain after every round (solid), source-only per domain (dashed), clean (black)."""
-    plt = _pyplot()
+    plt = pyplot()
     rs = [r for r in _first_device_rounds(rounds) if r.get("heldout")]
     fig, ax = plt.subplots(figsize=(8.5, 3.8))
     base = summary.get("source_only", {})
@@ -63,7 +76,7 @@ def plot_domains(rounds: list[dict], summary: dict, path: Path) -> None:
 
 def plot_online(rounds: list[dict], summary: dict, path: Path) -> None:
     """Online MC (the answers users got, before that round's update) against source-only on the same domain."""
-    plt = _pyplot()
+    plt = pyplot()
     rs = _first_device_rounds(rounds)
     fig, ax = plt.subplots(figsize=(7.5, 3.0))
     xs = [r["round"] for r in rs]
@@ -82,7 +95,7 @@ def plot_online(rounds: list[dict], summary: dict, path: Path) -> None:
 
 
 def plot_bytes(rounds: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
     xs = sorted({r["round"] for r in rounds})
     up = [sum(r["bytes_up"] for r in rounds if r["round"] == x) / 1024 for x in xs]
@@ -180,17 +193,11 @@ def write_report(out_dir: Path, metrics: dict) -> None:
     plot_bytes(rounds, out_dir / "bytes.png")
 
     def img(name: str, alt: str) -> str:
-        data = base64.b64encode((out_dir / name).read_bytes()).decode()
-        return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+        return embed_png(out_dir / name, alt)
 
     measured = bool(summary.get("source_only"))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>cdcca: continual adaptation run</title>
-<style>body{{font-family:system-ui,-apple-system,sans-serif;margin:2em auto;max-width:62em;color:#222;line-height:1.45}}
-h1{{font-size:1.5em;margin-bottom:.2em}} h2{{font-size:1.1em;margin-top:1.8em;border-bottom:1px solid #ddd}}
-p.lead{{font-size:1.15em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:.7em 1em}}
-table{{border-collapse:collapse;margin:.5em 0}} td,th{{padding:3px 10px;border-bottom:1px solid #e4e4e4;text-align:right}}
-th{{background:#fafafa}} td:first-child,th:first-child,td.l{{text-align:left}} tr.mean td{{font-weight:600}}
-tr.clean td{{color:#555}} img{{max-width:100%;display:block;margin:.6em 0}} .note{{color:#666;font-size:.9em}}</style>
+{PAGE_STYLE}
 </head><body>
 <h1>cdcca: cloud-device continual adaptation</h1>
 <p class="lead">{headline(summary)}</p>

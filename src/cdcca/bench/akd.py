@@ -8,7 +8,7 @@ reports the device's final held-out MC accuracy averaged over the shifted domain
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -76,41 +76,86 @@ def apply_settings(cfg: LoopConfig, settings: list[str]) -> LoopConfig:
     return cfg
 
 
+@dataclass
+class BenchModels:
+    """What every bench cell starts from: the test data, the pretrained pair and a student copy."""
+
+    data: object
+    prompter: object
+    device: object
+    student: object
+    teacher: object
+    pretrained: dict
+    source: object = None
+
+    @classmethod
+    def load(cls) -> BenchModels:
+        from cdcca.assets import load_tokenizer
+        from cdcca.data.easyvqa import load_split
+        from cdcca.model.mllm import adapter_state
+        from cdcca.model.pair import load_pretrained
+        from cdcca.model.prompt import Prompter
+
+        data = load_split("test")
+        device = load_pretrained("device")
+        return cls(data, Prompter(load_tokenizer(), data.candidates), device, load_pretrained("device"),
+                   load_pretrained("cloud"), adapter_state(device))
+
+    def source_set(self):
+        """The labelled clean source set, loaded on first need."""
+        if self.source is None:
+            from cdcca.source_set import load_source_set
+
+            self.source = load_source_set()
+        return self.source
+
+    def fresh_device(self):
+        """The device model back at its pretrained adapters."""
+        from cdcca.model.mllm import load_adapter_state
+
+        load_adapter_state(self.device, self.pretrained)
+        return self.device
+
+
+def loop_config(name: str, seed: int, base: dict | None = None, settings: list[str] | None = None) -> LoopConfig:
+    """The LoopConfig of a variant: bench defaults, then ``base``, the variant's own, ``--set`` overrides, seed."""
+    table = variants()
+    if name not in table:
+        raise ValueError(f"unknown AKD bench variant {name!r}; choose from {', '.join(table)}")
+    cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
+    cfg = apply_settings(cfg, settings or [])
+    return replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
+
+
+def run_variant(models: BenchModels, name: str, seed: int, base: dict | None = None,
+                settings: list[str] | None = None) -> dict:
+    """One bench row: a variant of the collaborative loop from the pretrained pair, on one seed."""
+    import torch
+
+    from cdcca.distill import AKD
+
+    cfg = loop_config(name, seed, base, settings)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    akd = AKD(models.teacher, models.student, models.prompter, cfg.akd,
+              source=models.source_set() if cfg.akd.needs_source else None)
+    res = run_loop(cfg, models.fresh_device(), akd, models.prompter, models.data)
+    return summarize(name, seed, res, time.perf_counter() - t0)
+
+
 def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None,
         settings: list[str] | None = None) -> list[dict]:
     """One row per (variant, seed): held-out MC over the shifted domains and clean, what was trained on, time."""
-    import torch
-
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.distill import AKD
-    from cdcca.model.mllm import adapter_state, load_adapter_state
-    from cdcca.model.pair import load_pretrained
-    from cdcca.model.prompt import Prompter
-    from cdcca.source_set import load_source_set
-
-    table = variants()
-    unknown = set(names or []) - set(table)
+    unknown = set(names or []) - set(variants())
     if unknown:
-        raise ValueError(f"unknown AKD bench variants {sorted(unknown)}; choose from {', '.join(table)}")
-    data = load_split("test")
-    prompter = Prompter(load_tokenizer(), data.candidates)
-    device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
-    pretrained = adapter_state(device)
-    source = None
+        raise ValueError(f"unknown AKD bench variants {sorted(unknown)}; choose from {', '.join(variants())}")
+    for name in names or list(variants()):
+        loop_config(name, 0, base, settings)            # a bad --set fails before any model loads
+    models = BenchModels.load()
     results = []
     for seed in seeds or [0]:
-        for name in names or list(table):
-            load_adapter_state(device, pretrained)
-            cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
-            cfg = apply_settings(cfg, settings or [])
-            cfg = replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
-            if cfg.akd.needs_source and source is None:
-                source = load_source_set()
-            torch.manual_seed(seed)
-            t0 = time.perf_counter()
-            res = run_loop(cfg, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
-            results.append(summarize(name, seed, res, time.perf_counter() - t0))
+        for name in names or list(variants()):
+            results.append(run_variant(models, name, seed, base, settings))
             if on_result:
                 on_result(results[-1])
     return results
@@ -137,7 +182,9 @@ def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
             "teacher_s": round(teacher_s, 1), "student_s": round(student_s, 1),
             "samples_per_s": round(trained / (teacher_s + student_s), 2) if trained else None,
             "pseudo_label_acc": float(np.mean([r["pseudo_label_acc"] for r in rounds if "pseudo_label_acc" in r]))
-            if uploads else None, "wall_s": round(wall_s, 1)}
+            if uploads else None, "wall_s": round(wall_s, 1),
+            "online_mc": [r["online_mc"] for r in rounds], "domains": [r["domain"] for r in rounds],
+            **{k: res["summary"][k] for k in ("adapted_da", "heldout_da", "source_da") if k in res["summary"]}}
 
 
 TOKEN_VIEWS = {   # what the teacher sees of each uploaded sample

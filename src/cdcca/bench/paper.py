@@ -1,0 +1,213 @@
+"""``cdcca bench paper``: the analogues of the paper's Tables 1, 3, 4 and 5 from one command.
+
+Every table cell is one run of a method on one seed (a *cell*), stored as JSON under ``OUT/cells``
+as soon as it finishes, keyed by everything that determines it; a stopped run resumes from the
+finished cells, and a cell two tables share (e.g. CDCCA at keep ratio 0.5 in Tables 1 and 4) runs
+once. The tables, plots and report are rebuilt from the cells (:mod:`cdcca.bench.paper_report`).
+
+- Table 1: methods × shifted domains, held-out MC and DA after the whole stream, mean ± std over
+  seeds; device-only baselines (TENT, EATA, CoTTA, encoder BatchNorm re-estimation), the methods that
+  use the cloud, the cloud teacher itself and the oracle (true labels on the same uploads) as bounds.
+- Table 3: the paper's AKD loss ablation (its label phase alone, dense downlink), next to the shipped AKD.
+- Table 4: the uplink's token keep ratio 0.25 / 0.5 / 0.75 / 1.0 in the shipped pipeline.
+- Table 5: bytes per round up and down, and their transfer time at a stated link speed, against raw
+  frames and the full model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cdcca.atomic import write_json
+from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
+
+PRESETS = {
+    # per_domain requests and upload budget per round keep the full preset's 40 % upload share
+    "quick": {"per_domain": 160, "budget": 64, "heldout_n": 100, "ablation_seeds": 1},
+    "full": {"per_domain": 320, "budget": 128, "heldout_n": 200, "ablation_seeds": None},
+}
+DEVICE_ONLY = ("bn", "tent", "tent+bn", "eata", "cotta")
+# Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
+TABLE1 = {"source-only": "loop", "bn": "device", "tent": "device", "tent+bn": "device", "eata": "device",
+          "cotta": "device", "pseudo-label": "loop", "cdcca-dense": "loop", "cdcca": "loop", "teacher": "teacher",
+          "oracle": "loop"}
+TABLE3 = {"CE": "loss:ce", "CE + MSE": "loss:ce+mse", "CE + MSE + wavelet": "loss:ce+mse+wave",
+          "CE + MSE + wavelet + KD (paper's AKD)": "loss:full", "shipped AKD (prefix distillation)": "cdcca-dense"}
+TABLE4 = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: ``kind`` "loop" (a variant of the collaborative loop), "device" (a device-only
+    baseline) or "teacher" (the cloud's own held-out accuracy, seed-independent)."""
+
+    method: str
+    kind: str
+    seed: int
+    settings: tuple[str, ...] = ()
+
+    def key(self, preset: dict) -> str:
+        blob = json.dumps([self.method, self.kind, self.seed if self.kind != "teacher" else None,
+                           list(self.settings), _loop_base(preset)], sort_keys=True, default=str)
+        return f"{self.method.replace(':', '_').replace('+', 'p')}-s{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+@dataclass
+class PaperPlan:
+    preset: str
+    seeds: list[int]
+    table1: dict[str, list[Cell]] = field(default_factory=dict)
+    table3: dict[str, list[Cell]] = field(default_factory=dict)
+    table4: dict[float, list[Cell]] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """Every distinct cell, Table 1 first (the headline), then the ablations."""
+        out: list[Cell] = []
+        for group in (self.table1, self.table3, self.table4):
+            for cells in group.values():
+                out += [c for c in cells if c not in out]
+        return out
+
+
+def _loop_base(preset: dict) -> dict:
+    return {"per_domain": preset["per_domain"], "heldout_n": preset["heldout_n"], "heldout_da": True,
+            "uts": replace(UTS_DEFAULT, budget=preset["budget"])}
+
+
+def plan(preset_name: str, seeds: list[int]) -> PaperPlan:
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose quick or full")
+    if not seeds:
+        raise ValueError("give at least one seed, e.g. --seeds 0,1,2")
+    preset = PRESETS[preset_name]
+    ablation = seeds[:preset["ablation_seeds"]] if preset["ablation_seeds"] else seeds
+    p = PaperPlan(preset_name, list(seeds))
+    for method, kind in TABLE1.items():
+        p.table1[method] = [Cell(method, kind, seeds[0] if kind == "teacher" else s)
+                            for s in (seeds[:1] if kind == "teacher" else seeds)]
+    for label, variant in TABLE3.items():
+        p.table3[label] = [Cell(variant, "loop", s) for s in ablation]
+    for ratio in TABLE4:
+        settings = () if ratio == UTS_DEFAULT.keep_ratio else (f"uts.keep_ratio={ratio}",)
+        p.table4[ratio] = [Cell("cdcca", "loop", s, settings) for s in ablation]
+    return p
+
+
+def run_cell(cell: Cell, models: BenchModels, preset: dict) -> dict:
+    """Run one cell from the pretrained pair and return its bench row."""
+    from dataclasses import asdict
+
+    base = _loop_base(preset)
+    if cell.kind == "loop":
+        return run_variant(models, cell.method, cell.seed, base, list(cell.settings))
+    if cell.kind == "device":
+        from cdcca.bench.baselines import BaselineConfig, run_device_only
+
+        cfg = loop_config("source-only", cell.seed, base)
+        t0 = time.perf_counter()
+        res = run_device_only(cfg, BaselineConfig(method=cell.method), models.fresh_device(), models.prompter,
+                              models.data, source=models.source_set() if cell.method == "eata" else None)
+        row = summarize(cell.method, cell.seed, res, time.perf_counter() - t0)
+        row["baseline"] = asdict(BaselineConfig(method=cell.method))
+        return row
+    if cell.kind == "teacher":
+        return _teacher_row(models, cell, base)
+    raise ValueError(f"unknown cell kind {cell.kind!r}")
+
+
+def _teacher_row(models: BenchModels, cell: Cell, base: dict) -> dict:
+    """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
+    import numpy as np
+
+    from cdcca.data.stream import Domain, resolve_sequence
+    from cdcca.loop import heldout_scores
+
+    t0 = time.perf_counter()
+    domains = resolve_sequence("default")
+    scores = heldout_scores(models.teacher, models.prompter, models.data, [*domains, Domain("clean", 0)],
+                            base["heldout_n"], direct=True)
+    clean = scores.pop("clean")
+    return {"variant": "teacher", "seed": cell.seed, "adapted_mc": float(np.mean([s["mc"] for s in scores.values()])),
+            "heldout": {d: s["mc"] for d, s in scores.items()}, "heldout_da": {d: s["da"] for d, s in scores.items()},
+            "adapted_da": float(np.mean([s["da"] for s in scores.values()])), "source_mc": clean["mc"],
+            "source_da": clean["da"], "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def reference_sizes(models: BenchModels, per_domain: int = 64) -> dict:
+    """What Table 5 compares against: mean PNG / 224-px JPEG bytes of the stream's shifted frames (the
+    first ``per_domain`` stream images of each default domain), adapter entries and device parameters."""
+    import numpy as np
+
+    from cdcca.bench.uts import jpeg224_bytes
+    from cdcca.data.corruptions import corrupt
+    from cdcca.data.stream import resolve_sequence, split_images
+    from cdcca.uplink.plan import png_bytes
+
+    images = split_images(len(models.data.images))[0][:per_domain]
+    png, jpeg = [], []
+    for dom in resolve_sequence("default"):
+        for img in corrupt(models.data.images[images], dom.corruption, dom.severity):
+            png.append(len(png_bytes(img)))
+            jpeg.append(jpeg224_bytes(img))
+    return {"png_bytes": float(np.mean(png)), "jpeg224_bytes": float(np.mean(jpeg)),
+            "adapter_entries": sum(v.numel() for v in models.pretrained.values()),
+            "device_params": sum(p.numel() for p in models.device.parameters())}
+
+
+class CellStore:
+    """Finished cells as ``OUT/cells/<key>.json``, written atomically: the resume point."""
+
+    def __init__(self, out_dir: Path, preset: dict):
+        self.dir = Path(out_dir) / "cells"
+        self.preset = preset
+
+    def path(self, cell: Cell) -> Path:
+        return self.dir / f"{cell.key(self.preset)}.json"
+
+    def get(self, cell: Cell) -> dict | None:
+        p = self.path(cell)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None            # a damaged cell is simply run again
+
+    def put(self, cell: Cell, row: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.path(cell), {**row, "cell": {"method": cell.method, "kind": cell.kind, "seed": cell.seed,
+                                                     "settings": list(cell.settings)}})
+
+
+def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[str], None] | None = None,
+              link_mbps: float = 10.0) -> dict:
+    """Run (or resume) every cell of the preset, then build the tables, plots and report in ``out_dir``."""
+    from cdcca.bench.paper_report import build_tables, write_outputs
+
+    p = plan(preset_name, seeds)
+    preset = PRESETS[preset_name]
+    store = CellStore(out_dir, preset)
+    cells = p.cells()
+    todo = [c for c in cells if store.get(c) is None]
+    if log:
+        log(f"{len(cells)} cells, {len(cells) - len(todo)} already done in {store.dir}")
+    models = BenchModels.load()
+    t_start = time.perf_counter()
+    for i, cell in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        row = run_cell(cell, models, preset)
+        store.put(cell, row)
+        if log:
+            elapsed = time.perf_counter() - t_start
+            log(f"[{i}/{len(todo)}] {cell.method} seed {cell.seed} {' '.join(cell.settings)}: MC "
+                f"{row['adapted_mc']:.3f} in {time.perf_counter() - t0:.0f} s; ~{elapsed / i * (len(todo) - i) / 60:.0f} min left")
+    rows = {c: store.get(c) for c in cells}
+    result = build_tables(p, rows, preset, link_mbps, sizes=reference_sizes(models))
+    write_outputs(result, Path(out_dir))
+    return result
