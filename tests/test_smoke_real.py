@@ -54,3 +54,28 @@ def test_missing_pretrained_weights_give_a_clear_error(tmp_path):
 
     with pytest.raises(AssetError, match="cdcca pretrain --role device"):
         load_pretrained("device", root=tmp_path)
+
+
+def test_eval_on_your_own_jsonl_file(tmp_path):
+    """`cdcca eval --model device --data FILE.jsonl --json` on easy-VQA images written as a user's files."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cdcca.cli import app
+    from cdcca.data.easyvqa import load_split
+
+    data = load_split("test")
+    rows = []
+    for q in range(0, 40, 5):
+        img = int(data.image_ids[q])
+        Image.fromarray(data.images[img]).save(tmp_path / f"{img}.png")
+        rows.append({"image": f"{img}.png", "question": data.questions[q], "answer": data.answers[q]})
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = CliRunner().invoke(app, ["eval", "--model", "device", "--data", str(tmp_path / "mine.jsonl"), "--json",
+                                      "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(out) == {"model", "data", "n", "da", "mc"} and out["n"] == 8 and out["model"] == "device"
+    assert out["mc"] >= 0.75                       # clean easy-VQA images: the device knows them

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cdcca.cli_api import device_api, device_serve
 from cdcca.cli_bench import bench_app
 from cdcca.cli_common import Recipe, Role, console, fail, one_line_errors, use_threads
 
@@ -175,7 +176,8 @@ def eval_cmd(
     shift: str = typer.Option("clean", help="Corruption name (see `cdcca eval --help`), or 'clean'."),
     severity: int = typer.Option(5, help="Severity 1..5 of --shift."),
     stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list NAME:SEV,..."),
-    n: int = typer.Option(1000, help="Held-out test questions per domain."),
+    data_file: Path | None = typer.Option(None, "--data", help="Instead: every row of your own VQA JSONL file (docs/DATA.md)."),
+    n: int = typer.Option(1000, help="Held-out test questions per domain (with --data: at most this many rows)."),
     weights: Path | None = typer.Option(None, help="Folder with ROLE.safetensors (default: the shipped weights)."),
     direct: bool = typer.Option(True, help="Also generate direct answers (DA); --no-direct scores MC only (faster)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
@@ -189,6 +191,17 @@ def eval_cmd(
     from cdcca.model.prompt import Prompter
 
     use_threads(threads)
+    if data_file is not None:
+        from cdcca.evaluate import evaluate_file
+
+        with one_line_errors():
+            result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights), load_tokenizer(),
+                                                           data_file, n, direct)}
+        if not as_json:
+            da = "-" if result["da"] is None else f"{result['da']:.3f}"
+            console.print(f"{role.value} on {data_file}: n={result['n']} DA={da} MC={result['mc']:.3f}")
+        print(json.dumps(result))
+        return
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
         net = load_pretrained(role.value, weights)
@@ -383,10 +396,8 @@ def device_status(state: Path = typer.Option(..., help=STATE_HELP)):
     print(json.dumps(_device(state).status()))
 
 
-@device_app.command("serve")
-def device_serve(state: Path = typer.Option(..., help=STATE_HELP), round: int = typer.Option(..., help="Stream round to answer.")):
-    """Answer this device's requests of one round; uncertain samples go to the outbox (UTS)."""
-    print(json.dumps(_device(state).serve_round(round)))
+device_app.command("serve")(device_serve)
+device_app.command("api")(device_api)
 
 
 @device_app.command("uplink")

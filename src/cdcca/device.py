@@ -63,6 +63,14 @@ class RequestStream:
                 [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
 
 
+def per_request_uts(cfg: UTSConfig) -> UTSConfig:
+    """The device's UTS settings for requests that arrive one batch at a time: a per-round budget
+    would upload every request of a small batch, so it becomes the uncertainty threshold rule."""
+    from dataclasses import replace
+
+    return replace(cfg, selection="threshold") if cfg.selection == "budget" else cfg
+
+
 class DeviceRuntime:
     def __init__(self, state_dir: Path, config: dict, model: MLLM | None = None):
         self.dir = Path(state_dir)
@@ -119,10 +127,26 @@ class DeviceRuntime:
     # -- serving -----------------------------------------------------------------------------
     def answer(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64) -> list[Answer]:
         """Answer requests and queue the uncertain ones (UTS) in the outbox."""
-        answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, self.uts.temperature)
-        samples = plan_uplink(tokens, questions, answers, sample_ids, self.uts, bridge=self.model.bridge)
+        return self.answer_and_queue(tokens, questions, sample_ids, batch_size)[0]
+
+    def answer_and_queue(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64,
+                         uts: UTSConfig | None = None) -> tuple[list[Answer], set[str]]:
+        """:meth:`answer`, also saying which requests were queued for upload; ``uts`` overrides the
+        device's settings (a server scores each batch as it comes: see :func:`per_request_uts`)."""
+        uts = uts or self.uts
+        answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, uts.temperature)
+        samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge)
         self.outbox.add_many(samples)
-        return answers
+        return answers, {s.sample_id for s in samples}
+
+    def follow_store(self) -> bool:
+        """Load the current adapter version if another process applied or rolled back one; True if it did."""
+        if not self.store.changed_on_disk():
+            return False
+        self.store = AdapterStore(self.dir / "adapters")
+        if self._model is not None:
+            load_adapter_state(self._model, self.store.current()[1])
+        return True
 
     def serve_round(self, rnd: int) -> dict:
         """Answer this device's next chunk of its request stream; returns online metrics."""

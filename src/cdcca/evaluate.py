@@ -42,3 +42,34 @@ def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.nda
             mc += sum(prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold))
     n = len(question_ids)
     return {"n": n, "da": da / n if direct else None, "mc": mc / n}
+
+
+def file_tokens(path, data: VQASet) -> torch.Tensor:
+    """Visual tokens of a JSONL file's images, cached on disk by the file's and images' content."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from cdcca.assets import cache_dir
+    from cdcca.data.features import save_tokens
+    from cdcca.model.encoder import encode_images, load_encoder
+
+    digest = hashlib.sha256(data.images.tobytes()).hexdigest()[:16]
+    cached = cache_dir() / "features" / f"lite0-jsonl-{digest}.safetensors"
+    if cached.is_file():
+        return load_file(str(cached))["tokens"]
+    tokens = encode_images(load_encoder(), data.images)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_tokens(cached, tokens)
+    return tokens
+
+
+def evaluate_file(model: MLLM, tokenizer, path, n: int | None = None, direct: bool = True) -> dict:
+    """``{"data", "n", "da", "mc"}`` of a model on every row (or the first ``n``) of a VQA JSONL file;
+    multiple choice is over the union of the file's candidates."""
+    from cdcca.data.jsonl import load_jsonl
+
+    data = load_jsonl(path)
+    prompter = Prompter(tokenizer, data.candidates)
+    qids = np.arange(len(data.questions) if n is None else min(n, len(data.questions)))
+    return {"data": str(path), **accuracy(model, prompter, data, qids, file_tokens(path, data), direct=direct)}

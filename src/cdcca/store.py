@@ -193,6 +193,15 @@ class AdapterStore:
     def hash(self) -> str:
         return self._hash
 
+    def changed_on_disk(self) -> bool:
+        """True when another process (``cdcca device apply``, a fleet client) has made a different
+        version current since this store was opened: re-open it to follow."""
+        try:
+            cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+            return (cur.get("version"), cur.get("hash")) != (self._version, self._hash)
+        except (OSError, ValueError, AttributeError):
+            return False          # mid-write or damaged: keep serving the verified version in memory
+
     def current(self) -> tuple[int, AdapterState, str]:
         """(version, state, hash) of the version in use (state verified when loaded; a copy)."""
         return self._version, clone_state(self._state), self._hash

@@ -26,7 +26,7 @@ class RowError(ValueError):
     """A row of a VQA JSONL file is malformed; the message names file, line and reason."""
 
 
-def _row(path: Path, lineno: int, line: str) -> dict:
+def _row(path: Path, lineno: int, line: str, require_answer: bool = True) -> dict:
     def bad(why: str) -> RowError:
         return RowError(f"{path}:{lineno}: {why}")
 
@@ -36,10 +36,13 @@ def _row(path: Path, lineno: int, line: str) -> dict:
         raise bad(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
         raise bad("each line must be a JSON object with image, question and answer")
-    missing = [k for k in ("image", "question", "answer") if k not in row]
+    required = ("image", "question", "answer") if require_answer else ("image", "question")
+    missing = [k for k in required if k not in row]
     if missing:
         raise bad(f"missing field(s) {', '.join(missing)}")
     for key in ("image", "question", "answer"):
+        if key not in row:
+            continue
         if not isinstance(row[key], str) or not row[key].strip():
             raise bad(f"'{key}' must be a non-empty string")
         if len(row[key]) > MAX_TEXT:
@@ -48,7 +51,7 @@ def _row(path: Path, lineno: int, line: str) -> dict:
     if cands is not None:
         if not isinstance(cands, list) or not cands or not all(isinstance(c, str) and c.strip() for c in cands):
             raise bad("'candidates' must be a non-empty list of strings")
-        if row["answer"] not in cands:
+        if "answer" in row and row["answer"] not in cands:
             raise bad(f"answer {row['answer']!r} is not among its candidates")
     unknown = set(row) - {"image", "question", "answer", "candidates"}
     if unknown:
@@ -56,8 +59,9 @@ def _row(path: Path, lineno: int, line: str) -> dict:
     return row
 
 
-def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE) -> VQASet:
-    """Read and validate every row, then load the images (resized to ``image_size``²)."""
+def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE, require_answer: bool = True) -> VQASet:
+    """Read and validate every row, then load the images (resized to ``image_size``²). Requests to
+    serve need no ``answer`` (``require_answer=False``: missing answers are None); evaluation does."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such VQA JSONL file")
@@ -65,7 +69,7 @@ def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE) -> VQASet:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
-                rows.append((lineno, _row(path, lineno, line)))
+                rows.append((lineno, _row(path, lineno, line, require_answer)))
     if not rows:
         raise RowError(f"{path}: no rows")
     image_index: dict[Path, int] = {}
@@ -82,6 +86,6 @@ def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE) -> VQASet:
                 raise RowError(f"{path}:{lineno}: image {row['image']!r} is not a readable image ({exc})") from None
             image_index[img_path] = len(images) - 1
         row["_image_id"] = image_index[img_path]
-    candidates = sorted({c for _, r in rows for c in (r.get("candidates") or [r["answer"]])})
-    return VQASet(path.stem, np.stack(images), [r["question"] for _, r in rows], [r["answer"] for _, r in rows],
+    candidates = sorted({c for _, r in rows for c in (r.get("candidates") or [r.get("answer")]) if c is not None})
+    return VQASet(path.stem, np.stack(images), [r["question"] for _, r in rows], [r.get("answer") for _, r in rows],
                   np.array([r["_image_id"] for _, r in rows]), candidates)

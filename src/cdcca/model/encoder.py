@@ -54,3 +54,12 @@ def encode_images(encoder: nn.Module, images: np.ndarray, batch_size: int = 64, 
         if progress is not None:
             progress(min(start + batch_size, len(images)))
     return torch.cat(out)
+
+
+def tiny_encode(images: np.ndarray, dim: int = 32) -> torch.Tensor:
+    """Tokens of width ``dim`` for the tiny random device (transport checks only, no real encoder):
+    the 7×7 grid of mean colours, through a fixed seeded projection — deterministic per image."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    grid = F.adaptive_avg_pool2d(x, 7).flatten(2).transpose(1, 2)                     # (N, 49, 3)
+    proj = torch.randn(3, dim, generator=torch.Generator().manual_seed(0))
+    return (grid @ proj).half()
