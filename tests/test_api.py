@@ -180,3 +180,11 @@ def test_serve_a_requests_file(state, tmp_path):
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert report["requests"] == 2 and len(answers) == 2 and all(a["answer"] in CANDIDATES for a in answers)
     assert report["mc"] in (0.0, 1.0)                     # scored on the one row that has an answer
+
+
+def test_the_api_benchmark_reports_every_mode(state):
+    from cdcca.bench.api import run_bench
+
+    res = run_bench(state, n=4, concurrency=2, max_batch=4)
+    assert [r["mode"].split(",")[0] for r in res["rows"]] == ["device answer", "HTTP", "HTTP"]
+    assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in res["rows"])

@@ -164,6 +164,32 @@ def bench_dwc(
     print(json.dumps(result))
 
 
+@bench_app.command("api")
+def bench_api(
+    state: Path = typer.Option(..., help="Device state dir (from `cdcca device init`, real models)."),
+    n: int = typer.Option(64, help="Requests per measurement."),
+    concurrency: int = typer.Option(8, help="Concurrent clients in the batched measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+):
+    """Requests/s and p50/p99 latency of /v1/chat/completions: one at a time vs batched, against the device's own answer time."""
+    from cdcca.bench.api import run_bench
+
+    use_threads(threads)
+    if n < 2 or concurrency < 1:
+        fail("--n must be ≥ 2 and --concurrency ≥ 1")
+    with one_line_errors():
+        res = run_bench(state, n, concurrency)
+    if not as_json:
+        table = Table(title=f"device API on 127.0.0.1 ({n} requests each)")
+        for col in ("mode", "requests/s", "p50 ms", "p99 ms"):
+            table.add_column(col)
+        for r in res["rows"]:
+            table.add_row(r["mode"], str(r["requests_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]))
+        console.print(table)
+    print(json.dumps(res))
+
+
 @bench_app.command("tta-rate")
 def bench_tta_rate(
     method: str = typer.Option("tent", help="Device-only method: tent, eata or cotta."),
