@@ -272,6 +272,7 @@ def demo(
     preset: str = typer.Option("quick", help="Run size: quick (minutes on 2 cores), paper (longer), tiny (random models, seconds)."),
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
+    stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
@@ -284,8 +285,12 @@ def demo(
     if devices < 1:
         fail(f"--devices must be ≥ 1, got {devices}")
     try:
-        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle)
-    except (AssetError, ValueError) as exc:
+        if stream:
+            from cdcca.data.stream import resolve_sequence, stream_data
+
+            stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
+        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle, **({"stream": stream} if stream else {}))
+    except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     s = metrics["summary"]
     console.print(f"source-only MC {s['source_only_mc']:.3f} → adapted MC {s['adapted_mc']:.3f}; "

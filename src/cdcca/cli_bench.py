@@ -59,6 +59,7 @@ def bench_uts(
 def bench_akd(
     variants: str | None = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
+    stream: str | None = typer.Option(None, help="Domains: 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
     save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
@@ -91,7 +92,9 @@ def bench_akd(
         print(json.dumps(rows))
         return
     names = [v.strip() for v in variants.split(",")] if variants else None
-    base = {"save_states": str(save_states)} if save_states else None
+    base = {"save_states": str(save_states)} if save_states else {}
+    if stream:
+        base["stream"] = stream
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,

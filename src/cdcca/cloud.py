@@ -86,8 +86,9 @@ class CloudRuntime:
 
     @classmethod
     def open(cls, state_dir, *, tiny: bool | None = None, akd: AKDConfig | None = None,
-             dwc: DWCConfig | None = None) -> CloudRuntime:
-        """Open (or create) a cloud state dir with the teacher and a student network loaded.
+             dwc: DWCConfig | None = None, candidates: list[str] | None = None) -> CloudRuntime:
+        """Open (or create) a cloud state dir with the teacher and a student network loaded;
+        ``candidates``: the devices' multiple-choice set when their stream has file domains.
 
         ``tiny`` (random tiny models) is recorded in ``cloud.json`` when the state is created and
         read back afterwards; asking for the other kind of model on an existing state is an error."""
@@ -99,7 +100,7 @@ class CloudRuntime:
 
         teacher = role_model("cloud", tiny)
         student = role_model("device", tiny)
-        prompter = Prompter(load_tokenizer(), candidate_answers())
+        prompter = Prompter(load_tokenizer(), candidates or candidate_answers())
         akd = akd or AKDConfig()
         if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
             akd = replace(akd, min_teacher_confidence=0.0)

@@ -23,15 +23,20 @@ from cdcca.report import write_report
 
 
 def _heldout_evaluator():
-    """A function (model, domains, n) → held-out MC per domain; tokenizer and data loaded once."""
+    """A function (model, domains, n) → held-out MC per domain on the stream's data (easy-VQA and
+    any JSONL files among the domains), over the stream's candidates."""
     from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
+    from cdcca.data.stream import stream_data
     from cdcca.loop import heldout_mc
     from cdcca.model.prompt import Prompter
 
-    data = load_split("test")
-    prompter = Prompter(load_tokenizer(), data.candidates)
-    return lambda model, domains, n: heldout_mc(model, prompter, data, domains, n)
+    tokenizer = load_tokenizer()
+
+    def evaluate(model, domains, n):
+        data = stream_data(domains)
+        return heldout_mc(model, Prompter(tokenizer, data.candidates), data, domains, n)
+
+    return evaluate
 
 
 def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
@@ -42,6 +47,8 @@ def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
     from cdcca.atomic import write_json
     from cdcca.model.pair import load_pretrained, pretrain_record
 
+    if any(d.path for d in domains):          # your own files may change between runs: measure every time
+        return _heldout_evaluator()(load_pretrained("cloud"), domains, n)
     sha = pretrain_record("cloud").get("sha256", "unknown")[:16]
     path = cache_dir() / "reference" / f"teacher-{sha}-{'_'.join(str(d) for d in domains)}-n{n}.json"
     if path.is_file():
@@ -59,7 +66,7 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
 
     from cdcca.assets import cache_dir, load_tokenizer
     from cdcca.atomic import write_json
-    from cdcca.data.easyvqa import load_split
+    from cdcca.data.stream import resolve_sequence, stream_data
     from cdcca.distill import AKD
     from cdcca.loop import LoopConfig, run_loop
     from cdcca.model.pair import load_pretrained, pretrain_record
@@ -69,12 +76,13 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     loop = LoopConfig(stream=cfg.stream, per_domain=cfg.per_domain, rounds_per_domain=cfg.rounds_per_domain,
                       heldout_n=cfg.heldout_n, downlink="dense", labels="oracle", uts=cfg.uts, akd=cfg.akd,
                       eval_every_round=False, seed=cfg.seed)
+    files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.stream) if d.path]
     key = json.dumps([pretrain_record("cloud").get("sha256"), pretrain_record("device").get("sha256"),
-                      repr(loop)], sort_keys=True)
+                      repr(loop), files], sort_keys=True)
     path = cache_dir() / "reference" / f"oracle-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    data = load_split("test")
+    data = stream_data(resolve_sequence(cfg.stream))
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     source = load_source_set() if cfg.akd.needs_source else None

@@ -49,16 +49,15 @@ class RequestStream:
             qs = ["what color is the shape?", "is there a circle in the image?"] * (n // 2)
             return torch.randn(n, 49, 32, generator=g), qs, ["red", "yes"] * (n // 2), \
                 [f"{s['device_id']}-r{rnd}-{i}" for i in range(n)], "tiny"
-        from cdcca.data.easyvqa import load_split
-        from cdcca.data.stream import build_stream, resolve_sequence
-        from cdcca.evaluate import test_tokens
+        from cdcca.data.stream import build_stream, resolve_sequence, stream_data
+        from cdcca.evaluate import domain_tokens
 
-        data = load_split("test")
-        chunks = build_stream(data, resolve_sequence(s["stream"]), s["per_domain"], s.get("rounds_per_domain", 1),
-                              seed=s.get("seed", 0))
+        domains = resolve_sequence(s["stream"])
+        data = stream_data(domains)
+        chunks = build_stream(data, domains, s["per_domain"], s.get("rounds_per_domain", 1), seed=s.get("seed", 0))
         chunk = chunks[rnd % len(chunks)]
         qids = chunk.question_ids[s["index"]::s["n_devices"]]        # each device its own requests
-        tokens = test_tokens(chunk.domain)[data.image_ids[qids]].float()
+        tokens = domain_tokens(chunk.domain, data)[data.image_ids[qids]].float()
         return (tokens, [data.questions[i] for i in qids], [data.answers[i] for i in qids],
                 [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
 
@@ -160,9 +159,12 @@ class DeviceRuntime:
         if getattr(self, "_prompter_obj", None) is None:
             from cdcca.assets import load_tokenizer
             from cdcca.data.easyvqa import candidate_answers
+            from cdcca.data.stream import stream_candidates
             from cdcca.model.prompt import Prompter
 
-            self._prompter_obj = Prompter(load_tokenizer(), candidate_answers())
+            stream = self.config["stream"]
+            own = None if stream.get("tiny") else stream_candidates(stream.get("stream", "default"))
+            self._prompter_obj = Prompter(load_tokenizer(), own or candidate_answers())
         return self._prompter_obj
 
     # -- uplink ------------------------------------------------------------------------------

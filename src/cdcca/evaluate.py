@@ -23,6 +23,34 @@ def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
     return cached_features("test", domain.corruption, domain.severity, seed)
 
 
+_DOMAIN_TOKENS: dict[tuple, torch.Tensor] = {}
+
+
+def domain_tokens(domain: Domain, data: VQASet) -> torch.Tensor:
+    """Per-image tokens of a stream's data under ``domain`` (rows of other sources are zeros): the
+    built-in domains' cached easy-VQA tokens, or a file domain's own images (cached by content)."""
+    key = (str(domain), len(data.images), tuple(sorted(data.sources.items())))
+    if key in _DOMAIN_TOKENS:
+        return _DOMAIN_TOKENS[key]
+    if domain.path is None:
+        base = test_tokens(domain)
+        if len(base) == len(data.images):
+            return base
+        out = torch.zeros(len(data.images), *base.shape[1:], dtype=base.dtype)
+        out[:len(base)] = base
+    else:
+        from cdcca.data.jsonl import load_jsonl
+
+        start, end = data.sources[domain.path]
+        own = file_tokens(domain.path, load_jsonl(domain.path))
+        out = torch.zeros(len(data.images), *own.shape[1:], dtype=own.dtype)
+        out[start:end] = own
+    if len(_DOMAIN_TOKENS) >= 8:
+        _DOMAIN_TOKENS.pop(next(iter(_DOMAIN_TOKENS)))
+    _DOMAIN_TOKENS[key] = out
+    return out
+
+
 @torch.no_grad()
 def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.ndarray, tokens: torch.Tensor,
              batch_size: int = 64, direct: bool = True) -> dict:

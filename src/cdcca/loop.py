@@ -24,7 +24,7 @@ from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
 from cdcca.device import DeviceRuntime
 from cdcca.distill import AKD, AKDConfig, with_true_labels
 from cdcca.downlink import DWCConfig
-from cdcca.evaluate import accuracy, test_tokens
+from cdcca.evaluate import accuracy, domain_tokens
 from cdcca.model.mllm import MLLM, adapter_state
 from cdcca.model.prompt import Prompter
 from cdcca.uplink import UTSConfig
@@ -60,15 +60,16 @@ def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Doma
 
 
 def heldout_scores(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int,
-                   direct: bool = False, tokens_of=test_tokens) -> dict[str, dict]:
-    """``{domain: {"n", "mc", "da"}}`` on the fixed held-out questions; ``da`` only when ``direct``.
-    ``tokens_of(domain)`` gives the per-image tokens (default: the frozen encoder's cached ones)."""
-    qids = heldout_questions(data, n)
-    return {str(d): accuracy(model, prompter, data, qids, tokens_of(d), direct=direct) for d in domains}
+                   direct: bool = False, tokens_of=None) -> dict[str, dict]:
+    """``{domain: {"n", "mc", "da"}}`` on each domain's fixed held-out questions; ``da`` only when
+    ``direct``. ``tokens_of(domain)`` gives the per-image tokens (default: the frozen encoder's cached ones)."""
+    tokens_of = tokens_of or (lambda d: domain_tokens(d, data))
+    return {str(d): accuracy(model, prompter, data, heldout_questions(data, n, domain=d), tokens_of(d), direct=direct)
+            for d in domains}
 
 
 def measure_heldout(row: dict, model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int,
-                    direct: bool, tokens_of=test_tokens) -> None:
+                    direct: bool, tokens_of=None) -> None:
     """Add held-out MC (and DA) per domain, their shifted-domain mean and clean MC to a round row."""
     shifted = [d for d in domains if d.corruption != "clean"]
     scores = heldout_scores(model, prompter, data, [*shifted, Domain("clean", 0)], n, direct, tokens_of)

@@ -109,6 +109,16 @@ class BenchModels:
             self.source = load_source_set()
         return self.source
 
+    def for_stream(self, stream: str):
+        """(data, prompter) of a stream: easy-VQA's test set, plus any JSONL file domains and their candidates."""
+        from cdcca.data.stream import resolve_sequence, stream_data
+        from cdcca.model.prompt import Prompter
+
+        data = stream_data(resolve_sequence(stream))
+        if data is self.data:
+            return self.data, self.prompter
+        return data, Prompter(self.prompter.tokenizer, data.candidates)
+
     def fresh_device(self):
         """The device model back at its pretrained adapters."""
         from cdcca.model.mllm import load_adapter_state
@@ -137,9 +147,10 @@ def run_variant(models: BenchModels, name: str, seed: int, base: dict | None = N
     cfg = loop_config(name, seed, base, settings)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    akd = AKD(models.teacher, models.student, models.prompter, cfg.akd,
+    data, prompter = models.for_stream(cfg.stream)
+    akd = AKD(models.teacher, models.student, prompter, cfg.akd,
               source=models.source_set() if cfg.akd.needs_source else None)
-    res = run_loop(cfg, models.fresh_device(), akd, models.prompter, models.data)
+    res = run_loop(cfg, models.fresh_device(), akd, prompter, data)
     return summarize(name, seed, res, time.perf_counter() - t0)
 
 
@@ -149,8 +160,11 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
     unknown = set(names or []) - set(variants())
     if unknown:
         raise ValueError(f"unknown AKD bench variants {sorted(unknown)}; choose from {', '.join(variants())}")
+    from cdcca.data.stream import resolve_sequence, stream_data
+
     for name in names or list(variants()):
-        loop_config(name, 0, base, settings)            # a bad --set fails before any model loads
+        cfg = loop_config(name, 0, base, settings)      # a bad --set, domain or JSONL row fails before any model loads
+        stream_data(resolve_sequence(cfg.stream))
     models = BenchModels.load()
     results = []
     for seed in seeds or [0]:

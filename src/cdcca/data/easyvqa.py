@@ -25,6 +25,7 @@ class VQASet:
     answers: list[str]                 # ground-truth answer per question
     image_ids: np.ndarray              # (Q,) index into images
     candidates: list[str] = field(default_factory=list)
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)   # JSONL file → its image rows [start, end)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -32,7 +33,7 @@ class VQASet:
     def subset(self, idx: np.ndarray | list[int], name: str | None = None) -> VQASet:
         idx = np.asarray(idx, dtype=np.int64)
         return VQASet(name or self.name, self.images, [self.questions[i] for i in idx],
-                      [self.answers[i] for i in idx], self.image_ids[idx], self.candidates)
+                      [self.answers[i] for i in idx], self.image_ids[idx], self.candidates, self.sources)
 
 
 def _load_images(paths: list[str]) -> np.ndarray:

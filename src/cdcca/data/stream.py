@@ -1,13 +1,17 @@
-"""The continual shift stream: a sequence of corruption domains over easy-VQA test images.
+"""The continual shift stream: a sequence of domains — easy-VQA test images under a corruption, or
+your own VQA JSONL file.
 
-Test images are split once: the first half feeds the device's stream (what users ask), the
-second half is held out to measure accuracy per domain after each round. A domain is written
-``name:severity`` (``clean`` has no severity).
+A domain's images are split once: the first half feeds the device's stream (what users ask), the
+second half is held out to measure accuracy per domain after each round. A built-in domain is
+written ``name:severity`` (``clean`` has no severity); a file domain is its path (``night.jsonl``),
+and a stream may mix both. The stream's data is easy-VQA's test set with every named file appended
+(:func:`stream_data`); its multiple-choice set is the union of all their candidates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,14 +30,18 @@ STREAMS = {"default": DEFAULT_SEQUENCE, "unseen": UNSEEN_SEQUENCE}
 class Domain:
     corruption: str
     severity: int
+    path: str | None = None      # a VQA JSONL file (docs/DATA.md): the domain is that data, as it is
 
     @classmethod
     def parse(cls, text: str) -> Domain:
+        if text.strip().endswith(".jsonl"):
+            return cls("file", 0, text.strip())
         name, _, sev = text.partition(":")
         if name == "clean":
             return cls("clean", 0)
         if name not in ALL_CORRUPTIONS:
-            raise ValueError(f"unknown domain {text!r}; use NAME:SEVERITY with NAME in {', '.join(ALL_CORRUPTIONS)} or 'clean'")
+            raise ValueError(f"unknown domain {text!r}; use NAME:SEVERITY with NAME in {', '.join(ALL_CORRUPTIONS)}, "
+                             "'clean', or a path ending in .jsonl")
         try:
             severity = int(sev or 5)
         except ValueError:
@@ -43,6 +51,8 @@ class Domain:
         return cls(name, severity)
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
         return "clean" if self.corruption == "clean" else f"{self.corruption}:{self.severity}"
 
 
@@ -65,9 +75,56 @@ def questions_on(data: VQASet, images: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(data.image_ids, images))
 
 
-def heldout_questions(data: VQASet, n: int, seed: int = 0) -> np.ndarray:
-    """A fixed sample of ``n`` questions on held-out images (same for every domain and round)."""
-    _, held = split_images(len(data.images), seed)
+def stream_data(sequence: list[Domain]) -> VQASet:
+    """easy-VQA's test set with the images, questions and answers of every file domain appended."""
+    return _merged(tuple(dict.fromkeys(d.path for d in sequence if d.path is not None)))
+
+
+@lru_cache(maxsize=4)
+def _merged(files: tuple[str, ...]) -> VQASet:
+    from cdcca.data.easyvqa import load_split
+    from cdcca.data.jsonl import load_jsonl
+
+    base = load_split("test")
+    if not files:
+        return base
+    images, image_ids, questions, answers = [base.images], [base.image_ids], list(base.questions), list(base.answers)
+    candidates, sources, offset = list(base.candidates), {}, len(base.images)
+    for path in files:
+        part = load_jsonl(path)
+        sources[path] = (offset, offset + len(part.images))
+        images.append(part.images)
+        image_ids.append(part.image_ids + offset)
+        questions += part.questions
+        answers += part.answers
+        candidates += [c for c in part.candidates if c not in candidates]
+        offset += len(part.images)
+    return VQASet("stream", np.concatenate(images), questions, answers, np.concatenate(image_ids), candidates, sources)
+
+
+def stream_candidates(stream: str) -> list[str] | None:
+    """The multiple-choice set of a stream with file domains (None: the built-in easy-VQA answers)."""
+    domains = resolve_sequence(stream)
+    return stream_data(domains).candidates if any(d.path for d in domains) else None
+
+
+def domain_split(data: VQASet, domain: Domain | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(stream images, held-out images) of a domain: a seeded halving of its source's images —
+    easy-VQA's test images for a built-in domain, the file's own for a file domain."""
+    if domain is not None and domain.path is not None:
+        if domain.path not in data.sources:
+            raise ValueError(f"{domain.path} is not part of this data; build it with stream_data([...])")
+        start, end = data.sources[domain.path]
+        stream_imgs, held = split_images(end - start, seed)
+        return stream_imgs + start, held + start
+    base_n = min((start for start, _ in data.sources.values()), default=len(data.images))
+    return split_images(base_n, seed)
+
+
+def heldout_questions(data: VQASet, n: int, seed: int = 0, domain: Domain | None = None) -> np.ndarray:
+    """A fixed sample of ``n`` questions on held-out images (for built-in domains the same for every
+    domain and round; a file domain has its own)."""
+    _, held = domain_split(data, domain, seed)
     idx = questions_on(data, held)
     rng = np.random.default_rng(seed + 1)
     return np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False))
@@ -86,13 +143,12 @@ def build_stream(data: VQASet, sequence: list[Domain], per_domain: int, rounds_p
 
     ``seed`` picks the questions; the stream/held-out image split is fixed (seed 0, as in
     :func:`heldout_questions`), so no seed ever streams an image that accuracy is measured on."""
-    stream_imgs, _ = split_images(len(data.images))
-    pool = questions_on(data, stream_imgs)
     rng = np.random.default_rng(seed + 2)
     chunks, rnd = [], 0
-    per_round = per_domain // rounds_per_domain
     for domain in sequence:
-        picks = rng.choice(pool, size=per_domain, replace=False)
+        pool = questions_on(data, domain_split(data, domain)[0])
+        picks = rng.choice(pool, size=min(per_domain, len(pool)), replace=False)   # a small file gives what it has
+        per_round = len(picks) // rounds_per_domain
         for r in range(rounds_per_domain):
             chunks.append(StreamChunk(rnd, domain, picks[r * per_round:(r + 1) * per_round]))
             rnd += 1

@@ -54,7 +54,10 @@ class LocalFleet:
     @classmethod
     def setup(cls, cfg: FleetConfig, out_dir: Path) -> LocalFleet:
         out_dir = Path(out_dir)
-        cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc)
+        from cdcca.data.stream import stream_candidates
+
+        cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc,
+                                  candidates=None if cfg.tiny else stream_candidates(cfg.stream))
         devices = []
         for i in range(cfg.devices):
             d = out_dir / "devices" / f"dev-{i}"
