@@ -86,3 +86,10 @@ def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "report.html").is_file()
     assert metrics["summary"]["domains"] == [a, b]
     assert len(metrics["rounds"]) == 2 and all(r["uploads"] > 0 for r in metrics["rounds"])
+
+
+def test_candidates_sharing_a_first_token_are_named(tokenizer):
+    from cdcca.model.prompt import Prompter
+
+    with pytest.raises(ValueError, match="'red' and 'redwood'"):
+        Prompter(tokenizer, ["red", "blue", "redwood"])

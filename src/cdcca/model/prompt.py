@@ -28,8 +28,12 @@ class Prompter:
         self.stop_id = tokenizer(STOP, add_special_tokens=False).input_ids[0]
         self._answer_ids = {a: tokenizer(" " + a, add_special_tokens=False).input_ids for a in candidates}
         first = [ids[0] for ids in self._answer_ids.values()]
-        if len(set(first)) != len(first):
-            raise ValueError("candidate answers must start with distinct tokens for one-pass MC scoring")
+        owner: dict[int, str] = {}
+        for answer, token in zip(self._answer_ids, first):
+            if token in owner:
+                raise ValueError(f"candidate answers must start with distinct tokens for one-pass MC scoring; "
+                                 f"{owner[token]!r} and {answer!r} share their first token — rename one in your data")
+            owner[token] = answer
         self.candidate_first_ids = torch.tensor(first)
 
     def answer_ids(self, answer: str) -> list[int]:
