@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdcca.data.stream import (Domain, build_stream, domain_split, heldout_questions, resolve_sequence,
-                               stream_candidates, stream_data)
+from cdcca.data.stream import (
+    Domain,
+    build_stream,
+    domain_split,
+    heldout_questions,
+    resolve_sequence,
+    stream_candidates,
+    stream_data,
+)
 
 
 def write_domain(folder, name, n_images=12, answers=("red", "blue", "maybe")):
