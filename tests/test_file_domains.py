@@ -39,7 +39,7 @@ def test_a_path_ending_in_jsonl_is_a_file_domain():
     d = Domain.parse("data/night.jsonl")
     assert d.path == "data/night.jsonl" and str(d) == "data/night.jsonl"
     assert resolve_sequence("pixelate:5,data/night.jsonl")[1] == d
-    with pytest.raises(ValueError, match=".jsonl"):
+    with pytest.raises(ValueError, match=r"\.jsonl"):
         Domain.parse("night.csv")
 
 
@@ -78,7 +78,7 @@ def test_file_domain_tokens_and_requests(tmp_path):
     tokens = domain_tokens(Domain.parse(a), data)
     assert tokens.shape == (1012, 49, 1280) and tokens[1000:].abs().sum() > 0 and tokens[:1000].abs().sum() == 0
     spec = {"stream": f"jpeg:5,{a}", "per_domain": 8, "index": 0, "n_devices": 1, "device_id": "d"}
-    toks, questions, gold, ids, domain = RequestStream(spec).chunk(1)
+    toks, questions, gold, _, domain = RequestStream(spec).chunk(1)
     assert domain == a and toks.shape[0] == len(questions) == 8 and all(g in ("red", "blue", "maybe") for g in gold)
 
 
