@@ -112,3 +112,18 @@ def test_results_page_block_is_replaced_and_a_page_without_markers_is_refused(tm
     (tmp_path / "plain.md").write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         paper_report.update_results_page(tmp_path / "plain.md", "x")
+
+
+def test_a_cell_run_with_other_settings_is_stale(tmp_path, monkeypatch):
+    from cdcca.bench import baselines
+
+    preset = paper.PRESETS["quick"]
+    store = paper.CellStore(tmp_path, preset)
+    cell = paper.Cell("tent", "device", 0)
+    store.put(cell, {"adapted_mc": 0.7})
+    assert store.get(cell)["adapted_mc"] == 0.7
+    import functools
+
+    new_default = functools.partial(baselines.BaselineConfig, tent=baselines.TentConfig(lr=5e-3))
+    monkeypatch.setattr(baselines, "BaselineConfig", new_default)                     # a new default rate
+    assert store.get(cell) is None

@@ -129,7 +129,7 @@ def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
     last = rounds[-1]
     summary = {"adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"], "heldout": last["heldout"],
                "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
-               "wall_s": round(wall_s, 1), "config": _jsonable(asdict(cfg))}
+               "wall_s": round(wall_s, 1), "config": jsonable(asdict(cfg))}
     if "heldout_da" in last:
         summary.update(heldout_da=last["heldout_da"],
                        adapted_da=float(np.mean(list(last["heldout_da"].values()))) if last["heldout_da"] else None,
@@ -154,7 +154,10 @@ def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASe
     report = cloud.last_round if uploads else None
     if report is not None:
         truth = [_truth(data, sid) for sid in report.sample_ids]
-        gate = 0.0 if cfg.labels == "oracle" else cloud.akd.cfg.min_teacher_confidence   # the oracle trains every upload
+        akd_cfg = cloud.akd.cfg
+        # the teacher-confidence gate applies to the label phase only: the oracle and prefix
+        # distillation (which uses no answer) train on every upload
+        gate = akd_cfg.min_teacher_confidence if cfg.labels != "oracle" and akd_cfg.epochs > 0 else 0.0
         st = report.stats
         row.update(teacher_s=round(report.teacher_s, 2), student_s=round(st.student_s, 2),
                    samples_per_s=round(st.samples_per_s, 2), losses=st.losses, replayed=st.replayed,
@@ -179,9 +182,10 @@ def upload_accuracy(records, device_answers: list[str], truth: list[str], min_co
             "upload_device_mc": float(np.mean([device_answers[i] == truth[i] for i in kept]))}
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """Tuples as lists, recursively: what a config looks like once written as JSON."""
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj

@@ -160,6 +160,25 @@ def reference_sizes(models: BenchModels, per_domain: int = 64) -> dict:
             "device_params": sum(p.numel() for p in models.device.parameters())}
 
 
+def cell_config(cell: Cell, preset: dict) -> dict:
+    """Every setting a cell ran with (the loop's, and the baseline's), as JSON: a finished cell whose
+    recorded settings differ from today's defaults is stale and runs again."""
+    from dataclasses import asdict
+
+    from cdcca.loop import jsonable
+
+    base = _loop_base(preset)
+    if cell.kind == "teacher":
+        return {"heldout_n": base["heldout_n"]}
+    loop = loop_config(cell.method if cell.kind == "loop" else "source-only", cell.seed, base, list(cell.settings))
+    out = {"loop": jsonable(asdict(loop))}
+    if cell.kind == "device":
+        from cdcca.bench.baselines import BaselineConfig
+
+        out["baseline"] = asdict(BaselineConfig(method=cell.method))
+    return json.loads(json.dumps(out, default=str))
+
+
 class CellStore:
     """Finished cells as ``OUT/cells/<key>.json``, written atomically: the resume point."""
 
@@ -171,18 +190,21 @@ class CellStore:
         return self.dir / f"{cell.key(self.preset)}.json"
 
     def get(self, cell: Cell) -> dict | None:
+        """The finished row, or None when the cell has not run, is damaged or ran with other settings."""
         p = self.path(cell)
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
+            row = json.loads(p.read_text())
         except json.JSONDecodeError:
             return None            # a damaged cell is simply run again
+        return row if row.get("config") == cell_config(cell, self.preset) else None
 
     def put(self, cell: Cell, row: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.path(cell), {**row, "cell": {"method": cell.method, "kind": cell.kind, "seed": cell.seed,
-                                                     "settings": list(cell.settings)}})
+        write_json(self.path(cell), {**row, "config": cell_config(cell, self.preset),
+                                     "cell": {"method": cell.method, "kind": cell.kind, "seed": cell.seed,
+                                              "settings": list(cell.settings)}})
 
 
 def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[str], None] | None = None,
