@@ -188,3 +188,9 @@ def test_the_api_benchmark_reports_every_mode(state):
     res = run_bench(state, n=4, concurrency=2, max_batch=4)
     assert [r["mode"].split(",")[0] for r in res["rows"]] == ["device answer", "HTTP", "HTTP"]
     assert all(r["requests_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in res["rows"])
+
+
+def test_a_plain_string_message_without_an_image_is_400_not_422(client):
+    body = {"messages": [{"role": "user", "content": "a long question without any picture " * 5}]}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "need_one_image"

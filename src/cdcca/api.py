@@ -21,7 +21,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -59,7 +59,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = Field(default=None, max_length=64)
+    content: Annotated[str, Field(max_length=100_000)] | Annotated[list[ContentPart], Field(max_length=64)] | None = None
 
 
 class ChatRequest(BaseModel):
