@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.atomic import write_json
-from cdcca.report import COLOURS, PAGE_STYLE, embed_png, pyplot
+from cdcca.report import PAGE_STYLE, embed_png, pyplot
 
 TOKEN_FP16_BYTES = 49 * 1280 * 2       # one request's full visual tokens in fp16
 RESULTS_BEGIN, RESULTS_END = "<!-- bench-paper:begin -->", "<!-- bench-paper:end -->"
@@ -106,6 +106,10 @@ def build_tables(plan, rows: dict, preset: dict, link_mbps: float, sizes: dict |
     return result
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def claims(result: dict, t1: dict, t3: dict) -> list[dict]:
     """The paper's claims, each with this benchmark's number and whether it holds here."""
     from cdcca.bench.paper import DEVICE_ONLY
@@ -115,7 +119,7 @@ def claims(result: dict, t1: dict, t3: dict) -> list[dict]:
     for m in ("source-only", *DEVICE_ONLY):
         if g.get(m):
             d, s, n = g[m]
-            out.append({"claim": f"CDCCA beats {m} on the shifted-domain mean MC", "value": f"{d:+.1f} ± {s:.1f} points ({n} seeds)",
+            out.append({"claim": f"CDCCA beats {m} on the shifted-domain mean MC", "value": f"{d:+.1f} ± {s:.1f} points ({_seeds(n)})",
                         "holds": d > 0 and d > s})
     best = max(DEVICE_ONLY, key=lambda m: np.mean([r["adapted_mc"] for r in t1[m]]))
     d, s, n = g[best]
@@ -124,7 +128,7 @@ def claims(result: dict, t1: dict, t3: dict) -> list[dict]:
     ce = paired_gain(t3["CE + MSE + wavelet + KD (paper's AKD)"], t3["CE"])
     if ce:
         out.append({"claim": "paper: AKD's feature losses add +2.53 MC over pseudo-labels alone",
-                    "value": f"{ce[0]:+.1f} ± {ce[1]:.1f} (full AKD loss − CE only, {ce[2]} seeds)", "holds": ce[0] >= 2.53})
+                    "value": f"{ce[0]:+.1f} ± {ce[1]:.1f} (full AKD loss − CE only, {_seeds(ce[2])})", "holds": ce[0] >= 2.53})
     t4 = {r["keep_ratio"]: r["mc_mean"] for r in result["table4"]}
     best_keep = max(t4, key=t4.get)
     out.append({"claim": "paper: keeping 50 % of the tokens is best", "value": f"best keep ratio here {best_keep}",
@@ -174,11 +178,14 @@ def markdown(result: dict) -> str:
 def plot_online(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
     for i, (m, ys) in enumerate(result["online_per_round"].items()):
-        ax.plot(range(len(ys)), ys, marker="o", color=COLOURS[i % len(COLOURS)], ls="-" if i < len(COLOURS) else "--", label=m)
+        bold = m == "cdcca"
+        ax.plot(range(len(ys)), ys, marker="os^vD"[i % 5], color="black" if bold else colours[i % len(colours)],
+                lw=2.6 if bold else 1.2, ls="-" if m in ("cdcca", "source-only") or i % 2 else "--", label=m)
     ax.set_xticks(range(len(result["domains"])), result["domains"], fontsize=7)
     ax.set_ylabel("online MC accuracy (answers users got)")
-    ax.set_title("Accuracy per round per method (mean over seeds)", fontsize=9)
+    ax.set_title("Online accuracy per round per method (mean over seeds); a cloud update lands after its round", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -190,10 +197,11 @@ def plot_downlink(result: dict, path: Path, cells: dict) -> None:
     """Shifted-domain mean MC against downlink bytes per round (0 bytes drawn at 1 B on the log axis)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
     for i, (m, (x, y)) in enumerate(cells.items()):
-        ax.scatter([max(x, 1)], [y], color=COLOURS[i % len(COLOURS)], label=m)
+        ax.scatter([max(x, 1)], [y], color=colours[i % len(colours)], marker="os^vD"[i % 5], s=60 if m == "cdcca" else 30, label=m)
     ax.set_xscale("log")
-    ax.set_xlabel("downlink bytes per round")
+    ax.set_xlabel("downlink bytes per round (device-only methods drawn at 1: nothing is sent)")
     ax.set_ylabel("shifted-domain mean MC")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
@@ -237,7 +245,7 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     (out_dir / "tables.md").write_text(md)
     plot_online(result, out_dir / "online.png")
     points = {r["method"]: (r["bytes_down_per_round"], r["mc_mean"]) for r in result["table1"]
-              if r["domain"] == "mean" and r.get("bytes_down_per_round") is not None}
+              if r["domain"] == "mean" and r.get("bytes_down_per_round") is not None and r["method"] != "teacher"}
     plot_downlink(result, out_dir / "downlink.png", points)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>cdcca: the paper's tables</title>{PAGE_STYLE}</head><body>
 <h1>cdcca against the baselines: the paper's tables on this benchmark</h1>
