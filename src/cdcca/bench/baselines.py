@@ -24,6 +24,7 @@ from cdcca.model.prompt import Prompter
 from cdcca.tta import EATA, CoTTA, CoTTAConfig, EATAConfig, EncoderStats, Tent, TentConfig
 
 METHODS = ("bn", "tent", "tent+bn", "eata", "cotta")
+RATE_GROUP = {"tent": "tent", "tent+bn": "tent", "eata": "eata", "cotta": "cotta"}   # method → its optimiser's config
 
 
 @dataclass
@@ -37,6 +38,18 @@ class BaselineConfig:
     cotta: CoTTAConfig = field(default_factory=CoTTAConfig)
     bn_images_per_round: int = 64    # images folded into the encoder statistics per round
     bn_source_weight: float = 0.0    # prior on the source statistics (0: replace them, TENT's test-time BN)
+
+    def settings(self) -> dict:
+        """The settings this method uses (what a finished benchmark cell is checked against)."""
+        from dataclasses import asdict
+
+        out: dict = {"method": self.method, "batch": self.batch}
+        group = RATE_GROUP.get(self.method)
+        if group:
+            out[group] = asdict(getattr(self, group))
+        if self.method.endswith("bn"):
+            out.update(bn_images_per_round=self.bn_images_per_round, bn_source_weight=self.bn_source_weight)
+        return out
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -162,7 +175,7 @@ def tune_rate(method: str, rates: list[float], models, per_domain: int = 320, he
 
 def with_rate(method: str, lr: float) -> BaselineConfig:
     """A baseline's config with its optimiser's learning rate set (BatchNorm re-estimation has none)."""
-    group = {"tent": "tent", "tent+bn": "tent", "eata": "eata", "cotta": "cotta"}.get(method)
+    group = RATE_GROUP.get(method)
     if group is None:
         raise ValueError(f"{method!r} has no learning rate to tune; choose tent, tent+bn, eata or cotta")
     base = BaselineConfig(method=method)

@@ -100,7 +100,6 @@ def plan(preset_name: str, seeds: list[int]) -> PaperPlan:
 
 def run_cell(cell: Cell, models: BenchModels, preset: dict) -> dict:
     """Run one cell from the pretrained pair and return its bench row."""
-    from dataclasses import asdict
 
     base = _loop_base(preset)
     if cell.kind == "loop":
@@ -113,7 +112,7 @@ def run_cell(cell: Cell, models: BenchModels, preset: dict) -> dict:
         res = run_device_only(cfg, BaselineConfig(method=cell.method), models.fresh_device(), models.prompter,
                               models.data, source=models.source_set() if cell.method == "eata" else None)
         row = summarize(cell.method, cell.seed, res, time.perf_counter() - t0)
-        row["baseline"] = asdict(BaselineConfig(method=cell.method))
+        row["baseline"] = BaselineConfig(method=cell.method).settings()
         return row
     if cell.kind == "teacher":
         return _teacher_row(models, cell, base)
@@ -175,7 +174,7 @@ def cell_config(cell: Cell, preset: dict) -> dict:
     if cell.kind == "device":
         from cdcca.bench.baselines import BaselineConfig
 
-        out["baseline"] = asdict(BaselineConfig(method=cell.method))
+        out["baseline"] = BaselineConfig(method=cell.method).settings()
     return json.loads(json.dumps(out, default=str))
 
 

@@ -24,7 +24,7 @@ from cdcca.tta.common import candidate_logits, entropy, norm_parameters, only_tr
 
 @dataclass
 class EATAConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3                # Adam, as TENT; what `cdcca bench tta-rate --method eata` picks on clean data
     e_margin_coeff: float = 0.4     # E0 = coeff · ln C
     d_margin: float = 0.4           # redundancy threshold on |cos| (paper: 0.05 for 1,000 classes)
     fisher_alpha: float = 2000.0
