@@ -79,3 +79,9 @@ def test_eval_on_your_own_jsonl_file(tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(out) == {"model", "data", "n", "da", "mc"} and out["n"] == 8 and out["model"] == "device"
     assert out["mc"] >= 0.75                       # clean easy-VQA images: the device knows them
+    mixed = CliRunner().invoke(app, ["eval", "--model", "device", "--stream", f"pixelate:5,{tmp_path / 'mine.jsonl'}",
+                                     "--n", "8", "--no-direct", "--json", "--threads", "2"])
+    assert mixed.exit_code == 0, mixed.output
+    domains = json.loads(mixed.stdout.strip().splitlines()[-1])["domains"]
+    assert [d["shift"] for d in domains] == ["pixelate", str(tmp_path / "mine.jsonl")]
+    assert 0 < domains[1]["n"] < 8       # the held-out half of the file's images only

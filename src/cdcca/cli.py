@@ -163,11 +163,12 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
     print(json.dumps(record, indent=2))
 
 
-def _eval_domain(model, prompter, data, qids, domain, role, direct) -> dict:
-    from cdcca.evaluate import accuracy, test_tokens
+def _eval_domain(model, prompter, data, n, domain, role, direct) -> dict:
+    from cdcca.data.stream import heldout_questions
+    from cdcca.evaluate import accuracy, domain_tokens
 
-    res = accuracy(model, prompter, data, qids, test_tokens(domain), direct=direct)
-    return {"model": role, "shift": domain.corruption, "severity": domain.severity, **res}
+    res = accuracy(model, prompter, data, heldout_questions(data, n, domain=domain), domain_tokens(domain, data), direct=direct)
+    return {"model": role, "shift": str(domain) if domain.path else domain.corruption, "severity": domain.severity, **res}
 
 
 @app.command("eval")
@@ -175,7 +176,7 @@ def eval_cmd(
     role: Role = typer.Option(Role.device, "--role", "--model", help="Which model to evaluate (--model is the same option)."),
     shift: str = typer.Option("clean", help="Corruption name (see `cdcca eval --help`), or 'clean'."),
     severity: int = typer.Option(5, help="Severity 1..5 of --shift."),
-    stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list NAME:SEV,..."),
+    stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list of NAME:SEV and .jsonl files."),
     data_file: Path | None = typer.Option(None, "--data", help="Instead: every row of your own VQA JSONL file (docs/DATA.md)."),
     n: int = typer.Option(1000, help="Held-out test questions per domain (with --data: at most this many rows)."),
     weights: Path | None = typer.Option(None, help="Folder with ROLE.safetensors (default: the shipped weights)."),
@@ -185,8 +186,7 @@ def eval_cmd(
 ):
     """Held-out accuracy (direct answer and multiple choice, 0–1) of a model, clean or under shift."""
     from cdcca.assets import AssetError, load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+    from cdcca.data.stream import Domain, resolve_sequence, stream_data
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
 
@@ -205,14 +205,13 @@ def eval_cmd(
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
         net = load_pretrained(role.value, weights)
-        data = load_split("test")
+        data = stream_data(domains)
         prompter = Prompter(load_tokenizer(), data.candidates)
-    except (ValueError, AssetError) as exc:
+    except (ValueError, AssetError, FileNotFoundError) as exc:
         fail(str(exc))
-    qids = heldout_questions(data, n)
     t = time.perf_counter()
     model = role.value
-    rows = [_eval_domain(net, prompter, data, qids, d, model, direct) for d in domains]
+    rows = [_eval_domain(net, prompter, data, n, d, model, direct) for d in domains]
     wall = time.perf_counter() - t
     if stream:
         shifted = [r for r in rows if r["shift"] != "clean"] or rows
