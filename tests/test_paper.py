@@ -20,7 +20,7 @@ def _row(method, seed, mc, da=None, down=0, clean=0.99):
 def _fake_rows(p):
     score = {"source-only": 0.70, "bn": 0.71, "tent": 0.72, "tent+bn": 0.72, "eata": 0.73, "cotta": 0.71,
              "pseudo-label": 0.74, "cdcca-dense": 0.78, "cdcca": 0.77, "teacher": 0.80, "oracle": 0.82,
-             "loss:ce": 0.74, "loss:ce+mse": 0.745, "loss:ce+mse+wave": 0.75, "loss:full": 0.75}
+             "loss:ce+mse": 0.745, "loss:ce+mse+wave": 0.75, "loss:full": 0.75}
     rows = {}
     for c in p.cells():
         keep = dict(s.split("=") for s in c.settings).get("uts.keep_ratio")
