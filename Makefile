@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: demo test lint install assets clean
+.PHONY: demo test lint install assets clean fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+fuzz: $(STAMP)
+	$(BIN)/pip install -q atheris==3.0.0
+	$(BIN)/python fuzz/fuzz_decoders.py --all --runs $(or $(RUNS),100000) --out runs/fuzz
 
 clean:
 	rm -rf runs .pytest_cache

@@ -90,3 +90,20 @@ def test_device_state_reopens_after_a_restart(tmp_path, device, cloud):
     again = DeviceRuntime.open(tmp_path / "dev")
     assert again.status()["hash"] == status["hash"] and again.status()["outbox"] == status["outbox"]
     again.close()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.pop("device_id"), "device_id"), (lambda c: c.update(uts={"nope": 1}), "uts"),
+    (lambda c: c.update(bytes_up="many"), "bytes_up"), (lambda c: c.update(stream=[]), "stream"),
+])
+def test_a_damaged_device_config_is_a_one_line_error(tmp_path, edit, field):
+    """Found by fuzzing the device state: a device.json without device_id once raised KeyError."""
+    import json
+
+    DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True).close()
+    cfg = json.loads((tmp_path / "dev" / "device.json").read_text())
+    edit(cfg)
+    (tmp_path / "dev" / "device.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=field) as err:
+        DeviceRuntime.open(tmp_path / "dev")
+    assert "\n" not in str(err.value) and "re-create" in str(err.value)

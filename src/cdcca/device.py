@@ -62,6 +62,28 @@ class RequestStream:
                 [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
 
 
+def check_config(config, path: Path) -> None:
+    """A device.json read from disk has the fields and types the runtime relies on, or a one-line
+    ValueError naming the file and the field (it may have been edited or damaged by hand)."""
+    fix = "restore it or re-create the device state"
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is corrupt ({why}); {fix}")
+
+    if not isinstance(config, dict):
+        raise bad("not a JSON object")
+    kinds = {"device_id": str, "uts": dict, "stream": dict, "bytes_up": int, "bytes_down": int}
+    for key, kind in kinds.items():
+        if not isinstance(config.get(key), kind) or (isinstance(config.get(key), bool) and kind is int):
+            raise bad(f"field {key!r} missing or not a {kind.__name__}")
+    if not config["device_id"].strip():
+        raise bad("empty device_id")
+    try:
+        UTSConfig(**config["uts"])
+    except (TypeError, ValueError) as exc:
+        raise bad(f"uts: {str(exc).splitlines()[0]}") from None
+
+
 def per_request_uts(cfg: UTSConfig) -> UTSConfig:
     """The device's UTS settings for requests that arrive one batch at a time: a per-round budget
     would upload every request of a small batch, so it becomes the uncertainty threshold rule."""
@@ -116,8 +138,9 @@ class DeviceRuntime:
             config = json.loads((d / CONFIG).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"no device state at {d}; create it with `cdcca device init --state {d}`") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{d / CONFIG} is corrupt ({exc}); restore it or re-create the device state") from None
+        check_config(config, d / CONFIG)
         return cls(d, config, model)
 
     def _save_config(self) -> None:

@@ -259,7 +259,7 @@ def _check(data: Any, expect_kind: str | None, limits: Limits) -> _Checked:
         raise PacketError(f"packet creation time {_short(md[_K_CREATED])} is not ISO-8601") from None
     _check_index(header, size - 8 - n, limits)
     actual = _body_sha256(header, memoryview(data)[8 + n :])
-    if not hmac.compare_digest(actual, md[_K_SHA]):
+    if not hmac.compare_digest(actual.encode(), md[_K_SHA].encode("utf-8", "replace")):   # bytes: any text compares
         raise PacketError("packet body SHA-256 mismatch: corrupted or tampered in transit; resend it")
     user = {k: v for k, v in md.items() if not k.startswith(_PREFIX)}
     return _Checked(data, header, user, kind, md[_K_CREATED], actual, 8 + n)

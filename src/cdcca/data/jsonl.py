@@ -26,7 +26,8 @@ class RowError(ValueError):
     """A row of a VQA JSONL file is malformed; the message names file, line and reason."""
 
 
-def _row(path: Path, lineno: int, line: str, require_answer: bool = True) -> dict:
+def parse_row(path: Path, lineno: int, line: str, require_answer: bool = True) -> dict:
+    """One JSONL line validated: the row as a dict, or :class:`RowError` naming file, line and reason."""
     def bad(why: str) -> RowError:
         return RowError(f"{path}:{lineno}: {why}")
 
@@ -69,7 +70,7 @@ def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE, require_answer: b
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
-                rows.append((lineno, _row(path, lineno, line, require_answer)))
+                rows.append((lineno, parse_row(path, lineno, line, require_answer)))
     if not rows:
         raise RowError(f"{path}: no rows")
     image_index: dict[Path, int] = {}
