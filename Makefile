@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/cdcca demo --preset quick --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests fuzz benchmarks
 	$(BIN)/lint-imports
 
 test: lint
