@@ -106,3 +106,12 @@ def test_messages_carry_only_plain_values():
     assert dataclasses.asdict(up) == {"device_id": "dev-1", "packet": None, "served": {"round": 0}, "status": {"version": 0}}
     with pytest.raises(TypeError):
         DownlinkMessage()
+
+
+def test_the_fleet_load_benchmark_loses_and_duplicates_nothing():
+    from cdcca.bench.fleet import run_bench
+
+    res = run_bench(devices=3, rounds=2, per_round=4)
+    assert res["uploads"] == 3 * 2 * 4
+    assert res["lost_uploads"] == 0 and res["duplicated_uploads"] == 0
+    assert res["devices_in_sync_with_their_mirror"] == 3 and res["ack_ms_p99"] >= res["ack_ms_p50"] > 0

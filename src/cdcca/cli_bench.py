@@ -167,6 +167,30 @@ def bench_dwc(
     print(json.dumps(result))
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    devices: int = typer.Option(100, help="Simulated devices (tiny models)."),
+    rounds: int = typer.Option(10, help="Protocol rounds."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: int | None = typer.Option(1, help="torch CPU threads."),
+):
+    """The cloud runtime under N devices for R rounds: uploads/s, upload-to-ack p50/p99, cloud s per round, lost and duplicated uploads."""
+    from cdcca.bench.fleet import run_bench
+
+    use_threads(threads)
+    if devices < 1 or rounds < 1:
+        fail("--devices and --rounds must be ≥ 1")
+    res = run_bench(devices, rounds, log=None if as_json else console.print)
+    if not as_json:
+        table = Table(title=f"cloud runtime under {devices} devices × {rounds} rounds (tiny models)")
+        table.add_column("measure")
+        table.add_column("value")
+        for key, value in res.items():
+            table.add_row(key, str(value))
+        console.print(table)
+    print(json.dumps(res))
+
+
 @bench_app.command("api")
 def bench_api(
     state: Path = typer.Option(..., help="Device state dir (from `cdcca device init`, real models)."),

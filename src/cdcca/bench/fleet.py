@@ -1,0 +1,73 @@
+"""``cdcca bench fleet``: the cloud runtime under N devices for R rounds, measured for load and loss.
+
+Every device runs the round protocol (:mod:`cdcca.protocol`) against one cloud runtime, as the
+embedded fleet does, on tiny random models (transport and bookkeeping, not accuracy). Reported:
+uploads accepted per second by ``CloudRuntime.receive``, p50/p99 time from an uplink packet's
+arrival to its acknowledgement, cloud seconds per round (all devices), and the two numbers that must
+be 0: uploads lost (sent but never stored, or still in a device's outbox at the end) and uploads
+trained twice.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_bench(devices: int, rounds: int, per_round: int = 8, log=None) -> dict:
+    from cdcca import protocol
+    from cdcca.cloud import CloudRuntime
+    from cdcca.device import DeviceRuntime
+    from cdcca.distill import AKDConfig
+    from cdcca.downlink import DWCConfig
+
+    with tempfile.TemporaryDirectory(prefix="cdcca-fleet-bench-") as tmp:
+        root = Path(tmp)
+        cloud = CloudRuntime.open(root / "cloud", tiny=True, akd=AKDConfig(batch_size=8), dwc=DWCConfig(budget_bytes=16 * 1024))
+        devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=True,
+                                     stream={"index": i, "n_devices": devices, "per_round": per_round})
+                for i in range(devices)]
+        sent: set[str] = set()
+        trained: list[str] = []
+        ack_s, cloud_round_s = [], []
+        t_start = time.perf_counter()
+        try:
+            for rnd in range(rounds):
+                t_round = 0.0
+                for dev in devs:
+                    up = protocol.device_uplink(dev, rnd)
+                    if up.packet is None:
+                        continue
+                    t0 = time.perf_counter()
+                    acked = cloud.receive(up.packet)
+                    ack_s.append(time.perf_counter() - t0)
+                    sent.update(acked)
+                    t0 = time.perf_counter()
+                    update = cloud.run_round(dev.device_id)
+                    t_round += time.perf_counter() - t0
+                    if cloud.last_round is not None:
+                        trained += cloud.last_round.sample_ids
+                    report = protocol.device_apply(dev, protocol.DownlinkMessage(acked=acked, packets=[update] if update else []))
+                    if report.resync_reason is not None:
+                        protocol.device_apply(dev, protocol.cloud_resync(cloud, dev.device_id))
+                cloud_round_s.append(t_round)
+                if log:
+                    log(f"round {rnd + 1}/{rounds}: {len(sent)} uploads stored, cloud {t_round:.1f} s")
+            stored = {r[0] for r in cloud.db.execute("SELECT sample_id FROM samples")}
+            left_on_devices = sum(d.status()["outbox"] for d in devs)
+            in_sync = sum(d.status()["hash"] == cloud.mirror_hash(d.device_id) for d in devs)
+        finally:
+            for d in devs:
+                d.close()
+            cloud.close()
+    ms = np.array(ack_s) * 1000
+    return {"devices": devices, "rounds": rounds, "requests_per_device_round": per_round, "uploads": len(sent),
+            "uploads_accepted_per_s": round(len(sent) / sum(ack_s), 1),
+            "ack_ms_p50": round(float(np.percentile(ms, 50)), 2), "ack_ms_p99": round(float(np.percentile(ms, 99)), 2),
+            "cloud_s_per_round_median": round(float(np.median(cloud_round_s)), 2),
+            "cloud_s_per_device_round": round(sum(cloud_round_s) / (devices * rounds), 3),
+            "lost_uploads": len(sent - stored) + left_on_devices, "duplicated_uploads": len(trained) - len(set(trained)),
+            "devices_in_sync_with_their_mirror": in_sync, "wall_s": round(time.perf_counter() - t_start, 1)}
