@@ -303,3 +303,24 @@ def test_concurrent_writer_is_told_the_store_is_busy(setup):
     with store_mod._locked(d):
         with pytest.raises(StoreError, match="another process"):
             st.apply_update(cloud.update(1))
+
+
+def test_a_full_disk_while_writing_a_version_changes_nothing_and_the_update_retries(setup, monkeypatch):
+    import errno
+
+    st, cloud, d = setup
+    st.apply_update(cloud.update(1))
+    before = (st.version, st.hash, sorted(f.name for f in d.iterdir()))
+    packet = cloud.update(2)
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        st.apply_update(packet)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    reopened = AdapterStore(d)
+    assert (reopened.version, reopened.hash, sorted(f.name for f in d.iterdir())) == before   # no temp file left
+    assert reopened.apply_update(packet)["version"] == 2
