@@ -187,9 +187,13 @@ class Batcher:
     after the first) and answers them in one model call off the event loop."""
 
     def __init__(self, service: DeviceService, max_batch: int = 16, max_wait_s: float = 0.01):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.service, self.max_batch, self.max_wait_s = service, max_batch, max_wait_s
         self.queue: asyncio.Queue = asyncio.Queue()
         self.batches = 0
+        # one long-lived model thread: torch's intra-op thread pool is set up once, not per worker thread
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdcca-model")
 
     async def submit(self, query: Query) -> dict:
         fut = asyncio.get_running_loop().create_future()
@@ -207,7 +211,7 @@ class Batcher:
                 except TimeoutError:
                     break
             try:
-                results = await asyncio.to_thread(self.service.answer, [q for q, _ in batch])
+                results = await loop.run_in_executor(self.pool, self.service.answer, [q for q, _ in batch])
             except Exception as exc:                        # the model failed: every waiter hears it
                 for _, fut in batch:
                     if not fut.done():
@@ -239,6 +243,7 @@ def create_app(state_dir: Path, allow_files: Path | None = None, max_batch: int 
             yield
         finally:
             holder["task"].cancel()
+            batcher.pool.shutdown(wait=True)
             service.close()
 
     app = FastAPI(title="cdcca device", version="1", lifespan=lifespan)
