@@ -39,23 +39,33 @@ def _heldout_evaluator():
     return evaluate
 
 
-def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
-    """The cloud teacher's own held-out MC per domain, cached by its weights' hash (it never changes in a run)."""
+def _cached_reference(role: str, what: str, domains: list[Domain], compute: Callable[[], dict]) -> dict:
+    """A reference measurement of a never-updated model, cached by its weights' hash and ``what`` (the
+    settings it depends on): it cannot change between runs. Your own files may, so they are measured every time."""
+    import hashlib
     import json
 
     from cdcca.assets import cache_dir
     from cdcca.atomic import write_json
-    from cdcca.model.pair import load_pretrained, pretrain_record
+    from cdcca.model.pair import pretrain_record
 
-    if any(d.path for d in domains):          # your own files may change between runs: measure every time
-        return _heldout_evaluator()(load_pretrained("cloud"), domains, n)
-    sha = pretrain_record("cloud").get("sha256", "unknown")[:16]
-    path = cache_dir() / "reference" / f"teacher-{sha}-{'_'.join(str(d) for d in domains)}-n{n}.json"
+    if any(d.path for d in domains):
+        return compute()
+    sha = pretrain_record(role).get("sha256", "unknown")[:16]
+    path = cache_dir() / "reference" / f"{role}-{sha}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    acc = _heldout_evaluator()(load_pretrained("cloud"), domains, n)
-    write_json(path, acc)
-    return acc
+    result = compute()
+    write_json(path, result)
+    return result
+
+
+def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
+    """The cloud teacher's own held-out MC per domain."""
+    from cdcca.model.pair import load_pretrained
+
+    return _cached_reference("cloud", f"teacher {[str(d) for d in domains]} n={n}", domains,
+                             lambda: _heldout_evaluator()(load_pretrained("cloud"), domains, n))
 
 
 def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
@@ -156,9 +166,12 @@ def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
         return (lambda dev: {"heldout_mc": None, "source_mc": None}), {"source_only": {}, "online": {}, "teacher": {}}
     clean = Domain("clean", 0)
     heldout = _heldout_evaluator()
-    console.print("source-only baseline: held-out accuracy of the pretrained device on every domain …")
-    base = heldout(fleet.devices[0].model, domains + [clean], cfg.heldout_n)
-    online_base = _source_only_online(cfg, fleet.devices[0])
+    console.print("source-only baseline: held-out and online accuracy of the pretrained device (cached per weights) …")
+    first = fleet.devices[0]
+    base = _cached_reference("device", f"held-out {[str(d) for d in domains]} n={cfg.heldout_n}", domains,
+                             lambda: heldout(first.model, domains + [clean], cfg.heldout_n))
+    online_base = _cached_reference("device", f"online {first.config['stream']} rounds={cfg.rounds}", domains,
+                                    lambda: _source_only_online(cfg, first))
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
     teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
 
