@@ -231,19 +231,17 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 def create_app(state_dir: Path, allow_files: Path | None = None, max_batch: int = 16, max_wait_s: float = 0.01) -> FastAPI:
     """The FastAPI app serving one device state dir."""
     allow = allow_files.resolve() if allow_files else None
-    holder: dict = {}
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         service = DeviceService(Path(state_dir))
-        batcher = Batcher(service, max_batch, max_wait_s)
-        holder.update(service=service, batcher=batcher, task=asyncio.create_task(batcher.run()))
-        _app.state.batcher = batcher
+        app.state.service, app.state.batcher = service, Batcher(service, max_batch, max_wait_s)
+        task = asyncio.create_task(app.state.batcher.run())
         try:
             yield
         finally:
-            holder["task"].cancel()
-            batcher.pool.shutdown(wait=True)
+            task.cancel()
+            app.state.batcher.pool.shutdown(wait=True)
             service.close()
 
     app = FastAPI(title="cdcca device", version="1", lifespan=lifespan)
@@ -267,7 +265,7 @@ def create_app(state_dir: Path, allow_files: Path | None = None, max_batch: int 
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        rt = holder["service"].runtime
+        rt = app.state.service.runtime
         return {"status": "ok", "device_id": rt.device_id, "adapter_version": rt.store.version}
 
     @app.get("/v1/models")
@@ -277,7 +275,7 @@ def create_app(state_dir: Path, allow_files: Path | None = None, max_batch: int 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> dict:
         query = parse_query(req, allow)
-        res = await holder["batcher"].submit(query)
+        res = await app.state.batcher.submit(query)
         return {"id": f"chatcmpl-{res['sample_id']}", "object": "chat.completion", "created": int(time.time()),
                 "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res["answer"]},

@@ -39,10 +39,10 @@ def domain_tokens(domain: Domain, data: VQASet) -> torch.Tensor:
         out = torch.zeros(len(data.images), *base.shape[1:], dtype=base.dtype)
         out[:len(base)] = base
     else:
-        from cdcca.data.jsonl import load_jsonl
+        from cdcca.data.features import image_set_features
 
         start, end = data.sources[domain.path]
-        own = file_tokens(domain.path, load_jsonl(domain.path))
+        own = image_set_features(data.images[start:end])       # the merged data holds the file's images
         out = torch.zeros(len(data.images), *own.shape[1:], dtype=own.dtype)
         out[start:end] = own
     if len(_DOMAIN_TOKENS) >= 8:
@@ -72,32 +72,13 @@ def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.nda
     return {"n": n, "da": da / n if direct else None, "mc": mc / n}
 
 
-def file_tokens(path, data: VQASet) -> torch.Tensor:
-    """Visual tokens of a JSONL file's images, cached on disk by the file's and images' content."""
-    import hashlib
-
-    from safetensors.torch import load_file
-
-    from cdcca.assets import cache_dir
-    from cdcca.data.features import save_tokens
-    from cdcca.model.encoder import encode_images, load_encoder
-
-    digest = hashlib.sha256(data.images.tobytes()).hexdigest()[:16]
-    cached = cache_dir() / "features" / f"lite0-jsonl-{digest}.safetensors"
-    if cached.is_file():
-        return load_file(str(cached))["tokens"]
-    tokens = encode_images(load_encoder(), data.images)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    save_tokens(cached, tokens)
-    return tokens
-
-
 def evaluate_file(model: MLLM, tokenizer, path, n: int | None = None, direct: bool = True) -> dict:
     """``{"data", "n", "da", "mc"}`` of a model on every row (or the first ``n``) of a VQA JSONL file;
     multiple choice is over the union of the file's candidates."""
+    from cdcca.data.features import image_set_features
     from cdcca.data.jsonl import load_jsonl
 
     data = load_jsonl(path)
     prompter = Prompter(tokenizer, data.candidates)
     qids = np.arange(len(data.questions) if n is None else min(n, len(data.questions)))
-    return {"data": str(path), **accuracy(model, prompter, data, qids, file_tokens(path, data), direct=direct)}
+    return {"data": str(path), **accuracy(model, prompter, data, qids, image_set_features(data.images), direct=direct)}

@@ -125,18 +125,14 @@ def _teacher_row(models: BenchModels, cell: Cell, base: dict) -> dict:
     """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
     import numpy as np
 
-    from cdcca.data.stream import Domain, resolve_sequence
-    from cdcca.loop import heldout_scores
+    from cdcca.data.stream import resolve_sequence
+    from cdcca.loop import measure_heldout
 
     t0 = time.perf_counter()
-    domains = resolve_sequence("default")
-    scores = heldout_scores(models.teacher, models.prompter, models.data, [*domains, Domain("clean", 0)],
-                            base["heldout_n"], direct=True)
-    clean = scores.pop("clean")
-    return {"variant": "teacher", "seed": cell.seed, "adapted_mc": float(np.mean([s["mc"] for s in scores.values()])),
-            "heldout": {d: s["mc"] for d, s in scores.items()}, "heldout_da": {d: s["da"] for d, s in scores.items()},
-            "adapted_da": float(np.mean([s["da"] for s in scores.values()])), "source_mc": clean["mc"],
-            "source_da": clean["da"], "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0,
+    row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
+    measure_heldout(row, models.teacher, models.prompter, models.data, resolve_sequence("default"), base["heldout_n"],
+                    direct=True)
+    return {**row, "adapted_mc": row.pop("heldout_mc"), "adapted_da": float(np.mean(list(row["heldout_da"].values()))),
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 

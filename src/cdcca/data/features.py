@@ -65,6 +65,17 @@ def augmented_features(family: list[str], severity: tuple[int, int], variant: in
     return tokens
 
 
+def image_set_features(images) -> torch.Tensor:
+    """Tokens of any stack of uint8 images (a user's JSONL file), cached on disk by the images' content."""
+    digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+    path = cache_dir() / "features" / f"lite0-jsonl-{digest}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["tokens"]
+    tokens = encode_images(load_encoder(), images)
+    save_tokens(path, tokens)
+    return tokens
+
+
 def save_tokens(path: Path, tokens: torch.Tensor) -> None:
     """Write a feature cache file atomically, so an interrupted run never leaves a torn file."""
     write_safetensors(path, {"tokens": tokens})
