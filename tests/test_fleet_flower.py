@@ -31,6 +31,7 @@ from cdcca.fleet.flower import (
     claims_own_name,
     cloud_rounds,
     device_home,
+    join_group,
 )
 from cdcca.protocol import UplinkMessage
 
@@ -135,6 +136,24 @@ def test_a_rejected_uplink_leaves_only_that_device_out():
 
     ups = {1: uplink(b"bad"), 2: uplink(b"uplink")}
     assert list(cloud_rounds(Picky(), ups)) == [2]
+
+
+def test_a_run_with_a_group_puts_every_device_of_the_round_in_it():
+    class Groups:
+        def __init__(self):
+            self.groups = {"dev-2": "site-a"}
+
+        def group_of(self, device_id):
+            return self.groups.get(device_id)
+
+        def set_group(self, device_id, group):
+            self.groups[device_id] = group
+
+    cloud = Groups()
+    join_group(cloud, {1: uplink(b"x")}, "")
+    assert cloud.groups == {"dev-2": "site-a"}
+    join_group(cloud, {1: uplink(b"x")}, "site-a")
+    assert cloud.groups == {"dev-2": "site-a", "dev-1": "site-a"}
 
 
 def test_run_config_defaults_are_the_app_pyproject_defaults():

@@ -108,10 +108,11 @@ def test_messages_carry_only_plain_values():
         DownlinkMessage()
 
 
-def test_the_fleet_load_benchmark_loses_and_duplicates_nothing():
+@pytest.mark.parametrize("group", [None, "all"])
+def test_the_fleet_load_benchmark_loses_and_duplicates_nothing(group):
     from cdcca.bench.fleet import run_bench
 
-    res = run_bench(devices=3, rounds=2, per_round=4)
-    assert res["uploads"] == 3 * 2 * 4
+    res = run_bench(devices=3, rounds=2, per_round=4, group=group)
+    assert res["uploads"] == 3 * 2 * 4 and res["group"] == group
     assert res["lost_uploads"] == 0 and res["duplicated_uploads"] == 0
     assert res["devices_in_sync_with_their_mirror"] == 3 and res["ack_ms_p99"] >= res["ack_ms_p50"] > 0

@@ -50,3 +50,20 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict, metadata: dic
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """``target`` gets ``source``'s content: a hard link where the filesystem allows (a group's mirror
+    shared by its members costs its bytes once), else an atomic copy. Never half-written."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write(target, source.read_bytes())
+        return
+    os.replace(tmp, target)
+    fsync_dir(target.parent)

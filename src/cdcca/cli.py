@@ -272,6 +272,8 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
     stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
+    group: str | None = typer.Option(None, help="'all': the devices form one fleet group — the cloud pools their uploads "
+                                     "into one shared student and sends each the same update (default: one student per device)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
@@ -288,7 +290,8 @@ def demo(
             from cdcca.data.stream import resolve_sequence, stream_data
 
             stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
-        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle, **({"stream": stream} if stream else {}))
+        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle, group=group,
+                           **({"stream": stream} if stream else {}))
     except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     s = metrics["summary"]

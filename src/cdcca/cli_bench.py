@@ -171,6 +171,8 @@ def bench_dwc(
 def bench_fleet(
     devices: int = typer.Option(100, help="Simulated devices (tiny models)."),
     rounds: int = typer.Option(10, help="Protocol rounds."),
+    group: str | None = typer.Option(None, help="A fleet group every device joins (one shared student per round); "
+                                     "default: one student per device."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(1, help="torch CPU threads."),
 ):
@@ -180,7 +182,10 @@ def bench_fleet(
     use_threads(threads)
     if devices < 1 or rounds < 1:
         fail("--devices and --rounds must be ≥ 1")
-    res = run_bench(devices, rounds, log=None if as_json else console.print)
+    try:
+        res = run_bench(devices, rounds, group=group, log=None if as_json else console.print)
+    except ValueError as exc:
+        fail(str(exc))
     if not as_json:
         table = Table(title=f"cloud runtime under {devices} devices × {rounds} rounds (tiny models)")
         table.add_column("measure")

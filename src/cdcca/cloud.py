@@ -7,6 +7,13 @@ State dir layout (SQLite in WAL mode for what must be transactional, files for t
     uplinks/<sha>.pkt            uplink packets exactly as received
     devices/<id>/mirror-vN.safetensors, residual-vN.safetensors, update-vN.pkt
     devices/<id>/records-rR.safetensors, akd-vN.json, aligner-vN.safetensors   (AKD's state: student_store)
+    groups/<name>/...            the same files for a fleet group's shared student (see below)
+
+Fleet groups: devices assigned to a group (same site, same camera) share one student. A round pools
+the pending uploads of every member, distils them once into the group's own mirror and builds one
+compressed update; each member then receives that update re-addressed to its own versions (its
+mirror equals the group's previous one), or a dense resync to the group's mirror when it joined late
+or fell behind. Cloud time per round then grows with the data and the number of groups, not devices.
 
 Crash safety: an upload is acknowledged only after its transaction commits; a round writes its
 files first (new version numbers, never overwriting) and then commits one transaction that marks
@@ -30,15 +37,15 @@ import torch
 from safetensors.torch import load_file
 
 from cdcca.adapter_state import AdapterState, state_hash
-from cdcca.atomic import write_json, write_safetensors
+from cdcca.atomic import link_or_copy, write_json, write_safetensors
 from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord
-from cdcca.downlink import DWCConfig, build_resync, build_update
+from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update, update_base_hash
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
 from cdcca.source_set import load_source_set, random_source_set
 from cdcca.student_store import load_student_state, save_records, save_student_state
 from cdcca.uplink import decode_uplink
-from cdcca.wire import write_packet
+from cdcca.wire import is_valid_name, write_packet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
@@ -49,7 +56,9 @@ CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, version INTEGER 
 CREATE TABLE IF NOT EXISTS updates (device_id TEXT, base_version INTEGER, new_version INTEGER, path TEXT, nbytes INTEGER,
                                     PRIMARY KEY (device_id, base_version));
 CREATE TABLE IF NOT EXISTS metrics (device_id TEXT, round INTEGER, json TEXT, PRIMARY KEY (device_id, round));
+CREATE TABLE IF NOT EXISTS groups (device_id TEXT PRIMARY KEY, group_id TEXT NOT NULL);
 """
+GROUP_PREFIX = "@"       # a group's student is kept like a device's under the owner id "@<group>"
 
 
 @dataclass
@@ -109,11 +118,37 @@ class CloudRuntime:
             source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
         return cls(state_dir, AKD(teacher, student, prompter, akd, source=source), adapter_state(student), dwc)
 
-    # -- devices and their mirrors -----------------------------------------------------------
+    # -- devices, groups and their mirrors -----------------------------------------------------
+    def _home(self, owner: str) -> Path:
+        """Files of a device (``devices/<id>``) or of a group's shared student (``groups/<name>``)."""
+        if owner.startswith(GROUP_PREFIX):
+            return self.dir / "groups" / owner[len(GROUP_PREFIX):]
+        if not is_valid_name(owner):
+            raise ValueError(f"device id {owner[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
+        return self.dir / "devices" / owner
+
+    def set_group(self, device_id: str, group: str | None) -> None:
+        """Put a device in a fleet group (its next rounds train the group's shared student), or take
+        it out with ``None`` (back to its own student, starting from its current mirror)."""
+        self._home(device_id)
+        if group is None:
+            self.db.execute("DELETE FROM groups WHERE device_id=?", (device_id,))
+            return
+        if not is_valid_name(group):
+            raise ValueError(f"group name {group[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
+        self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, group))
+
+    def group_of(self, device_id: str) -> str | None:
+        row = self.db.execute("SELECT group_id FROM groups WHERE device_id=?", (device_id,)).fetchone()
+        return row[0] if row else None
+
+    def members(self, group: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT device_id FROM groups WHERE group_id=? ORDER BY device_id", (group,))]
+
     def _device(self, device_id: str) -> tuple[int, str]:
         row = self.db.execute("SELECT version, hash FROM devices WHERE device_id=?", (device_id,)).fetchone()
-        if row is None:   # a new device starts from the shipped pretrained adapters (its version 0)
-            d = self.dir / "devices" / device_id
+        if row is None:   # a new device (or group) starts from the shipped pretrained adapters (its version 0)
+            d = self._home(device_id)
             d.mkdir(parents=True, exist_ok=True)
             write_safetensors(d / "mirror-v0.safetensors", self.initial_state)
             h = state_hash(self.initial_state)
@@ -123,7 +158,7 @@ class CloudRuntime:
 
     def mirror(self, device_id: str) -> tuple[int, AdapterState]:
         version, h = self._device(device_id)
-        state = load_file(str(self.dir / "devices" / device_id / f"mirror-v{version}.safetensors"))
+        state = load_file(str(self._home(device_id) / f"mirror-v{version}.safetensors"))
         if state_hash(state) != h:
             raise RuntimeError(f"mirror of {device_id} v{version} does not match its recorded hash; "
                                f"the cloud state dir {self.dir} is damaged — restore it from backup")
@@ -133,13 +168,13 @@ class CloudRuntime:
         return self._device(device_id)[1]
 
     def _residual(self, device_id: str, version: int) -> AdapterState | None:
-        path = self.dir / "devices" / device_id / f"residual-v{version}.safetensors"
+        path = self._home(device_id) / f"residual-v{version}.safetensors"
         return load_file(str(path)) if path.is_file() else None
 
     # -- uplink ------------------------------------------------------------------------------
     def receive(self, uplink: bytes) -> list[str]:
         """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device."""
-        batch = decode_uplink(uplink)          # validates the packet fully before anything is stored
+        batch = decode_uplink(uplink)          # validates the packet (and its device id) before anything is stored
         sha = hashlib.sha256(uplink).hexdigest()
         path = self.dir / "uplinks" / f"{sha}.pkt"
         path.parent.mkdir(exist_ok=True)
@@ -157,12 +192,15 @@ class CloudRuntime:
             raise
         return list(batch.sample_ids)
 
-    def pending_samples(self, device_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM samples WHERE device_id=? AND round IS NULL", (device_id,)).fetchone()[0]
+    def pending_samples(self, *device_ids: str) -> int:
+        marks = ",".join("?" * len(device_ids))
+        return self.db.execute(f"SELECT COUNT(*) FROM samples WHERE device_id IN ({marks}) AND round IS NULL",
+                               device_ids).fetchone()[0]
 
-    def _load_pending(self, device_id: str):
-        rows = self.db.execute("SELECT sample_id, packet_sha FROM samples WHERE device_id=? AND round IS NULL "
-                               "ORDER BY rowid", (device_id,)).fetchall()
+    def _load_pending(self, device_ids: list[str]):
+        marks = ",".join("?" * len(device_ids))
+        rows = self.db.execute(f"SELECT sample_id, packet_sha FROM samples WHERE device_id IN ({marks}) AND round IS NULL "
+                               "ORDER BY rowid", device_ids).fetchall()
         wanted: dict[str, set[str]] = {}
         for sid, sha in rows:
             wanted.setdefault(sha, set()).add(sid)
@@ -183,45 +221,85 @@ class CloudRuntime:
 
     # -- a round: AKD → DWC ------------------------------------------------------------------
     def run_round(self, device_id: str) -> bytes | None:
-        """Distil the device's new uploads into its mirror and store (then return) the update packet."""
+        """Distil the device's new uploads into its mirror and store (then return) the update packet.
+        A group member's round trains the group's student on every member's pending uploads (once:
+        the next member finds nothing pending) and then delivers the group's update to this device."""
         t_round = time.perf_counter()
-        pending = self._load_pending(device_id)
+        group = self.group_of(device_id)
+        if group is None:
+            packet = self._train_round(device_id, [device_id])
+        else:
+            self.last_round = None
+            self._train_round(GROUP_PREFIX + group, self.members(group))
+            packet = self._deliver(device_id, GROUP_PREFIX + group)
+        self.last_round_s = time.perf_counter() - t_round
+        return packet
+
+    def _train_round(self, owner: str, sources: list[str]) -> bytes | None:
+        """AKD → DWC for ``owner`` (a device, or a group's student) on the pending uploads of ``sources``."""
+        pending = self._load_pending(sources)
         if pending is None:
-            self.last_round_s = time.perf_counter() - t_round
             return None
         tokens, keep, questions, ids, device_answers = pending
-        version, base = self.mirror(device_id)
-        rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (device_id,)).fetchone()[0] + 1
-        d = self.dir / "devices" / device_id
-        self._restore_student(device_id, version)
+        version, base = self.mirror(owner)
+        rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (owner,)).fetchone()[0] + 1
+        d = self._home(owner)
+        self._restore_student(owner, version)
         t0 = time.perf_counter()
         teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids)
         teacher_s = time.perf_counter() - t0
         records = self.label_override(teacher_records) if self.label_override else teacher_records
-        target, st = self.akd.distill(device_id, base, records, device_answers)
+        target, st = self.akd.distill(owner, base, records, device_answers)
         self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
         new = version + 1
-        save_student_state(d, new, self.akd.student_state(device_id))
+        save_student_state(d, new, self.akd.student_state(owner))
         metrics = {"round": rnd, "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
                    "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses}
-        packet, mirror, next_budget = self._downlink(device_id, base, target, version, rnd, metrics)
+        packet, mirror, next_budget = self._downlink(owner, base, target, version, rnd, metrics)
         write_safetensors(d / f"mirror-v{new}.safetensors", mirror)
         write_packet(d / f"update-v{new}.pkt", packet)
+        self._commit_version(owner, version, new, state_hash(mirror), rnd, d / f"update-v{new}.pkt", len(packet),
+                             metrics, samples=[(rnd, sid) for sid in ids], budget=next_budget)
+        self._student_versions[owner] = new
+        return packet
+
+    def _commit_version(self, owner: str, version: int, new: int, new_hash: str, rnd: int, packet_path: Path,
+                        nbytes: int, metrics: dict, samples: list[tuple[int, str]] = (), budget: int | None = None) -> None:
+        """One transaction: the samples processed, the owner's mirror at ``new``, the stored update, the metrics."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", [(rnd, sid) for sid in ids])
+            self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", samples)
             self.db.execute("UPDATE devices SET version=?, hash=?, rounds=?, budget=COALESCE(?, budget) WHERE device_id=?",
-                            (new, state_hash(mirror), rnd, next_budget, device_id))
-            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)",
-                            (device_id, version, new, str(d / f"update-v{new}.pkt"), len(packet)))
-            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (device_id, rnd, json.dumps(metrics)))
+                            (new, new_hash, rnd, budget, owner))
+            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)", (owner, version, new, str(packet_path), nbytes))
+            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (owner, rnd, json.dumps(metrics)))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self._student_versions[device_id] = new
-        self.last_round_s = time.perf_counter() - t_round
+
+    def _deliver(self, device_id: str, owner: str) -> bytes | None:
+        """Bring a group member to its group's mirror: the group's last update re-addressed to the
+        device's versions when the device sits at that update's base, a dense resync otherwise."""
+        group_version, group_hash = self._device(owner)
+        version, device_hash = self._device(device_id)
+        if device_hash == group_hash:
+            return None
+        row = self.db.execute("SELECT path FROM updates WHERE device_id=? AND new_version=?", (owner, group_version)).fetchone()
+        last = Path(row[0]).read_bytes() if row else None
+        new = version + 1
+        if last is not None and update_base_hash(last) == device_hash:
+            packet, kind = readdress_update(last, device_id=device_id, base_version=version, new_version=new), "update"
+        else:
+            packet, kind = build_resync(self.mirror(owner)[1], device_id=device_id, version=new), "resync"
+        d = self._home(device_id)
+        link_or_copy(self._home(owner) / f"mirror-v{group_version}.safetensors", d / f"mirror-v{new}.safetensors")
+        write_packet(d / f"update-v{new}.pkt", packet)
+        rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (device_id,)).fetchone()[0] + 1
+        metrics = {"round": rnd, "group": owner[len(GROUP_PREFIX):], "group_version": group_version,
+                   "delivered": kind, "bytes_down": len(packet)}
+        self._commit_version(device_id, version, new, group_hash, rnd, d / f"update-v{new}.pkt", len(packet), metrics)
         return packet
 
     def _restore_student(self, device_id: str, version: int) -> None:
@@ -230,7 +308,7 @@ class CloudRuntime:
         if self._student_versions.pop(device_id, None) == version:
             return
         fresh = self.akd.fresh_student_state()
-        saved = load_student_state(self.dir / "devices" / device_id, version, self.akd.cfg, fresh.aligner)
+        saved = load_student_state(self._home(device_id), version, self.akd.cfg, fresh.aligner)
         self.akd.students[device_id] = saved or fresh
 
     def _downlink(self, device_id: str, base: AdapterState, target: AdapterState, version: int, rnd: int,
@@ -247,7 +325,7 @@ class CloudRuntime:
         packet, mirror, residual, ust = build_update(base, target, self._residual(device_id, version), dwc,
                                                      device_id=device_id, base_version=version,
                                                      new_version=new, round=rnd)
-        write_safetensors(self.dir / "devices" / device_id / f"residual-v{new}.safetensors", residual)
+        write_safetensors(self._home(device_id) / f"residual-v{new}.safetensors", residual)
         metrics.update(bytes_down=len(packet), dense_fp16_bytes=ust.dense_fp16_bytes, energy_kept=ust.energy_kept)
         next_budget = None
         if self.dwc.adaptive and self.dwc.budget_bytes is not None:

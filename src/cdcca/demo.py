@@ -124,6 +124,7 @@ def settings_of(cfg: FleetConfig, preset: str) -> dict:
     a, u, w = cfg.akd, cfg.uts, cfg.dwc
     return {
         "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
+        "fleet group": "all devices share one student" if cfg.group else "one student per device",
         "requests per domain (all devices)": cfg.per_domain, "rounds per domain": cfg.rounds_per_domain,
         "held-out questions per domain": cfg.heldout_n,
         "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain by "
@@ -214,6 +215,7 @@ def _summary(cfg: FleetConfig, preset: str, domains: list[Domain], rows: list[di
         "source_only_online": refs["online"],
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
+        "cloud_s_total": round(sum(r["cloud_s"] for r in rows), 1), "group": cfg.group,
         "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
         "wall_s": round(time.perf_counter() - t0, 1),
     }

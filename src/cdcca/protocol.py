@@ -57,18 +57,52 @@ def device_uplink(device, rnd: int, max_samples: int = 256) -> UplinkMessage:
     return UplinkMessage(device.device_id, packet, served, device.status())
 
 
-def cloud_downlink(cloud, up: UplinkMessage) -> DownlinkMessage:
-    """Commit the uploads, replay an update the device missed, then AKD → DWC for this device.
+def cloud_receive(cloud, up: UplinkMessage) -> DownlinkMessage:
+    """Commit the uploads and replay an update the device missed (its acknowledgements and catch-up).
     A malformed packet raises :class:`cdcca.wire.PacketError` before anything is stored or acknowledged."""
     down = DownlinkMessage(acked=cloud.receive(up.packet) if up.packet is not None else [])
     if up.status.get("hash") != cloud.mirror_hash(up.device_id):     # an earlier delivery got lost
         missed = cloud.update_for(up.device_id, int(up.status.get("version", -1)))
         down.packets.append(missed if missed is not None else cloud.resync(up.device_id))
         down.caught_up = True
+    return down
+
+
+def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage) -> DownlinkMessage:
+    """AKD → DWC for this device (or its group's shared student), appended to ``down``."""
     update = cloud.run_round(up.device_id)
     if update is not None:
         down.packets.append(update)
     return down
+
+
+def cloud_downlink(cloud, up: UplinkMessage) -> DownlinkMessage:
+    """The cloud's whole step for one device: :func:`cloud_receive`, then :func:`cloud_update`."""
+    return cloud_update(cloud, up, cloud_receive(cloud, up))
+
+
+def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None,
+                timing: dict[Any, float] | None = None) -> dict[Any, DownlinkMessage]:
+    """The cloud's step for a whole fleet: every uplink is committed before any training, so a group's
+    shared student learns from all its members' uploads of the round. A device whose packet is
+    malformed is left out (``on_reject(key, up, error)``), the others go on. ``timing`` receives each
+    device's cloud seconds (AKD → DWC; a group's training is counted on the member that ran it)."""
+    from cdcca.wire import PacketError
+
+    received = {}
+    for key, up in uplinks.items():
+        try:
+            received[key] = cloud_receive(cloud, up)
+        except PacketError as exc:
+            if on_reject is None:
+                raise
+            on_reject(key, up, exc)
+    downlinks = {}
+    for key, down in received.items():
+        downlinks[key] = cloud_update(cloud, uplinks[key], down)
+        if timing is not None:
+            timing[key] = cloud.last_round_s
+    return downlinks
 
 
 def device_apply(device, down: DownlinkMessage) -> ApplyReport:

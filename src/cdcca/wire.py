@@ -15,6 +15,7 @@ import hmac
 import json
 import math
 import os
+import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -46,6 +47,15 @@ _ALLOWED = {dt for dt, _ in _DTYPES.values()}
 
 class PacketError(ValueError):
     """A packet is malformed, truncated, oversized, of the wrong version or kind, or tampered."""
+
+
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+def is_valid_name(name: Any) -> bool:
+    """Device ids and group names become directory names on the cloud, so only a plain name passes:
+    a letter or digit, then letters, digits, ``_ . -``; at most 64 characters (no ``/``, no ``..``)."""
+    return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None and ".." not in name
 
 
 @dataclass(frozen=True)

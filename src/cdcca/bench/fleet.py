@@ -1,11 +1,12 @@
 """``cdcca bench fleet``: the cloud runtime under N devices for R rounds, measured for load and loss.
 
 Every device runs the round protocol (:mod:`cdcca.protocol`) against one cloud runtime, as the
-embedded fleet does, on tiny random models (transport and bookkeeping, not accuracy). Reported:
+embedded fleet does (every uplink committed, then the cloud's step for each device), on tiny random models (transport and bookkeeping, not accuracy). Reported:
 uploads accepted per second by ``CloudRuntime.receive``, p50/p99 time from an uplink packet's
 arrival to its acknowledgement, cloud seconds per round (all devices), and the two numbers that must
 be 0: uploads lost (sent but never stored, or still in a device's outbox at the end) and uploads
-trained twice.
+trained twice. With ``--group`` every device joins one fleet group: one student trains per round
+instead of one per device.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 
-def run_bench(devices: int, rounds: int, per_round: int = 8, log=None) -> dict:
+def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None = None, log=None) -> dict:
+    """``group``: a fleet group name every device joins (one shared student), or None (one student each)."""
     from cdcca import protocol
     from cdcca.cloud import CloudRuntime
     from cdcca.device import DeviceRuntime
@@ -30,28 +32,32 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, log=None) -> dict:
         devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=True,
                                      stream={"index": i, "n_devices": devices, "per_round": per_round})
                 for i in range(devices)]
+        for dev in devs:
+            cloud.set_group(dev.device_id, group)
         sent: set[str] = set()
         trained: list[str] = []
         ack_s, cloud_round_s = [], []
         t_start = time.perf_counter()
         try:
             for rnd in range(rounds):
-                t_round = 0.0
-                for dev in devs:
+                acks = {}
+                for dev in devs:                           # every uplink is committed before any training
                     up = protocol.device_uplink(dev, rnd)
                     if up.packet is None:
                         continue
                     t0 = time.perf_counter()
-                    acked = cloud.receive(up.packet)
+                    acks[dev.device_id] = cloud.receive(up.packet)
                     ack_s.append(time.perf_counter() - t0)
-                    sent.update(acked)
+                    sent.update(acks[dev.device_id])
+                t_round = 0.0
+                for dev in devs:
                     t0 = time.perf_counter()
                     update = cloud.run_round(dev.device_id)
                     t_round += time.perf_counter() - t0
                     if cloud.last_round is not None:
                         trained += cloud.last_round.sample_ids
-                    report = protocol.device_apply(dev, protocol.DownlinkMessage(acked=acked, packets=[update] if update else []))
-                    if report.resync_reason is not None:
+                    down = protocol.DownlinkMessage(acked=acks.get(dev.device_id, []), packets=[update] if update else [])
+                    if protocol.device_apply(dev, down).resync_reason is not None:
                         protocol.device_apply(dev, protocol.cloud_resync(cloud, dev.device_id))
                 cloud_round_s.append(t_round)
                 if log:
@@ -64,7 +70,7 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, log=None) -> dict:
                 d.close()
             cloud.close()
     ms = np.array(ack_s) * 1000
-    return {"devices": devices, "rounds": rounds, "requests_per_device_round": per_round, "uploads": len(sent),
+    return {"devices": devices, "rounds": rounds, "group": group, "requests_per_device_round": per_round, "uploads": len(sent),
             "uploads_accepted_per_s": round(len(sent) / sum(ack_s), 1),
             "ack_ms_p50": round(float(np.percentile(ms, 50)), 2), "ack_ms_p99": round(float(np.percentile(ms, 99)), 2),
             "cloud_s_per_round_median": round(float(np.median(cloud_round_s)), 2),

@@ -62,6 +62,7 @@ class FleetRunConfig:
     akd_epochs: int = 0             # label-phase epochs (AKDConfig.epochs; off by default)
     akd_batch_size: int = 16
     dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
+    group: str = ""                 # non-empty: every device joins this fleet group (one shared student)
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> FleetRunConfig:
@@ -185,6 +186,7 @@ def main(grid: Grid, context: Context) -> None:
             with clock("uplink"):
                 uplinks = collect_uplinks(grid, rnd, cfg)                                 # query.uplink
             with clock("cloud"):
+                join_group(cloud, uplinks, cfg.group)
                 downlinks = cloud_rounds(cloud, uplinks)                                  # receive → AKD → DWC
             with clock("apply"):
                 resynced = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)      # train.apply (+ resync)
@@ -288,18 +290,22 @@ def claims_own_name(node_id: int, registered: str, device_id: str, packet: bytes
     return True
 
 
-def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage]) -> dict[int, DownlinkMessage]:
-    """The cloud's step of the round for each device; a device whose packet is rejected is left out."""
-    from cdcca.protocol import cloud_downlink
-    from cdcca.wire import PacketError
+def join_group(cloud, uplinks: dict[int, UplinkMessage], group: str) -> None:
+    """Put every device that took part in this round in the run's fleet group (when one is set)."""
+    for up in uplinks.values():
+        if group and cloud.group_of(up.device_id) != group:
+            cloud.set_group(up.device_id, group)
 
-    downlinks = {}
-    for nid, up in uplinks.items():
-        try:
-            downlinks[nid] = cloud_downlink(cloud, up)
-        except PacketError as exc:
-            log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
-    return downlinks
+
+def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage]) -> dict[int, DownlinkMessage]:
+    """The cloud's step of the round for every device (all uploads committed first, so a fleet group's
+    student sees all its members); a device whose packet is rejected is left out."""
+    from cdcca.protocol import cloud_round
+
+    def rejected(_nid: int, up: UplinkMessage, exc: Exception) -> None:
+        log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
+
+    return cloud_round(cloud, uplinks, on_reject=rejected)
 
 
 def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],

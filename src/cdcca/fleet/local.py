@@ -31,6 +31,7 @@ class FleetConfig:
     dwc: DWCConfig = field(default_factory=DWCConfig)
     tiny: bool = False
     seed: int = 0
+    group: str | None = None       # "all": every device in one fleet group sharing one student
 
     @property
     def rounds(self) -> int:
@@ -58,6 +59,8 @@ class LocalFleet:
 
         cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc,
                                   candidates=None if cfg.tiny else stream_candidates(cfg.stream))
+        if cfg.group not in (None, "all"):
+            raise ValueError(f"group must be 'all' (one fleet group) or unset (a student per device), got {cfg.group!r}")
         devices = []
         for i in range(cfg.devices):
             d = out_dir / "devices" / f"dev-{i}"
@@ -67,25 +70,36 @@ class LocalFleet:
                 devices.append(DeviceRuntime.open(d))
             else:
                 devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.uts, stream=stream))
+            cloud.set_group(f"dev-{i}", cfg.group)
         return cls(cfg, out_dir, devices, cloud)
 
     def run_round(self, rnd: int, evaluate=None) -> list[dict]:
-        """One round for every device, the steps of :mod:`cdcca.protocol` (then an optional evaluation)."""
+        """One round of :mod:`cdcca.protocol` for the whole fleet: every device's uplink, the cloud's
+        step for all of them (uploads committed before any training, so a group learns from all its
+        members), every device's apply (and resync if needed); then an optional evaluation."""
+        t0 = time.perf_counter()
+        befores = {dev.device_id: dev.status() for dev in self.devices}
+        ups = {dev.device_id: protocol.device_uplink(dev, rnd) for dev in self.devices}
+        cloud_s: dict[str, float] = {}
+        downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s)
         rows = []
         for dev in self.devices:
-            t0 = time.perf_counter()
-            before = dev.status()
-            up, down, report = protocol.run_round(dev, self.cloud, rnd)
+            up, before = ups[dev.device_id], befores[dev.device_id]
+            report = protocol.device_apply(dev, downs[dev.device_id])
+            if report.resync_reason is not None:
+                report = protocol.device_apply(dev, protocol.cloud_resync(self.cloud, dev.device_id))
             after = report.status
             assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
             row = {"round": rnd, "device": dev.device_id, "domain": up.served["domain"], "online_mc": up.served["online_mc"],
-                   "uploads": len(down.acked),
+                   "uploads": len(downs[dev.device_id].acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
-                   "version": after["version"], "cloud_s": round(self.cloud.last_round_s, 2),
-                   "wall_s": round(time.perf_counter() - t0, 2)}
+                   "version": after["version"], "cloud_s": round(cloud_s[dev.device_id], 2)}
             if evaluate is not None:
                 row.update(evaluate(dev))
             rows.append(row)
+        wall = round(time.perf_counter() - t0, 2)
+        for row in rows:
+            row["wall_s"] = wall          # the whole fleet's round (devices and cloud take turns)
         self.history += rows
         return rows
 

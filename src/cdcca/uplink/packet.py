@@ -13,7 +13,7 @@ import torch
 from cdcca import wire
 from cdcca.uplink.config import FILLS, MAX_DENSE_ELEMENTS, PNG_SIGNATURE, TOKEN_DIM, TOKEN_DTYPES, UPLINK_FORMAT, UTSConfig
 from cdcca.uplink.tokens import TokenStats, default_token_stats
-from cdcca.wire import PacketError
+from cdcca.wire import PacketError, is_valid_name
 
 
 @dataclass
@@ -222,6 +222,8 @@ def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor],
     _need(fill in FILLS, f"fill {str(fill)[:20]!r} is not one of {FILLS}")
     for key in ("device_id", "adapter_version"):
         _need(key in meta, f"metadata lacks {key!r}")
+    _need(is_valid_name(meta["device_id"]), f"device_id {meta['device_id'][:40]!r} is not a plain name "
+          f"(letters, digits, _ . -; at most 64 characters)")
     allowed = {"tokens", "positions", "counts", "confidence", "uncertainty", "text"}
     allowed |= {"scales"} if token_dtype == "int8" else set()
     allowed |= {"image_png", "image_sizes"} if "image_sizes" in t else set()
