@@ -121,13 +121,14 @@ def _source_only_online(cfg: FleetConfig, device) -> dict[str, float]:
 
 def settings_of(cfg: FleetConfig, preset: str) -> dict:
     """The knobs a reader needs to judge the run, in words and rounded numbers."""
-    a, u, w = cfg.akd, cfg.uts, cfg.dwc
+    a, u, w = cfg.akd, cfg.device_uts(), cfg.dwc
     return {
         "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
         "fleet group": "all devices share one student" if cfg.group else "one student per device",
         "requests per domain (all devices)": cfg.per_domain, "rounds per domain": cfg.rounds_per_domain,
         "held-out questions per domain": cfg.heldout_n,
-        "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain by "
+        "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain"
+                        f"{' per device' if cfg.devices > 1 else ''} by "
                         f"{u.sample_scorer}; {u.keep_ratio:.0%} of tokens by {u.token_scorer}, {u.token_dtype}",
         "distillation (AKD)": _akd_in_words(a),
         "downlink (DWC)": f"{w.quantizer}, budget {w.budget_bytes / 1024 if w.budget_bytes else 0:.0f} KiB, "
@@ -235,15 +236,31 @@ def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None =
     for sub in ("cloud", "devices"):            # a demo always starts from the pretrained pair
         shutil.rmtree(out / sub, ignore_errors=True)
     t0 = time.perf_counter()
+    laps = {}
     fleet = LocalFleet.setup(cfg, out)
     domains = domains_of(cfg)
+    laps["setup_s"] = time.perf_counter() - t0
     evaluate, refs = _references(cfg, fleet, domains, console)
+    laps["references_s"] = time.perf_counter() - t0 - sum(laps.values())
     rows = _run_rounds(fleet, cfg, evaluate, console)
     fleet.close()
+    laps["rounds_s"] = time.perf_counter() - t0 - sum(laps.values())
     oracle_acc = {}
     if oracle and not cfg.tiny:
         console.print("oracle: the same stream trained on the true labels of the same uploads (cached per settings) …")
         oracle_acc = _oracle_reference(cfg)
+    laps["oracle_s"] = time.perf_counter() - t0 - sum(laps.values())
     metrics = {"rounds": rows, "summary": _summary(cfg, preset, domains, rows, refs, oracle_acc, t0)}
+    metrics["summary"]["timing"] = _timing(rows, laps)
     write_report(out, metrics)
     return metrics
+
+
+def _timing(rows: list[dict], laps: dict[str, float]) -> dict[str, float]:
+    """Where the demo's time went: setup, references, the rounds split into the cloud's AKD → DWC,
+    the devices' serving and packets, and the per-round held-out evaluation; then the oracle."""
+    by_round = {r["round"]: r["wall_s"] for r in rows}
+    cloud = sum(r["cloud_s"] for r in rows)
+    evaluation = sum(r.get("eval_s", 0.0) for r in rows)
+    out = {**laps, "cloud_s": cloud, "devices_s": sum(by_round.values()) - cloud, "heldout_eval_s": evaluation}
+    return {k: round(v, 1) for k, v in out.items()}

@@ -182,6 +182,15 @@ def _settings_table(settings: dict) -> str:
     return f"<table class='settings'>{rows}</table>"
 
 
+def _timing_note(summary: dict) -> str:
+    t = summary.get("timing")
+    if not t:
+        return ""
+    parts = [("cloud AKD → DWC", "cloud_s"), ("devices serving", "devices_s"), ("held-out evaluation", "heldout_eval_s"),
+             ("references", "references_s"), ("setup", "setup_s"), ("oracle", "oracle_s")]
+    return ": " + ", ".join(f"{name} {t[k]:.0f} s" for name, k in parts if t.get(k))
+
+
 def write_report(out_dir: Path, metrics: dict) -> None:
     """metrics.json, domains.png, online.png, bytes.png and report.html (images embedded) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +220,6 @@ def write_report(out_dir: Path, metrics: dict) -> None:
 <h2>Bytes on the link</h2>{img('bytes.png', 'bytes per round')}
 <h2>Settings</h2>{_settings_table(summary.get('settings', {}))}
 <h2>Every round</h2>{_rounds_table(rounds)}
-<p class="note">Raw numbers: metrics.json next to this page. Wall time {summary.get('wall_s', 0):.0f} s.</p>
+<p class="note">Raw numbers: metrics.json next to this page. Wall time {summary.get('wall_s', 0):.0f} s{_timing_note(summary)}.</p>
 </body></html>"""
     (out_dir / "report.html").write_text(doc)

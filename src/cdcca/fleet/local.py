@@ -7,7 +7,7 @@ same runtimes, moving the same packets, so what the demo measures is what a depl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cdcca import protocol
@@ -36,6 +36,14 @@ class FleetConfig:
     @property
     def rounds(self) -> int:
         return len(resolve_sequence(self.stream)) * self.rounds_per_domain
+
+    def device_uts(self) -> UTSConfig:
+        """Each device's uplink settings. The preset's upload budget is the whole fleet's per round (its
+        requests are split across the devices too), so with N devices each uploads budget / N: the same
+        share of its requests, the same uplink in all, whatever N is — and a group pools one device's worth."""
+        if self.uts.selection != "budget" or self.devices == 1:
+            return self.uts
+        return replace(self.uts, budget=max(1, round(self.uts.budget / self.devices)))
 
 
 FLEET_PRESETS = {
@@ -69,7 +77,7 @@ class LocalFleet:
             if (d / "device.json").exists():
                 devices.append(DeviceRuntime.open(d))
             else:
-                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.uts, stream=stream))
+                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.device_uts(), stream=stream))
             cloud.set_group(f"dev-{i}", cfg.group)
         return cls(cfg, out_dir, devices, cloud)
 
@@ -94,12 +102,14 @@ class LocalFleet:
                    "uploads": len(downs[dev.device_id].acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
                    "version": after["version"], "cloud_s": round(cloud_s[dev.device_id], 2)}
-            if evaluate is not None:
-                row.update(evaluate(dev))
             rows.append(row)
         wall = round(time.perf_counter() - t0, 2)
-        for row in rows:
+        for dev, row in zip(self.devices, rows):
             row["wall_s"] = wall          # the whole fleet's round (devices and cloud take turns)
+            if evaluate is not None:
+                t_eval = time.perf_counter()
+                row.update(evaluate(dev))
+                row["eval_s"] = round(time.perf_counter() - t_eval, 2)
         self.history += rows
         return rows
 
