@@ -34,6 +34,23 @@ def test_teacher_runs_once_per_sample_however_many_epochs(tiny_device, tiny_clou
     assert akd.teacher_forward_calls == 3 and akd.teacher_samples == 5     # epochs reuse the cache
 
 
+def test_prefix_distillation_alone_runs_only_the_teachers_bridge_and_trains_the_same(tiny_device, tiny_cloud, prompter):
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=0, prefix_epochs=2))
+    assert not akd.needs_answers
+    batch = uplink(5)
+    full = akd.teacher_pass(*batch)
+    calls = akd.teacher_forward_calls
+    bare = akd.teacher_pass(*batch, answers=False)
+    assert akd.teacher_forward_calls == calls                                   # no LLM pass
+    assert all(not r.answered and r.answered != f.answered for r, f in zip(bare, full))
+    assert all(torch.equal(r.prefix, f.prefix) for r, f in zip(bare, full))
+    base = adapter_state(tiny_device)
+    with_answers, _ = akd.distill("a", base, full)
+    without, stats = akd.distill("b", base, bare)
+    assert state_hash(with_answers) == state_hash(without) and stats.samples == 0
+    assert AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1)).needs_answers
+
+
 def test_gradients_reach_student_adapters_only(tiny_device, tiny_cloud, prompter):
     akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig())
     records = akd.teacher_pass(*uplink(3))

@@ -48,7 +48,7 @@ def test_a_group_trains_one_student_on_all_members_uploads_and_sends_each_the_sa
 
     uploaded = sum(len(decode_uplink(u.packet).sample_ids) for u in ups.values())
     (group_round,) = cloud.metrics("@site-a")                          # one training for three devices
-    assert group_round["samples"] == uploaded == 12
+    assert group_round["uploads"] == uploaded == 12
     packets = [wire.decode(downs[d.device_id].packets[-1]) for d in devices]
     for d, pkt in zip(devices, packets):
         assert pkt.meta["device_id"] == d.device_id and pkt.meta["new_version"] == "1"

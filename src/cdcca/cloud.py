@@ -84,6 +84,8 @@ class CloudRuntime:
         self.downlink = downlink
         # benchmarks only: replace the teacher's labels before distillation (the oracle's true answers)
         self.label_override: Callable[[list[TeacherRecord]], list[TeacherRecord]] | None = None
+        # run the teacher's LLM for its answers even when distillation does not use them (benchmarks report them)
+        self.teacher_answers = False
         self.last_round: RoundReport | None = None
         self.initial_state = initial_state
         self._student_versions: dict[str, int] = {}   # device → mirror version AKD's in-memory state belongs to
@@ -246,7 +248,8 @@ class CloudRuntime:
         d = self._home(owner)
         self._restore_student(owner, version)
         t0 = time.perf_counter()
-        teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids)
+        answers = self.akd.needs_answers or self.teacher_answers or self.label_override is not None
+        teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids, answers=answers)
         teacher_s = time.perf_counter() - t0
         records = self.label_override(teacher_records) if self.label_override else teacher_records
         target, st = self.akd.distill(owner, base, records, device_answers)
@@ -254,7 +257,7 @@ class CloudRuntime:
         save_records(d / f"records-r{rnd}.safetensors", records)
         new = version + 1
         save_student_state(d, new, self.akd.student_state(owner))
-        metrics = {"round": rnd, "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
+        metrics = {"round": rnd, "uploads": len(ids), "samples": st.samples, "replayed": st.replayed, "steps": st.steps,
                    "teacher_s": round(teacher_s, 3), "student_s": round(st.student_s, 3), "losses": st.losses}
         packet, mirror, next_budget = self._downlink(owner, base, target, version, rnd, metrics)
         write_safetensors(d / f"mirror-v{new}.safetensors", mirror)

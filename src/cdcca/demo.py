@@ -126,7 +126,8 @@ def settings_of(cfg: FleetConfig, preset: str) -> dict:
         "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
         "fleet group": "all devices share one student" if cfg.group else "one student per device",
         "requests per domain (all devices)": cfg.per_domain, "rounds per domain": cfg.rounds_per_domain,
-        "held-out questions per domain": cfg.heldout_n,
+        "held-out questions per domain": cfg.heldout_n if cfg.curve_n in (None, cfg.heldout_n)
+        else f"{cfg.heldout_n} after the last round ({cfg.curve_n} for the curves of earlier rounds)",
         "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain"
                         f"{' per device' if cfg.devices > 1 else ''} by "
                         f"{u.sample_scorer}; {u.keep_ratio:.0%} of tokens by {u.token_scorer}, {u.token_dtype}",
@@ -165,7 +166,7 @@ def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
     """The per-round evaluator and what the summary compares with: the never-updated device (held-out
     per domain and online) and the cloud teacher. Tiny models have neither: no held-out evaluation."""
     if cfg.tiny:
-        return (lambda dev: {"heldout_mc": None, "source_mc": None}), {"source_only": {}, "online": {}, "teacher": {}}
+        return (lambda dev, rnd: {"heldout_mc": None, "source_mc": None}), {"source_only": {}, "online": {}, "teacher": {}}
     clean = Domain("clean", 0)
     heldout = _heldout_evaluator()
     console.print("source-only baseline: held-out and online accuracy of the pretrained device (cached per weights) …")
@@ -177,10 +178,11 @@ def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
     teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
 
-    def evaluate(dev):
+    def evaluate(dev, rnd: int):
         if dev is not fleet.devices[0]:            # held-out evaluation on the first device only
             return {"heldout_mc": None, "source_mc": None}
-        acc = heldout(dev.model, domains + [clean], cfg.heldout_n)
+        n = cfg.heldout_n if rnd == cfg.rounds - 1 or cfg.curve_n is None else cfg.curve_n
+        acc = heldout(dev.model, domains + [clean], n)
         return {"heldout": {str(d): acc[str(d)] for d in domains},
                 "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
 

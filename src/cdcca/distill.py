@@ -141,6 +141,11 @@ class TeacherRecord:
     prefix: torch.Tensor | None = None  # (Q, d_t) fp16 teacher bridge output on the uploaded tokens
 
     @property
+    def answered(self) -> bool:
+        """False for a prefix-only record: the teacher's LLM was not run (nothing needed its answer)."""
+        return bool(self.pseudo_label)
+
+    @property
     def entropy(self) -> float:
         """Teacher entropy over the candidates (nats); 0 when the label is known for certain."""
         if self.probs is None:
@@ -286,7 +291,12 @@ class AKD:
     # -- step 1: the teacher pass, once per uploaded sample ---------------------------------------
     @torch.no_grad()
     def teacher_pass(self, tokens: torch.Tensor, keep: torch.Tensor, questions: list[str],
-                     sample_ids: list[str], batch_size: int = 64) -> list[TeacherRecord]:
+                     sample_ids: list[str], batch_size: int = 64, answers: bool = True) -> list[TeacherRecord]:
+        """The teacher's records of the uploads. ``answers=False``: only its bridge runs (the prefix that
+        prefix distillation needs) — no LLM pass, no label, hidden states or logits — for rounds in which
+        nothing consumes the teacher's answers."""
+        if not answers:
+            return self._prefix_records(tokens, keep, questions, sample_ids, batch_size)
         records = []
         cand = self.prompter.candidate_first_ids
         for s in range(0, len(questions), batch_size):
@@ -308,13 +318,28 @@ class AKD:
                     fwd.visual[i].half()))
         return records
 
+    def _prefix_records(self, tokens: torch.Tensor, keep: torch.Tensor, questions: list[str], sample_ids: list[str],
+                        batch_size: int) -> list[TeacherRecord]:
+        prefix = torch.cat([self.teacher.bridge(tokens[s:s + batch_size], keep[s:s + batch_size])    # as in its forward
+                            for s in range(0, len(questions), batch_size)])
+        self.teacher_samples += len(questions)
+        d_t = prefix.shape[-1]
+        return [TeacherRecord(sid, tokens[i].half(), keep[i].clone(), q, "", 0.0, torch.zeros(0, d_t, dtype=torch.float16),
+                              torch.zeros(0, dtype=torch.float16), None, prefix[i].half())
+                for i, (sid, q) in enumerate(zip(sample_ids, questions))]
+
+    @property
+    def needs_answers(self) -> bool:
+        """Whether distillation itself uses the teacher's answers (the label phase); prefix distillation does not."""
+        return self.cfg.epochs > 0
+
     # -- step 2: distil into the device's adapters --------------------------------------------
     def distill(self, device_id: str, base: AdapterState, records: list[TeacherRecord],
                 device_answers: list[str] | None = None) -> tuple[AdapterState, DistillStats]:
         """Train a copy of ``base`` (the device's current adapters) on ``records`` + replay; return new adapters."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        new = [r for r in records if r.confidence >= cfg.min_teacher_confidence]
+        new = [r for r in records if r.answered and r.confidence >= cfg.min_teacher_confidence]
         state = self.student_state(device_id)
         replay = state.replay
         # dropout draws from a generator seeded by the device's history, so a restarted cloud repeats them
@@ -334,7 +359,7 @@ class AKD:
         steps, totals = self._train_labels(state.aligner, data, rng) if data else (0, {})
         replay.add(new)
         agree = float("nan")
-        if device_answers is not None and records:
+        if device_answers is not None and records and all(r.answered for r in records):
             agree = sum(a == r.pseudo_label for a, r in zip(device_answers, records)) / len(records)
         losses = {**{k: v / max(1, steps) for k, v in totals.items()}, **prefix_stats}
         stats = DistillStats(len(new) if data else 0, len(old) if data else 0, steps, time.perf_counter() - t0, losses, agree)

@@ -101,6 +101,7 @@ def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQAS
     dev = DeviceRuntime.create(root / "device", device_id, uts=cfg.uts, stream=stream, model=device)
     cloud = CloudRuntime(root / "cloud", akd, adapter_state(device), cfg.dwc,
                          downlink="dense" if cfg.downlink == "dense" else "dwc")
+    cloud.teacher_answers = True         # the rows report how often the teacher was right on the uploads
     if cfg.labels == "oracle":
         cloud.label_override = lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records],
                                                                 prompter.candidates)
