@@ -227,11 +227,11 @@ class CloudRuntime:
         A group member's round trains the group's student on every member's pending uploads (once:
         the next member finds nothing pending) and then delivers the group's update to this device."""
         t_round = time.perf_counter()
+        self.last_round = None
         group = self.group_of(device_id)
         if group is None:
             packet = self._train_round(device_id, [device_id])
         else:
-            self.last_round = None
             self._train_round(GROUP_PREFIX + group, self.members(group))
             packet = self._deliver(device_id, GROUP_PREFIX + group)
         self.last_round_s = time.perf_counter() - t_round

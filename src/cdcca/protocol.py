@@ -13,6 +13,9 @@ in :mod:`cdcca.fleet.local`, Flower messages in :mod:`cdcca.fleet.flower`):
                                             :class:`ApplyReport` (a stale base asks for a resync)
     cloud_resync(cloud, device)    cloud    a dense resync packet for a device that fell out of sync
 
+A fleet runs the cloud's step as :func:`cloud_round`: the same step for every device, but all uplinks
+are committed before any training, so a fleet group's shared student learns from all its members.
+
 The messages hold bytes, strings and numbers only, so any transport can carry them.
 """
 

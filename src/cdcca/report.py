@@ -133,7 +133,15 @@ def headline(summary: dict) -> str:
         kept = f", clean accuracy {_pct(summary['source_mc_before'])} → {_pct(summary['source_mc_after'])}"
     return (f"On the shifted stream ({html.escape(' → '.join(summary.get('domains') or [summary.get('stream', '')]))}) the device went from "
             f"{_pct(so)} (source-only) to {_pct(ad)} held-out accuracy ({_pts(ad, so)} points){kept}, "
-            f"with {up:.0f} KiB up and {down:.0f} KiB down per round.")
+            f"with {up:.0f} KiB up and {down:.0f} KiB down per round{_fleet_words(summary)}.")
+
+
+def _fleet_words(summary: dict) -> str:
+    n = summary.get("devices", 1) or 1
+    if n == 1:
+        return ""
+    shared = "one fleet group sharing one student" if summary.get("group") else "a student each"
+    return f" for all {n} devices ({shared}; accuracy measured on dev-0)"
 
 
 def _comparison_table(summary: dict) -> str:
