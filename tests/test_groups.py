@@ -107,6 +107,8 @@ def test_names_that_are_not_plain_are_refused_before_anything_is_written(tmp_pat
     with pytest.raises(ValueError, match="plain name"):
         cloud.set_group(name, "site-a")
     assert not (tmp_path / "escape").exists() and sorted(p.name for p in (tmp_path / "cloud" / "devices").glob("*")) == []
+    with pytest.raises(ValueError, match="plain name"):
+        DeviceRuntime.create(tmp_path / "bad", name, tiny=True)
 
 
 def test_the_embedded_fleet_with_one_group_trains_once_per_round(tmp_path):

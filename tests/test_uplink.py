@@ -249,8 +249,19 @@ def uplink_cases(draw):
     return samples, cfg, _stats(P, C)
 
 
+DEVICE_IDS = st.from_regex(wire.NAME_PATTERN, fullmatch=True).filter(wire.is_valid_name)
+
+
 @FUZZ
-@given(uplink_cases(), TEXT, TEXT)
+@given(uplink_cases(), TEXT.filter(lambda s: not wire.is_valid_name(s)))
+def test_an_uplink_from_a_device_id_that_is_not_a_plain_name_is_refused(case, device_id):
+    samples, cfg, stats = case
+    with pytest.raises(PacketError, match="not a plain name"):
+        decode_uplink(build_uplink(samples, cfg, device_id=device_id, adapter_version="0"), stats=stats)
+
+
+@FUZZ
+@given(uplink_cases(), DEVICE_IDS, TEXT)
 def test_uplink_packet_round_trips(case, device_id, version):
     samples, cfg, stats = case
     data = build_uplink(samples, cfg, device_id=device_id, adapter_version=version)

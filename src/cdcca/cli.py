@@ -392,7 +392,7 @@ def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
 
     try:
         dev = DeviceRuntime.create(state, device_id, tiny=tiny, stream={"index": index, "n_devices": n_devices})
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     print(json.dumps(dev.status()))
 
