@@ -31,3 +31,22 @@ def test_a_cloud_state_remembers_it_was_created_tiny_and_refuses_the_other_kind(
                                       str(tmp_path / "r.pkt"), "--no-tiny"])
     said = " ".join(result.output.split())                          # the console wraps long lines
     assert result.exit_code == 2 and "created with tiny models" in said and "Traceback" not in said
+
+
+def test_an_operator_assigns_fleet_groups_without_loading_a_model(tmp_path):
+    import json
+
+    def group(*args):
+        return CliRunner().invoke(app, ["cloud", "group", "--state", str(tmp_path), *args])
+
+    assert json.loads(group("--device", "cam-1", "--group", "site-a").output) == {"cam-1": "site-a"}
+    assert json.loads(group("--device", "cam-2", "--group", "site-a").output) == {"cam-1": "site-a", "cam-2": "site-a"}
+    assert json.loads(group("--device", "cam-1", "--leave").output) == {"cam-2": "site-a"}
+    assert json.loads(group().output) == {"cam-2": "site-a"}
+    for bad in (["--device", "cam-1"], ["--device", "cam-1", "--group", "x", "--leave"]):
+        result = group(*bad)
+        assert result.exit_code != 0 and "exactly one of --group NAME or --leave" in " ".join(result.output.split())
+    result = group("--device", "../cam", "--group", "site-a")
+    assert result.exit_code != 0 and "not a plain name" in " ".join(result.output.split()) and "Traceback" not in result.output
+    from cdcca.cloud import group_registry
+    assert group_registry(tmp_path).members("site-a") == ["cam-2"]            # what the cloud runtime reads

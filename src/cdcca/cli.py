@@ -23,6 +23,7 @@ from rich.table import Table
 
 from cdcca.cli_api import device_api, device_serve
 from cdcca.cli_bench import bench_app
+from cdcca.cli_cloud import cloud_app
 from cdcca.cli_common import Recipe, Role, console, fail, one_line_errors, use_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -366,7 +367,6 @@ def fleet_down(state: Path = typer.Option(..., help="State dir of a fleet starte
 
 
 device_app = typer.Typer(no_args_is_help=True, help="Device runtime: state dir with adapter versions and a durable outbox.")
-cloud_app = typer.Typer(no_args_is_help=True, help="Cloud runtime: inbox, per-device mirrors, AKD → DWC rounds.")
 app.add_typer(device_app, name="device")
 app.add_typer(cloud_app, name="cloud")
 STATE_HELP = "State directory of this runtime."
@@ -444,50 +444,6 @@ def device_rollback(state: Path = typer.Option(..., help=STATE_HELP), version: i
         print(json.dumps(_device(state).rollback(version)))
     except (KeyError, ValueError, RuntimeError) as exc:
         fail(str(exc))
-
-
-def _cloud(state: Path, tiny: bool | None):
-    from cdcca.cloud import CloudRuntime
-
-    return CloudRuntime.open(state, tiny=tiny)
-
-
-@cloud_app.command("receive")
-def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after)."),
-                  ack_out: Path | None = typer.Option(None, help="Write the acknowledged sample ids here (JSON).")):
-    """Commit an uplink packet to the inbox and print the acknowledged sample ids."""
-    with one_line_errors():
-        ids = _cloud(state, tiny).receive(packet.read_bytes())
-    if ack_out:
-        ack_out.write_text(json.dumps(ids))
-    print(json.dumps({"acknowledged": len(ids)}))
-
-
-@cloud_app.command("round")
-def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
-                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
-    """AKD → DWC for one device's new uploads; the update packet is stored before it is written to --out."""
-    from cdcca.wire import write_packet
-
-    with one_line_errors():
-        cloud = _cloud(state, tiny)
-        packet = cloud.run_round(device_id)
-    if packet is None:
-        fail(f"no new uploads from {device_id}: nothing to distil")
-    write_packet(out, packet)
-    print(json.dumps({"update": str(out), "bytes": len(packet), "metrics": cloud.metrics(device_id)[-1]}))
-
-
-@cloud_app.command("resync")
-def cloud_resync(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
-                 out: Path = typer.Option(..., help="Where to write the dense resync packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
-    """A full dense adapter state for a device that fell out of sync."""
-    from cdcca.wire import write_packet
-
-    with one_line_errors():
-        packet = _cloud(state, tiny).resync(device_id)
-    write_packet(out, packet)
-    print(json.dumps({"resync": str(out), "bytes": len(packet)}))
 
 
 def main() -> None:  # pragma: no cover

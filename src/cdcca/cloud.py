@@ -61,6 +61,52 @@ CREATE TABLE IF NOT EXISTS groups (device_id TEXT PRIMARY KEY, group_id TEXT NOT
 GROUP_PREFIX = "@"       # a group's student is kept like a device's under the owner id "@<group>"
 
 
+def open_db(state_dir: Path) -> sqlite3.Connection:
+    """The cloud's SQLite registry (WAL, full sync), its tables created if missing."""
+    db = sqlite3.connect(str(Path(state_dir) / "cloud.sqlite"), isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    return db
+
+
+def _plain(kind: str, name: str) -> str:
+    if not is_valid_name(name):
+        raise ValueError(f"{kind} {name[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
+    return name
+
+
+class GroupRegistry:
+    """Which fleet group each device belongs to (the ``groups`` table). Groups are the operator's
+    decision — this API, the Flower run config, ``cdcca cloud group`` — never a device's claim."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def set(self, device_id: str, group: str | None) -> None:
+        _plain("device id", device_id)
+        if group is None:
+            self.db.execute("DELETE FROM groups WHERE device_id=?", (device_id,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, _plain("group name", group)))
+
+    def group_of(self, device_id: str) -> str | None:
+        row = self.db.execute("SELECT group_id FROM groups WHERE device_id=?", (device_id,)).fetchone()
+        return row[0] if row else None
+
+    def members(self, group: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT device_id FROM groups WHERE group_id=? ORDER BY device_id", (group,))]
+
+    def assignments(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT device_id, group_id FROM groups ORDER BY device_id"))
+
+
+def group_registry(state_dir) -> GroupRegistry:
+    """The group registry of a cloud state dir, without loading any model (created if new)."""
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    return GroupRegistry(open_db(Path(state_dir)))
+
+
 @dataclass
 class RoundReport:
     """What the last :meth:`CloudRuntime.run_round` saw and did, for benchmarks and logs."""
@@ -90,10 +136,8 @@ class CloudRuntime:
         self.initial_state = initial_state
         self._student_versions: dict[str, int] = {}   # device → mirror version AKD's in-memory state belongs to
         self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)
-        self.db = sqlite3.connect(str(self.dir / "cloud.sqlite"), isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(self.dir)
+        self.groups = GroupRegistry(self.db)
 
     @classmethod
     def open(cls, state_dir, *, tiny: bool | None = None, akd: AKDConfig | None = None,
@@ -124,28 +168,19 @@ class CloudRuntime:
     def _home(self, owner: str) -> Path:
         """Files of a device (``devices/<id>``) or of a group's shared student (``groups/<name>``)."""
         if owner.startswith(GROUP_PREFIX):
-            return self.dir / "groups" / owner[len(GROUP_PREFIX):]
-        if not is_valid_name(owner):
-            raise ValueError(f"device id {owner[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
-        return self.dir / "devices" / owner
+            return self.dir / "groups" / _plain("group name", owner[len(GROUP_PREFIX):])
+        return self.dir / "devices" / _plain("device id", owner)
 
     def set_group(self, device_id: str, group: str | None) -> None:
         """Put a device in a fleet group (its next rounds train the group's shared student), or take
         it out with ``None`` (back to its own student, starting from its current mirror)."""
-        self._home(device_id)
-        if group is None:
-            self.db.execute("DELETE FROM groups WHERE device_id=?", (device_id,))
-            return
-        if not is_valid_name(group):
-            raise ValueError(f"group name {group[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
-        self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, group))
+        self.groups.set(device_id, group)
 
     def group_of(self, device_id: str) -> str | None:
-        row = self.db.execute("SELECT group_id FROM groups WHERE device_id=?", (device_id,)).fetchone()
-        return row[0] if row else None
+        return self.groups.group_of(device_id)
 
     def members(self, group: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT device_id FROM groups WHERE group_id=? ORDER BY device_id", (group,))]
+        return self.groups.members(group)
 
     def _device(self, device_id: str) -> tuple[int, str]:
         row = self.db.execute("SELECT version, hash FROM devices WHERE device_id=?", (device_id,)).fetchone()
