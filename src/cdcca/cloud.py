@@ -36,16 +36,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.atomic import link_or_copy, write_json, write_safetensors
 from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord
-from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update, update_base_hash
+from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
 from cdcca.source_set import load_source_set, random_source_set
 from cdcca.student_store import load_student_state, save_records, save_student_state
 from cdcca.uplink import decode_uplink
-from cdcca.wire import is_valid_name, write_packet
+from cdcca.wire import require_plain_name, write_packet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
@@ -70,12 +71,6 @@ def open_db(state_dir: Path) -> sqlite3.Connection:
     return db
 
 
-def _plain(kind: str, name: str) -> str:
-    if not is_valid_name(name):
-        raise ValueError(f"{kind} {name[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 characters)")
-    return name
-
-
 class GroupRegistry:
     """Which fleet group each device belongs to (the ``groups`` table). Groups are the operator's
     decision — this API, the Flower run config, ``cdcca cloud group`` — never a device's claim."""
@@ -84,11 +79,11 @@ class GroupRegistry:
         self.db = db
 
     def set(self, device_id: str, group: str | None) -> None:
-        _plain("device id", device_id)
+        require_plain_name("device id", device_id)
         if group is None:
             self.db.execute("DELETE FROM groups WHERE device_id=?", (device_id,))
         else:
-            self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, _plain("group name", group)))
+            self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, require_plain_name("group name", group)))
 
     def group_of(self, device_id: str) -> str | None:
         row = self.db.execute("SELECT group_id FROM groups WHERE device_id=?", (device_id,)).fetchone()
@@ -168,8 +163,8 @@ class CloudRuntime:
     def _home(self, owner: str) -> Path:
         """Files of a device (``devices/<id>``) or of a group's shared student (``groups/<name>``)."""
         if owner.startswith(GROUP_PREFIX):
-            return self.dir / "groups" / _plain("group name", owner[len(GROUP_PREFIX):])
-        return self.dir / "devices" / _plain("device id", owner)
+            return self.dir / "groups" / require_plain_name("group name", owner[len(GROUP_PREFIX):])
+        return self.dir / "devices" / require_plain_name("device id", owner)
 
     def set_group(self, device_id: str, group: str | None) -> None:
         """Put a device in a fleet group (its next rounds train the group's shared student), or take
@@ -325,9 +320,9 @@ class CloudRuntime:
         if device_hash == group_hash:
             return None
         row = self.db.execute("SELECT path FROM updates WHERE device_id=? AND new_version=?", (owner, group_version)).fetchone()
-        last = Path(row[0]).read_bytes() if row else None
+        last = wire.decode(Path(row[0]).read_bytes(), expect_kind="update") if row else None
         new = version + 1
-        if last is not None and update_base_hash(last) == device_hash:
+        if last is not None and last.meta.get("base_hash") == device_hash:
             packet, kind = readdress_update(last, device_id=device_id, base_version=version, new_version=new), "update"
         else:
             packet, kind = build_resync(self.mirror(owner)[1], device_id=device_id, version=new), "resync"

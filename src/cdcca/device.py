@@ -27,7 +27,7 @@ from cdcca.model.pair import role_model
 from cdcca.outbox import Outbox
 from cdcca.store import AdapterStore
 from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
-from cdcca.wire import PacketError, decode, is_valid_name
+from cdcca.wire import PacketError, decode, require_plain_name
 
 CONFIG = "device.json"
 
@@ -120,9 +120,7 @@ class DeviceRuntime:
         d = Path(state_dir)
         if (d / CONFIG).exists():
             raise FileExistsError(f"device state already exists at {d}; open it with DeviceRuntime.open")
-        if not is_valid_name(device_id):
-            raise ValueError(f"device id {device_id[:40]!r} is not a plain name: use letters, digits, _ . - "
-                             f"(at most 64 characters, no '..'); the cloud files each device under its id")
+        require_plain_name("device id", device_id)
         model = model or role_model("device", tiny)
         uts = uts or UTSConfig(selection="budget", budget=8 if tiny else 64, token_scorer="energy" if tiny else "ood")
         stream = {"tiny": tiny, "index": 0, "n_devices": 1, "stream": "default", "per_domain": 320, **(stream or {})}

@@ -58,6 +58,14 @@ def is_valid_name(name: Any) -> bool:
     return isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None and ".." not in name
 
 
+def require_plain_name(kind: str, name: str) -> str:
+    """``name`` if :func:`is_valid_name`, else a one-line ValueError saying what a plain name is."""
+    if not is_valid_name(name):
+        raise ValueError(f"{kind} {str(name)[:40]!r} is not a plain name (letters, digits, _ . -; at most 64 "
+                         f"characters, no '..'): the cloud files devices and groups under their names")
+    return name
+
+
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds enforced by :func:`decode` before anything large is allocated."""

@@ -109,12 +109,11 @@ from cdcca.downlink.packet import (
     decode_resync,
     decode_update,
     readdress_update,
-    update_base_hash,
 )
 from cdcca.downlink.quantize import NF4_CODEBOOK
 
 __all__ = [
     "COMPRESSORS", "DWC_FORMAT", "MAX_DECODE_ENTRIES", "MODES", "NF4_CODEBOOK", "QUANTIZERS", "SCOPES", "DWCConfig",
     "UpdateStats", "apply_delta", "build_resync", "build_update", "decode_resync", "decode_update", "next_budget",
-    "readdress_update", "update_base_hash",
+    "readdress_update",
 ]

@@ -258,15 +258,9 @@ def decode_update(packet: Packet) -> AdapterState:
     return _scatter(names, shapes, numels, idx, table, values)
 
 
-def update_base_hash(packet: bytes) -> str:
-    """The ``base_hash`` of a stored update packet (the state it applies to)."""
-    return wire.decode(packet, expect_kind="update").meta.get("base_hash", "")
-
-
-def readdress_update(packet: bytes, *, device_id: str, base_version: int, new_version: int) -> bytes:
-    """The same update (same delta, base and result hashes) addressed to another device's versions:
+def readdress_update(pkt: Packet, *, device_id: str, base_version: int, new_version: int) -> bytes:
+    """A decoded update (same delta, base and result hashes) addressed to another device's versions:
     how a fleet group's one compressed update reaches each member whose mirror is that update's base."""
-    pkt = wire.decode(packet, expect_kind="update")
     meta = {**pkt.meta, "device_id": str(device_id), "base_version": str(int(base_version)),
             "new_version": str(int(new_version))}
     return wire.encode("update", pkt.tensors, meta)
