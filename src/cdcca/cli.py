@@ -9,6 +9,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,9 +78,11 @@ def pretrain(
     aug_family: str | None = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
     torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM) or consistency "
+    recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM), consistency "
                                "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
-                               "output, no LLM pass; starts from --init or the shipped cloud)."),
+                               "output, no LLM pass; starts from --init or the shipped cloud) or targets (consistency "
+                               "towards clean prefixes first optimised through the frozen LLM on train questions)."),
+    target_images: int = typer.Option(768, help="--recipe targets: train images whose prefix is optimised."),
 ):
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
     from cdcca.assets import AssetError, cache_dir
@@ -89,10 +92,14 @@ def pretrain(
 
     role, recipe = role.value, recipe.value
     use_threads(threads)
-    if recipe == "consistency":
+    if recipe in ("consistency", "targets"):
         if role != "cloud":
-            fail("--recipe consistency trains the cloud teacher's bridge; use it with --role cloud")
-        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device)
+            fail(f"--recipe {recipe} trains the cloud teacher's bridge; use it with --role cloud")
+        from cdcca.prefix_targets import TargetConfig
+
+        targets = TargetConfig(images=target_images, seed=seed) if recipe == "targets" else None
+        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device,
+                              targets)
         return
     overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
                        init=None if init is None else str(init),
@@ -138,25 +145,37 @@ def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], N
         yield lambda s, loss: bar.update(task, completed=s, loss=loss)
 
 
-def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str) -> None:
+def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
+                          targets_cfg=None) -> None:
     from cdcca.assets import AssetError
     from cdcca.atomic import write_json
     from cdcca.model.pair import pretrain_record, weights_file
+    from cdcca.prefix_targets import targets_for, targets_key
     from cdcca.robust import ConsistencyConfig, train_consistency, training_views
 
     init = init or weights_file("cloud")
     if not Path(init).is_file():
         fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
-    cfg = ConsistencyConfig(**_given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr))
+    given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
+    if targets_cfg is not None:     # new targets: a faster schedule, the clean view weighted fully
+        given = {"lr": 1e-3, "w_clean": 1.0, "steps": 1500, **given, "targets": targets_key(Path(init), targets_cfg)}
+    cfg = ConsistencyConfig(**given)
     if _up_to_date("cloud", out, cfg.digest(), force):
         return
     try:
         clean, views = training_views(cfg)
+        targets = None
+        if targets_cfg is not None:
+            with _loss_bar("prefix targets (images)", targets_cfg.images) as progress:
+                targets = targets_for(Path(init), targets_cfg, out, clean, progress)
         with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
             record = train_consistency(Path(init), cfg, out, clean, views, device=torch_device, progress=progress,
-                                       log=console.print)
+                                       log=console.print, targets=None if targets is None else targets[:2])
     except AssetError as exc:
         fail(str(exc))
+    if targets is not None:
+        record["recipe"] = "targets"
+        record["targets"] = {"config": asdict(targets_cfg), "key": cfg.targets, **targets[2]}
     previous = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() \
         else pretrain_record("cloud")
     record = {**record, "role": "cloud", "stages": previous.get("stages", [previous]) + [{k: v for k, v in record.items()}]}

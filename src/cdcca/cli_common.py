@@ -24,6 +24,7 @@ class Role(StrEnum):
 class Recipe(StrEnum):
     end_to_end = "end-to-end"
     consistency = "consistency"
+    targets = "targets"
 
 
 def use_threads(n: int | None) -> None:

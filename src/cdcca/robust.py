@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn import functional as F
 
 from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
@@ -43,6 +42,9 @@ class ConsistencyConfig:
     token_keep: tuple[float, float] = (0.25, 1.0)
     checkpoint_every: int = 100
     seed: int = 0
+    target_share: float = 0.5           # with prefix targets: share of each batch drawn from their images
+    w_frozen: float = 0.3               # with prefix targets: weight of the other images' frozen-self target
+    targets: str | None = None          # digest of the prefix targets trained on (None: the frozen bridge's output)
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)
@@ -63,11 +65,16 @@ def bridge_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def consistency_loss(bridge: Bridge, target: torch.Tensor, corrupted: torch.Tensor, keep: torch.Tensor,
-                     clean: torch.Tensor, w_clean: float) -> dict[str, torch.Tensor]:
-    """MSE of the bridge's prefix on the corrupted (partly dropped) view and on the clean view to ``target``."""
-    terms = {"corrupted": F.mse_loss(bridge(corrupted, keep), target)}
+                     clean: torch.Tensor, w_clean: float, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """MSE of the bridge's prefix on the corrupted (partly dropped) view and on the clean view to ``target``;
+    ``weight`` (B,) weighs the samples (None: all 1, a plain MSE)."""
+    def mse(pred: torch.Tensor) -> torch.Tensor:
+        per_sample = ((pred - target) ** 2).flatten(1).mean(1)
+        return per_sample.mean() if weight is None else (weight * per_sample).mean()
+
+    terms = {"corrupted": mse(bridge(corrupted, keep))}
     if w_clean:
-        terms["clean"] = w_clean * F.mse_loss(bridge(clean), target)
+        terms["clean"] = w_clean * mse(bridge(clean))
     return terms
 
 
@@ -96,8 +103,10 @@ def _prepare_bridge(weights: dict[str, torch.Tensor], cfg: ConsistencyConfig, cl
 
 
 def _draw_views(cfg: ConsistencyConfig, step: int, clean: torch.Tensor, variants: list[torch.Tensor],
-                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's (corrupted, clean, keep) batch; also seeds the bridge's dropout for the step."""
+                device: str, target_images: np.ndarray | None = None) -> tuple:
+    """One step's (corrupted, clean, keep, image ids) batch; also seeds the bridge's dropout for the step.
+
+    With ``target_images``, ``cfg.target_share`` of the batch is drawn from those images."""
     from cdcca.pretrain import random_keep
 
     # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
@@ -105,12 +114,24 @@ def _draw_views(cfg: ConsistencyConfig, step: int, clean: torch.Tensor, variants
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     torch.manual_seed(cfg.seed * 1_000_003 + step)            # the bridge's dropout
     img = rng.integers(0, len(clean), cfg.batch_size)
+    if target_images is not None:
+        n_target = round(cfg.target_share * cfg.batch_size)
+        img[:n_target] = rng.choice(target_images, n_target)
     which = rng.integers(0, len(variants), cfg.batch_size)
     corrupted = torch.stack([variants[w][i] for w, i in zip(which, img)]).float().to(device)
     clean_b = clean[img].float().to(device)
     keep = random_keep(cfg.batch_size, clean.shape[1], cfg.token_keep, gen)
     keep[torch.rand(cfg.batch_size, generator=gen) >= cfg.token_drop_share] = True
-    return corrupted, clean_b, keep.to(device)
+    return corrupted, clean_b, keep.to(device), img
+
+
+def _targets_of(frozen_target: torch.Tensor, img: np.ndarray, slot: np.ndarray, targets: torch.Tensor,
+                w_frozen: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's target — its image's optimised prefix where there is one, else the frozen bridge's — and weight."""
+    has = torch.as_tensor(slot[img] >= 0)
+    target = frozen_target.clone()
+    target[has] = targets[slot[img][slot[img] >= 0]].to(target)
+    return target, torch.where(has, 1.0, w_frozen).to(target)
 
 
 def _export_bridge(bridge: Bridge, weights: dict[str, torch.Tensor], cfg: ConsistencyConfig, out_dir: Path) -> Path:
@@ -124,10 +145,13 @@ def _export_bridge(bridge: Bridge, weights: dict[str, torch.Tensor], cfg: Consis
 
 
 def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: torch.Tensor,
-                      variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu") -> dict:
+                      variants: list[torch.Tensor], progress=None, log=print, device: str = "cpu",
+                      targets: tuple[np.ndarray, torch.Tensor] | None = None) -> dict:
     """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
 
     ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
+    ``targets`` — (image ids, prefixes) from :mod:`cdcca.prefix_targets` — replaces the frozen bridge's
+    clean output as the target of those images (the others keep it, weighted ``cfg.w_frozen``).
     Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
     """
     from cdcca.pretrain import one_cycle_lr
@@ -137,14 +161,20 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     bridge, frozen, opt, named, ckpt, start = _prepare_bridge(weights, cfg, clean, out_dir, device, log)
     bridge.train()
     losses: list[float] = []
+    slot = np.full(len(clean), -1)
+    if targets is not None:
+        slot[targets[0]] = np.arange(len(targets[0]))
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        corrupted, clean_b, keep = _draw_views(cfg, step, clean, variants, device)
+        corrupted, clean_b, keep, img = _draw_views(cfg, step, clean, variants, device,
+                                                    None if targets is None else targets[0])
         with torch.no_grad():
-            target = frozen(clean_b)
+            target, weight = frozen(clean_b), None
+        if targets is not None:
+            target, weight = _targets_of(target, img, slot, targets[1], cfg.w_frozen)
         for g in opt.param_groups:
             g["lr"] = one_cycle_lr(cfg.lr, step, cfg.steps, warmup=0.05)
-        terms = consistency_loss(bridge, target, corrupted, keep, clean_b, cfg.w_clean)
+        terms = consistency_loss(bridge, target, corrupted, keep, clean_b, cfg.w_clean, weight)
         losses.append(optimizer_step(sum(terms.values()), opt, bridge.parameters(), cfg.grad_clip))
         if progress is not None:
             progress(step + 1, losses[-1])

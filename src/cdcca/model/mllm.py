@@ -77,7 +77,14 @@ class MLLM(nn.Module):
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past=None, use_cache: bool = False):
         """Run bridge + LLM; returns :class:`Forward` (and the KV cache when ``use_cache``)."""
-        vis = self.bridge(tokens, keep)                                        # (B, Q, d)
+        return self.from_prefix(self.bridge(tokens, keep), input_ids, attention_mask, past, use_cache)
+
+    def from_prefix(self, vis: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, past=None,
+                    use_cache: bool = False):
+        """Run the LLM on a given visual prefix ``vis`` (B, Q, d); the same returns as :meth:`forward`.
+
+        Separate so that a prefix can be optimised directly through the LLM (``cdcca.prefix_targets``).
+        """
         B, Q, _ = vis.shape
         embeds = torch.cat([vis, self.embed_text(input_ids)], dim=1)          # (B, Q+T, d)
         mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)

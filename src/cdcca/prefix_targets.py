@@ -1,0 +1,213 @@
+"""Prefix targets: where the frozen cloud LLM wants each train image's visual prefix to be.
+
+The cloud's bridge loses the shape's colour (docs/RESULTS.md §0.1) and end-to-end training through
+the 30-layer LLM is too slow on a CPU to teach it back. This splits that training in two: first each
+of a sample of train images gets its clean prefix optimised directly, through the frozen LLM and its
+LoRA, on a few of the image's own questions (input gradients only, a few Adam steps); then the small
+bridge is fitted to those targets from cached features (``cdcca.robust``), its corrupted and partly
+dropped views included — the same feature-consistency stage, with better targets. The LLM never
+changes, and only train images and their true answers are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cdcca.model.mllm import MLLM, answer_loss
+from cdcca.model.prompt import Prompter
+
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+@dataclass
+class TargetConfig:
+    images: int = 768                   # train images whose prefix is optimised (of 4,000)
+    questions_per_image: int = 4        # its colour question, its shape question, the rest yes/no
+    inner_steps: int = 2                # gradient steps on each prefix
+    step_norm: float = 120.0            # L2 length of one image's step (its 16 prefix vectors are ~260 each)
+    images_per_batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if min(self.images, self.questions_per_image, self.inner_steps, self.images_per_batch) < 1:
+            raise ValueError("TargetConfig.images, questions_per_image, inner_steps and images_per_batch must be ≥ 1")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def question_kind(answer: str) -> str:
+    return "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "colour"
+
+
+def pick_questions(answers: list[str], rows: list[int], k: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``k`` of one image's question rows: one colour, one shape, the rest yes/no (its main facts first)."""
+    by_kind: dict[str, list[int]] = {}
+    for r in rows:
+        by_kind.setdefault(question_kind(answers[r]), []).append(r)
+    picked = [int(rng.choice(by_kind[kind])) for kind in ("colour", "shape") if by_kind.get(kind)][:k]
+    rest = by_kind.get("yes/no", [])
+    return picked + [int(r) for r in rng.choice(rest, min(len(rest), k - len(picked)), replace=False)]
+
+
+def _mc_right(model: MLLM, prompter: Prompter, normed: torch.Tensor, labels: torch.Tensor, gold: torch.Tensor,
+              n_visual: int) -> torch.Tensor:
+    """Per row: whether the candidate scored highest at the answer position is the gold one."""
+    first = (labels[:, 1:] != -100).float().argmax(1)             # position that predicts the answer's first token
+    h = normed[:, n_visual:][torch.arange(len(first)), first]
+    return model.logits(h)[:, prompter.candidate_first_ids].argmax(-1) == gold
+
+
+def optimise_batch(model: MLLM, prompter: Prompter, prefix: torch.Tensor, questions: list[str], answers: list[str],
+                   owner: torch.Tensor, cfg: TargetConfig) -> tuple[torch.Tensor, float, float]:
+    """Normalised gradient steps on ``prefix`` (I, Q, d) so that the frozen LLM answers each question (row owner[j] its image).
+
+    Returns the optimised prefixes and the share of questions answered right before and after.
+    """
+    text = prompter.batch(questions, answers)
+    gold = torch.tensor([prompter.candidates.index(a) for a in answers])
+    p = prefix.detach().clone().requires_grad_(True)
+    right = []
+    for step in range(cfg.inner_steps + 1):
+        fwd = model.from_prefix(p[owner], text.input_ids, text.attention_mask)
+        with torch.no_grad():
+            right.append(float(_mc_right(model, prompter, fwd.normed, text.labels, gold, fwd.n_visual).float().mean()))
+        if step == cfg.inner_steps:
+            break
+        (grad,) = torch.autograd.grad(answer_loss(model, fwd, text.labels), p)
+        with torch.no_grad():   # normalised steepest descent: the change goes where the LLM is sensitive
+            p -= cfg.step_norm * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+    return p.detach(), right[0], right[-1]
+
+
+def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tensor, cfg: TargetConfig,
+                      progress=None) -> tuple[np.ndarray, torch.Tensor, dict]:
+    """Optimised clean prefixes of ``cfg.images`` random train images.
+
+    ``data`` is the train split, ``tokens`` its cached (N, P, C) features. Returns (image ids, targets
+    (I, Q, d), stats with the share of the picked questions answered right before and after).
+    """
+    model.eval()
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rng = np.random.default_rng(cfg.seed)
+    rows: dict[int, list[int]] = {}
+    for r, image in enumerate(data.image_ids):
+        rows.setdefault(int(image), []).append(r)
+    images = np.sort(rng.choice(sorted(rows), min(cfg.images, len(rows)), replace=False))
+    targets, before, after = [], [], []
+    try:
+        for s in range(0, len(images), cfg.images_per_batch):
+            batch = images[s:s + cfg.images_per_batch]
+            picked = [pick_questions(data.answers, rows[int(i)], cfg.questions_per_image, rng) for i in batch]
+            owner = torch.tensor([k for k, qs in enumerate(picked) for _ in qs])
+            flat = [q for qs in picked for q in qs]
+            with torch.no_grad():
+                start = model.bridge(tokens[batch].float())
+            p, b, a = optimise_batch(model, prompter, start, [data.questions[q] for q in flat],
+                                     [data.answers[q] for q in flat], owner, cfg)
+            targets.append(p)
+            before.append((b, len(flat)))
+            after.append((a, len(flat)))
+            if progress is not None:
+                progress(s + len(batch), a)
+    finally:
+        for p, g in zip(model.parameters(), frozen):
+            p.requires_grad_(g)
+    n = sum(k for _, k in before)
+    stats = {"questions": n, "right_before": sum(v * k for v, k in before) / n, "right_after": sum(v * k for v, k in after) / n}
+    return images, torch.cat(targets), stats
+
+
+def image_classes(answers: list[str], image_ids) -> dict[int, tuple[str, str]]:
+    """Image id → (colour, shape) of its shape, read from the answers of its colour and shape questions."""
+    colour: dict[int, str] = {}
+    shape: dict[int, str] = {}
+    for answer, image in zip(answers, image_ids):
+        kind = question_kind(answer)
+        if kind != "yes/no":
+            (colour if kind == "colour" else shape)[int(image)] = answer
+    return {i: (colour[i], shape[i]) for i in colour.keys() & shape.keys()}
+
+
+def class_mean_targets(images: np.ndarray, targets: torch.Tensor, start: torch.Tensor,
+                       classes: dict[int, tuple[str, str]]) -> tuple[np.ndarray, torch.Tensor]:
+    """Targets for every image with a class: its own start prefix plus the mean change of its class.
+
+    A single image's optimised change is mostly its own (it barely generalises: a bridge fitted to
+    them explains ~5 % of the change); the mean over the images of one (colour, shape) class keeps
+    the part the LLM needs for that class — a smooth function of what the image shows, which the
+    bridge can learn. ``images``/``targets`` are the optimised ones; ``start`` (N, Q, d) the start
+    prefixes of all N train images. Returns (image ids, targets) of all images with a class.
+    """
+    change: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for image, target in zip(images, targets):
+        if int(image) in classes:
+            change.setdefault(classes[int(image)], []).append(target - start[int(image)])
+    mean = {k: torch.stack(v).mean(0) for k, v in change.items()}
+    ids = np.array(sorted(i for i, k in classes.items() if k in mean and i < len(start)))
+    return ids, torch.stack([start[i] + mean[classes[int(i)]] for i in ids])
+
+
+def targets_key(init: Path, cfg: TargetConfig) -> str:
+    """What the targets depend on: the config and the cloud adapters they were optimised through."""
+    return f"{cfg.digest()}-{hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]}"
+
+
+def save_targets(path: Path, images: np.ndarray, targets: torch.Tensor, key: str, stats: dict) -> None:
+    save_file({"images": torch.as_tensor(images, dtype=torch.int64), "targets": targets.contiguous()}, str(path),
+              metadata={"key": key, "stats": json.dumps(stats)})
+
+
+def load_targets(path: Path, key: str) -> tuple[np.ndarray, torch.Tensor, dict] | None:
+    """Targets saved under the same :func:`targets_key`, or None (absent, another key, or unreadable)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        saved = load_file(str(path))
+        return saved["images"].numpy(), saved["targets"], json.loads(meta.get("stats", "{}"))
+    except Exception:
+        return None
+
+
+def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tensor,
+                progress=None) -> tuple[np.ndarray, torch.Tensor, dict]:
+    """The bridge targets of the cloud adapters in ``init`` for every train image with a class.
+
+    The optimised prefixes (the costly part) are read from ``out_dir`` when a run with the same key
+    left them there, else optimised and saved there; :func:`class_mean_targets` turns them into
+    targets for all images. Returns (image ids, targets, stats)."""
+    from cdcca.assets import load_tokenizer
+    from cdcca.data.easyvqa import load_split
+    from cdcca.model.mllm import load_adapter_state
+    from cdcca.model.pair import build_model
+
+    key, path = targets_key(init, cfg), out_dir / "cloud.targets.safetensors"
+    model = build_model("cloud")
+    load_adapter_state(model, {k: v.float() for k, v in load_file(str(init)).items()})
+    model.eval()
+    data = load_split("train")
+    saved = load_targets(path, key)
+    if saved is None:
+        saved = optimise_prefixes(model, Prompter(load_tokenizer(), data.candidates), data, tokens, cfg, progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_targets(path, *saved[:2], key, saved[2])
+    images, targets, stats = saved
+    with torch.no_grad():
+        start = torch.cat([model.bridge(tokens[s:s + 256].float()) for s in range(0, len(tokens), 256)])
+    ids, class_targets = class_mean_targets(images, targets, start, image_classes(data.answers, data.image_ids))
+    return ids, class_targets, {**stats, "optimised_images": len(images), "target_images": len(ids)}
