@@ -22,6 +22,18 @@ def test_bench_dwc_names_an_unknown_setting_before_loading_anything(tmp_path):
     assert result.exit_code != 0 and "int9:1K" in result.output and "int8:256K" in result.output
 
 
+def test_the_teacher_recipes_refuse_the_device_and_a_missing_init_in_one_line(tmp_path):
+    for recipe in ("consistency", "targets"):
+        result = CliRunner().invoke(app, ["pretrain", "--role", "device", "--recipe", recipe])
+        said = " ".join(result.output.split())
+        assert result.exit_code != 0 and f"--recipe {recipe}" in said and "--role cloud" in said
+    result = CliRunner().invoke(app, ["pretrain", "--role", "cloud", "--recipe", "targets", "--init",
+                                      str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code != 0 and "does not exist" in said and "Traceback" not in said
+    assert not (tmp_path / "out").exists()                          # nothing written
+
+
 def test_a_cloud_state_remembers_it_was_created_tiny_and_refuses_the_other_kind(tmp_path):
     from cdcca.cloud import remembered_tiny
 

@@ -97,3 +97,15 @@ def test_shipped_cloud_weights_match_their_recorded_hash():
     path = weights_file("cloud")
     record = json.loads(path.with_suffix(".json").read_text())
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_shipped_cloud_record_ties_its_prefix_targets_to_the_weights_they_were_optimised_through():
+    from cdcca.model.pair import weights_file
+    from cdcca.prefix_targets import TargetConfig
+
+    record = json.loads(weights_file("cloud").with_suffix(".json").read_text())
+    assert [stage.get("recipe", "end-to-end") for stage in record["stages"]] == ["end-to-end", "consistency", "targets"]
+    assert all(a["sha256"] == b["init_sha256"] for a, b in zip(record["stages"], record["stages"][1:]))   # a chain
+    targets = record["targets"]
+    assert targets["key"] == f"{TargetConfig(**targets['config']).digest()}-{record['init_sha256'][:16]}"
+    assert targets["right_after"] > targets["right_before"]
