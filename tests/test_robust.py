@@ -104,7 +104,7 @@ def test_shipped_cloud_record_ties_its_prefix_targets_to_the_weights_they_were_o
     from cdcca.prefix_targets import TargetConfig
 
     record = json.loads(weights_file("cloud").with_suffix(".json").read_text())
-    assert [stage.get("recipe", "end-to-end") for stage in record["stages"]] == ["end-to-end", "consistency", "targets"]
+    assert [stage.get("recipe", "end-to-end") for stage in record["stages"]] == ["end-to-end", "consistency", "targets", "targets"]
     assert all(a["sha256"] == b["init_sha256"] for a, b in zip(record["stages"], record["stages"][1:]))   # a chain
     targets = record["targets"]
     assert targets["key"] == f"{TargetConfig(**targets['config']).digest()}-{record['init_sha256'][:16]}"
