@@ -44,7 +44,7 @@ class ConsistencyConfig:
     seed: int = 0
     target_share: float = 0.5           # with prefix targets: share of each batch drawn from their images
     w_frozen: float = 0.3               # with prefix targets: weight of the other images' frozen-self target
-    targets: str | None = None          # digest of the prefix targets trained on (None: the frozen bridge's output)
+    targets: str | None = None          # key of the prefix targets trained on (None: the frozen bridge's output)
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)
