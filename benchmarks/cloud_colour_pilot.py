@@ -23,13 +23,12 @@ import torch
 from cdcca import pretrain as recipe
 from cdcca.data.easyvqa import load_split
 from cdcca.model.pair import SHIPPED_WEIGHTS, build_model
-
-SHAPES = {"circle", "rectangle", "triangle"}
+from cdcca.prefix_targets import question_kind
 
 
 def colour_questions() -> np.ndarray:
     data = load_split("train")
-    return np.flatnonzero([a not in ("yes", "no") and a not in SHAPES for a in data.answers])
+    return np.flatnonzero([question_kind(a) == "colour" for a in data.answers])
 
 
 def colour_heavy_batches(colour: np.ndarray):

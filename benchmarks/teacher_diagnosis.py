@@ -27,12 +27,7 @@ from cdcca.model.answer import mc_predict
 from cdcca.model.pair import load_pretrained
 from cdcca.model.prompt import Prompter
 from cdcca.prefix import bridge_prefix
-
-SHAPES = {"circle", "rectangle", "triangle"}
-
-
-def kind_of(answer: str) -> str:
-    return "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "colour"
+from cdcca.prefix_targets import question_kind
 
 
 def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:
@@ -44,7 +39,7 @@ def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:
         b = ids[s:s + 64]
         picks = mc_predict(model, prompter, tokens[data.image_ids[b]], [data.questions[i] for i in b]).argmax(-1)
         for i, p in zip(b, picks):
-            k = kind_of(data.answers[i])
+            k = question_kind(data.answers[i])
             total[k] = total.get(k, 0) + 1
             wrong[k] = wrong.get(k, 0) + int(prompter.candidates[int(p)] != data.answers[i])
     return {"mc": 1 - sum(wrong.values()) / n, "wrong": wrong, "questions": total}
@@ -53,7 +48,7 @@ def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:
 def colours_of(split: str) -> dict[int, str]:
     """Image id → the colour of its shape, from the colour questions' answers."""
     data = load_split(split)
-    return {int(i): a for a, i in zip(data.answers, data.image_ids) if kind_of(a) == "colour"}
+    return {int(i): a for a, i in zip(data.answers, data.image_ids) if question_kind(a) == "colour"}
 
 
 def colour_probe(model, n_train: int = 2000, n_test: int = 500, steps: int = 300) -> dict:

@@ -157,9 +157,8 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
     if not Path(init).is_file():
         fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
     given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
-    if targets_cfg is not None:     # new targets: a faster schedule, the clean view weighted fully
-        given = {"lr": 1e-3, "w_clean": 1.0, "steps": 1500, **given, "targets": targets_key(Path(init), targets_cfg)}
-    cfg = ConsistencyConfig(**given)
+    cfg = ConsistencyConfig(**given) if targets_cfg is None else \
+        ConsistencyConfig.for_targets(targets_key(Path(init), targets_cfg), **given)
     if _up_to_date("cloud", out, cfg.digest(), force):
         return
     try:

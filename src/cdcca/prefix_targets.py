@@ -95,7 +95,7 @@ def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tenso
     (I, Q, d), stats with the share of the picked questions answered right before and after).
     """
     model.eval()
-    frozen = [p.requires_grad for p in model.parameters()]
+    was_trainable = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(cfg.seed)
@@ -120,7 +120,7 @@ def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tenso
             if progress is not None:
                 progress(s + len(batch), a)
     finally:
-        for p, g in zip(model.parameters(), frozen):
+        for p, g in zip(model.parameters(), was_trainable):
             p.requires_grad_(g)
     n = sum(k for _, k in before)
     stats = {"questions": n, "right_before": sum(v * k for v, k in before) / n, "right_after": sum(v * k for v, k in after) / n}
