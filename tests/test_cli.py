@@ -23,7 +23,7 @@ def test_bench_dwc_names_an_unknown_setting_before_loading_anything(tmp_path):
 
 
 def test_the_teacher_recipes_refuse_the_device_and_a_missing_init_in_one_line(tmp_path):
-    for recipe in ("consistency", "targets"):
+    for recipe in ("consistency", "targets", "readout"):
         result = CliRunner().invoke(app, ["pretrain", "--role", "device", "--recipe", recipe])
         said = " ".join(result.output.split())
         assert result.exit_code != 0 and f"--recipe {recipe}" in said and "--role cloud" in said

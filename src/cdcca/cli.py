@@ -7,9 +7,6 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,13 +22,15 @@ from rich.table import Table
 from cdcca.cli_api import device_api, device_serve
 from cdcca.cli_bench import bench_app
 from cdcca.cli_cloud import cloud_app
-from cdcca.cli_common import Recipe, Role, console, fail, one_line_errors, use_threads
+from cdcca.cli_common import Role, console, fail, one_line_errors, use_threads
+from cdcca.cli_pretrain import pretrain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
 packet_app = typer.Typer(no_args_is_help=True, help="Inspect uplink/update packets.")
 app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
+app.command()(pretrain)
 
 
 def _print_version(value: bool) -> None:
@@ -62,124 +61,6 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
     for r in reports:
         table.add_row(r.name, f"{r.size_mb:.1f}", f"{r.load_s:.2f}", r.detail, r.path)
     Console().print(table)
-
-
-@app.command()
-def pretrain(
-    role: Role = typer.Option(..., help="Which model to pretrain: device (clean data) or cloud (corruption-augmented)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
-    batch_size: int | None = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
-    aug_share: float | None = typer.Option(None, help="Share of each batch drawn from corrupted copies (cloud default 0.5)."),
-    init: Path | None = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
-    seed: int = typer.Option(0, help="Random seed; a run is deterministic given the seed on one machine."),
-    out: Path = typer.Option(None, help="Output folder for ROLE.safetensors + ROLE.json (default: $CDCCA_CACHE/pretrained)."),
-    force: bool = typer.Option(False, help="Retrain even if weights with the same config exist (overwrites ROLE.safetensors and ROLE.json in --out)."),
-    aug_family: str | None = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
-    torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM), consistency "
-                               "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
-                               "output, no LLM pass; starts from --init or the shipped cloud) or targets (consistency "
-                               "towards clean prefixes first optimised through the frozen LLM on train questions)."),
-    target_images: int = typer.Option(768, help="--recipe targets: train images whose prefix is optimised."),
-):
-    """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
-    from cdcca.assets import AssetError, cache_dir
-    from cdcca.model.pair import build_model
-    from cdcca.pretrain import PretrainConfig
-    from cdcca.pretrain import pretrain as run_pretrain
-
-    role, recipe = role.value, recipe.value
-    use_threads(threads)
-    if recipe in ("consistency", "targets"):
-        if role != "cloud":
-            fail(f"--recipe {recipe} trains the cloud teacher's bridge; use it with --role cloud")
-        from cdcca.prefix_targets import TargetConfig
-
-        targets = TargetConfig(images=target_images, seed=seed) if recipe == "targets" else None
-        _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device,
-                              targets)
-        return
-    overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
-                       init=None if init is None else str(init),
-                       aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
-    try:
-        cfg = PretrainConfig.for_role(role, **overrides)
-    except ValueError as exc:
-        fail(str(exc))
-    out = out or cache_dir() / "pretrained"
-    if _up_to_date(role, out, cfg.digest(), force):
-        return
-    try:
-        model = build_model(role)
-        with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
-            record = run_pretrain(model, cfg, out, device=torch_device, progress=progress, log=console.print)
-    except AssetError as exc:
-        fail(str(exc))
-    print(json.dumps(record, indent=2))
-
-
-def _given(base: dict, **options) -> dict:
-    """``base`` plus the options the user gave (None keeps the recipe's default)."""
-    return {**base, **{k: v for k, v in options.items() if v is not None}}
-
-
-def _up_to_date(role: str, out: Path, digest: str, force: bool) -> bool:
-    """Whether ``out/{role}.json`` already records this exact config (then say so and skip the run)."""
-    record_path = out / f"{role}.json"
-    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == digest:
-        console.print(f"{role}: up to date at {out} (use --force to retrain)")
-        return True
-    return False
-
-
-@contextmanager
-def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], None]]:
-    """A progress bar with the running loss; yields the ``progress(step, loss)`` callback the trainers take."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task(description, total=total, loss=float("nan"))
-        yield lambda s, loss: bar.update(task, completed=s, loss=loss)
-
-
-def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
-                          targets_cfg=None) -> None:
-    from cdcca.assets import AssetError
-    from cdcca.atomic import write_json
-    from cdcca.model.pair import pretrain_record, weights_file
-    from cdcca.prefix_targets import targets_for, targets_key
-    from cdcca.robust import ConsistencyConfig, train_consistency, training_views
-
-    init = init or weights_file("cloud")
-    if not Path(init).is_file():
-        fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
-    given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
-    cfg = ConsistencyConfig(**given) if targets_cfg is None else \
-        ConsistencyConfig.for_targets(targets_key(Path(init), targets_cfg), **given)
-    if _up_to_date("cloud", out, cfg.digest(), force):
-        return
-    try:
-        clean, views = training_views(cfg)
-        targets = None
-        if targets_cfg is not None:
-            with _loss_bar("prefix targets (images)", targets_cfg.images) as progress:
-                targets = targets_for(Path(init), targets_cfg, out, clean, progress)
-        with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
-            record = train_consistency(Path(init), cfg, out, clean, views, device=torch_device, progress=progress,
-                                       log=console.print, targets=None if targets is None else targets[:2])
-    except AssetError as exc:
-        fail(str(exc))
-    if targets is not None:
-        record["recipe"] = "targets"
-        record["targets"] = {"config": asdict(targets_cfg), "key": cfg.targets, **targets[2]}
-    previous = json.loads(Path(init).with_suffix(".json").read_text()) if Path(init).with_suffix(".json").is_file() \
-        else pretrain_record("cloud")
-    record = {**record, "role": "cloud", "stages": previous.get("stages", [previous]) + [{k: v for k, v in record.items()}]}
-    write_json(out / "cloud.json", record)
-    print(json.dumps(record, indent=2))
 
 
 def _eval_domain(model, prompter, data, n, domain, role, direct) -> dict:

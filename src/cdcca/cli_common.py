@@ -25,6 +25,7 @@ class Recipe(StrEnum):
     end_to_end = "end-to-end"
     consistency = "consistency"
     targets = "targets"
+    readout = "readout"
 
 
 def use_threads(n: int | None) -> None:
