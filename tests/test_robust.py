@@ -3,6 +3,7 @@ tokens the prefix its frozen self gives the clean tokens — and only the bridge
 
 import hashlib
 import json
+from itertools import pairwise
 
 import pytest
 import torch
@@ -99,13 +100,20 @@ def test_shipped_cloud_weights_match_their_recorded_hash():
     assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_shipped_cloud_record_ties_its_prefix_targets_to_the_weights_they_were_optimised_through():
+def test_shipped_cloud_record_chains_its_stages_and_ties_each_targets_stage_to_the_weights_it_optimised_through():
     from cdcca.model.pair import weights_file
     from cdcca.prefix_targets import TargetConfig
+    from cdcca.readout import ReadoutConfig
 
     record = json.loads(weights_file("cloud").with_suffix(".json").read_text())
-    assert [stage.get("recipe", "end-to-end") for stage in record["stages"]] == ["end-to-end", "consistency", "targets", "targets"]
-    assert all(a["sha256"] == b["init_sha256"] for a, b in zip(record["stages"], record["stages"][1:]))   # a chain
-    targets = record["targets"]
-    assert targets["key"] == f"{TargetConfig(**targets['config']).digest()}-{record['init_sha256'][:16]}"
-    assert targets["right_after"] > targets["right_before"]
+    stages = record["stages"]
+    assert [stage.get("recipe", "end-to-end") for stage in stages] == [
+        "end-to-end", "consistency", "targets", "targets", "targets", "readout", "readout"]
+    assert all(a["sha256"] == b["init_sha256"] for a, b in pairwise(stages))   # a chain
+    assert stages[-1]["sha256"] == record["sha256"]
+    for stage in (s for s in stages if s.get("recipe") == "targets"):
+        targets = stage["targets"]
+        assert targets["key"] == f"{TargetConfig(**targets['config']).digest()}-{stage['init_sha256'][:16]}"
+        assert targets["right_after"] > targets["right_before"]
+    for stage in (s for s in stages if s.get("recipe") == "readout"):
+        assert stage["digest"] == ReadoutConfig(**stage["config"]).digest()

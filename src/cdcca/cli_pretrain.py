@@ -167,7 +167,7 @@ def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share,
     if _up_to_date("cloud", out, cfg.digest(), force):
         return
     try:
-        clean, views = training_views(ConsistencyConfig(seed=seed))
+        clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
         steps = cfg.epochs * -(-cfg.samples // cfg.batch_size)
         with _loss_bar("read-out (cloud top layers)", steps) as progress:
             record = train_readout(init, cfg, out, clean, views, progress)
