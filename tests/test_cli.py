@@ -1,5 +1,7 @@
 """The command line as a user meets it: a version, and one-line errors instead of tracebacks."""
 
+import json
+
 from typer.testing import CliRunner
 
 import cdcca
@@ -62,3 +64,26 @@ def test_an_operator_assigns_fleet_groups_without_loading_a_model(tmp_path):
     assert result.exit_code != 0 and "not a plain name" in " ".join(result.output.split()) and "Traceback" not in result.output
     from cdcca.cloud import group_registry
     assert group_registry(tmp_path).members("site-a") == ["cam-2"]            # what the cloud runtime reads
+
+
+def test_read_out_settings_are_checked_before_anything_is_loaded_or_written(tmp_path):
+    init = tmp_path / "cloud.safetensors"
+    init.write_bytes(b"not read")
+    result = CliRunner().invoke(app, ["pretrain", "--role", "cloud", "--recipe", "readout", "--init", str(init),
+                                      "--readout-samples", "0", "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code != 0 and "must be positive" in said and "Traceback" not in said
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_continued_stage_is_up_to_date_only_for_the_same_config_and_the_same_start(tmp_path):
+    from cdcca.cli_pretrain import _sha256, _up_to_date
+
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    first.write_bytes(b"one start")
+    second.write_bytes(b"another start")
+    (tmp_path / "cloud.json").write_text(json.dumps({"digest": "d1", "init_sha256": _sha256(first)}))
+    assert _up_to_date("cloud", tmp_path, "d1", False, first)
+    assert not _up_to_date("cloud", tmp_path, "d1", False, second)      # same config from other weights: retrain
+    assert not _up_to_date("cloud", tmp_path, "d2", False, first)
+    assert not _up_to_date("cloud", tmp_path, "d1", True, first)        # --force

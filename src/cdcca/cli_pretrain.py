@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,13 +82,21 @@ def _given(base: dict, **options) -> dict:
     return {**base, **{k: v for k, v in options.items() if v is not None}}
 
 
-def _up_to_date(role: str, out: Path, digest: str, force: bool) -> bool:
-    """Whether ``out/{role}.json`` already records this exact config (then say so and skip the run)."""
+def _up_to_date(role: str, out: Path, digest: str, force: bool, init: Path | None = None) -> bool:
+    """Whether ``out/{role}.json`` already records this exact config — and, for a stage that continues
+    from ``init``, that same start (then say so and skip the run)."""
     record_path = out / f"{role}.json"
-    if record_path.is_file() and not force and json.loads(record_path.read_text()).get("digest") == digest:
-        console.print(f"{role}: up to date at {out} (use --force to retrain)")
-        return True
-    return False
+    if not record_path.is_file() or force:
+        return False
+    record = json.loads(record_path.read_text())
+    if record.get("digest") != digest or (init is not None and record.get("init_sha256") != _sha256(init)):
+        return False
+    console.print(f"{role}: up to date at {out} (use --force to retrain)")
+    return True
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextmanager
@@ -111,7 +120,7 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
     given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
     cfg = ConsistencyConfig(**given) if targets_cfg is None else \
         ConsistencyConfig.for_targets(targets_key(init, targets_cfg), **given)
-    if _up_to_date("cloud", out, cfg.digest(), force):
+    if _up_to_date("cloud", out, cfg.digest(), force, init):
         return
     try:
         clean, views = training_views(cfg)
@@ -164,7 +173,7 @@ def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share,
                                      batch_size=batch_size, lr=lr, aug_share=aug_share))
     except ValueError as exc:
         fail(str(exc))
-    if _up_to_date("cloud", out, cfg.digest(), force):
+    if _up_to_date("cloud", out, cfg.digest(), force, init):
         return
     try:
         clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
