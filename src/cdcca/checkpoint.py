@@ -2,11 +2,15 @@
 
 A checkpoint names the digest of the config that wrote it; a run with another config starts over
 instead of resuming from someone else's state. Written to a temp file and renamed, so an
-interrupted write never leaves a torn checkpoint.
+interrupted write never leaves a torn checkpoint. The digests and file hashes that training records
+carry (a stage's config, the weights it started from and wrote) are defined here once too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,6 +20,16 @@ from safetensors.torch import load_file
 from cdcca.atomic import write_safetensors
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
+
+
+def config_digest(cfg, **extra) -> str:
+    """16 hex digits of SHA-256 over a dataclass config (plus ``extra`` fields), keys sorted."""
+    return hashlib.sha256(json.dumps({**extra, **asdict(cfg)}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes: what a training record names its input and output weights by."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_checkpoint(path: Path, weights: dict[str, torch.Tensor], params: NamedParams,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from cdcca.checkpoint import file_sha256
 from cdcca.cli_common import Recipe, Role, console, fail, use_threads
 
 
@@ -89,14 +89,10 @@ def _up_to_date(role: str, out: Path, digest: str, force: bool, init: Path | Non
     if not record_path.is_file() or force:
         return False
     record = json.loads(record_path.read_text())
-    if record.get("digest") != digest or (init is not None and record.get("init_sha256") != _sha256(init)):
+    if record.get("digest") != digest or (init is not None and record.get("init_sha256") != file_sha256(init)):
         return False
     console.print(f"{role}: up to date at {out} (use --force to retrain)")
     return True
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @contextmanager
@@ -177,8 +173,7 @@ def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share,
         return
     try:
         clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
-        steps = cfg.epochs * -(-cfg.samples // cfg.batch_size)
-        with _loss_bar("read-out (cloud top layers)", steps) as progress:
+        with _loss_bar("read-out (cloud top layers)", cfg.epochs * cfg.batches) as progress:
             record = train_readout(init, cfg, out, clean, views, progress)
     except (AssetError, ValueError) as exc:
         fail(str(exc))

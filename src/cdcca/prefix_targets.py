@@ -11,15 +11,15 @@ changes, and only train images and their true answers are used.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdcca.checkpoint import config_digest, file_sha256
 from cdcca.model.mllm import MLLM, answer_loss
 from cdcca.model.prompt import Prompter
 
@@ -40,7 +40,7 @@ class TargetConfig:
             raise ValueError("TargetConfig.images, questions_per_image, inner_steps and images_per_batch must be ≥ 1")
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return config_digest(self)
 
 
 def question_kind(answer: str) -> str:
@@ -159,7 +159,7 @@ def class_mean_targets(images: np.ndarray, targets: torch.Tensor, start: torch.T
 
 def targets_key(init: Path, cfg: TargetConfig) -> str:
     """What the targets depend on: the config and the cloud adapters they were optimised through."""
-    return f"{cfg.digest()}-{hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16]}"
+    return f"{cfg.digest()}-{file_sha256(init)[:16]}"
 
 
 def save_targets(path: Path, images: np.ndarray, targets: torch.Tensor, key: str, stats: dict) -> None:
@@ -193,13 +193,10 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tens
     targets for all images. Returns (image ids, targets, stats)."""
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
-    from cdcca.model.mllm import load_adapter_state
-    from cdcca.model.pair import build_model
+    from cdcca.model.pair import load_adapters_file
 
     key, path = targets_key(init, cfg), out_dir / "cloud.targets.safetensors"
-    model = build_model("cloud")
-    load_adapter_state(model, {k: v.float() for k, v in load_file(str(init)).items()})
-    model.eval()
+    model = load_adapters_file("cloud", init)
     data = load_split("train")
     saved = load_targets(path, key)
     if saved is None:

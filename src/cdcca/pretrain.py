@@ -9,8 +9,6 @@ resumable from ``{out}/{role}.ckpt.safetensors`` and exports fp16 adapters plus 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
-from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
+from cdcca.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
@@ -64,7 +62,7 @@ class PretrainConfig:
         return cls(**base)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return config_digest(self)
 
 
 def one_cycle_lr(peak: float, step: int, steps: int, warmup: float) -> float:
@@ -162,13 +160,13 @@ def _record(cfg: PretrainConfig, device: str, weights: Path, state: dict[str, to
     """What ``{role}.json`` records: the config and its digest, the weights' hash, the loss and the times."""
     return {
         "role": cfg.role, "config": asdict(cfg), "digest": cfg.digest(), "device": device,
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "sha256": file_sha256(weights),
         "adapter_params": sum(v.numel() for v in state.values()),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "features_s": round(features_s, 1), "train_s": round(train_s, 1),
         "s_per_step": round(train_s / max(1, steps_run), 3),
         "torch": torch.__version__,
-        "init_sha256": hashlib.sha256(Path(cfg.init).read_bytes()).hexdigest() if cfg.init else None,
+        "init_sha256": file_sha256(cfg.init) if cfg.init else None,
     }
 
 

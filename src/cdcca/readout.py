@@ -12,20 +12,18 @@ learnt for shifted inputs too. The bridge and the lower layers do not change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from cdcca.atomic import write_safetensors
-from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key, load_adapter_state
+from cdcca.checkpoint import config_digest, file_sha256
+from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
 from cdcca.model.prompt import Prompter, TextBatch
 
 
@@ -46,8 +44,13 @@ class ReadoutConfig:
         if not 0.0 <= self.aug_share <= 1.0:
             raise ValueError(f"ReadoutConfig.aug_share must be in [0, 1]; got {self.aug_share}")
 
+    @property
+    def batches(self) -> int:
+        """Cached batches; each epoch takes one optimizer step on every one of them."""
+        return -(-self.samples // self.batch_size)
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps({"recipe": "readout", **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
+        return config_digest(self, recipe="readout")
 
 
 class SplitLLM:
@@ -103,7 +106,7 @@ def cache_lower(split: SplitLLM, data, prompter: Prompter, clean: torch.Tensor, 
     ``cfg.aug_share`` of them through a random corrupted copy of their image."""
     rng = np.random.default_rng(cfg.seed)
     batches = []
-    for _ in range(0, cfg.samples, cfg.batch_size):
+    for _ in range(cfg.batches):
         rows = rng.integers(0, len(data.questions), cfg.batch_size)
         images = data.image_ids[rows]
         corrupted = (rng.random(cfg.batch_size) < cfg.aug_share) & (len(variants) > 0)
@@ -160,15 +163,13 @@ def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, clean: torch.Te
     returns its record (config, hashes, loss, times)."""
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
-    from cdcca.model.pair import build_model
+    from cdcca.model.pair import load_adapters_file
 
-    model = build_model("cloud")
-    load_adapter_state(model, {k: v.float() for k, v in load_file(str(init)).items()})
+    model = load_adapters_file("cloud", init)
     data = load_split("train")
     stats = tune_readout(model, cfg, data, Prompter(load_tokenizer(), data.candidates), clean, variants, progress)
     path = out_dir / "cloud.safetensors"
     write_safetensors(path, {k: v.half() for k, v in adapter_state(model).items()},
                       metadata={"role": "cloud", "digest": cfg.digest()})
     return {"recipe": "readout", "config": asdict(cfg), "digest": cfg.digest(),
-            "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **stats, "torch": torch.__version__}
+            "init_sha256": file_sha256(init), "sha256": file_sha256(path), **stats, "torch": torch.__version__}

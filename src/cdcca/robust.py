@@ -12,8 +12,6 @@ the half token sets the uplink sends. The LLM, its LoRA and its norms stay as pr
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.checkpoint import load_checkpoint, optimizer_step, save_checkpoint
+from cdcca.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.bridge import Bridge, BridgeConfig
 
@@ -61,7 +59,7 @@ class ConsistencyConfig:
         return cls(**{"lr": 1e-3, "w_clean": 1.0, "steps": 1500, **overrides, "targets": key})
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return config_digest(self)
 
 
 def bridge_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -190,8 +188,8 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     ckpt.unlink(missing_ok=True)
     return {
         "recipe": "consistency", "config": asdict(cfg), "digest": cfg.digest(),
-        "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest(),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "init_sha256": file_sha256(init),
+        "sha256": file_sha256(path),
         "first_loss": float(np.mean(losses[:20])) if losses else None,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "train_s": round(train_s, 1), "s_per_step": round(train_s / max(1, cfg.steps - start), 3),

@@ -55,6 +55,11 @@ def load_pretrained(role: str, root: Path | None = None) -> MLLM:
     path = weights_file(role, root)
     if not path.is_file():
         raise AssetError(f"pretrained {role} adapters not found at {path}; run: cdcca pretrain --role {role}")
+    return load_adapters_file(role, path)
+
+
+def load_adapters_file(role: str, path: Path) -> MLLM:
+    """Build a role and load the bridge + adapters of one ``ROLE.safetensors`` file (e.g. a stage's ``--init``)."""
     model = build_model(role)
     try:
         state = {k: v.float() for k, v in load_file(str(path)).items()}
