@@ -22,8 +22,8 @@ def test_the_shipped_pipeline_is_every_default():
 
 
 def test_settings_override_nested_fields_and_are_validated():
-    cfg = apply_settings(LoopConfig(), ["akd.source_replay=0.5", "uts.budget=320", "per_domain=640", "labels=oracle"])
-    assert (cfg.akd.source_replay, cfg.uts.budget, cfg.per_domain, cfg.labels) == (0.5, 320, 640, "oracle")
+    cfg = apply_settings(LoopConfig(), ["akd.source_replay=0.5", "uts.budget=320", "round_size=640", "labels=oracle"])
+    assert (cfg.akd.source_replay, cfg.uts.budget, cfg.round_size, cfg.labels) == (0.5, 320, 640, "oracle")
     with pytest.raises(ValueError, match=r"akd\.nope"):
         apply_settings(LoopConfig(), ["akd.nope=1"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):

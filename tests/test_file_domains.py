@@ -88,11 +88,12 @@ def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
 
     a = write_domain(tmp_path / "a", "a")
     b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))
-    metrics = run_demo("quick", tmp_path / "run", stream=f"{a},{b}", per_domain=8, heldout_n=8,
+    metrics = run_demo("quick", tmp_path / "run", stream=f"{a},{b}", rounds_per_domain=1, round_size=8, heldout_n=8,
                        uts=__import__("cdcca.uplink", fromlist=["UTSConfig"]).UTSConfig(selection="budget", budget=4))
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "report.html").is_file()
     assert metrics["summary"]["domains"] == [a, b]
     assert len(metrics["rounds"]) == 2 and all(r["uploads"] > 0 for r in metrics["rounds"])
+    assert [r["source_only_online_mc"] is not None for r in metrics["rounds"]] == [True, True]
 
 
 def test_candidates_sharing_a_first_token_are_named(tokenizer):

@@ -14,7 +14,7 @@ from cdcca.fleet.local import FleetConfig, LocalFleet
 from cdcca.uplink import UTSConfig, decode_uplink
 
 FAST_AKD = AKDConfig(epochs=1, batch_size=4)
-STREAM = {"stream": "default", "per_domain": 24, "rounds_per_domain": 1, "seed": 0, "per_round": 8}
+STREAM = {"stream": "default", "scenario": "persistent", "rounds_per_domain": 1, "seed": 0, "per_round": 8}
 
 
 @pytest.fixture
@@ -112,8 +112,8 @@ def test_names_that_are_not_plain_are_refused_before_anything_is_written(tmp_pat
 
 
 def test_the_embedded_fleet_with_one_group_trains_once_per_round(tmp_path):
-    cfg = FleetConfig(devices=3, per_domain=24, heldout_n=8, tiny=True, group="all",
-                      uts=UTSConfig(selection="budget", budget=12, token_scorer="energy"), akd=FAST_AKD)
+    cfg = FleetConfig(devices=3, rounds_per_domain=1, heldout_n=8, tiny=True, group="all",
+                      uts=UTSConfig(selection="budget", budget=4, token_scorer="energy"), akd=FAST_AKD)
     fleet = LocalFleet.setup(cfg, tmp_path)
     rows = fleet.run_round(0) + fleet.run_round(1)
     assert [r["version"] for r in rows] == [1, 1, 1, 2, 2, 2]
@@ -125,10 +125,10 @@ def test_the_embedded_fleet_with_one_group_trains_once_per_round(tmp_path):
         LocalFleet.setup(FleetConfig(devices=1, tiny=True, group="site"), tmp_path / "other")
 
 
-def test_the_upload_budget_is_the_fleets_so_more_devices_do_not_mean_more_uplink():
-    uts = UTSConfig(selection="budget", budget=128)
-    assert FleetConfig(devices=1, uts=uts).device_uts().budget == 128
-    assert FleetConfig(devices=8, uts=uts).device_uts().budget == 16
-    assert FleetConfig(devices=300, uts=uts).device_uts().budget == 1
-    threshold = UTSConfig(selection="threshold")
-    assert FleetConfig(devices=8, uts=threshold).device_uts() == threshold
+def test_the_upload_budget_is_per_device_like_the_round_size(tmp_path):
+    cfg = FleetConfig(devices=2, rounds_per_domain=1, tiny=True, akd=FAST_AKD,
+                      uts=UTSConfig(selection="budget", budget=3, token_scorer="energy"))
+    fleet = LocalFleet.setup(cfg, tmp_path)
+    rows = fleet.run_round(0)
+    fleet.close()
+    assert [r["uploads"] for r in rows] == [3, 3]

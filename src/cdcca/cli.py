@@ -22,7 +22,17 @@ from rich.table import Table
 from cdcca.cli_api import device_api, device_serve
 from cdcca.cli_bench import bench_app
 from cdcca.cli_cloud import cloud_app
-from cdcca.cli_common import Role, console, fail, one_line_errors, use_threads
+from cdcca.cli_common import (
+    SCENARIO_HELP,
+    Role,
+    console,
+    fail,
+    headline_text,
+    one_line_errors,
+    scenario_overrides,
+    summary_line,
+    use_threads,
+)
 from cdcca.cli_pretrain import pretrain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -172,6 +182,11 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
     stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
+    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
+    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
+    round_size: int | None = typer.Option(None, help="Requests per round per device (default: the scenario's; persistent 80)."),
+    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
+    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round; 1: one round late)."),
     group: str | None = typer.Option(None, help="'all': the devices form one fleet group — the cloud pools their uploads "
                                      "into one shared student and sends each the same update (default: one student per device)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
@@ -190,15 +205,14 @@ def demo(
             from cdcca.data.stream import resolve_sequence, stream_data
 
             stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
+        stream_settings = scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay)
         metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle, group=group,
-                           **({"stream": stream} if stream else {}))
+                           **({"stream": stream} if stream else {}), **stream_settings)
     except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     s = metrics["summary"]
-    console.print(f"source-only MC {s['source_only_mc']:.3f} → adapted MC {s['adapted_mc']:.3f}; "
-                  f"up {s['bytes_up_total'] / 1024:.1f} KiB, down {s['bytes_down_total'] / 1024:.1f} KiB; "
-                  f"{s['wall_s']:.0f} s. Report: {out / 'report.html'}")
-    print(json.dumps(s))
+    console.print(headline_text(s))
+    print(summary_line(s) + f"; {s['wall_s']:.0f} s; report {out / 'report.html'}")
 
 
 

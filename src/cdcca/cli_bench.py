@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cdcca.cli_common import console, fail, one_line_errors, use_threads
+from cdcca.cli_common import SCENARIO_HELP, console, fail, one_line_errors, scenario_overrides, use_threads
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 
@@ -60,6 +60,11 @@ def bench_akd(
     variants: str | None = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
     stream: str | None = typer.Option(None, help="Domains: 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files."),
+    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
+    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
+    round_size: int | None = typer.Option(None, help="Requests per round (default: the scenario's; persistent 80)."),
+    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
+    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
     save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
@@ -68,7 +73,7 @@ def bench_akd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
-    """AKD ablations on the default continual stream: final held-out MC over shifted domains, source MC, cloud time."""
+    """AKD ablations on the continual stream: online MC and recovery, final held-out MC over shifted domains, source MC, cloud time."""
     from cdcca.bench import akd
 
     use_threads(threads)
@@ -96,6 +101,7 @@ def bench_akd(
     if stream:
         base["stream"] = stream
     try:
+        base.update(scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay))
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,
                        settings=set_ or [])
@@ -127,12 +133,13 @@ def _print_label_study(pooled: list[dict]) -> None:
 
 def _print_akd_rows(rows: list[dict]) -> None:
     """The ablation table: one row per (variant, seed)."""
-    table = Table(title="AKD on the default stream (held-out MC)")
-    for col in ("variant", "seed", "adapted MC", "source MC", "trained/uploads", "teacher on trained",
+    table = Table(title="AKD on the stream (online MC: answers served; held-out MC after the stream)")
+    for col in ("variant", "seed", "online MC", "recovery", "held-out MC", "clean MC", "trained/uploads", "teacher on trained",
                 "device on trained", "down KiB/round", "teacher s", "student s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["variant"], str(r["seed"]), _fmt3(r["adapted_mc"]), _fmt3(r["source_mc"]),
+        table.add_row(r["variant"], str(r["seed"]), _fmt3(r.get("online_mc")),
+                      " ".join(f"{v:.2f}" for v in r.get("recovery") or []), _fmt3(r["adapted_mc"]), _fmt3(r["source_mc"]),
                       f"{r['trained']}/{r['uploads']}", _fmt3(r["upload_teacher_mc"]), _fmt3(r["upload_device_mc"]),
                       f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
     console.print(table)
@@ -250,9 +257,17 @@ def bench_tta_rate(
 
 @bench_app.command("paper")
 def bench_paper(
-    preset: str = typer.Option("quick", help="quick (160 requests and 64 uploads per domain, 100 held-out questions; "
-                               "Tables 3-4 on the first seed; ~1 h on 2 cores for 3 seeds) or full (320/128/200, every seed)."),
+    preset: str = typer.Option("quick", help="quick (100 held-out questions per domain; Tables 3-4 on the first seed) "
+                               "or full (200, every seed); both on the scenario's stream."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    methods: str | None = typer.Option(None, help="Comma-separated Table 1 methods to run (then no ablation tables): "
+                                       "source-only, bn, tent, tent+bn, eata, cotta, pseudo-label, cdcca-dense, cdcca, teacher, oracle."),
+    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
+    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
+    round_size: int | None = typer.Option(None, help="Requests per round (default: the scenario's; persistent 80)."),
+    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
+    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round)."),
+
     out: Path = typer.Option(Path("runs/paper"), help="Output folder: cells/ (the resume point), paper.json, tables.md, plots, report.html."),
     link_mbps: float = typer.Option(10.0, help="Link speed for Table 5's transfer times, Mbit/s."),
     results_page: Path | None = typer.Option(None, help="Also write the tables into this page's bench-paper block (e.g. docs/RESULTS.md)."),
@@ -268,8 +283,11 @@ def bench_paper(
         fail(f"--link-mbps must be positive, got {link_mbps}")
     with one_line_errors():
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        plan(preset, seed_list)                       # bad preset or seeds fail before any model loads
-        result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps)
+        method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        stream = scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay)
+        plan(preset, seed_list, method_list)          # bad preset, seeds or methods fail before any model loads
+        result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps,
+                           methods=method_list, stream=stream)
         if results_page:
             update_results_page(results_page, markdown(result))
     if not as_json:

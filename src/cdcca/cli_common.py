@@ -51,3 +51,48 @@ def one_line_errors() -> Iterator[None]:
         yield
     except (PacketError, AssetError, ValueError, RuntimeError, OSError, sqlite3.DatabaseError) as exc:
         fail(str(exc))
+
+
+SCENARIO_HELP = ("How long each domain lasts: persistent (each domain for several rounds; default), recurring (the "
+                 "domains come back, --visits times), gradual (one corruption, severity 1 → 5), one-round (each "
+                 "domain one round: the old stream, for comparison).")
+
+
+def scenario_overrides(scenario: str, rounds_per_domain: int | None, round_size: int | None, visits: int,
+                       update_delay: int) -> dict:
+    """The stream settings of a run config, checked now (a bad value fails before any model loads)."""
+    from cdcca.data.scenario import Scenario
+
+    Scenario(scenario, rounds_per_domain, round_size, visits)
+    if update_delay < 0:
+        raise ValueError(f"--update-delay must be ≥ 0 rounds, got {update_delay}")
+    return {"scenario": scenario, "rounds_per_domain": rounds_per_domain, "round_size": round_size,
+            "visits": visits, "update_delay": update_delay}
+
+
+def headline_text(summary: dict) -> str:
+    """The report's headline sentence as plain text."""
+    import html
+
+    from cdcca.report import headline
+
+    return html.unescape(headline(summary))
+
+
+def summary_line(s: dict) -> str:
+    """The run's figures rounded, on one line: online, held-out, clean, bytes."""
+    def pct(v) -> str:
+        return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+    parts = []
+    if s.get("online_mc") is not None:
+        parts.append(f"online MC {pct(s['online_mc'])} % (never updated {pct(s.get('source_only_online_mc'))} %)")
+        if s.get("recovery"):
+            gains = [a - b for a, b in zip(s["recovery"], s.get("source_only_recovery") or [])]
+            parts.append("recovery " + " / ".join(f"{100 * g:+.1f}" for g in gains))
+    parts.append(f"held-out MC {pct(s.get('adapted_mc'))} % (never updated {pct(s.get('source_only_mc'))} %)")
+    if s.get("source_mc_after") is not None:
+        parts.append(f"clean {pct(s.get('source_mc_before'))} → {pct(s['source_mc_after'])} %")
+    rounds = max(1, s.get("rounds", 1))
+    parts.append(f"{s.get('bytes_up_total', 0) / rounds / 1024:.0f} KiB up, {s.get('bytes_down_total', 0) / rounds / 1024:.0f} KiB down per round")
+    return "; ".join(parts)

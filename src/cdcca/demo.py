@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain
 from cdcca.fleet.local import FLEET_PRESETS, FleetConfig, LocalFleet, domains_of
 from cdcca.report import write_report
@@ -83,7 +85,8 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     from cdcca.model.prompt import Prompter
     from cdcca.source_set import load_source_set
 
-    loop = LoopConfig(stream=cfg.stream, per_domain=cfg.per_domain, rounds_per_domain=cfg.rounds_per_domain,
+    loop = LoopConfig(stream=cfg.stream, scenario=cfg.scenario, rounds_per_domain=cfg.rounds_per_domain,
+                      round_size=cfg.round_size, visits=cfg.visits, update_delay=cfg.update_delay,
                       heldout_n=cfg.heldout_n, downlink="dense", labels="oracle", uts=cfg.uts, akd=cfg.akd,
                       eval_every_round=False, seed=cfg.seed)
     files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.stream) if d.path]
@@ -97,35 +100,37 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     source = load_source_set() if cfg.akd.needs_source else None
     res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
-    acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"]}
+    acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"],
+           "online": [r["online_mc"] for r in res["rounds"]]}
     write_json(path, acc)
     return acc
 
 
-def _source_only_online(cfg: FleetConfig, device) -> dict[str, float]:
-    """Online MC of the never-updated device on exactly the requests the first device serves."""
+def _source_only_online(cfg: FleetConfig, device) -> list[float]:
+    """Online MC per round of the never-updated device on exactly the requests the first device serves
+    (run before any update, so the device still holds its pretrained adapters)."""
     from cdcca.device import RequestStream
     from cdcca.model.answer import mc_predict
 
     prompter = device._prompter()
-    out = {}
+    out = []
     for rnd in range(cfg.rounds):
-        tokens, questions, gold, _, domain = RequestStream(device.config["stream"]).chunk(rnd)
+        tokens, questions, gold, _, _ = RequestStream(device.config["stream"]).chunk(rnd)
         right = 0
         for s in range(0, len(questions), 64):
             probs = mc_predict(device.model, prompter, tokens[s:s + 64], questions[s:s + 64])
             right += sum(prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold[s:s + 64]))
-        out[domain] = right / max(1, len(questions))
+        out.append(right / max(1, len(questions)))
     return out
 
 
 def settings_of(cfg: FleetConfig, preset: str) -> dict:
     """The knobs a reader needs to judge the run, in words and rounded numbers."""
-    a, u, w = cfg.akd, cfg.device_uts(), cfg.dwc
+    a, u, w = cfg.akd, cfg.uts, cfg.dwc
     return {
         "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
         "fleet group": "all devices share one student" if cfg.group else "one student per device",
-        "requests per domain (all devices)": cfg.per_domain, "rounds per domain": cfg.rounds_per_domain,
+        "scenario": _scenario_in_words(cfg), "update delay (rounds)": cfg.update_delay,
         "held-out questions per domain": cfg.heldout_n if cfg.curve_n in (None, cfg.heldout_n)
         else f"{cfg.heldout_n} after the last round ({cfg.curve_n} for the curves of earlier rounds)",
         "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain"
@@ -136,6 +141,12 @@ def settings_of(cfg: FleetConfig, preset: str) -> dict:
                           f"error feedback {'on' if w.error_feedback else 'off'}",
         "seed": cfg.seed,
     }
+
+
+def _scenario_in_words(cfg: FleetConfig) -> str:
+    sc = cfg.scenario_spec()
+    visits = f", {sc.visits} visits" if sc.name == "recurring" else ""
+    return f"{sc.name}: {sc.per_domain} rounds per domain{visits}, {sc.size} requests per round per device"
 
 
 def _akd_in_words(a) -> str:
@@ -149,15 +160,26 @@ def _akd_in_words(a) -> str:
     return "; ".join(parts) + f"; replay {a.replay_per_round:g}:1"
 
 
+def domain_label(domain: str) -> str:
+    """A domain as a table shows it: a JSONL file by its stem, a built-in domain as written."""
+    return Path(domain).stem if domain.endswith(".jsonl") else domain
+
+
 def _table(rows: list[dict], title: str) -> Table:
-    t = Table(title=title)
-    for c in ("round", "device", "domain", "online MC", "held-out MC", "source MC", "uploads", "up KiB", "down KiB", "s"):
-        t.add_column(c, justify="right")
+    """The live per-round table, 80 columns wide: online MC next to the never-updated device's on the same
+    requests (src-only), held-out MC when the stream leaves a domain, clean MC, KiB up and down, seconds."""
+    many = len({r["device"] for r in rows}) > 1
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in ("rnd", *(["dev"] if many else []), "domain", "online", "src-only", "heldout", "clean", "KiB up", "KiB dn", "s"):
+        t.add_column(c, justify="left" if c == "domain" else "right", no_wrap=True)
+
+    def num(v) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for r in rows:
-        t.add_row(str(r["round"]), r["device"], r["domain"], f"{r['online_mc']:.3f}",
-                  "-" if r.get("heldout_mc") is None else f"{r['heldout_mc']:.3f}",
-                  "-" if r.get("source_mc") is None else f"{r['source_mc']:.3f}",
-                  str(r["uploads"]), f"{r['bytes_up'] / 1024:.1f}", f"{r['bytes_down'] / 1024:.1f}", f"{r['wall_s']:.0f}")
+        t.add_row(str(r["round"]), *([r["device"]] if many else []), domain_label(r["domain"]), num(r["online_mc"]),
+                  num(r.get("source_only_online_mc")), num(r.get("heldout_mc")), num(r.get("source_mc")),
+                  f"{r['bytes_up'] / 1024:.0f}", f"{r['bytes_down'] / 1024:.0f}", f"{r['wall_s']:.0f}")
     return t
 
 
@@ -173,20 +195,31 @@ def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
     first = fleet.devices[0]
     base = _cached_reference("device", f"held-out {[str(d) for d in domains]} n={cfg.heldout_n}", domains,
                              lambda: heldout(first.model, domains + [clean], cfg.heldout_n))
-    online_base = _cached_reference("device", f"online {first.config['stream']} rounds={cfg.rounds}", domains,
-                                    lambda: _source_only_online(cfg, first))
+    online_base = _cached_reference("device", f"online per round {sorted(first.config['stream'].items())} rounds={cfg.rounds}",
+                                    domains, lambda: {"rounds": _source_only_online(cfg, first)})["rounds"]
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
     teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
 
+    slots = cfg.schedule()
+
     def evaluate(dev, rnd: int):
-        if dev is not fleet.devices[0]:            # held-out evaluation on the first device only
+        # held-out evaluation on the first device only, when the stream leaves a domain (and at the end)
+        if dev is not fleet.devices[0]:
             return {"heldout_mc": None, "source_mc": None}
+        reference = {"source_only_online_mc": online_base[rnd]}
+        if rnd != cfg.rounds - 1 and not leaves_domain(slots, rnd):
+            return {**reference, "heldout_mc": None, "source_mc": None}
         n = cfg.heldout_n if rnd == cfg.rounds - 1 or cfg.curve_n is None else cfg.curve_n
         acc = heldout(dev.model, domains + [clean], n)
-        return {"heldout": {str(d): acc[str(d)] for d in domains},
+        return {**reference, "heldout": {str(d): acc[str(d)] for d in domains},
                 "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
 
     return evaluate, {"source_only": base, "online": online_base, "teacher": teacher}
+
+
+def leaves_domain(slots: list[Slot], rnd: int) -> bool:
+    """Whether round ``rnd`` is the last of its domain's visit (the stream shifts after it)."""
+    return rnd == len(slots) - 1 or slots[rnd + 1].step == 0
 
 
 def _run_rounds(fleet: LocalFleet, cfg: FleetConfig, evaluate: Callable[[Any], dict], console: Console) -> list[dict]:
@@ -205,6 +238,7 @@ def _summary(cfg: FleetConfig, preset: str, domains: list[Domain], rows: list[di
     last = [r for r in rows if r["round"] == cfg.rounds - 1 and r.get("heldout_mc") is not None]
     base, teacher = refs["source_only"], refs["teacher"]
     return {
+        **online_figures(rows, refs["online"]),
         "source_only_mc": float("nan") if cfg.tiny else float(np.mean([base[str(d)] for d in domains])),
         "adapted_mc": float(np.mean([r["heldout_mc"] for r in last])) if last else float("nan"),
         "source_mc_before": None if cfg.tiny else base["clean"],
@@ -215,13 +249,37 @@ def _summary(cfg: FleetConfig, preset: str, domains: list[Domain], rows: list[di
         "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
         "oracle": oracle_acc,
         "oracle_mc": float(np.mean([oracle_acc[str(d)] for d in domains])) if oracle_acc else None,
-        "source_only_online": refs["online"],
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
         "cloud_s_total": round(sum(r["cloud_s"] for r in rows), 1), "group": cfg.group,
         "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def online_figures(rows: list[dict], source_only_online: list[float]) -> dict:
+    """What users got, next to what the never-updated device answered to the same requests: online MC over
+    the shifted rounds, per domain, the recovery curve and (when domains come back) the first round of a
+    revisit. The first device's rows are compared (the reference answered its requests); each of its
+    rows gains ``source_only_online_mc``."""
+    if not rows or not source_only_online:
+        return {}
+    first = sorted((r for r in rows if r["device"] == rows[0]["device"]), key=lambda r: r["round"])
+    for r in first:
+        r["source_only_online_mc"] = source_only_online[r["round"]]
+    shifted = [r for r in first if r["domain"] != "clean"]
+    out = {"online_mc": float(np.mean([r["online_mc"] for r in shifted])),
+           "source_only_online_mc": float(np.mean([r["source_only_online_mc"] for r in shifted])),
+           "recovery": recovery_curve(first), "source_only_recovery": recovery_curve(first, "source_only_online_mc"),
+           "online_by_domain": {d: {"online_mc": float(np.mean([r["online_mc"] for r in shifted if r["domain"] == d])),
+                                    "source_only_online_mc": float(np.mean([r["source_only_online_mc"] for r in shifted
+                                                                            if r["domain"] == d]))}
+                                for d in dict.fromkeys(r["domain"] for r in shifted)}}
+    revisit = revisit_first_rounds(first)
+    if revisit is not None:
+        out["revisit_first_round_mc"] = revisit
+        out["source_only_revisit_first_round_mc"] = revisit_first_rounds(first, "source_only_online_mc")
+    return out
 
 
 def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None = None, oracle: bool = False,

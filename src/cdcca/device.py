@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from cdcca.atomic import write_json
+from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks, stream_spec
+from cdcca.data.stream import resolve_sequence, stream_data
+from cdcca.evaluate import domain_tokens
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.pair import role_model
@@ -40,6 +43,23 @@ class RequestStream:
 
     def __init__(self, spec: dict):
         self.spec = spec
+        self.scenario = Scenario.from_spec(spec)
+
+    def _data(self):
+        return stream_data(resolve_sequence(self.spec["stream"]))
+
+    def chunks(self) -> list[ScheduledChunk]:
+        """Every round of the stream for the whole fleet, as the spec's scenario schedules it."""
+        s = self.spec
+        return scenario_chunks(self._data(), resolve_sequence(s["stream"]), self.scenario, s["n_devices"], s.get("seed", 0))
+
+    def scheduled(self, rnd: int) -> ScheduledChunk:
+        """Round ``rnd``'s chunk (past the schedule's end, the stream starts again)."""
+        chunks = self.chunks()
+        return chunks[rnd % len(chunks)]
+
+    def rounds(self) -> int:
+        return len(self.scenario.schedule(resolve_sequence(self.spec["stream"])))
 
     def chunk(self, rnd: int) -> tuple[torch.Tensor, list[str], list[str], list[str], str]:
         s = self.spec
@@ -49,14 +69,9 @@ class RequestStream:
             qs = ["what color is the shape?", "is there a circle in the image?"] * (n // 2)
             return torch.randn(n, 49, 32, generator=g), qs, ["red", "yes"] * (n // 2), \
                 [f"{s['device_id']}-r{rnd}-{i}" for i in range(n)], "tiny"
-        from cdcca.data.stream import build_stream, resolve_sequence, stream_data
-        from cdcca.evaluate import domain_tokens
-
-        domains = resolve_sequence(s["stream"])
-        data = stream_data(domains)
-        chunks = build_stream(data, domains, s["per_domain"], s.get("rounds_per_domain", 1), seed=s.get("seed", 0))
-        chunk = chunks[rnd % len(chunks)]
+        chunk = self.scheduled(rnd)
         qids = chunk.question_ids[s["index"]::s["n_devices"]]        # each device its own requests
+        data = self._data()
         tokens = domain_tokens(chunk.domain, data)[data.image_ids[qids]].float()
         return (tokens, [data.questions[i] for i in qids], [data.answers[i] for i in qids],
                 [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
@@ -123,7 +138,7 @@ class DeviceRuntime:
         require_plain_name("device id", device_id)
         model = model or role_model("device", tiny)
         uts = uts or UTSConfig(selection="budget", budget=8 if tiny else 64, token_scorer="energy" if tiny else "ood")
-        stream = {"tiny": tiny, "index": 0, "n_devices": 1, "stream": "default", "per_domain": 320, **(stream or {})}
+        stream = {"tiny": tiny, **stream_spec("default", Scenario()), **(stream or {})}
         stream["device_id"] = device_id
         config = {"device_id": device_id, "tiny": tiny, "uts": asdict(uts), "stream": stream,
                   "bytes_up": 0, "bytes_down": 0, "created": time.time()}

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from cdcca import protocol
 from cdcca.cloud import CloudRuntime
 from cdcca.data.easyvqa import VQASet
+from cdcca.data.scenario import STREAM_BUDGET, Scenario, recovery_curve, revisit_first_rounds, stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
 from cdcca.device import DeviceRuntime
 from cdcca.distill import AKD, AKDConfig, with_true_labels
@@ -35,12 +36,15 @@ class LoopConfig:
     """One continual-adaptation run over a shift stream."""
 
     stream: str = "default"
-    per_domain: int = 320          # stream requests per domain
-    rounds_per_domain: int = 1
+    scenario: str = "persistent"   # how long each domain lasts: persistent | recurring | gradual | one-round
+    rounds_per_domain: int | None = None   # None: the scenario's default (persistent: 4)
+    round_size: int | None = None  # requests per round; None: the scenario's default (persistent: 80)
+    visits: int = 2                # recurring: how many times the domains come back
+    update_delay: int = 0          # rounds an update spends in transit (0: live from the next round)
     heldout_n: int = 300           # held-out questions per domain for per-round accuracy
     downlink: str = "dense"        # "dense" (fp32 state) | "dwc" (compressed update) | "none" (source-only)
     labels: str = "teacher"        # "teacher" (pseudo-labels) | "oracle" (the true answers of the same uploads)
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=160))
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET))
     akd: AKDConfig = field(default_factory=AKDConfig)
     dwc: DWCConfig = field(default_factory=DWCConfig)
     eval_every_round: bool = True  # held-out accuracy after every round (else after the last only)
@@ -53,6 +57,12 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.downlink must be dense, dwc or none; got {self.downlink!r}")
         if self.labels not in ("teacher", "oracle"):
             raise ValueError(f"LoopConfig.labels must be teacher or oracle; got {self.labels!r}")
+        if not isinstance(self.update_delay, int) or self.update_delay < 0:
+            raise ValueError(f"LoopConfig.update_delay must be a whole number of rounds ≥ 0; got {self.update_delay!r}")
+        self.scenario_spec()                      # a bad scenario fails here, before any model loads
+
+    def scenario_spec(self) -> Scenario:
+        return Scenario(self.scenario, self.rounds_per_domain, self.round_size, self.visits)
 
 
 def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int) -> dict[str, float]:
@@ -96,8 +106,8 @@ def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: 
 def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet, on_round, device_id: str,
          root: Path) -> dict:
     domains = resolve_sequence(cfg.stream)
-    stream = {"index": 0, "n_devices": 1, "stream": cfg.stream, "per_domain": cfg.per_domain,
-              "rounds_per_domain": cfg.rounds_per_domain, "seed": cfg.seed}
+    scenario = cfg.scenario_spec()
+    stream = stream_spec(cfg.stream, scenario, cfg.seed)
     dev = DeviceRuntime.create(root / "device", device_id, uts=cfg.uts, stream=stream, model=device)
     cloud = CloudRuntime(root / "cloud", akd, adapter_state(device), cfg.dwc,
                          downlink="dense" if cfg.downlink == "dense" else "dwc")
@@ -105,17 +115,19 @@ def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQAS
     if cfg.labels == "oracle":
         cloud.label_override = lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records],
                                                                 prompter.candidates)
+    slots = scenario.schedule(domains)
+    link = protocol.DelayedLink(cfg.update_delay)
     rounds = []
     t_start = time.perf_counter()
     try:
-        n_rounds = len(domains) * cfg.rounds_per_domain
-        for rnd in range(n_rounds):
-            row = _round(cfg, dev, cloud, data, rnd)
+        for rnd, slot in enumerate(slots):
+            row = _round(cfg, dev, cloud, data, rnd, link)
+            row.update(visit=slot.visit, step=slot.step)
             if cfg.save_states:
                 Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
                 save_file(dev.store.current()[1], str(Path(cfg.save_states) / f"round{rnd}.safetensors"))
-            if cfg.eval_every_round or rnd == n_rounds - 1:
-                measure_heldout(row, dev.model, prompter, data, domains, cfg.heldout_n, cfg.heldout_da)
+            if cfg.eval_every_round or rnd == len(slots) - 1:
+                measure_heldout(row, dev.model, prompter, data, scenario.domains(domains), cfg.heldout_n, cfg.heldout_da)
             rounds.append(row)
             if on_round:
                 on_round(row)
@@ -125,11 +137,23 @@ def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQAS
     return {"rounds": rounds, "summary": loop_summary(rounds, cfg, time.perf_counter() - t_start)}
 
 
+def online_summary(rounds: list[dict]) -> dict:
+    """What users got: online MC over the shifted rounds, the recovery curve, and (recurring) the
+    first round of every later visit."""
+    shifted = [r["online_mc"] for r in rounds if r["domain"] != "clean" and r.get("online_mc") is not None]
+    out = {"online_mc": float(np.mean(shifted)) if shifted else None, "recovery": recovery_curve(rounds)}
+    revisit = revisit_first_rounds(rounds)
+    if revisit is not None:
+        out["revisit_first_round_mc"] = revisit
+    return out
+
+
 def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
-    """The run's summary from its rounds: the last round's held-out scores, the bytes moved."""
+    """The run's summary from its rounds: online accuracy, the last round's held-out scores, the bytes moved."""
     last = rounds[-1]
-    summary = {"adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"], "heldout": last["heldout"],
-               "bytes_up_total": sum(r["bytes_up"] for r in rounds), "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+    summary = {**online_summary(rounds), "adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"],
+               "heldout": last["heldout"], "bytes_up_total": sum(r["bytes_up"] for r in rounds),
+               "bytes_down_total": sum(r["bytes_down"] for r in rounds),
                "wall_s": round(wall_s, 1), "config": jsonable(asdict(cfg))}
     if "heldout_da" in last:
         summary.update(heldout_da=last["heldout_da"],
@@ -138,20 +162,22 @@ def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
     return summary
 
 
-def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int) -> dict:
-    """One round of the protocol (or only serving, for source-only) and what it moved and trained."""
+def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int,
+           link: protocol.DelayedLink) -> dict:
+    """One round of the protocol (or only serving, for source-only) and what it moved and trained.
+    The update the cloud sends travels over ``link``: applied after this round, or ``link.delay`` rounds later."""
     t0 = time.perf_counter()
     before = dev.status()
     if cfg.downlink == "none":
         served = dev.serve_round(rnd)
         uploads = 0
     else:
-        up, down, _ = protocol.run_round(dev, cloud, rnd)
+        up, down, _ = protocol.run_round(dev, cloud, rnd, link=link)
         served, uploads = up.served, len(down.acked)
     after = dev.status()
     row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
            "uploads": uploads, "bytes_up": after["bytes_up"] - before["bytes_up"],
-           "bytes_down": after["bytes_down"] - before["bytes_down"]}
+           "bytes_down": after["bytes_down"] - before["bytes_down"], "version": after["version"]}
     report = cloud.last_round if uploads else None
     if report is not None:
         truth = [_truth(data, sid) for sid in report.sample_ids]

@@ -60,11 +60,13 @@ def device_uplink(device, rnd: int, max_samples: int = 256) -> UplinkMessage:
     return UplinkMessage(device.device_id, packet, served, device.status())
 
 
-def cloud_receive(cloud, up: UplinkMessage) -> DownlinkMessage:
+def cloud_receive(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMessage:
     """Commit the uploads and replay an update the device missed (its acknowledgements and catch-up).
-    A malformed packet raises :class:`cdcca.wire.PacketError` before anything is stored or acknowledged."""
+    ``catch_up=False`` when the driver knows an update is still in transit (a :class:`DelayedLink`), so a
+    device behind the mirror is late, not lost. A malformed packet raises :class:`cdcca.wire.PacketError`
+    before anything is stored or acknowledged."""
     down = DownlinkMessage(acked=cloud.receive(up.packet) if up.packet is not None else [])
-    if up.status.get("hash") != cloud.mirror_hash(up.device_id):     # an earlier delivery got lost
+    if catch_up and up.status.get("hash") != cloud.mirror_hash(up.device_id):     # an earlier delivery got lost
         missed = cloud.update_for(up.device_id, int(up.status.get("version", -1)))
         down.packets.append(missed if missed is not None else cloud.resync(up.device_id))
         down.caught_up = True
@@ -79,13 +81,13 @@ def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage) -> DownlinkMes
     return down
 
 
-def cloud_downlink(cloud, up: UplinkMessage) -> DownlinkMessage:
+def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMessage:
     """The cloud's whole step for one device: :func:`cloud_receive`, then :func:`cloud_update`."""
-    return cloud_update(cloud, up, cloud_receive(cloud, up))
+    return cloud_update(cloud, up, cloud_receive(cloud, up, catch_up))
 
 
 def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None,
-                timing: dict[Any, float] | None = None) -> dict[Any, DownlinkMessage]:
+                timing: dict[Any, float] | None = None, catch_up: bool = True) -> dict[Any, DownlinkMessage]:
     """The cloud's step for a whole fleet: every uplink is committed before any training, so a group's
     shared student learns from all its members' uploads of the round. A device whose packet is
     malformed is left out (``on_reject(key, up, error)``), the others go on. ``timing`` receives each
@@ -95,7 +97,7 @@ def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None,
     received = {}
     for key, up in uplinks.items():
         try:
-            received[key] = cloud_receive(cloud, up)
+            received[key] = cloud_receive(cloud, up, catch_up)
         except PacketError as exc:
             if on_reject is None:
                 raise
@@ -123,11 +125,48 @@ def cloud_resync(cloud, device_id: str) -> DownlinkMessage:
     return DownlinkMessage(acked=[], packets=[cloud.resync(device_id)])
 
 
-def run_round(device, cloud, rnd: int, max_samples: int = 256) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
-    """All four steps for one device in one process (the embedded fleet)."""
-    up = device_uplink(device, rnd, max_samples)
-    down = cloud_downlink(cloud, up)
-    report = device_apply(device, down)
+class DelayedLink:
+    """The downlink of one device as a pipe ``delay`` rounds long, as a slow link or a busy cloud makes
+    it: the packets sent in round k are applied after round k + delay (0: before the next round).
+    Acknowledgements are not delayed — the cloud holds the uploads; only its update is late."""
+
+    def __init__(self, delay: int = 0):
+        if delay < 0:
+            raise ValueError(f"update delay must be ≥ 0 rounds, got {delay}")
+        self.delay = delay
+        self.queue: list[tuple[int, list[bytes]]] = []
+
+    def send(self, rnd: int, packets: list[bytes]) -> None:
+        if packets:
+            self.queue.append((rnd + self.delay, list(packets)))
+
+    def arrived(self, rnd: int) -> list[bytes]:
+        """The packets due by the end of round ``rnd``, in the order they were sent."""
+        due = [p for at, packets in self.queue if at <= rnd for p in packets]
+        self.queue = [(at, packets) for at, packets in self.queue if at > rnd]
+        return due
+
+    @property
+    def in_transit(self) -> bool:
+        return bool(self.queue)
+
+
+def deliver(device, cloud, rnd: int, down: DownlinkMessage, link: DelayedLink) -> ApplyReport:
+    """Acknowledge now, apply what ``link`` delivers by the end of round ``rnd``; resync a device whose base
+    no longer matches (the resync replaces whatever is still in transit)."""
+    device.ack_uplink(list(down.acked))
+    link.send(rnd, down.packets)
+    report = device_apply(device, DownlinkMessage(acked=[], packets=link.arrived(rnd)))
     if report.resync_reason is not None:
+        link.queue.clear()
         report = device_apply(device, cloud_resync(cloud, device.device_id))
-    return up, down, report
+    return report
+
+
+def run_round(device, cloud, rnd: int, max_samples: int = 256,
+              link: DelayedLink | None = None) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
+    """All four steps for one device in one process (the embedded fleet); ``link`` delays the update."""
+    link = link or DelayedLink(0)
+    up = device_uplink(device, rnd, max_samples)
+    down = cloud_downlink(cloud, up, catch_up=not link.in_transit)
+    return up, down, deliver(device, cloud, rnd, down, link)

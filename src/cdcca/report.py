@@ -81,12 +81,34 @@ def plot_online(rounds: list[dict], summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 3.0))
     xs = [r["round"] for r in rs]
     ax.plot(xs, [r["online_mc"] for r in rs], marker="o", label="adapted device, online (as users saw it)")
-    online_base = summary.get("source_only_online", {})
-    if online_base:
-        ax.plot(xs, [online_base.get(r["domain"]) for r in rs], marker="x", ls="--", color="gray",
-                label="source-only device, same requests")
-    ax.set_xticks(xs, [f"{r['round']}\n{r['domain']}" for r in rs], fontsize=7)
+    if any(r.get("source_only_online_mc") is not None for r in rs):
+        ax.plot(xs, [r.get("source_only_online_mc") for r in rs], marker="x", ls="--", color="gray",
+                label="never-updated device, same requests")
+    ax.set_xticks(xs, [f"{r['round']}\n{_short(r['domain'])}" if r.get("step", 0) == 0 else str(r["round"]) for r in rs],
+                  fontsize=7)
     ax.set_ylabel("online MC accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(domain: str) -> str:
+    return Path(domain).stem if domain.endswith(".jsonl") else domain
+
+
+def plot_recovery(summary: dict, path: Path) -> None:
+    """Online MC in the 1st, 2nd, … round after a shift (mean over domains), adapted vs never-updated."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.0))
+    for key, label, style in (("recovery", "adapted device", dict(marker="o")),
+                              ("source_only_recovery", "never-updated device", dict(marker="x", ls="--", color="gray"))):
+        ys = summary.get(key) or []
+        ax.plot(range(1, len(ys) + 1), ys, label=label, **style)
+    ax.set_xlabel("round of a domain (1 = right after the shift; its update lands before round 2)")
+    ax.set_ylabel("online MC accuracy")
+    ax.set_xticks(range(1, len(summary.get("recovery") or []) + 1))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -119,8 +141,21 @@ def _pts(a, b) -> str:
     return "–" if a is None or b is None else f"{100 * (a - b):+.1f}"
 
 
+def recovery_words(summary: dict) -> str:
+    """The online gain over the never-updated device in each round of a domain, and when it holds."""
+    ad, so = summary.get("recovery") or [], summary.get("source_only_recovery") or []
+    gains = [a - b for a, b in zip(ad, so)]
+    if not gains:
+        return ""
+    curve = " / ".join(f"{100 * g:+.1f}" for g in gains)
+    settled = next((i + 1 for i, g in enumerate(gains) if g >= 0.5 * max(gains) and g > 0.02), None)
+    when = (f"the gain reached half its best by round {settled} of a domain" if settled
+            else "the device did not recover")
+    return f"after each shift {when} (online gain per round of a domain: {curve} points)"
+
+
 def headline(summary: dict) -> str:
-    """One sentence: where the device went, what it kept, what it cost."""
+    """One sentence: what users got, then held-out accuracy and forgetting, then what it cost."""
     rounds = max(1, summary.get("rounds", 1))
     up = summary.get("bytes_up_total", 0) / rounds / 1024
     down = summary.get("bytes_down_total", 0) / rounds / 1024
@@ -131,9 +166,14 @@ def headline(summary: dict) -> str:
     kept = ""
     if summary.get("source_mc_before") is not None and summary.get("source_mc_after") is not None:
         kept = f", clean accuracy {_pct(summary['source_mc_before'])} → {_pct(summary['source_mc_after'])}"
-    return (f"On the shifted stream ({html.escape(' → '.join(summary.get('domains') or [summary.get('stream', '')]))}) the device went from "
-            f"{_pct(so)} (source-only) to {_pct(ad)} held-out accuracy ({_pts(ad, so)} points){kept}, "
-            f"with {up:.0f} KiB up and {down:.0f} KiB down per round{_fleet_words(summary)}.")
+    online = ""
+    if summary.get("online_mc") is not None:
+        online = (f"Users got {_pct(summary['online_mc'])} right answers instead of {_pct(summary['source_only_online_mc'])} "
+                  f"({_pts(summary['online_mc'], summary['source_only_online_mc'])} points) on the shifted stream"
+                  f"{'; ' + recovery_words(summary) if summary.get('recovery') else ''}. ")
+    return (f"{online}Held-out accuracy after the stream: {_pct(so)} (never updated) → {_pct(ad)} "
+            f"({_pts(ad, so)} points){kept}; {up:.0f} KiB up and {down:.0f} KiB down per round{_fleet_words(summary)}. "
+            f"Stream: {html.escape(' → '.join(_short(d) for d in summary.get('domains') or [summary.get('stream', '')]))}.")
 
 
 def _fleet_words(summary: dict) -> str:
@@ -167,6 +207,7 @@ def _comparison_table(summary: dict) -> str:
 
 def _rounds_table(rounds: list[dict]) -> str:
     cols = [("round", "round"), ("device", "device"), ("domain", "domain"), ("online MC", "online_mc"),
+            ("never-updated online MC", "source_only_online_mc"),
             ("held-out MC", "heldout_mc"), ("clean MC", "source_mc"), ("uploads", "uploads"),
             ("up KiB", "bytes_up"), ("down KiB", "bytes_down"), ("cloud s", "cloud_s")]
 
@@ -208,6 +249,8 @@ def write_report(out_dir: Path, metrics: dict) -> None:
     for name, fn in plots.items():
         fn(rounds, summary, out_dir / name)
     plot_bytes(rounds, out_dir / "bytes.png")
+    if summary.get("recovery"):
+        plot_recovery(summary, out_dir / "recovery.png")
 
     def img(name: str, alt: str) -> str:
         return embed_png(out_dir / name, alt)
@@ -225,6 +268,7 @@ def write_report(out_dir: Path, metrics: dict) -> None:
  'this data), when it was run.</p>' if measured else ''}
 {'<h2>Per-domain accuracy over rounds</h2>' + img('domains.png', 'held-out accuracy per domain over rounds') if measured else ''}
 <h2>Online accuracy, as users saw it</h2>{img('online.png', 'online accuracy per round')}
+{'<h2>Recovery after a shift</h2>' + img('recovery.png', 'online accuracy per round of a domain') if summary.get('recovery') else ''}
 <h2>Bytes on the link</h2>{img('bytes.png', 'bytes per round')}
 <h2>Settings</h2>{_settings_table(summary.get('settings', {}))}
 <h2>Every round</h2>{_rounds_table(rounds)}

@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cdcca.data.scenario import STREAM_BUDGET
 from cdcca.distill import AKDConfig
 from cdcca.loop import LoopConfig, run_loop
 from cdcca.uplink import UTSConfig
 
-BENCH_LOOP = dict(per_domain=320, heldout_n=200, eval_every_round=False)
-UTS_DEFAULT = UTSConfig(selection="budget", budget=128)
+BENCH_LOOP = dict(heldout_n=200, eval_every_round=False)
+UTS_DEFAULT = UTSConfig(selection="budget", budget=STREAM_BUDGET)
 
 
 def variants() -> dict[str, dict]:
@@ -188,6 +189,7 @@ def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
         return float(sum(v * n for v, n in pairs) / sum(n for _, n in pairs)) if pairs else None
 
     return {"variant": name, "seed": seed, "adapted_mc": res["summary"]["adapted_mc"],
+            **{k: res["summary"][k] for k in ("online_mc", "recovery", "revisit_first_round_mc") if k in res["summary"]},
             "source_mc": res["summary"]["source_mc"], "heldout": res["summary"]["heldout"],
             "uploads": uploads, "trained": trained,
             "upload_teacher_mc": trained_mean("upload_teacher_mc"), "upload_device_mc": trained_mean("upload_device_mc"),
@@ -197,7 +199,8 @@ def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
             "samples_per_s": round(trained / (teacher_s + student_s), 2) if trained else None,
             "pseudo_label_acc": float(np.mean([r["pseudo_label_acc"] for r in rounds if "pseudo_label_acc" in r]))
             if uploads else None, "wall_s": round(wall_s, 1),
-            "online_mc": [r["online_mc"] for r in rounds], "domains": [r["domain"] for r in rounds],
+            "online_per_round": [r["online_mc"] for r in rounds], "domains": [r["domain"] for r in rounds],
+            "steps": [r.get("step", 0) for r in rounds], "visits": [r.get("visit", 0) for r in rounds],
             **{k: res["summary"][k] for k in ("adapted_da", "heldout_da", "source_da") if k in res["summary"]}}
 
 

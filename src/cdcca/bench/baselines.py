@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cdcca.data.easyvqa import VQASet
+from cdcca.data.scenario import stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.device import RequestStream
 from cdcca.loop import LoopConfig, loop_summary, measure_heldout
@@ -106,15 +107,16 @@ def run_device_only(cfg: LoopConfig, base: BaselineConfig, model: MLLM, prompter
                     source=None, on_round=None) -> dict:
     """Serve the stream with a device-only method; rows and summary as :func:`cdcca.loop.run_loop` returns."""
     domains = resolve_sequence(cfg.stream)
-    spec = {"index": 0, "n_devices": 1, "stream": cfg.stream, "per_domain": cfg.per_domain,
-            "rounds_per_domain": cfg.rounds_per_domain, "seed": cfg.seed, "device_id": "device-0"}
+    scenario = cfg.scenario_spec()
+    spec = {**stream_spec(cfg.stream, scenario, cfg.seed), "device_id": "device-0"}
+    slots = scenario.schedule(domains)
     torch.manual_seed(cfg.seed)
     method = build_method(base, model, prompter, source)
     encoded = (EncodedStream(data, base.bn_images_per_round, cfg.seed, base.bn_source_weight)
                if base.method.endswith("bn") else None)
     rounds, t_start = [], time.perf_counter()
-    n_rounds = len(domains) * cfg.rounds_per_domain
-    for rnd in range(n_rounds):
+    n_rounds = len(slots)
+    for rnd, slot in enumerate(slots):
         t0 = time.perf_counter()
         tokens, questions, gold, ids, domain = RequestStream(spec).chunk(rnd)
         if encoded is not None:
@@ -123,10 +125,11 @@ def run_device_only(cfg: LoopConfig, base: BaselineConfig, model: MLLM, prompter
         picks = serve(method, model, prompter, tokens, questions, base.batch)
         row = {"round": rnd, "device": "device-0", "domain": domain, "uploads": 0, "bytes_up": 0, "bytes_down": 0,
                "online_mc": float(np.mean([prompter.candidates[p] == g for p, g in zip(picks, gold)])),
-               "adapted_samples": getattr(method, "updates", 0)}
+               "adapted_samples": getattr(method, "updates", 0), "visit": slot.visit, "step": slot.step}
         if cfg.eval_every_round or rnd == n_rounds - 1:
             tokens_of = encoded.heldout_tokens(cfg.heldout_n) if encoded is not None else None
-            measure_heldout(row, getattr(method, "predictor", model), prompter, data, domains, cfg.heldout_n, cfg.heldout_da,
+            measure_heldout(row, getattr(method, "predictor", model), prompter, data, scenario.domains(domains),
+                            cfg.heldout_n, cfg.heldout_da,
                             **({"tokens_of": tokens_of} if tokens_of else {}))
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
@@ -157,7 +160,8 @@ def tune_rate(method: str, rates: list[float], models, per_domain: int = 320, he
     of the unadapted model's (entropy minimisation on data it already knows must not hurt it). No
     shifted image and no stream answer is involved in the choice."""
     with_rate(method, rates[0])                      # fails before any run for a method without a rate
-    cfg = LoopConfig(stream="clean", per_domain=per_domain, heldout_n=heldout_n, eval_every_round=False, seed=0)
+    cfg = LoopConfig(stream="clean", scenario="one-round", round_size=per_domain, heldout_n=heldout_n,
+                     eval_every_round=False, seed=0)
     reference = measure_clean(models.fresh_device(), models.prompter, models.data, heldout_n)
     rows = []
     for lr in rates:

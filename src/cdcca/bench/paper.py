@@ -25,11 +25,14 @@ from pathlib import Path
 
 from cdcca.atomic import write_json
 from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
+from cdcca.data.scenario import STREAM_BUDGET
+from cdcca.loop import LoopConfig
 
 PRESETS = {
-    # per_domain requests and upload budget per round keep the full preset's 40 % upload share
-    "quick": {"per_domain": 160, "budget": 64, "heldout_n": 100, "ablation_seeds": 1},
-    "full": {"per_domain": 320, "budget": 128, "heldout_n": 200, "ablation_seeds": None},
+    # the default persistent stream (4 domains × 4 rounds × 80 requests, STREAM_BUDGET uploads per round);
+    # quick measures 100 held-out questions per domain and runs the ablations on the first seed only
+    "quick": {"budget": STREAM_BUDGET, "heldout_n": 100, "ablation_seeds": 1},
+    "full": {"budget": STREAM_BUDGET, "heldout_n": 200, "ablation_seeds": None},
 }
 DEVICE_ONLY = ("bn", "tent", "tent+bn", "eata", "cotta")
 # Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
@@ -77,21 +80,39 @@ class PaperPlan:
 
 
 def _loop_base(preset: dict) -> dict:
-    return {"per_domain": preset["per_domain"], "heldout_n": preset["heldout_n"], "heldout_da": True,
-            "uts": replace(UTS_DEFAULT, budget=preset["budget"])}
+    return {"heldout_n": preset["heldout_n"], "heldout_da": True, "uts": replace(UTS_DEFAULT, budget=preset["budget"]),
+            **preset.get("stream", {})}
 
 
-def plan(preset_name: str, seeds: list[int]) -> PaperPlan:
+def preset_with_stream(preset_name: str, stream: dict | None = None) -> dict:
+    """A preset with the run's stream settings (scenario, rounds per domain, round size, visits, update
+    delay) on top; they are part of every cell's key, so cells of another scenario are not reused."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose quick or full")
+    stream = {k: v for k, v in (stream or {}).items() if v is not None}
+    LoopConfig(**stream)                      # a bad scenario fails before any model loads
+    return {**PRESETS[preset_name], "stream": stream, "scenario": stream.get("scenario", "persistent")}
+
+
+def plan(preset_name: str, seeds: list[int], methods: list[str] | None = None) -> PaperPlan:
+    """Every cell of the preset; ``methods`` runs those Table 1 rows only (and no ablation tables)."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose quick or full")
     if not seeds:
         raise ValueError("give at least one seed, e.g. --seeds 0,1,2")
+    unknown = set(methods or []) - set(TABLE1)
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(TABLE1)}")
     preset = PRESETS[preset_name]
     ablation = seeds[:preset["ablation_seeds"]] if preset["ablation_seeds"] else seeds
     p = PaperPlan(preset_name, list(seeds))
     for method, kind in TABLE1.items():
+        if methods and method not in methods:
+            continue
         p.table1[method] = [Cell(method, kind, seeds[0] if kind == "teacher" else s)
                             for s in (seeds[:1] if kind == "teacher" else seeds)]
+    if methods:
+        return p
     for label, variant in TABLE3.items():
         p.table3[label] = [Cell(variant, "loop", s) for s in ablation]
     for ratio in TABLE4:
@@ -205,12 +226,14 @@ class CellStore:
 
 
 def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[str], None] | None = None,
-              link_mbps: float = 10.0) -> dict:
-    """Run (or resume) every cell of the preset, then build the tables, plots and report in ``out_dir``."""
+              link_mbps: float = 10.0, methods: list[str] | None = None, stream: dict | None = None) -> dict:
+    """Run (or resume) every cell of the preset (or of ``methods``), then build the tables, plots and report
+    in ``out_dir``. ``stream``: LoopConfig stream settings (scenario, rounds_per_domain, round_size, visits,
+    update_delay) over the default persistent stream."""
     from cdcca.bench.paper_report import build_tables, write_outputs
 
-    p = plan(preset_name, seeds)
-    preset = PRESETS[preset_name]
+    p = plan(preset_name, seeds, methods)
+    preset = preset_with_stream(preset_name, stream)
     store = CellStore(out_dir, preset)
     cells = p.cells()
     todo = [c for c in cells if store.get(c) is None]

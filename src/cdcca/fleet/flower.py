@@ -63,6 +63,18 @@ class FleetRunConfig:
     akd_batch_size: int = 16
     dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
     group: str = ""                 # non-empty: every device joins this fleet group (one shared student)
+    stream: str = "default"         # a device's simulated stream when it creates its state: built-in names, domains, JSONL files
+    scenario: str = "persistent"    # persistent | recurring | gradual | one-round (cdcca.data.scenario)
+    rounds_per_domain: int = 0      # 0: the scenario's default
+    round_size: int = 0             # requests per round per device; 0: the scenario's default
+    visits: int = 2                 # recurring: how many times the domains come back
+
+    def stream_spec(self, index: int, n_devices: int) -> dict:
+        """A new device's request-stream settings (checked here: a bad scenario fails before any round)."""
+        from cdcca.data.scenario import Scenario, stream_spec
+
+        scenario = Scenario(self.scenario, self.rounds_per_domain or None, self.round_size or None, self.visits)
+        return stream_spec(self.stream, scenario, index=index, n_devices=n_devices)
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> FleetRunConfig:
@@ -133,7 +145,7 @@ def open_device(context: Context):
     data_dir, name, index, n = device_home(context.node_config, cfg)
     if (data_dir / CONFIG).is_file():
         return DeviceRuntime.open(data_dir)
-    return DeviceRuntime.create(data_dir, name, tiny=cfg.tiny, stream={"index": index, "n_devices": n})
+    return DeviceRuntime.create(data_dir, name, tiny=cfg.tiny, stream=cfg.stream_spec(index, n))
 
 
 @client_app.query("uplink")
@@ -200,10 +212,11 @@ def main(grid: Grid, context: Context) -> None:
 
 def open_cloud(cfg: FleetRunConfig):
     from cdcca.cloud import CloudRuntime
+    from cdcca.data.stream import stream_candidates
     from cdcca.distill import AKDConfig
     from cdcca.downlink import DWCConfig
 
-    return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny,
+    return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny, candidates=None if cfg.tiny else stream_candidates(cfg.stream),
                              akd=AKDConfig(prefix_epochs=cfg.akd_prefix_epochs, epochs=cfg.akd_epochs,
                                            batch_size=cfg.akd_batch_size),
                              dwc=DWCConfig(budget_bytes=cfg.dwc_budget_kb * 1024))

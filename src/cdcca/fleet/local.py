@@ -7,11 +7,12 @@ same runtimes, moving the same packets, so what the demo measures is what a depl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdcca import protocol
 from cdcca.cloud import CloudRuntime
+from cdcca.data.scenario import STREAM_BUDGET, Scenario, Slot, stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.device import DeviceRuntime
 from cdcca.distill import AKDConfig
@@ -23,38 +24,44 @@ from cdcca.uplink import UTSConfig
 class FleetConfig:
     devices: int = 1
     stream: str = "default"
-    per_domain: int = 160          # requests per domain, split across devices
-    rounds_per_domain: int = 1
+    scenario: str = "persistent"   # how long each domain lasts: persistent | recurring | gradual | one-round
+    rounds_per_domain: int | None = None   # None: the scenario's default (persistent: 4)
+    round_size: int | None = None  # requests per round per device; None: the scenario's default (persistent: 80)
+    visits: int = 2                # recurring: how many times the domains come back
+    update_delay: int = 0          # rounds an update spends in transit (0: live from the next round)
     heldout_n: int = 200           # held-out questions per domain for the final accuracy
     curve_n: int | None = None     # ... for the curves of the rounds before the last (None: heldout_n)
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=64))
+    # per device and round, like the round size: each device uploads the same share of its own requests
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET))
     akd: AKDConfig = field(default_factory=AKDConfig)
     dwc: DWCConfig = field(default_factory=DWCConfig)
     tiny: bool = False
     seed: int = 0
     group: str | None = None       # "all": every device in one fleet group sharing one student
 
+    def __post_init__(self):
+        if not isinstance(self.update_delay, int) or self.update_delay < 0:
+            raise ValueError(f"update delay must be a whole number of rounds ≥ 0; got {self.update_delay!r}")
+        self.scenario_spec()                      # a bad scenario fails here, before any model loads
+
+    def scenario_spec(self) -> Scenario:
+        return Scenario(self.scenario, self.rounds_per_domain, self.round_size, self.visits)
+
+    def schedule(self) -> list[Slot]:
+        return self.scenario_spec().schedule(resolve_sequence(self.stream))
+
     @property
     def rounds(self) -> int:
-        return len(resolve_sequence(self.stream)) * self.rounds_per_domain
-
-    def device_uts(self) -> UTSConfig:
-        """Each device's uplink settings. The preset's upload budget is the whole fleet's per round (its
-        requests are split across the devices too), so with N devices each uploads budget / N: the same
-        share of its requests, the same uplink in all, whatever N is — and a group pools one device's worth."""
-        if self.uts.selection != "budget" or self.devices == 1:
-            return self.uts
-        return replace(self.uts, budget=max(1, round(self.uts.budget / self.devices)))
+        return len(self.schedule())
 
 
 FLEET_PRESETS = {
-    # one round per domain of the default stream, as in `cdcca bench akd`: 320 requests, the 128 most
-    # uncertain uploaded, of which AKD keeps those the teacher is sure of
-    # (15 prefix epochs instead of AKD's 20: 30 s less per run for −0.7 points on seed 0, docs/RESULTS.md §0.6)
-    "quick": dict(per_domain=320, heldout_n=200, curve_n=100, uts=UTSConfig(selection="budget", budget=128),
-                  akd=AKDConfig(prefix_epochs=15)),
-    "paper": dict(per_domain=640, rounds_per_domain=2, heldout_n=1000, uts=UTSConfig(selection="budget", budget=160)),
-    "tiny": dict(per_domain=16, heldout_n=16, tiny=True, uts=UTSConfig(selection="budget", budget=4, token_scorer="energy")),
+    # the default persistent stream: 4 domains × 4 rounds × 80 requests per device, the STREAM_BUDGET
+    # most uncertain of each round uploaded; held-out accuracy after each domain (the last on 200 questions)
+    "quick": dict(heldout_n=200, curve_n=100),
+    # twice the requests per round, 1,000 held-out questions per domain
+    "paper": dict(round_size=160, heldout_n=1000, uts=UTSConfig(selection="budget", budget=2 * STREAM_BUDGET)),
+    "tiny": dict(rounds_per_domain=1, heldout_n=16, tiny=True, uts=UTSConfig(selection="budget", budget=4, token_scorer="energy")),
 }
 
 
@@ -62,6 +69,8 @@ class LocalFleet:
     def __init__(self, cfg: FleetConfig, out_dir: Path, devices: list[DeviceRuntime], cloud: CloudRuntime):
         self.cfg, self.out, self.devices, self.cloud = cfg, out_dir, devices, cloud
         self.history: list[dict] = []
+        self.slots = cfg.schedule()
+        self.links = {dev.device_id: protocol.DelayedLink(cfg.update_delay) for dev in devices}
 
     @classmethod
     def setup(cls, cfg: FleetConfig, out_dir: Path) -> LocalFleet:
@@ -75,12 +84,11 @@ class LocalFleet:
         devices = []
         for i in range(cfg.devices):
             d = out_dir / "devices" / f"dev-{i}"
-            stream = {"index": i, "n_devices": cfg.devices, "stream": cfg.stream, "per_domain": cfg.per_domain,
-                      "rounds_per_domain": cfg.rounds_per_domain, "seed": cfg.seed, "per_round": 8}
+            stream = {**stream_spec(cfg.stream, cfg.scenario_spec(), cfg.seed, i, cfg.devices), "per_round": 8}
             if (d / "device.json").exists():
                 devices.append(DeviceRuntime.open(d))
             else:
-                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.device_uts(), stream=stream))
+                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.uts, stream=stream))
             cloud.set_group(f"dev-{i}", cfg.group)
         return cls(cfg, out_dir, devices, cloud)
 
@@ -92,16 +100,17 @@ class LocalFleet:
         befores = {dev.device_id: dev.status() for dev in self.devices}
         ups = {dev.device_id: protocol.device_uplink(dev, rnd) for dev in self.devices}
         cloud_s: dict[str, float] = {}
-        downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s)
+        late = any(link.in_transit for link in self.links.values())
+        downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s, catch_up=not late)
         rows = []
         for dev in self.devices:
-            up, before = ups[dev.device_id], befores[dev.device_id]
-            report = protocol.device_apply(dev, downs[dev.device_id])
-            if report.resync_reason is not None:
-                report = protocol.device_apply(dev, protocol.cloud_resync(self.cloud, dev.device_id))
-            after = report.status
-            assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
+            up, before, link = ups[dev.device_id], befores[dev.device_id], self.links[dev.device_id]
+            after = protocol.deliver(dev, self.cloud, rnd, downs[dev.device_id], link).status
+            if not link.in_transit:
+                assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
+            slot = self.slots[rnd % len(self.slots)]
             row = {"round": rnd, "device": dev.device_id, "domain": up.served["domain"], "online_mc": up.served["online_mc"],
+                   "visit": slot.visit, "step": slot.step,
                    "uploads": len(downs[dev.device_id].acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
                    "version": after["version"], "cloud_s": round(cloud_s[dev.device_id], 2)}
@@ -123,4 +132,5 @@ class LocalFleet:
 
 
 def domains_of(cfg: FleetConfig) -> list[Domain]:
-    return resolve_sequence(cfg.stream)
+    """The distinct domains the run's schedule visits (gradual: each severity of its corruption)."""
+    return cfg.scenario_spec().domains(resolve_sequence(cfg.stream))
