@@ -4,8 +4,8 @@ oversampled to half of every batch (the cloud's bridge loses colour, benchmarks/
     PYTHONPATH=src python benchmarks/cloud_colour_pilot.py --steps 150 --out runs/cloud-colour
     cdcca eval --model cloud --weights runs/cloud-colour --stream clean,pixelate:5 --no-direct --n 600
 
-Everything else is the shipped recipe (``cdcca.pretrain``): the nine training corruptions on 30 % of the
-samples, token dropping, one-cycle schedule, resumable checkpoints. Measured in docs/RESULTS.md §0.1.
+Everything else is the shipped recipe (``cdcca.recipes.pretrain``): the nine training corruptions on 30 % of the
+samples, token dropping, one-cycle schedule, resumable checkpoints. Measured in docs/notebook.md §0.1.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from cdcca import pretrain as recipe
 from cdcca.data.easyvqa import load_split
 from cdcca.model.pair import SHIPPED_WEIGHTS, build_model
-from cdcca.prefix_targets import question_kind
+from cdcca.recipes import pretrain as recipe
+from cdcca.recipes.prefix_targets import question_kind
 
 
 def colour_questions() -> np.ndarray:

@@ -4,11 +4,11 @@ cheaper per step than end-to-end on a CPU — and report clean MC before and aft
     PYTHONPATH=src python benchmarks/cloud_top_layers.py --split-layer 24 --samples 2048 --epochs 2 --lr 3e-4 \
         [--weights DIR]
 
-On the consistency-stage cloud (docs/RESULTS.md §0.1) this was a negative result: clean MC 0.893 → 0.878
+On the consistency-stage cloud (docs/notebook.md §0.1) this was a negative result: clean MC 0.893 → 0.878
 (first version of this script: clean views with dropped tokens, weight decay 0.01) —
 the colour was missing from the bridge's output, so there was nothing for the read-out to learn. After the
 prefix targets it is there, and the same cut became a shipped stage (``cdcca pretrain --recipe readout``,
-:mod:`cdcca.readout`).
+:mod:`cdcca.recipes.readout`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from cdcca.data.easyvqa import candidate_answers, load_split
 from cdcca.data.features import cached_features
 from cdcca.model.pair import load_pretrained
 from cdcca.model.prompt import Prompter
-from cdcca.readout import ReadoutConfig, SplitLLM, tune_readout
-from cdcca.robust import ConsistencyConfig, training_views
+from cdcca.recipes.consistency import ConsistencyConfig, training_views
+from cdcca.recipes.readout import ReadoutConfig, SplitLLM, tune_readout
 
 
 def test_mc(split: SplitLLM, prompter: Prompter, data, ids, tokens) -> float:

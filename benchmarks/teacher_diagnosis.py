@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cdcca.akd.prefix import bridge_prefix
 from cdcca.assets import load_tokenizer
 from cdcca.data.easyvqa import candidate_answers, load_split
 from cdcca.data.features import cached_features
 from cdcca.model.answer import mc_predict
 from cdcca.model.pair import load_pretrained
 from cdcca.model.prompt import Prompter
-from cdcca.prefix import bridge_prefix
-from cdcca.prefix_targets import question_kind
+from cdcca.recipes.prefix_targets import question_kind
 
 
 def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:

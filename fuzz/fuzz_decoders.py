@@ -82,8 +82,8 @@ def _jsonl(data: bytes) -> None:
 
 
 def _device_state(data: bytes) -> None:
-    from cdcca.device import DeviceRuntime
-    from cdcca.store import StoreError
+    from cdcca.runtime.adapter_store import StoreError
+    from cdcca.runtime.device import DeviceRuntime
 
     config, _, current = data.partition(b"\x00")
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,8 +103,8 @@ def fuzz_one(target: str, argv: list[str]) -> None:
 
     with atheris.instrument_imports(include=["cdcca"]):
         import cdcca.data.jsonl
-        import cdcca.device
         import cdcca.downlink
+        import cdcca.runtime.device
         import cdcca.uplink
         import cdcca.wire  # noqa: F401
     corpus = next((a for a in argv if not a.startswith("-")), None)

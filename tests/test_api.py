@@ -27,7 +27,7 @@ def chat(question="what color is the shape?", url=None, **extra) -> dict:
 
 @pytest.fixture
 def state(tmp_path):
-    from cdcca.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True).close()
     return tmp_path / "dev"
@@ -35,7 +35,7 @@ def state(tmp_path):
 
 @pytest.fixture
 def client(state, tmp_path):
-    from cdcca.api import create_app
+    from cdcca.runtime.api import create_app
 
     (tmp_path / "photos").mkdir()
     with TestClient(create_app(state, allow_files=tmp_path / "photos")) as c:
@@ -58,7 +58,7 @@ def test_models_and_health(client):
 
 
 def test_uncertain_requests_land_in_the_durable_outbox(client, state):
-    from cdcca.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     queued = [client.post("/v1/chat/completions", json=chat(url=png_data_url(i))).json()["cdcca"] for i in range(4)]
     dev = DeviceRuntime.open(state)
@@ -69,10 +69,10 @@ def test_uncertain_requests_land_in_the_durable_outbox(client, state):
 
 
 def test_an_update_applied_by_another_process_answers_the_next_request(client, state, tmp_path):
-    from cdcca.cloud import CloudRuntime
-    from cdcca.device import DeviceRuntime
-    from cdcca.distill import AKDConfig
+    from cdcca.akd.distill import AKDConfig
     from cdcca.downlink import DWCConfig
+    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     client.post("/v1/chat/completions", json=chat())
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(epochs=1, batch_size=4),
@@ -125,7 +125,7 @@ def test_a_body_that_is_not_json_is_422(client):
 
 
 def test_an_image_over_the_limit_is_413_and_says_the_limit(client, monkeypatch):
-    import cdcca.api as api
+    import cdcca.runtime.api as api
 
     monkeypatch.setattr(api, "MAX_IMAGE_BYTES", 1000)
     r = client.post("/v1/chat/completions", json=chat(url=png_data_url(size=256)))
@@ -133,7 +133,7 @@ def test_an_image_over_the_limit_is_413_and_says_the_limit(client, monkeypatch):
 
 
 def test_a_body_over_the_limit_is_413(client, monkeypatch):
-    import cdcca.api as api
+    import cdcca.runtime.api as api
 
     monkeypatch.setattr(api, "MAX_BODY_BYTES", 100)
     assert client.post("/v1/chat/completions", json=chat()).status_code == 413
@@ -147,7 +147,7 @@ def test_paths_outside_the_allowed_folder_are_403(client, tmp_path):
 
 
 def test_paths_are_refused_without_allow_files(state):
-    from cdcca.api import create_app
+    from cdcca.runtime.api import create_app
 
     with TestClient(create_app(state)) as c:
         r = c.post("/v1/chat/completions", json=chat(url="/etc/hostname"))
@@ -157,7 +157,7 @@ def test_paths_are_refused_without_allow_files(state):
 def test_requests_that_arrive_together_share_a_batch(state):
     from concurrent.futures import ThreadPoolExecutor
 
-    from cdcca.api import create_app
+    from cdcca.runtime.api import create_app
 
     app = create_app(state, max_batch=8, max_wait_s=0.2)
     with TestClient(app) as c, ThreadPoolExecutor(6) as pool:
@@ -170,7 +170,7 @@ def test_requests_that_arrive_together_share_a_batch(state):
 def test_serve_a_requests_file(state, tmp_path):
     from PIL import Image
 
-    from cdcca.cli_api import serve_requests
+    from cdcca.cli.api import serve_requests
 
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     rows = [{"image": "a.png", "question": "what color is the shape?"},

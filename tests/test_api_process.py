@@ -58,10 +58,10 @@ def ask(client, seed=0):
 def test_openai_client_outbox_and_update(server):
     from openai import OpenAI
 
-    from cdcca.cloud import CloudRuntime
-    from cdcca.device import DeviceRuntime
-    from cdcca.distill import AKDConfig
+    from cdcca.akd.distill import AKDConfig
     from cdcca.downlink import DWCConfig
+    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     client = OpenAI(base_url=server["base"] + "/v1", api_key="not-needed")
     assert [m.id for m in client.models.list()] == ["cdcca-device"]

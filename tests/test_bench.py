@@ -3,7 +3,7 @@
 import pytest
 
 from cdcca.bench.akd import apply_settings, pool_label_study, variants
-from cdcca.loop import LoopConfig
+from cdcca.bench.loop import LoopConfig
 
 
 @pytest.mark.parametrize(("oracle", "teacher"), [("oracle", "prefix+labels"), ("oracle-labels-only", "labels-only")])

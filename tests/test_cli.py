@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 import cdcca
-from cdcca.cli import app
+from cdcca.cli.main import app
 
 
 def test_version_prints_the_package_version():
@@ -37,7 +37,7 @@ def test_the_teacher_recipes_refuse_the_device_and_a_missing_init_in_one_line(tm
 
 
 def test_a_cloud_state_remembers_it_was_created_tiny_and_refuses_the_other_kind(tmp_path):
-    from cdcca.cloud import remembered_tiny
+    from cdcca.runtime.cloud import remembered_tiny
 
     assert remembered_tiny(tmp_path, True) is True
     assert remembered_tiny(tmp_path, None) is True                 # no --tiny needed afterwards
@@ -62,7 +62,7 @@ def test_an_operator_assigns_fleet_groups_without_loading_a_model(tmp_path):
         assert result.exit_code != 0 and "exactly one of --group NAME or --leave" in " ".join(result.output.split())
     result = group("--device", "../cam", "--group", "site-a")
     assert result.exit_code != 0 and "not a plain name" in " ".join(result.output.split()) and "Traceback" not in result.output
-    from cdcca.cloud import group_registry
+    from cdcca.runtime.cloud import group_registry
     assert group_registry(tmp_path).members("site-a") == ["cam-2"]            # what the cloud runtime reads
 
 
@@ -77,8 +77,8 @@ def test_read_out_settings_are_checked_before_anything_is_loaded_or_written(tmp_
 
 
 def test_a_continued_stage_is_up_to_date_only_for_the_same_config_and_the_same_start(tmp_path):
-    from cdcca.checkpoint import file_sha256
-    from cdcca.cli_pretrain import _up_to_date
+    from cdcca.cli.pretrain import _up_to_date
+    from cdcca.recipes.checkpoint import file_sha256
 
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     first.write_bytes(b"one start")

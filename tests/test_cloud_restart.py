@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from cdcca.adapter_state import state_hash
-from cdcca.cloud import CloudRuntime
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKDConfig
+from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import decode_update
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
 from cdcca.wire import decode
 from test_crash import run_until_paused
 
@@ -46,9 +46,9 @@ def killed_after_two_rounds(root) -> None:
     run_until_paused(f"""
         import time, torch
         torch.set_num_threads(2)                      # as the test process: reductions depend on it
-        from cdcca.cloud import CloudRuntime
-        from cdcca.device import DeviceRuntime
-        from cdcca.distill import AKDConfig
+        from cdcca.runtime.cloud import CloudRuntime
+        from cdcca.runtime.device import DeviceRuntime
+        from cdcca.akd.distill import AKDConfig
         akd = AKDConfig(epochs=1, batch_size=4, prefix_epochs=2, prefix_batch=4, replay_per_round=1.0)
         device = DeviceRuntime.create({str(root / "dev")!r}, "dev-0", tiny=True)
         cloud = CloudRuntime.open({str(root / "cloud")!r}, tiny=True, akd=akd)

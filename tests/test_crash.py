@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cdcca.cloud import CloudRuntime
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKDConfig
+from cdcca.akd.distill import AKDConfig
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
 
 pytestmark = pytest.mark.integration
 FAST_AKD = AKDConfig(epochs=1, batch_size=4)
@@ -51,8 +51,8 @@ def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp
     run_until_paused(f"""
         import time, torch
         torch.set_num_threads(1)
-        import cdcca.cloud as c
-        from cdcca.distill import AKDConfig
+        import cdcca.runtime.cloud as c
+        from cdcca.akd.distill import AKDConfig
         real = c.write_packet
         def pause_after_update_file(path, data):
             real(path, data)
@@ -91,7 +91,7 @@ def test_device_killed_while_applying_keeps_a_loadable_version(tmp_path):
                 open({str(marker)!r}, "w").close()       # new version written to a temp file, not renamed
                 time.sleep(600)
             return real(src, dst)
-        from cdcca.device import DeviceRuntime
+        from cdcca.runtime.device import DeviceRuntime
         dev = DeviceRuntime.open({str(tmp_path / "dev")!r})
         os.replace = pause_before_rename
         dev.apply(open({str(tmp_path / "update.pkt")!r}, "rb").read())

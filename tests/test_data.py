@@ -34,8 +34,8 @@ def test_corruptions_are_deterministic_given_a_seed():
 
 
 def test_held_out_corruptions_change_the_image_and_stay_out_of_every_training_family():
-    from cdcca.pretrain import PretrainConfig
-    from cdcca.robust import ConsistencyConfig
+    from cdcca.recipes.consistency import ConsistencyConfig
+    from cdcca.recipes.pretrain import PretrainConfig
 
     for name in HELD_OUT:
         assert not np.array_equal(corrupt(red_square(), name, 5), red_square())

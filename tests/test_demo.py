@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cdcca.demo import run_demo
+from cdcca.bench.demo import run_demo
 
 pytestmark = pytest.mark.integration
 

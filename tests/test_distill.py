@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from cdcca.adapter_state import state_hash
-from cdcca.distill import AKD as _AKD
-from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
+from cdcca.akd.distill import AKD as _AKD
+from cdcca.akd.distill import AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
+from cdcca.akd.source_set import random_source_set
 from cdcca.model.mllm import adapter_state, is_adapter_key
-from cdcca.source_set import random_source_set
 
 QUESTIONS = ["what color is the shape?", "is there a circle in the image?", "what shape is present?",
              "is the shape red?", "what is the blue shape?"]
@@ -98,7 +98,7 @@ def test_replay_buffer_is_bounded():
 
 # -- what decides whether the teacher's knowledge arrives --------------------------------------
 def test_oracle_records_differ_from_teacher_records_in_the_labels_alone(tiny_device, tiny_cloud, prompter):
-    from cdcca.distill import with_true_labels
+    from cdcca.akd.distill import with_true_labels
 
     akd = AKD(tiny_cloud, tiny_device, prompter)
     records = akd.teacher_pass(*uplink(4))
@@ -116,7 +116,7 @@ def test_oracle_records_differ_from_teacher_records_in_the_labels_alone(tiny_dev
 def test_entropy_weighting_scales_each_sample_by_cema_factor(tiny_device, tiny_cloud, prompter):
     import math
 
-    from cdcca.distill import answer_loss_per_sample
+    from cdcca.akd.distill import answer_loss_per_sample
 
     akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="entropy"))
     records = akd.teacher_pass(*uplink(4))
@@ -137,7 +137,7 @@ def test_entropy_weighting_scales_each_sample_by_cema_factor(tiny_device, tiny_c
 
 
 def test_per_sample_answer_loss_averages_to_the_batch_loss(tiny_device, prompter):
-    from cdcca.distill import answer_loss_per_sample
+    from cdcca.akd.distill import answer_loss_per_sample
     from cdcca.model.mllm import answer_loss
 
     tiny_device.eval()
@@ -159,7 +159,7 @@ def test_soft_targets_train_on_the_teacher_distribution(tiny_device, tiny_cloud,
 
 
 def tiny_source(n_images=6):
-    from cdcca.source_set import SourceSet
+    from cdcca.akd.source_set import SourceSet
 
     questions = ["what shape is it?", "is it red?", "what color is it?"] * 2
     return SourceSet(torch.randn(n_images, 49, 32).half(), torch.arange(6) % n_images, questions,

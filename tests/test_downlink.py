@@ -25,7 +25,7 @@ from cdcca.downlink import (
     decode_update,
     next_budget,
 )
-from cdcca.store import AdapterStore
+from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.wire import PacketError
 
 SHAPES = {"l0.q.lora_A": (8, 512), "l0.q.lora_B": (512, 8), "l1.q.lora_A": (8, 512),

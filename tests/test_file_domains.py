@@ -70,8 +70,8 @@ def test_file_domains_get_their_own_halves_and_the_candidate_union(tmp_path):
 
 
 def test_file_domain_tokens_and_requests(tmp_path):
-    from cdcca.device import RequestStream
-    from cdcca.evaluate import domain_tokens
+    from cdcca.runtime.device import RequestStream
+    from cdcca.runtime.evaluate import domain_tokens
 
     a = write_domain(tmp_path / "a", "a")
     data = stream_data(resolve_sequence(f"jpeg:5,{a}"))
@@ -84,7 +84,7 @@ def test_file_domain_tokens_and_requests(tmp_path):
 
 def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
     """`cdcca demo --preset quick --stream A.jsonl,B.jsonl` with real models, on a small slice."""
-    from cdcca.demo import run_demo
+    from cdcca.bench.demo import run_demo
 
     a = write_domain(tmp_path / "a", "a")
     b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))

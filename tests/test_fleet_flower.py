@@ -33,7 +33,7 @@ from cdcca.fleet.flower import (
     device_home,
     join_group,
 )
-from cdcca.protocol import UplinkMessage
+from cdcca.runtime.protocol import UplinkMessage
 
 # ---------------------------------------------------------------------------------------------------
 # certificates and node keys
@@ -249,8 +249,8 @@ def test_a_supernode_with_an_unregistered_key_is_refused(fleet, tmp_path):
 @pytest.mark.integration
 def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(fleet):
     from cdcca import wire
-    from cdcca.cloud import CloudRuntime
-    from cdcca.store import AdapterStore
+    from cdcca.runtime.adapter_store import AdapterStore
+    from cdcca.runtime.cloud import CloudRuntime
 
     result = deploy.run(fleet.state, 2, config={"akd-prefix-epochs": 2, "akd-epochs": 1, "akd-batch-size": 4}, timeout=400, echo=None)
     assert result.ok, f"{result.status}; log: {result.log_path}"

@@ -5,12 +5,13 @@ mirror; a member that joined late or missed a round is brought to the group's mi
 import pytest
 import torch
 
-from cdcca import protocol, wire
-from cdcca.cloud import CloudRuntime
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKDConfig
+from cdcca import wire
+from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import DWCConfig
 from cdcca.fleet.local import FleetConfig, LocalFleet
+from cdcca.runtime import protocol
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig, decode_uplink
 
 FAST_AKD = AKDConfig(epochs=1, batch_size=4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdcca.outbox import Outbox, OutboxError
+from cdcca.runtime.outbox import Outbox, OutboxError
 from cdcca.uplink import UplinkSample, UTSConfig, build_uplink, decode_uplink, select_tokens
 
 torch.set_num_threads(1)

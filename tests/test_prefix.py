@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from cdcca.distill import AKD, AKDConfig
+from cdcca.akd.distill import AKD, AKDConfig
+from cdcca.akd.prefix import PrefixMap, PrefixTeacher, bridge_prefix, relative_mse, train_prefix
+from cdcca.akd.source_set import random_source_set
 from cdcca.model.mllm import adapter_state
-from cdcca.prefix import PrefixMap, PrefixTeacher, bridge_prefix, relative_mse, train_prefix
-from cdcca.source_set import random_source_set
 
 
 def test_prefix_map_recovers_a_linear_map_with_bias():

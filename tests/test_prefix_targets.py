@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from cdcca.model.bridge import Bridge, BridgeConfig
 from cdcca.model.mllm import answer_loss
-from cdcca.prefix_targets import (
+from cdcca.recipes.consistency import ConsistencyConfig, bridge_state, train_consistency
+from cdcca.recipes.prefix_targets import (
     TargetConfig,
     class_mean_targets,
     image_classes,
@@ -17,7 +18,6 @@ from cdcca.prefix_targets import (
     pick_questions,
     save_targets,
 )
-from cdcca.robust import ConsistencyConfig, bridge_state, train_consistency
 from test_robust import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
 
 ANSWERS = ["yes", "red", "no", "circle", "no", "blue", "yes", "triangle"]

@@ -1,10 +1,10 @@
-"""The steps of one round (cdcca.protocol), each on its own: what the cloud answers a device in sync,
+"""The steps of one round (cdcca.runtime.protocol), each on its own: what the cloud answers a device in sync,
 behind, or lost, and what a device does with a packet on a stale base."""
 
 import pytest
 
-from cdcca.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, run_round
-from cdcca.store import StaleBaseError
+from cdcca.runtime.adapter_store import StaleBaseError
+from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, run_round
 
 
 class FakeCloud:

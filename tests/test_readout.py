@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdcca.data.easyvqa import VQASet
-from cdcca.readout import ReadoutConfig, SplitLLM, readout_loss, tune_readout
+from cdcca.recipes.readout import ReadoutConfig, SplitLLM, readout_loss, tune_readout
 
 QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is present?", "is there a red shape?"]
 ANSWERS = ["red", "no", "circle", "yes"]

@@ -3,7 +3,7 @@
 import json
 import re
 
-from cdcca.report import headline, write_report
+from cdcca.bench.report import headline, write_report
 
 DOMAINS = ["pixelate:5", "gaussian_blur:5"]
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.model.bridge import Bridge, BridgeConfig
-from cdcca.robust import ConsistencyConfig, bridge_state, consistency_loss, train_consistency
+from cdcca.recipes.consistency import ConsistencyConfig, bridge_state, consistency_loss, train_consistency
 
 TOKEN_DIM = 32
 
@@ -36,7 +36,7 @@ def views(n=24):
 
 @pytest.fixture(autouse=True)
 def small_bridge(monkeypatch):
-    import cdcca.robust as robust
+    import cdcca.recipes.consistency as robust
 
     monkeypatch.setattr(robust, "BridgeConfig", lambda **kw: BridgeConfig(**kw, n_query=4, d_bridge=32, n_head=2,
                                                                           n_layer=1, d_lm=48))
@@ -102,8 +102,8 @@ def test_shipped_cloud_weights_match_their_recorded_hash():
 
 def test_shipped_cloud_record_chains_its_stages_and_ties_each_targets_stage_to_the_weights_it_optimised_through():
     from cdcca.model.pair import weights_file
-    from cdcca.prefix_targets import TargetConfig
-    from cdcca.readout import ReadoutConfig
+    from cdcca.recipes.prefix_targets import TargetConfig
+    from cdcca.recipes.readout import ReadoutConfig
 
     record = json.loads(weights_file("cloud").with_suffix(".json").read_text())
     stages = record["stages"]

@@ -2,11 +2,11 @@
 
 import pytest
 
-from cdcca.cloud import CloudRuntime
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKDConfig
+from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import DWCConfig
-from cdcca.store import StaleBaseError
+from cdcca.runtime.adapter_store import StaleBaseError
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
 
 FAST_AKD = AKDConfig(epochs=1, batch_size=4)
 

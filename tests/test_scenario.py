@@ -4,13 +4,13 @@ figures that count only answers served before an update landed, and update delay
 import numpy as np
 import pytest
 
-from cdcca import protocol
+from cdcca.akd.distill import AKDConfig
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import Scenario, Slot, recovery_curve, revisit_first_rounds, scenario_chunks
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, split_images
-from cdcca.device import DeviceRuntime, RequestStream
-from cdcca.distill import AKDConfig
 from cdcca.fleet.local import FleetConfig, LocalFleet
+from cdcca.runtime import protocol
+from cdcca.runtime.device import DeviceRuntime, RequestStream
 from cdcca.uplink import UTSConfig
 
 DEFAULT = ["pixelate:5", "gaussian_blur:5", "jpeg:5", "low_light:5"]
@@ -50,7 +50,7 @@ def test_one_round_is_the_old_stream_and_overrides_apply():
 @pytest.mark.parametrize("bad", [dict(name="forever"), dict(rounds_per_domain=0), dict(round_size=-1), dict(visits=0),
                                  dict(name="one-round", rounds_per_domain=3)])
 def test_bad_scenarios_fail_with_the_setting_named(bad):
-    with pytest.raises(ValueError, match="scenario|one-round"):
+    with pytest.raises(ValueError, match=r"scenario|one-round"):
         Scenario(**bad)
 
 
@@ -68,7 +68,7 @@ def tiny_set(n_images=40, per_image=5) -> VQASet:
 def test_requests_stay_on_stream_images_and_do_not_repeat_within_a_domain():
     data = tiny_set()
     chunks = scenario_chunks(data, resolve_sequence("default"), Scenario("recurring", round_size=10), n_devices=2)
-    stream_imgs, held = split_images(len(data.images))
+    stream_imgs, _ = split_images(len(data.images))
     assert all(len(c.question_ids) == 20 for c in chunks)
     used = {int(data.image_ids[q]) for c in chunks for q in c.question_ids}
     assert used <= set(stream_imgs) and not used & {int(data.image_ids[q]) for q in heldout_questions(data, 50)}
@@ -85,7 +85,7 @@ def test_jsonl_domains_take_part_in_a_scenario(tmp_path):
     slots = Scenario("recurring").schedule(resolve_sequence(f"jpeg:5,{a}"))
     assert [str(s.domain) for s in slots] == ["jpeg:5", "jpeg:5", a, a] * 2
     spec = {"stream": f"jpeg:5,{a}", **Scenario("recurring", round_size=6).spec(), "index": 0, "n_devices": 1, "device_id": "d"}
-    _, questions, gold, ids, domain = RequestStream(spec).chunk(2)
+    _, questions, gold, _, domain = RequestStream(spec).chunk(2)
     assert domain == a and len(questions) == 6 and all(g in ("red", "blue", "maybe") for g in gold)
 
 
@@ -131,7 +131,7 @@ def test_an_update_applied_after_round_k_changes_nothing_in_round_k(tmp_path, mo
     (or not at all) leaves it as it was."""
     uts = UTSConfig(selection="budget", budget=4, token_scorer="energy")
     spec = {"stream": "default", **Scenario(rounds_per_domain=1).spec(), "index": 0, "n_devices": 1, "per_round": 8}
-    from cdcca.cloud import CloudRuntime
+    from cdcca.runtime.cloud import CloudRuntime
 
     results = {}
     for apply in (True, False):

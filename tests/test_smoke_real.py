@@ -36,8 +36,8 @@ def test_shipped_weights_match_their_recorded_sha256():
 def test_pretrained_device_answers_clean_easy_vqa(real_device, prompter):
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import heldout_questions
-    from cdcca.evaluate import accuracy
     from cdcca.model.encoder import encode_images, load_encoder
+    from cdcca.runtime.evaluate import accuracy
 
     data = load_split("test")
     qids = heldout_questions(data, 48)
@@ -63,7 +63,7 @@ def test_eval_on_your_own_jsonl_file(tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from cdcca.cli import app
+    from cdcca.cli.main import app
     from cdcca.data.easyvqa import load_split
 
     data = load_split("test")

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from cdcca import store as store_mod
 from cdcca import wire
 from cdcca.adapter_state import state_hash
 from cdcca.downlink import DWCConfig, build_resync, build_update
-from cdcca.store import AdapterStore, StaleBaseError, StoreError, WrongDeviceError
+from cdcca.runtime import adapter_store as store_mod
+from cdcca.runtime.adapter_store import AdapterStore, StaleBaseError, StoreError, WrongDeviceError
 from cdcca.wire import PacketError
 
 SHAPES = {"l0.lora_A": (8, 256), "l0.lora_B": (256, 8), "norm.weight": (32,)}

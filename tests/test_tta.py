@@ -57,7 +57,7 @@ def test_tent_lowers_the_entropy_it_minimises(tiny_device, prompter):
 
 
 def test_eata_moves_only_the_normalisation_affines_and_uses_fisher(tiny_device, prompter):
-    from cdcca.source_set import random_source_set
+    from cdcca.akd.source_set import random_source_set
 
     before = _snapshot(tiny_device)
     eata = EATA(tiny_device, prompter, random_source_set(32, prompter.candidates),
@@ -110,7 +110,7 @@ def test_cotta_stochastic_restore_resets_the_expected_share(tiny_device, prompte
 def test_a_baseline_never_sees_a_stream_answer(tiny_device, prompter, monkeypatch):
     """Whatever answers the stream holds, the device adapts to the same weights and answers the same."""
     import cdcca.bench.baselines as bl
-    from cdcca.loop import LoopConfig
+    from cdcca.bench.loop import LoopConfig
 
     class Stream:
         def __init__(self, spec):

@@ -442,7 +442,7 @@ def test_auroc_helper_is_correct_on_known_cases():
 def test_packet_inspect_prints_the_index_and_fails_with_exit_2_on_a_bad_file(tmp_path, packet):
     from typer.testing import CliRunner
 
-    from cdcca.cli import app
+    from cdcca.cli.main import app
 
     good, bad = tmp_path / "up.pkt", tmp_path / "bad.pkt"
     good.write_bytes(packet)

@@ -1,6 +1,6 @@
 """``cdcca bench akd``: the AKD ablations on the default continual shift stream.
 
-Each variant runs the in-process round driver (:mod:`cdcca.loop`) from the pretrained pair and
+Each variant runs the in-process round driver (:mod:`cdcca.bench.loop`) from the pretrained pair and
 reports the device's final held-out MC accuracy averaged over the shifted domains, its source
 (clean) accuracy, and the cloud's time split into teacher pass and student training.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cdcca.akd.distill import AKDConfig
+from cdcca.bench.loop import LoopConfig, run_loop
 from cdcca.data.scenario import STREAM_BUDGET
-from cdcca.distill import AKDConfig
-from cdcca.loop import LoopConfig, run_loop
 from cdcca.uplink import UTSConfig
 
 BENCH_LOOP = dict(heldout_n=200, eval_every_round=False)
@@ -105,7 +105,7 @@ class BenchModels:
     def source_set(self):
         """The labelled clean source set, loaded on first need."""
         if self.source is None:
-            from cdcca.source_set import load_source_set
+            from cdcca.akd.source_set import load_source_set
 
             self.source = load_source_set()
         return self.source
@@ -143,7 +143,7 @@ def run_variant(models: BenchModels, name: str, seed: int, base: dict | None = N
     """One bench row: a variant of the collaborative loop from the pretrained pair, on one seed."""
     import torch
 
-    from cdcca.distill import AKD
+    from cdcca.akd.distill import AKD
 
     cfg = loop_config(name, seed, base, settings)
     torch.manual_seed(seed)
@@ -220,10 +220,10 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import Domain, build_stream
-    from cdcca.evaluate import test_tokens
     from cdcca.model.answer import answer_all, mc_predict
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
+    from cdcca.runtime.evaluate import test_tokens
     from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
 
     data = load_split("test")
@@ -272,10 +272,10 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import build_stream, resolve_sequence
-    from cdcca.evaluate import test_tokens
     from cdcca.model.answer import answer_all, mc_predict
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
+    from cdcca.runtime.evaluate import test_tokens
     from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
 
     data = load_split("test")

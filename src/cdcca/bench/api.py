@@ -47,9 +47,9 @@ def _serve(app, port: int):
 def run_bench(state: Path, n: int = 64, concurrency: int = 8, max_batch: int = 16) -> dict:
     import httpx
 
-    from cdcca.api import DeviceService, Query, create_app
     from cdcca.data.easyvqa import load_split
     from cdcca.fleet.deploy import free_port
+    from cdcca.runtime.api import DeviceService, Query, create_app
 
     data = load_split("test")
     qids = np.arange(n) * 7 % len(data.questions)

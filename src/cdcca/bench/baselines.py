@@ -1,9 +1,9 @@
 """Device-only baselines on the same stream, evaluation and seeds as the collaborative loop.
 
-:func:`run_device_only` walks the stream chunk by chunk as :mod:`cdcca.loop` does, but the device
+:func:`run_device_only` walks the stream chunk by chunk as :mod:`cdcca.bench.loop` does, but the device
 adapts alone (TENT, EATA, CoTTA, encoder BatchNorm re-estimation, or TENT on top of it): each batch
 of requests is answered and adapted on in one go, and nothing leaves the device. The true answers of
-the stream are used only to score what the device answered. The result has :func:`cdcca.loop.run_loop`'s
+the stream are used only to score what the device answered. The result has :func:`cdcca.bench.loop.run_loop`'s
 shape, so every bench reads both alike.
 """
 
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from cdcca.bench.loop import LoopConfig, loop_summary, measure_heldout
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
-from cdcca.device import RequestStream
-from cdcca.loop import LoopConfig, loop_summary, measure_heldout
 from cdcca.model.mllm import MLLM, is_adapter_key
 from cdcca.model.prompt import Prompter
+from cdcca.runtime.device import RequestStream
 from cdcca.tta import EATA, CoTTA, CoTTAConfig, EATAConfig, EncoderStats, Tent, TentConfig
 
 METHODS = ("bn", "tent", "tent+bn", "eata", "cotta")
@@ -105,7 +105,7 @@ class EncodedStream:
 
 def run_device_only(cfg: LoopConfig, base: BaselineConfig, model: MLLM, prompter: Prompter, data: VQASet,
                     source=None, on_round=None) -> dict:
-    """Serve the stream with a device-only method; rows and summary as :func:`cdcca.loop.run_loop` returns."""
+    """Serve the stream with a device-only method; rows and summary as :func:`cdcca.bench.loop.run_loop` returns."""
     domains = resolve_sequence(cfg.stream)
     scenario = cfg.scenario_spec()
     spec = {**stream_spec(cfg.stream, scenario, cfg.seed), "device_id": "device-0"}
@@ -187,6 +187,6 @@ def with_rate(method: str, lr: float) -> BaselineConfig:
 
 
 def measure_clean(model: MLLM, prompter: Prompter, data: VQASet, n: int) -> float:
-    from cdcca.loop import heldout_mc
+    from cdcca.bench.loop import heldout_mc
 
     return heldout_mc(model, prompter, data, [Domain("clean", 0)], n)["clean"]

@@ -83,9 +83,9 @@ def device_model_bytes(model) -> int:
 
 def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, on_result=None) -> dict:
     from cdcca.assets import load_tokenizer
+    from cdcca.bench.loop import heldout_mc
     from cdcca.data.easyvqa import load_split
     from cdcca.data.stream import resolve_sequence
-    from cdcca.loop import heldout_mc
     from cdcca.model.mllm import adapter_state, load_adapter_state
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter

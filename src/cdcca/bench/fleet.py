@@ -1,6 +1,6 @@
 """``cdcca bench fleet``: the cloud runtime under N devices for R rounds, measured for load and loss.
 
-Every device runs the round protocol (:mod:`cdcca.protocol`) against one cloud runtime, as the
+Every device runs the round protocol (:mod:`cdcca.runtime.protocol`) against one cloud runtime, as the
 embedded fleet does (every uplink committed, then the cloud's step for each device), on tiny random models (transport and bookkeeping, not accuracy). Reported:
 uploads accepted per second by ``CloudRuntime.receive``, p50/p99 time from an uplink packet's
 arrival to its acknowledgement, cloud seconds per round (all devices), and the two numbers that must
@@ -20,11 +20,11 @@ import numpy as np
 
 def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None = None, log=None) -> dict:
     """``group``: a fleet group name every device joins (one shared student), or None (one student each)."""
-    from cdcca import protocol
-    from cdcca.cloud import CloudRuntime
-    from cdcca.device import DeviceRuntime
-    from cdcca.distill import AKDConfig
+    from cdcca.akd.distill import AKDConfig
     from cdcca.downlink import DWCConfig
+    from cdcca.runtime import protocol
+    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     with tempfile.TemporaryDirectory(prefix="cdcca-fleet-bench-") as tmp:
         root = Path(tmp)

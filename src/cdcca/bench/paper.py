@@ -25,8 +25,8 @@ from pathlib import Path
 
 from cdcca.atomic import write_json
 from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
+from cdcca.bench.loop import LoopConfig
 from cdcca.data.scenario import STREAM_BUDGET
-from cdcca.loop import LoopConfig
 
 PRESETS = {
     # the default persistent stream (4 domains × 4 rounds × 80 requests, STREAM_BUDGET uploads per round);
@@ -146,8 +146,8 @@ def _teacher_row(models: BenchModels, cell: Cell, base: dict) -> dict:
     """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
     import numpy as np
 
+    from cdcca.bench.loop import measure_heldout
     from cdcca.data.stream import resolve_sequence
-    from cdcca.loop import measure_heldout
 
     t0 = time.perf_counter()
     row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
@@ -183,7 +183,7 @@ def cell_config(cell: Cell, preset: dict) -> dict:
     recorded settings differ from today's defaults is stale and runs again."""
     from dataclasses import asdict
 
-    from cdcca.loop import jsonable
+    from cdcca.bench.loop import jsonable
 
     base = _loop_base(preset)
     if cell.kind == "teacher":

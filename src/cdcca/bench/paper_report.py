@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.atomic import write_json
-from cdcca.report import PAGE_STYLE, embed_png, pyplot
+from cdcca.bench.report import PAGE_STYLE, embed_png, pyplot
 
 TOKEN_FP16_BYTES = 49 * 1280 * 2       # one request's full visual tokens in fp16
 RESULTS_BEGIN, RESULTS_END = "<!-- bench-paper:begin -->", "<!-- bench-paper:end -->"

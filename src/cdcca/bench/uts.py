@@ -133,9 +133,9 @@ def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool) ->
     the packaged token statistics for the real encoder's 1280-dim tokens, cached test features."""
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
-    from cdcca.evaluate import test_tokens
     from cdcca.model.pair import load_pretrained, weights_file
     from cdcca.model.prompt import Prompter
+    from cdcca.runtime.evaluate import test_tokens
     from cdcca.uplink import default_token_stats
 
     which = "given"

@@ -6,7 +6,7 @@ change into one ``"update"`` packet (:mod:`cdcca.wire`), and returns the mirror 
 hold after applying it, computed through the very code path the device runs
 (``wire.decode`` -> :func:`decode_update` -> :func:`apply_delta`), so cloud mirror and device are
 bit-identical (same :func:`~cdcca.adapter_state.state_hash`). This package is pure tensors: no
-disk, no network (the device-side store is :mod:`cdcca.store`).
+disk, no network (the device-side store is :mod:`cdcca.runtime.adapter_store`).
 
 Algorithm (one round)
 ---------------------

@@ -1,6 +1,6 @@
 """The cdcca protocol as Flower apps: the cloud is the ServerApp, each device a ClientApp (Message API).
 
-One round, for every connected device — the steps of :mod:`cdcca.protocol`, as the embedded fleet
+One round, for every connected device — the steps of :mod:`cdcca.runtime.protocol`, as the embedded fleet
 (``cdcca.fleet.local``) runs them, with Flower messages as the transport:
 
     ServerApp (cloud)                              ClientApp (device; one process per message)
@@ -15,7 +15,7 @@ One round, for every connected device — the steps of :mod:`cdcca.protocol`, as
                   ◄── status
     device hash == cloud.mirror_hash(device)  → one JSON line per round in CLOUD_DIR/fleet-rounds.jsonl
 
-The apps stay thin: ``cdcca.device`` and ``cdcca.cloud`` hold all the ML and never import flwr. This module
+The apps stay thin: ``cdcca.runtime.device`` and ``cdcca.runtime.cloud`` hold all the ML and never import flwr. This module
 imports neither torch nor the runtimes at import time, because the SuperNode starts a fresh
 ``flwr-clientapp`` process for every message.
 """
@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 if TYPE_CHECKING:     # the protocol imports torch; the apps import it only when a step runs
-    from cdcca.protocol import DownlinkMessage, UplinkMessage
+    from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage
 
 ROUND_LOG = "fleet-rounds.jsonl"      # per-round metrics, one JSON object a line, in the cloud state dir
 
@@ -139,7 +139,7 @@ def device_home(node_config: dict[str, Any], cfg: FleetRunConfig) -> tuple[Path,
 
 def open_device(context: Context):
     """This node's device runtime, created on first use (version 0: the shipped device adapters)."""
-    from cdcca.device import CONFIG, DeviceRuntime
+    from cdcca.runtime.device import CONFIG, DeviceRuntime
 
     cfg = FleetRunConfig.from_flower(context.run_config)
     data_dir, name, index, n = device_home(context.node_config, cfg)
@@ -150,7 +150,7 @@ def open_device(context: Context):
 
 @client_app.query("uplink")
 def uplink(msg: Message, context: Context) -> Message:
-    from cdcca.protocol import device_uplink
+    from cdcca.runtime.protocol import device_uplink
 
     cfg = msg.content["config"]
     with closing(open_device(context)) as device:
@@ -162,7 +162,7 @@ def uplink(msg: Message, context: Context) -> Message:
 
 @client_app.train("apply")
 def apply(msg: Message, context: Context) -> Message:
-    from cdcca.protocol import DownlinkMessage, device_apply
+    from cdcca.runtime.protocol import DownlinkMessage, device_apply
 
     down = msg.content["downlink"]
     with closing(open_device(context)) as device:
@@ -211,10 +211,10 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def open_cloud(cfg: FleetRunConfig):
-    from cdcca.cloud import CloudRuntime
+    from cdcca.akd.distill import AKDConfig
     from cdcca.data.stream import stream_candidates
-    from cdcca.distill import AKDConfig
     from cdcca.downlink import DWCConfig
+    from cdcca.runtime.cloud import CloudRuntime
 
     return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny, candidates=None if cfg.tiny else stream_candidates(cfg.stream),
                              akd=AKDConfig(prefix_epochs=cfg.akd_prefix_epochs, epochs=cfg.akd_epochs,
@@ -270,7 +270,7 @@ def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
 
 def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, UplinkMessage]:
     """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
-    from cdcca.protocol import UplinkMessage
+    from cdcca.runtime.protocol import UplinkMessage
 
     names = {n.node_id: n.name for n in grid.get_nodes()}
     ask = ConfigRecord({"round": rnd, "max-samples": cfg.max_samples})
@@ -313,7 +313,7 @@ def join_group(cloud, uplinks: dict[int, UplinkMessage], group: str) -> None:
 def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage]) -> dict[int, DownlinkMessage]:
     """The cloud's step of the round for every device (all uploads committed first, so a fleet group's
     student sees all its members); a device whose packet is rejected is left out."""
-    from cdcca.protocol import cloud_round
+    from cdcca.runtime.protocol import cloud_round
 
     def rejected(_nid: int, up: UplinkMessage, exc: Exception) -> None:
         log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
@@ -331,7 +331,7 @@ def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlin
         if usable(msg, reply, "status") and "resync" in reply.content:
             stale.append(msg.metadata.dst_node_id)
             log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
-    from cdcca.protocol import cloud_resync
+    from cdcca.runtime.protocol import cloud_resync
 
     resync = [_to(nid, "train.apply", rnd, downlink=ConfigRecord(
         {"acked": [], "packets": cloud_resync(cloud, uplinks[nid].device_id).packets})) for nid in stale]

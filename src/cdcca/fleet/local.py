@@ -1,6 +1,6 @@
 """The embedded fleet: N device runtimes and one cloud runtime in one process, no network.
 
-It runs the steps of :mod:`cdcca.protocol` — the same functions the Flower apps call — through the
+It runs the steps of :mod:`cdcca.runtime.protocol` — the same functions the Flower apps call — through the
 same runtimes, moving the same packets, so what the demo measures is what a deployment would do.
 """
 
@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdcca import protocol
-from cdcca.cloud import CloudRuntime
+from cdcca.akd.distill import AKDConfig
 from cdcca.data.scenario import STREAM_BUDGET, Scenario, Slot, stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKDConfig
 from cdcca.downlink import DWCConfig
+from cdcca.runtime import protocol
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig
 
 
@@ -93,7 +93,7 @@ class LocalFleet:
         return cls(cfg, out_dir, devices, cloud)
 
     def run_round(self, rnd: int, evaluate=None) -> list[dict]:
-        """One round of :mod:`cdcca.protocol` for the whole fleet: every device's uplink, the cloud's
+        """One round of :mod:`cdcca.runtime.protocol` for the whole fleet: every device's uplink, the cloud's
         step for all of them (uploads committed before any training, so a group learns from all its
         members), every device's apply (and resync if needed); then an optional evaluation."""
         t0 = time.perf_counter()

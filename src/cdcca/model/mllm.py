@@ -83,7 +83,7 @@ class MLLM(nn.Module):
                     use_cache: bool = False):
         """Run the LLM on a given visual prefix ``vis`` (B, Q, d); the same returns as :meth:`forward`.
 
-        Separate so that a prefix can be optimised directly through the LLM (``cdcca.prefix_targets``).
+        Separate so that a prefix can be optimised directly through the LLM (``cdcca.recipes.prefix_targets``).
         """
         B, Q, _ = vis.shape
         embeds = torch.cat([vis, self.embed_text(input_ids)], dim=1)          # (B, Q+T, d)

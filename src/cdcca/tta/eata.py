@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from cdcca.akd.source_set import SourceSet
 from cdcca.model.mllm import MLLM
 from cdcca.model.prompt import Prompter
-from cdcca.source_set import SourceSet
 from cdcca.tta.common import candidate_logits, entropy, norm_parameters, only_trainable
 
 

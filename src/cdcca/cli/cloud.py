@@ -7,14 +7,14 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli_common import fail, one_line_errors
+from cdcca.cli.common import fail, one_line_errors
 
 cloud_app = typer.Typer(no_args_is_help=True, help="Cloud runtime: inbox, per-device mirrors, AKD → DWC rounds, fleet groups.")
 STATE_HELP = "State directory of the cloud runtime."
 
 
 def _cloud(state: Path, tiny: bool | None):
-    from cdcca.cloud import CloudRuntime
+    from cdcca.runtime.cloud import CloudRuntime
 
     return CloudRuntime.open(state, tiny=tiny)
 
@@ -64,7 +64,7 @@ def cloud_group(state: Path = typer.Option(..., help=STATE_HELP),
                 leave: bool = typer.Option(False, "--leave", help="Take the device out of its group (back to its own student).")):
     """Assign devices to fleet groups (same site, same camera): the cloud pools a group's uploads into one student.
     Needs no model: it edits the cloud's registry only."""
-    from cdcca.cloud import group_registry
+    from cdcca.runtime.cloud import group_registry
 
     if device_id is not None and (group is None) == (not leave):
         fail("give exactly one of --group NAME or --leave with --device")

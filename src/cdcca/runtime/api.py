@@ -148,7 +148,7 @@ class DeviceService:
     """One device runtime and its encoder, answering batches under a lock (one model, loaded once)."""
 
     def __init__(self, state_dir: Path):
-        from cdcca.device import DeviceRuntime, per_request_uts
+        from cdcca.runtime.device import DeviceRuntime, per_request_uts
 
         self.runtime = DeviceRuntime.open(state_dir)
         self.uts = per_request_uts(self.runtime.uts)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import typer
 
-from cdcca.checkpoint import file_sha256
-from cdcca.cli_common import Recipe, Role, console, fail, use_threads
+from cdcca.cli.common import Recipe, Role, console, fail, use_threads
 
 
 def pretrain(
@@ -40,8 +39,8 @@ def pretrain(
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
     from cdcca.assets import AssetError, cache_dir
     from cdcca.model.pair import build_model
-    from cdcca.pretrain import PretrainConfig
-    from cdcca.pretrain import pretrain as run_pretrain
+    from cdcca.recipes.pretrain import PretrainConfig
+    from cdcca.recipes.pretrain import pretrain as run_pretrain
 
     role, recipe = role.value, recipe.value
     use_threads(threads)
@@ -52,7 +51,7 @@ def pretrain(
             _pretrain_readout(readout_samples, split_layer, batch_size, lr, aug_share, init, seed,
                               out or cache_dir() / "pretrained", force)
             return
-        from cdcca.prefix_targets import TargetConfig
+        from cdcca.recipes.prefix_targets import TargetConfig
 
         targets = TargetConfig(images=target_images, seed=seed) if recipe == "targets" else None
         _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device,
@@ -85,6 +84,8 @@ def _given(base: dict, **options) -> dict:
 def _up_to_date(role: str, out: Path, digest: str, force: bool, init: Path | None = None) -> bool:
     """Whether ``out/{role}.json`` already records this exact config — and, for a stage that continues
     from ``init``, that same start (then say so and skip the run)."""
+    from cdcca.recipes.checkpoint import file_sha256  # here, not at the top: it imports torch (`cdcca --help` stays fast)
+
     record_path = out / f"{role}.json"
     if not record_path.is_file() or force:
         return False
@@ -109,8 +110,8 @@ def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], N
 def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
                           targets_cfg=None) -> None:
     from cdcca.assets import AssetError
-    from cdcca.prefix_targets import targets_for, targets_key
-    from cdcca.robust import ConsistencyConfig, train_consistency, training_views
+    from cdcca.recipes.consistency import ConsistencyConfig, train_consistency, training_views
+    from cdcca.recipes.prefix_targets import targets_for, targets_key
 
     init = _cloud_init(init)
     given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
@@ -160,8 +161,8 @@ def _write_stage(record: dict, init: Path, out: Path) -> None:
 def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share, init, seed: int, out: Path,
                       force: bool) -> None:
     from cdcca.assets import AssetError
-    from cdcca.readout import ReadoutConfig, train_readout
-    from cdcca.robust import ConsistencyConfig, training_views
+    from cdcca.recipes.consistency import ConsistencyConfig, training_views
+    from cdcca.recipes.readout import ReadoutConfig, train_readout
 
     init = _cloud_init(init)
     try:

@@ -1,4 +1,4 @@
-"""The ``cdcca`` command line: assets, pretrain, eval, packet tools, the demo, runtimes and the fleet (benchmarks: cli_bench)."""
+"""The ``cdcca`` command line: assets, pretrain, eval, packet tools, the demo, runtimes and the fleet (the benchmarks: cli/bench.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cdcca.cli_api import device_api, device_serve
-from cdcca.cli_bench import bench_app
-from cdcca.cli_cloud import cloud_app
-from cdcca.cli_common import (
+from cdcca.cli.api import device_api, device_serve
+from cdcca.cli.bench import bench_app
+from cdcca.cli.cloud import cloud_app
+from cdcca.cli.common import (
     SCENARIO_HELP,
     Role,
     console,
@@ -33,7 +33,7 @@ from cdcca.cli_common import (
     summary_line,
     use_threads,
 )
-from cdcca.cli_pretrain import pretrain
+from cdcca.cli.pretrain import pretrain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
@@ -59,7 +59,7 @@ def root_options(version: bool = typer.Option(False, "--version", callback=_prin
 def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cache of the LLM from the GGUF file.")):
     """Find the packaged weights and data, build the LLM cache once, and print sizes and load times."""
     from cdcca.assets import AssetError, cache_dir
-    from cdcca.doctor import check_assets
+    from cdcca.cli.doctor import check_assets
 
     try:
         reports = check_assets(rebuild=rebuild)
@@ -75,7 +75,7 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 
 def _eval_domain(model, prompter, data, n, domain, role, direct) -> dict:
     from cdcca.data.stream import heldout_questions
-    from cdcca.evaluate import accuracy, domain_tokens
+    from cdcca.runtime.evaluate import accuracy, domain_tokens
 
     res = accuracy(model, prompter, data, heldout_questions(data, n, domain=domain), domain_tokens(domain, data), direct=direct)
     return {"model": role, "shift": str(domain) if domain.path else domain.corruption, "severity": domain.severity, **res}
@@ -102,7 +102,7 @@ def eval_cmd(
 
     use_threads(threads)
     if data_file is not None:
-        from cdcca.evaluate import evaluate_file
+        from cdcca.runtime.evaluate import evaluate_file
 
         with one_line_errors():
             result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights), load_tokenizer(),
@@ -195,7 +195,7 @@ def demo(
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report."""
     from cdcca.assets import AssetError
-    from cdcca.demo import run_demo
+    from cdcca.bench.demo import run_demo
 
     use_threads(threads)
     if devices < 1:
@@ -286,8 +286,8 @@ STATE_HELP = "State directory of this runtime."
 
 
 def _device(state: Path):
-    from cdcca.device import DeviceRuntime
-    from cdcca.store import StoreError
+    from cdcca.runtime.adapter_store import StoreError
+    from cdcca.runtime.device import DeviceRuntime
 
     try:
         return DeviceRuntime.open(state)
@@ -301,7 +301,7 @@ def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
                 index: int = typer.Option(0, help="This device's slice of the request stream (0-based)."),
                 n_devices: int = typer.Option(1, help="Number of devices sharing the stream.")):
     """Create a device state dir holding the pretrained adapters as version 0."""
-    from cdcca.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     try:
         dev = DeviceRuntime.create(state, device_id, tiny=tiny, stream={"index": index, "n_devices": n_devices})

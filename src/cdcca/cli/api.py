@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli_common import console, fail, one_line_errors
+from cdcca.cli.common import console, fail, one_line_errors
 
 STATE_HELP = "Device state dir (from `cdcca device init`)."
 
@@ -25,7 +25,7 @@ def device_api(
     """Serve the device as an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models, GET /healthz."""
     import uvicorn
 
-    from cdcca.api import create_app
+    from cdcca.runtime.api import create_app
 
     if not (state / "device.json").is_file():
         fail(f"no device state at {state}; create it with `cdcca device init --state {state} --device NAME`")
@@ -40,9 +40,9 @@ def device_api(
 def serve_requests(state: Path, requests: Path, out: Path, batch: int = 32) -> dict:
     """Answer every row of a VQA JSONL file (``answer`` optional) through the device's serving path;
     one JSON line per request in ``out``, written atomically; accuracy where rows carry answers."""
-    from cdcca.api import DeviceService, Query
     from cdcca.atomic import atomic_write
     from cdcca.data.jsonl import load_jsonl
+    from cdcca.runtime.api import DeviceService, Query
 
     data = load_jsonl(requests, require_answer=False)
     service = DeviceService(state)
@@ -69,7 +69,7 @@ def device_serve(
     out: Path | None = typer.Option(None, help="With --requests: where to write one JSON answer per line."),
 ):
     """Answer requests — one round of the built-in stream, or a JSONL file; uncertain samples go to the outbox (UTS)."""
-    from cdcca.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime
 
     if (round is None) == (requests is None):
         fail("give either --round R (the built-in stream) or --requests FILE.jsonl --out answers.jsonl")

@@ -38,13 +38,13 @@ from safetensors.torch import load_file
 
 from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
+from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
+from cdcca.akd.source_set import load_source_set, random_source_set
 from cdcca.atomic import link_or_copy, write_json, write_safetensors
-from cdcca.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
-from cdcca.source_set import load_source_set, random_source_set
-from cdcca.student_store import load_student_state, save_records, save_student_state
+from cdcca.runtime.student_store import load_student_state, save_records, save_student_state
 from cdcca.uplink import decode_uplink
 from cdcca.wire import require_plain_name, write_packet
 

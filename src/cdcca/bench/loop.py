@@ -1,7 +1,7 @@
 """The benchmark driver: one device and the cloud over the continual shift stream, measured.
 
 It runs exactly what ships — the device and cloud runtimes on scratch state dirs and the steps of
-:mod:`cdcca.protocol` — and adds only measurement: held-out accuracy per domain after each round,
+:mod:`cdcca.runtime.protocol` — and adds only measurement: held-out accuracy per domain after each round,
 what the teacher and the device knew about the trained samples, timings. Three knobs exist for
 comparison runs: ``downlink`` ("dwc" as shipped, "dense" full fp32 state, "none" = source-only),
 ``labels`` ("oracle": the uploads' true answers replace the teacher's) and ``save_states``.
@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import save_file
 
-from cdcca import protocol
-from cdcca.cloud import CloudRuntime
+from cdcca.akd.distill import AKD, AKDConfig, with_true_labels
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import STREAM_BUDGET, Scenario, recovery_curve, revisit_first_rounds, stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
-from cdcca.device import DeviceRuntime
-from cdcca.distill import AKD, AKDConfig, with_true_labels
 from cdcca.downlink import DWCConfig
-from cdcca.evaluate import accuracy, domain_tokens
 from cdcca.model.mllm import MLLM, adapter_state
 from cdcca.model.prompt import Prompter
+from cdcca.runtime import protocol
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
+from cdcca.runtime.evaluate import accuracy, domain_tokens
 from cdcca.uplink import UTSConfig
 
 
@@ -94,7 +94,7 @@ def measure_heldout(row: dict, model: MLLM, prompter: Prompter, data: VQASet, do
 
 def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
              on_round=None, device_id: str = "device-0", workdir: str | Path | None = None) -> dict:
-    """Run every round of ``cfg.stream`` through the runtimes and :mod:`cdcca.protocol`, as the
+    """Run every round of ``cfg.stream`` through the runtimes and :mod:`cdcca.runtime.protocol`, as the
     demo and a deployment do, in a scratch state dir (``workdir``, default a temporary one);
     returns {"rounds": [...], "summary": {...}}."""
     if workdir is not None:

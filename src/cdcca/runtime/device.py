@@ -3,8 +3,8 @@
 A device's state dir holds everything it needs to survive a restart or a power cut:
 
     device.json      device id, model kind, UTS settings, request-stream slice, byte counters
-    adapters/        versioned adapter states (:class:`cdcca.store.AdapterStore`, atomic, rollback)
-    outbox.sqlite    uplink samples not yet acknowledged by the cloud (:class:`cdcca.outbox.Outbox`)
+    adapters/        versioned adapter states (:class:`cdcca.runtime.adapter_store.AdapterStore`, atomic, rollback)
+    outbox.sqlite    uplink samples not yet acknowledged by the cloud (:class:`cdcca.runtime.outbox.Outbox`)
 
 The runtime imports no fleet code: the in-process fleet and the Flower ClientApp both drive it.
 """
@@ -23,12 +23,12 @@ import torch
 from cdcca.atomic import write_json
 from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks, stream_spec
 from cdcca.data.stream import resolve_sequence, stream_data
-from cdcca.evaluate import domain_tokens
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.pair import role_model
-from cdcca.outbox import Outbox
-from cdcca.store import AdapterStore
+from cdcca.runtime.adapter_store import AdapterStore
+from cdcca.runtime.evaluate import domain_tokens
+from cdcca.runtime.outbox import Outbox
 from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
 from cdcca.wire import PacketError, decode, require_plain_name
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cdcca.akd.distill import AKDConfig, Aligner, ReplayBuffer, StudentState, TeacherRecord
 from cdcca.atomic import write_json, write_safetensors
-from cdcca.distill import AKDConfig, Aligner, ReplayBuffer, StudentState, TeacherRecord
 
 FORMAT = "1"
 

@@ -6,7 +6,7 @@ pre-norm last-layer hidden states over the visual + prompt positions and its log
 position, and its bridge's output (the visual prefix). The student — a model holding *that device's
 current* adapters — then learns in up to two phases, each on the new records plus a bounded replay:
 
-1. **prefix distillation** (``prefix_epochs``; :mod:`cdcca.prefix`): the device's bridge learns to
+1. **prefix distillation** (``prefix_epochs``; :mod:`cdcca.akd.prefix`): the device's bridge learns to
    produce the teacher's robust prefix, translated into the device's prefix space by a map fitted
    on clean source images — every upload, no label, no LLM pass;
 2. **the label phase** (``epochs``; the paper's AKD loss) on the pseudo-labels the teacher is sure of:
@@ -19,7 +19,7 @@ Hidden states are compared position by position: the tokenizers (and the number 
 match, so both sequences line up. The aligner is a trainable 1×1 Conv1d from student width to
 teacher width that stays on the cloud, one per device.
 
-Which phases run by default is decided by measurement (docs/RESULTS.md §0). In the label phase
+Which phases run by default is decided by measurement (docs/notebook.md §0). In the label phase
 three levers decide whether the teacher's knowledge arrives:
 - **gating and weighting** — pseudo-labels below ``min_teacher_confidence`` are not trained on, and
   ``weighting="entropy"`` scales each sample's CE and KL by 1/exp(H_t − E0) (CEMA, ICLR 2024), H_t the
@@ -42,10 +42,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from cdcca.adapter_state import AdapterState
+from cdcca.akd.prefix import PREFIX_GROUPS, PrefixTeacher, train_prefix
+from cdcca.akd.source_set import SourceSet
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.prompt import Prompter
-from cdcca.prefix import PREFIX_GROUPS, PrefixTeacher, train_prefix
-from cdcca.source_set import SourceSet
 
 TRAIN_GROUPS = {
     "all": lambda name: True,
@@ -59,7 +59,7 @@ class AKDConfig:
     """How the cloud distils; the defaults follow the authors' released settings where they fit."""
 
     epochs: int = 0                       # label phase (paper: 3); off by default: with prefix distillation it
-                                          # added +1.5 points but cost 3.5 points of clean accuracy (RESULTS §0)
+                                          # added +1.5 points but cost 3.5 points of clean accuracy (docs/notebook.md §0)
     batch_size: int = 16
     lr: float = 1e-4                      # paper 3e-5 (7B LLM); 3e-4 here made the device forget clean data (-10 pts)
     lr_final: float = 1.7e-5              # cosine decay target (paper 5e-6: the same 1/6 ratio)
@@ -82,7 +82,7 @@ class AKDConfig:
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
     train: str = "all"                    # which adapters the student updates: all | bridge | lora
-    prefix_epochs: int = 20               # prefix distillation (cdcca.prefix) before the label phase; 0 = off
+    prefix_epochs: int = 20               # prefix distillation (cdcca.akd.prefix) before the label phase; 0 = off
     prefix_lr: float = 3e-4
     prefix_batch: int = 32
     prefix_ridge: float = 100.0           # ridge of the teacher → device prefix map fitted on clean source images
@@ -404,7 +404,7 @@ class AKD:
 
     def distill_prefix(self, replay: ReplayBuffer, records: list[TeacherRecord], rng: random.Random) -> dict[str, float]:
         """Prefix distillation of the student's bridge on every record (no gate: the target is not a
-        label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.prefix`."""
+        label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.akd.prefix`."""
         cfg = self.cfg
         data = records + replay.sample(int(len(records) * cfg.replay_per_round))
         targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]))

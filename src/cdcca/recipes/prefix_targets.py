@@ -1,10 +1,10 @@
 """Prefix targets: where the frozen cloud LLM wants each train image's visual prefix to be.
 
-The cloud's bridge loses the shape's colour (docs/RESULTS.md §0.1) and end-to-end training through
+The cloud's bridge loses the shape's colour (docs/notebook.md §0.1) and end-to-end training through
 the 30-layer LLM is too slow on a CPU to teach it back. This splits that training in two: first each
 of a sample of train images gets its clean prefix optimised directly, through the frozen LLM and its
 LoRA, on a few of the image's own questions (input gradients only, a few Adam steps); then the small
-bridge is fitted to those targets from cached features (``cdcca.robust``), its corrupted and partly
+bridge is fitted to those targets from cached features (``cdcca.recipes.consistency``), its corrupted and partly
 dropped views included — the same feature-consistency stage, with better targets. The LLM never
 changes, and only train images and their true answers are used.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.checkpoint import config_digest, file_sha256
 from cdcca.model.mllm import MLLM, answer_loss
 from cdcca.model.prompt import Prompter
+from cdcca.recipes.checkpoint import config_digest, file_sha256
 
 SHAPES = ("circle", "rectangle", "triangle")
 

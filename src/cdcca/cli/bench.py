@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cdcca.cli_common import SCENARIO_HELP, console, fail, one_line_errors, scenario_overrides, use_threads
+from cdcca.cli.common import SCENARIO_HELP, console, fail, one_line_errors, scenario_overrides, use_threads
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 

@@ -1,11 +1,11 @@
 """Prefix distillation: the device's bridge learns the cloud's robust visual prefix, translated.
 
 The cloud's bridge was trained to give corrupted tokens the prefix it gives clean ones
-(:mod:`cdcca.robust`); the device's bridge was not. Both bridges feed the same kind of LLM input (a
+(:mod:`cdcca.recipes.consistency`); the device's bridge was not. Both bridges feed the same kind of LLM input (a
 ``Q × d`` prefix), so a linear map fitted on *clean source images* — the cloud's prefix in, the
 device's own source prefix out — translates what the teacher sees into the device's language.
 Fed straight into the device, the translated prefix of a shifted upload answers about as well as
-the cloud itself (docs/RESULTS.md §0.5). Training the device's bridge to produce that prefix from the
+the cloud itself (docs/notebook.md §0.5). Training the device's bridge to produce that prefix from the
 uploaded tokens passes the robustness on without any label, so every upload counts (no gate), and
 without an LLM pass, so it costs a few seconds per round on a CPU. The device's own clean prefix
 on source images is the anchor that keeps the source domain where it was.

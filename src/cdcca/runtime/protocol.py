@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdcca.store import StaleBaseError
+from cdcca.runtime.adapter_store import StaleBaseError
 
 
 @dataclass

@@ -18,18 +18,18 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cdcca.bench.report import write_report
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain
 from cdcca.fleet.local import FLEET_PRESETS, FleetConfig, LocalFleet, domains_of
-from cdcca.report import write_report
 
 
 def _heldout_evaluator():
     """A function (model, domains, n) → held-out MC per domain on the stream's data (easy-VQA and
     any JSONL files among the domains), over the stream's candidates."""
     from cdcca.assets import load_tokenizer
+    from cdcca.bench.loop import heldout_mc
     from cdcca.data.stream import stream_data
-    from cdcca.loop import heldout_mc
     from cdcca.model.prompt import Prompter
 
     tokenizer = load_tokenizer()
@@ -76,14 +76,14 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     import hashlib
     import json
 
+    from cdcca.akd.distill import AKD
+    from cdcca.akd.source_set import load_source_set
     from cdcca.assets import cache_dir, load_tokenizer
     from cdcca.atomic import write_json
+    from cdcca.bench.loop import LoopConfig, run_loop
     from cdcca.data.stream import resolve_sequence, stream_data
-    from cdcca.distill import AKD
-    from cdcca.loop import LoopConfig, run_loop
     from cdcca.model.pair import load_pretrained, pretrain_record
     from cdcca.model.prompt import Prompter
-    from cdcca.source_set import load_source_set
 
     loop = LoopConfig(stream=cfg.stream, scenario=cfg.scenario, rounds_per_domain=cfg.rounds_per_domain,
                       round_size=cfg.round_size, visits=cfg.visits, update_delay=cfg.update_delay,
@@ -109,8 +109,8 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
 def _source_only_online(cfg: FleetConfig, device) -> list[float]:
     """Online MC per round of the never-updated device on exactly the requests the first device serves
     (run before any update, so the device still holds its pretrained adapters)."""
-    from cdcca.device import RequestStream
     from cdcca.model.answer import mc_predict
+    from cdcca.runtime.device import RequestStream
 
     prompter = device._prompter()
     out = []

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.bridge import Bridge, BridgeConfig
+from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _draw_views(cfg: ConsistencyConfig, step: int, clean: torch.Tensor, variants
     """One step's (corrupted, clean, keep, image ids) batch; also seeds the bridge's dropout for the step.
 
     With ``target_images``, ``cfg.target_share`` of the batch is drawn from those images."""
-    from cdcca.pretrain import random_keep
+    from cdcca.recipes.pretrain import random_keep
 
     # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
     rng = np.random.default_rng([cfg.seed, step])
@@ -153,11 +153,11 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     """Train the bridge of the adapters in ``init`` (a cloud.safetensors); write the result to ``out_dir``.
 
     ``clean`` and each of ``variants`` are (N, 49, C) fp16 tokens of the same N train images.
-    ``targets`` — (image ids, prefixes) from :mod:`cdcca.prefix_targets` — replaces the frozen bridge's
+    ``targets`` — (image ids, prefixes) from :mod:`cdcca.recipes.prefix_targets` — replaces the frozen bridge's
     clean output as the target of those images (the others keep it, weighted ``cfg.w_frozen``).
     Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
     """
-    from cdcca.pretrain import one_cycle_lr
+    from cdcca.recipes.pretrain import one_cycle_lr
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(init))

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
-from cdcca.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
+from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 
 
 @dataclass

@@ -74,7 +74,7 @@ def headline_text(summary: dict) -> str:
     """The report's headline sentence as plain text."""
     import html
 
-    from cdcca.report import headline
+    from cdcca.bench.report import headline
 
     return html.unescape(headline(summary))
 

@@ -1,8 +1,8 @@
 """Read-out tuning: the cloud's top decoder layers learn to read the prefix its bridge now gives.
 
-After the prefix targets (:mod:`cdcca.prefix_targets`) the shape's colour is back in the cloud bridge's
+After the prefix targets (:mod:`cdcca.recipes.prefix_targets`) the shape's colour is back in the cloud bridge's
 output, but the LLM still misreads some prefixes: even the ideal class change added to a train image's
-prefix leaves ~4 % of its questions wrong (docs/RESULTS.md §0.1). Training through the whole 30-layer
+prefix leaves ~4 % of its questions wrong (docs/notebook.md §0.1). Training through the whole 30-layer
 LLM is too slow on a CPU; this trains only the LoRA and norms of its top layers, from the hidden states
 of the frozen lower layers computed once — ~1.3 s per step of 32 on 2 cores against ~4.5 s end to end.
 The samples are train questions with their true answers, on clean and on corrupted views of their
@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from cdcca.atomic import write_safetensors
-from cdcca.checkpoint import config_digest, file_sha256
 from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
 from cdcca.model.prompt import Prompter, TextBatch
+from cdcca.recipes.checkpoint import config_digest, file_sha256
 
 
 @dataclass
@@ -120,7 +120,7 @@ def cache_lower(split: SplitLLM, data, prompter: Prompter, clean: torch.Tensor, 
 def tune_readout(model: MLLM, cfg: ReadoutConfig, data, prompter: Prompter, clean: torch.Tensor,
                  variants: list[torch.Tensor], progress=None) -> dict:
     """Train the upper layers' adapters of ``model`` in place; the loss curve and the times."""
-    from cdcca.pretrain import one_cycle_lr
+    from cdcca.recipes.pretrain import one_cycle_lr
 
     split = SplitLLM(model, cfg.split_layer)
     model.eval()                                   # no dropout: the cached lower states are deterministic

@@ -1,0 +1,1 @@
+"""The ``cdcca`` command line (``main``) and its sub-command modules."""

@@ -1,0 +1,1 @@
+"""The device and cloud runtimes, the stores they own, the device HTTP API and the round protocol."""
