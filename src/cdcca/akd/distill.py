@@ -82,8 +82,9 @@ class AKDConfig:
     replay_capacity: int = 512            # bounded replay of earlier uploads (reservoir)
     replay_per_round: float = 1.0         # replayed records per new record
     train: str = "all"                    # which adapters the student updates: all | bridge | lora
-    prefix_epochs: int = 20               # prefix distillation (cdcca.akd.prefix) before the label phase; 0 = off
-    prefix_lr: float = 3e-4
+    prefix_epochs: int = 15               # prefix distillation (cdcca.akd.prefix) before the label phase; 0 = off
+    prefix_lr: float = 1e-3               # a round brings 48 uploads (+ as many replayed): 3e-4 needed 4× the epochs
+                                          # to move the bridge as far before the next round (docs/RESULTS.md, recipe)
     prefix_batch: int = 32
     prefix_ridge: float = 100.0           # ridge of the teacher → device prefix map fitted on clean source images
     prefix_params: str = "input"          # bridge parameters prefix distillation moves: input (0.33 M entries, fits

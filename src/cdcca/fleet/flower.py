@@ -58,7 +58,7 @@ class FleetRunConfig:
     reply_timeout_s: float = 1800.0 # one step's replies; serve_round on the real model takes minutes
     poll_s: float = 0.2             # between pulls of replies (Grid.send_and_receive sleeps 3 s)
     max_samples: int = 256          # uplink samples per packet
-    akd_prefix_epochs: int = 20     # prefix distillation epochs (AKDConfig.prefix_epochs)
+    akd_prefix_epochs: int = 15     # prefix distillation epochs (AKDConfig.prefix_epochs)
     akd_epochs: int = 0             # label-phase epochs (AKDConfig.epochs; off by default)
     akd_batch_size: int = 16
     dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
