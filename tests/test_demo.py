@@ -34,3 +34,21 @@ def test_a_grouped_tiny_demo_trains_one_student_per_round_and_says_where_the_tim
     timing = s["timing"]
     assert timing["cloud_s"] == pytest.approx(s["cloud_s_total"], abs=0.2) and timing["rounds_s"] >= timing["cloud_s"]
     assert "cloud AKD → DWC" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_live_table_fits_80_columns_with_whole_headers_and_file_stems(devices):
+    from rich.console import Console
+
+    from cdcca.bench.demo import _table
+
+    rows = [{"round": r, "device": f"dev-{d}", "domain": "/data/users/night-shift.jsonl" if r else "gaussian_blur:5",
+             "online_mc": 0.8125, "source_only_online_mc": 0.75, "heldout_mc": 0.8 if r else None, "source_mc": 1.0,
+             "bytes_up": 1_483_000, "bytes_down": 259_000, "wall_s": 123.0} for r in range(12) for d in range(devices)]
+    console = Console(width=80, record=True)
+    console.print(_table(rows, "cdcca demo"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "night-shift " in text and "/data/users" not in text
+    for header in ("online", "src-only", "heldout", "clean", "KiB up", "KiB dn"):
+        assert header in text

@@ -167,10 +167,12 @@ def domain_label(domain: str) -> str:
 
 def _table(rows: list[dict], title: str) -> Table:
     """The live per-round table, 80 columns wide: online MC next to the never-updated device's on the same
-    requests (src-only), held-out MC when the stream leaves a domain, clean MC, KiB up and down, seconds."""
+    requests (src-only), held-out MC when the stream leaves a domain, clean MC, KiB up and down, and the
+    round's seconds (with several devices their names instead: a round's seconds are the fleet's)."""
     many = len({r["device"] for r in rows}) > 1
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    for c in ("rnd", *(["dev"] if many else []), "domain", "online", "src-only", "heldout", "clean", "KiB up", "KiB dn", "s"):
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for c in ("rnd", *(["dev"] if many else []), "domain", "online", "src-only", "heldout", "clean", "KiB up", "KiB dn",
+              *([] if many else ["s"])):
         t.add_column(c, justify="left" if c == "domain" else "right", no_wrap=True)
 
     def num(v) -> str:
@@ -179,7 +181,7 @@ def _table(rows: list[dict], title: str) -> Table:
     for r in rows:
         t.add_row(str(r["round"]), *([r["device"]] if many else []), domain_label(r["domain"]), num(r["online_mc"]),
                   num(r.get("source_only_online_mc")), num(r.get("heldout_mc")), num(r.get("source_mc")),
-                  f"{r['bytes_up'] / 1024:.0f}", f"{r['bytes_down'] / 1024:.0f}", f"{r['wall_s']:.0f}")
+                  f"{r['bytes_up'] / 1024:.0f}", f"{r['bytes_down'] / 1024:.0f}", *([] if many else [f"{r['wall_s']:.0f}"]))
     return t
 
 
