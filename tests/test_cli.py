@@ -88,3 +88,14 @@ def test_a_continued_stage_is_up_to_date_only_for_the_same_config_and_the_same_s
     assert not _up_to_date("cloud", tmp_path, "d1", False, second)      # same config from other weights: retrain
     assert not _up_to_date("cloud", tmp_path, "d2", False, first)
     assert not _up_to_date("cloud", tmp_path, "d1", True, first)        # --force
+
+
+def test_a_bad_scenario_or_delay_fails_in_one_line_before_any_model_loads():
+    cases = [(["demo", "--scenario", "forever"], "unknown scenario 'forever'"),
+             (["demo", "--update-delay", "-1"], "--update-delay must be ≥ 0"),
+             (["bench", "akd", "--variants", "cdcca", "--scenario", "one-round", "--rounds-per-domain", "3"], "one-round"),
+             (["bench", "paper", "--methods", "cdcca,magic"], "unknown method(s) magic")]
+    for args, message in cases:
+        result = CliRunner().invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and message in said and "Traceback" not in result.output, args
