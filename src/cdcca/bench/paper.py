@@ -26,6 +26,7 @@ from pathlib import Path
 from cdcca.atomic import write_json
 from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
 from cdcca.bench.loop import LoopConfig
+from cdcca.bench.paper_report import build_tables, write_outputs
 from cdcca.data.scenario import STREAM_BUDGET
 
 PRESETS = {
@@ -34,7 +35,6 @@ PRESETS = {
     "quick": {"budget": STREAM_BUDGET, "heldout_n": 100, "ablation_seeds": 1},
     "full": {"budget": STREAM_BUDGET, "heldout_n": 200, "ablation_seeds": None},
 }
-DEVICE_ONLY = ("bn", "tent", "tent+bn", "eata", "cotta")
 # Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
 TABLE1 = {"source-only": "loop", "bn": "device", "tent": "device", "tent+bn": "device", "eata": "device",
           "cotta": "device", "pseudo-label": "loop", "cdcca-dense": "loop", "cdcca": "loop", "teacher": "teacher",
@@ -230,8 +230,6 @@ def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[
     """Run (or resume) every cell of the preset (or of ``methods``), then build the tables, plots and report
     in ``out_dir``. ``stream``: LoopConfig stream settings (scenario, rounds_per_domain, round_size, visits,
     update_delay) over the default persistent stream."""
-    from cdcca.bench.paper_report import build_tables, write_outputs
-
     p = plan(preset_name, seeds, methods)
     preset = preset_with_stream(preset_name, stream)
     store = CellStore(out_dir, preset)

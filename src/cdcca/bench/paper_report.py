@@ -16,6 +16,8 @@ from cdcca.atomic import write_json
 from cdcca.bench.report import PAGE_STYLE, embed_png, pyplot
 
 TOKEN_FP16_BYTES = 49 * 1280 * 2       # one request's full visual tokens in fp16
+# the device-only baselines of Table 1 (the plan in cdcca.bench.paper runs them; the claims compare with them)
+DEVICE_ONLY = ("bn", "tent", "tent+bn", "eata", "cotta")
 RESULTS_BEGIN, RESULTS_END = "<!-- bench-paper:begin -->", "<!-- bench-paper:end -->"
 
 
@@ -145,8 +147,6 @@ def _seeds(n: int) -> str:
 
 def claims(result: dict, t1: dict, t3: dict) -> list[dict]:
     """The paper's claims, each with this benchmark's number and whether it holds here."""
-    from cdcca.bench.paper import DEVICE_ONLY
-
     g, og = result["gains"], result["online_gains"]
     out = []
     for m in ("source-only", *DEVICE_ONLY):
