@@ -8,7 +8,18 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cdcca.cli.common import SCENARIO_HELP, console, fail, one_line_errors, scenario_overrides, use_threads
+from cdcca.cli.common import (
+    RoundSizeOpt,
+    RoundsPerDomainOpt,
+    ScenarioOpt,
+    UpdateDelayOpt,
+    VisitsOpt,
+    console,
+    fail,
+    one_line_errors,
+    scenario_overrides,
+    use_threads,
+)
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
 
@@ -60,11 +71,11 @@ def bench_akd(
     variants: str | None = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
     stream: str | None = typer.Option(None, help="Domains: 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files."),
-    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
-    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
-    round_size: int | None = typer.Option(None, help="Requests per round (default: the scenario's; persistent 80)."),
-    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
-    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round)."),
+    scenario: ScenarioOpt = "persistent",
+    rounds_per_domain: RoundsPerDomainOpt = None,
+    round_size: RoundSizeOpt = None,
+    visits: VisitsOpt = 2,
+    update_delay: UpdateDelayOpt = 0,
     set_: list[str] | None = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
     save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
@@ -262,11 +273,11 @@ def bench_paper(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     methods: str | None = typer.Option(None, help="Comma-separated Table 1 methods to run (then no ablation tables): "
                                        "source-only, bn, tent, tent+bn, eata, cotta, pseudo-label, cdcca-dense, cdcca, teacher, oracle."),
-    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
-    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
-    round_size: int | None = typer.Option(None, help="Requests per round (default: the scenario's; persistent 80)."),
-    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
-    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round)."),
+    scenario: ScenarioOpt = "persistent",
+    rounds_per_domain: RoundsPerDomainOpt = None,
+    round_size: RoundSizeOpt = None,
+    visits: VisitsOpt = 2,
+    update_delay: UpdateDelayOpt = 0,
 
     out: Path = typer.Option(Path("runs/paper"), help="Output folder: cells/ (the resume point), paper.json, tables.md, plots, report.html."),
     link_mbps: float = typer.Option(10.0, help="Link speed for Table 5's transfer times, Mbit/s."),

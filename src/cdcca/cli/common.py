@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -56,6 +57,14 @@ def one_line_errors() -> Iterator[None]:
 SCENARIO_HELP = ("How long each domain lasts: persistent (each domain for several rounds; default), recurring (the "
                  "domains come back, --visits times), gradual (one corruption, severity 1 → 5), one-round (each "
                  "domain one round: the old stream, for comparison).")
+
+
+# the stream options every command that runs a stream takes (demo, bench akd, bench paper), declared once
+ScenarioOpt = Annotated[str, typer.Option(help=SCENARIO_HELP)]
+RoundsPerDomainOpt = Annotated[int | None, typer.Option(help="Rounds each domain lasts (default: the scenario's; persistent 4).")]
+RoundSizeOpt = Annotated[int | None, typer.Option(help="Requests per round per device (default: the scenario's; persistent 80).")]
+VisitsOpt = Annotated[int, typer.Option(help="recurring: how many times the domains come back.")]
+UpdateDelayOpt = Annotated[int, typer.Option(help="Rounds an update spends in transit (0: live from the next round; 1: one round late).")]
 
 
 def scenario_overrides(scenario: str, rounds_per_domain: int | None, round_size: int | None, visits: int,

@@ -23,8 +23,12 @@ from cdcca.cli.api import device_api, device_serve
 from cdcca.cli.bench import bench_app
 from cdcca.cli.cloud import cloud_app
 from cdcca.cli.common import (
-    SCENARIO_HELP,
     Role,
+    RoundSizeOpt,
+    RoundsPerDomainOpt,
+    ScenarioOpt,
+    UpdateDelayOpt,
+    VisitsOpt,
     console,
     fail,
     headline_text,
@@ -182,11 +186,11 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
     devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
     stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
-    scenario: str = typer.Option("persistent", help=SCENARIO_HELP),
-    rounds_per_domain: int | None = typer.Option(None, help="Rounds each domain lasts (default: the scenario's; persistent 4)."),
-    round_size: int | None = typer.Option(None, help="Requests per round per device (default: the scenario's; persistent 80)."),
-    visits: int = typer.Option(2, help="recurring: how many times the domains come back."),
-    update_delay: int = typer.Option(0, help="Rounds an update spends in transit (0: live from the next round; 1: one round late)."),
+    scenario: ScenarioOpt = "persistent",
+    rounds_per_domain: RoundsPerDomainOpt = None,
+    round_size: RoundSizeOpt = None,
+    visits: VisitsOpt = 2,
+    update_delay: UpdateDelayOpt = 0,
     group: str | None = typer.Option(None, help="'all': the devices form one fleet group — the cloud pools their uploads "
                                      "into one shared student and sends each the same update (default: one student per device)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
