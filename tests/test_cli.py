@@ -62,7 +62,7 @@ def test_an_operator_assigns_fleet_groups_without_loading_a_model(tmp_path):
         assert result.exit_code != 0 and "exactly one of --group NAME or --leave" in " ".join(result.output.split())
     result = group("--device", "../cam", "--group", "site-a")
     assert result.exit_code != 0 and "not a plain name" in " ".join(result.output.split()) and "Traceback" not in result.output
-    from cdcca.runtime.cloud import group_registry
+    from cdcca.runtime.cloud_db import group_registry
     assert group_registry(tmp_path).members("site-a") == ["cam-2"]            # what the cloud runtime reads
 
 

@@ -220,6 +220,19 @@ def test_resync_installs_a_dense_state_as_a_new_version(setup):
         st.apply_resync(cloud.update(1))
 
 
+def test_a_packet_decoded_once_applies_like_its_bytes(setup):
+    """``apply`` takes the packet a caller already decoded to route it (update or resync)."""
+    st, cloud, _ = setup
+    packet = cloud.update(1)
+    report = st.apply(wire.decode(packet), nbytes=len(packet))
+    assert report["status"] == "applied" and report["packet_bytes"] == len(packet)
+    assert st.hash == state_hash(cloud.mirror)
+    fresh = make_state(42)
+    assert st.apply(wire.decode(build_resync(fresh, device_id="dev-1", version=7)))["status"] == "installed"
+    with pytest.raises(PacketError, match="applies only 'update' or 'resync'"):
+        st.apply(wire.decode(wire.encode("uplink", {"x": torch.zeros(1)})))
+
+
 def test_reapplying_the_same_update_is_idempotent(setup):
     st, cloud, d = setup
     packet = cloud.update(1)
@@ -300,7 +313,7 @@ def test_store_changed_by_another_process_is_not_overwritten(setup):
 
 def test_concurrent_writer_is_told_the_store_is_busy(setup):
     st, cloud, d = setup
-    with store_mod._locked(d):
+    with store_mod.locked(d):
         with pytest.raises(StoreError, match="another process"):
             st.apply_update(cloud.update(1))
 

@@ -64,7 +64,7 @@ def cloud_group(state: Path = typer.Option(..., help=STATE_HELP),
                 leave: bool = typer.Option(False, "--leave", help="Take the device out of its group (back to its own student).")):
     """Assign devices to fleet groups (same site, same camera): the cloud pools a group's uploads into one student.
     Needs no model: it edits the cloud's registry only."""
-    from cdcca.runtime.cloud import group_registry
+    from cdcca.runtime.cloud_db import group_registry
 
     if device_id is not None and (group is None) == (not leave):
         fail("give exactly one of --group NAME or --leave with --device")

@@ -33,40 +33,36 @@ import contextlib
 import json
 import logging
 import os
-import re
-import struct
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
-from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
 
 from cdcca import wire
 from cdcca.adapter_state import AdapterState, clone_state, state_hash
-from cdcca.atomic import atomic_write, fsync_dir
+from cdcca.atomic import atomic_write as _atomic_write
+from cdcca.atomic import fsync_dir as _fsync_dir
 from cdcca.downlink import DWC_FORMAT, apply_delta, decode_resync, decode_update
+from cdcca.runtime.version_files import (
+    CONFIG_FILE,
+    CURRENT_FILE,
+    STORE_FORMAT,
+    TMP_RE,
+    VERSION_RE,
+    StoreError,
+    hash_meta,
+    int_meta,
+    load_version_file,
+    locked,
+    now,
+    serialize,
+    vname,
+)
 from cdcca.wire import PacketError
-
-try:  # POSIX advisory locking; without it the single-writer rule is simply not enforced
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["AdapterStore", "StaleBaseError", "StoreError", "WrongDeviceError"]
 
 log = logging.getLogger(__name__)
-
-STORE_FORMAT = 1
-_CONFIG, _CURRENT, _LOCK = "store.json", "CURRENT", "LOCK"
-_VERSION_RE = re.compile(r"^v(\d{6,})\.safetensors$")
-_TMP_RE = re.compile(r"^\..+\.tmp$")
-
-
-class StoreError(RuntimeError):
-    """The store directory is missing, corrupt, busy, or an operation on it is impossible."""
 
 
 class StaleBaseError(PacketError):
@@ -75,52 +71,6 @@ class StaleBaseError(PacketError):
 
 class WrongDeviceError(PacketError):
     """A packet addressed to another device."""
-
-
-# --------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-_fsync_dir = fsync_dir
-_atomic_write = atomic_write
-
-
-def _vname(version: int) -> str:
-    return f"v{version:06d}.safetensors"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _serialize(state: AdapterState, meta: dict[str, str]) -> bytes:
-    return safetensors.torch.save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
-                                  metadata=meta)
-
-
-def _load_version_file(path: Path) -> tuple[AdapterState, dict[str, str]]:
-    """Load and verify one version file; raises StoreError saying what is wrong."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StoreError(f"{path.name} is unreadable ({e.strerror or e})") from None
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-        state = dict(load_safetensors(data))
-    except Exception as e:
-        raise StoreError(f"{path.name} is not a valid safetensors file ({type(e).__name__})") from None
-    h = state_hash(state)
-    if meta.get("hash") != h:
-        raise StoreError(f"{path.name} content hash {h[:12]} does not match its recorded hash "
-                         f"{str(meta.get('hash'))[:12]}")
-    m = _VERSION_RE.match(path.name)
-    if m is None or meta.get("version") != str(int(m.group(1))):
-        raise StoreError(f"{path.name} records version {meta.get('version')!r}")
-    return state, meta
-
-
-# --------------------------------------------------------------------------------------------
 
 
 class AdapterStore:
@@ -132,9 +82,9 @@ class AdapterStore:
         fix = f"create it with AdapterStore.init({str(self.path)!r}, state)"
         if not self.path.is_dir():
             raise StoreError(f"no adapter store at {self.path} (directory missing); {fix}")
-        cfg_path = self.path / _CONFIG
+        cfg_path = self.path / CONFIG_FILE
         if not cfg_path.exists():
-            raise StoreError(f"{self.path} is not an adapter store ({_CONFIG} missing); {fix}")
+            raise StoreError(f"{self.path} is not an adapter store ({CONFIG_FILE} missing); {fix}")
         try:
             cfg = json.loads(cfg_path.read_text("utf-8"))
             if cfg.get("format") != STORE_FORMAT or not isinstance(cfg.get("keep"), int) or cfg["keep"] < 1:
@@ -164,21 +114,21 @@ class AdapterStore:
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():
                 raise ValueError(f"adapter tensor {k!r} must be a floating-point torch.Tensor")
         p.mkdir(parents=True, exist_ok=True)
-        existing = (p / _CONFIG).exists() or (p / _CURRENT).exists() or any(
-            _VERSION_RE.match(f.name) for f in p.iterdir())
+        existing = (p / CONFIG_FILE).exists() or (p / CURRENT_FILE).exists() or any(
+            VERSION_RE.match(f.name) for f in p.iterdir())
         if existing and not force:
             raise StoreError(f"an adapter store already exists at {p}; open it with AdapterStore({str(p)!r}) "
                              f"or pass force=True to replace it")
-        with _locked(p):
+        with locked(p):
             h = state_hash(state)
-            _atomic_write(p / _vname(version), _serialize(state, {
-                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": _now(),
+            _atomic_write(p / vname(version), serialize(state, {
+                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": now(),
                 "parent": "", "device_id": device_id or ""}))
-            _atomic_write(p / _CONFIG, json.dumps({"format": STORE_FORMAT, "device_id": device_id,
+            _atomic_write(p / CONFIG_FILE, json.dumps({"format": STORE_FORMAT, "device_id": device_id,
                                                    "keep": keep}).encode())
-            _atomic_write(p / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+            _atomic_write(p / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
             for f in p.iterdir():
-                if _VERSION_RE.match(f.name) and f.name != _vname(version):
+                if VERSION_RE.match(f.name) and f.name != vname(version):
                     f.unlink()
             _fsync_dir(p)
         return cls(p)
@@ -197,7 +147,7 @@ class AdapterStore:
         """True when another process (``cdcca device apply``, a fleet client) has made a different
         version current since this store was opened: re-open it to follow."""
         try:
-            cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+            cur = json.loads((self.path / CURRENT_FILE).read_text("utf-8"))
             return (cur.get("version"), cur.get("hash")) != (self._version, self._hash)
         except (OSError, ValueError, AttributeError):
             return False          # mid-write or damaged: keep serving the verified version in memory
@@ -210,7 +160,7 @@ class AdapterStore:
         """Version numbers with a file on disk, ascending (not verified)."""
         out = []
         for f in self.path.iterdir():
-            m = _VERSION_RE.match(f.name)
+            m = VERSION_RE.match(f.name)
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
@@ -220,12 +170,22 @@ class AdapterStore:
         if version not in self.versions():
             raise StoreError(f"version {version} is not kept in {self.path} (kept: {self.versions()})")
         try:
-            state, meta = _load_version_file(self.path / _vname(version))
+            state, meta = load_version_file(self.path / vname(version))
         except StoreError as e:
             raise StoreError(f"version {version} in {self.path} is corrupt: {e}") from None
         return state, meta["hash"]
 
     # ---------------------------------------------------------------- writing
+
+    def apply(self, pkt: wire.Packet, nbytes: int = 0) -> dict[str, Any]:
+        """Apply an already-decoded ``"update"`` or ``"resync"`` packet (see :meth:`apply_update`,
+        :meth:`apply_resync`): a caller that decoded the packet to route it need not decode it again.
+        ``nbytes``: the packet's size on the wire, for the report."""
+        if pkt.kind == "update":
+            return self._apply_update(pkt, nbytes)
+        if pkt.kind == "resync":
+            return self._apply_resync(pkt)
+        raise PacketError(f"device got a {pkt.kind!r} packet; it applies only 'update' or 'resync' packets")
 
     def apply_update(self, packet_bytes: bytes) -> dict[str, Any]:
         """Verify and apply an ``"update"`` packet as a new version (all or nothing).
@@ -235,11 +195,13 @@ class AdapterStore:
         cloud for a resync). Re-applying the packet that produced the current version returns
         ``{"status": "already_applied", ...}``.
         """
-        pkt = wire.decode(packet_bytes, expect_kind="update")
+        return self._apply_update(wire.decode(packet_bytes, expect_kind="update"), len(packet_bytes))
+
+    def _apply_update(self, pkt: wire.Packet, nbytes: int) -> dict[str, Any]:
         self._check_device(pkt.meta)
         meta = pkt.meta
-        base_v, new_v = _int_meta(meta, "base_version"), _int_meta(meta, "new_version")
-        base_h, result_h = _hash_meta(meta, "base_hash"), _hash_meta(meta, "result_hash")
+        base_v, new_v = int_meta(meta, "base_version"), int_meta(meta, "new_version")
+        base_h, result_h = hash_meta(meta, "base_hash"), hash_meta(meta, "result_hash")
         if new_v == self._version and result_h == self._hash:
             return {"status": "already_applied", "version": self._version, "hash": self._hash}
         if base_v != self._version or base_h != self._hash:
@@ -260,15 +222,17 @@ class AdapterStore:
                               f"{result_h[:12]}; nothing changed; ask the cloud for a full resync")
         pruned = self._commit(new_v, new_state, h)
         return {"status": "applied", "version": new_v, "hash": h, "base_version": base_v,
-                "values": int(meta.get("n_values", "0") or 0), "packet_bytes": len(packet_bytes),
+                "values": int(meta.get("n_values", "0") or 0), "packet_bytes": nbytes,
                 "pruned": pruned}
 
     def apply_resync(self, packet_bytes: bytes) -> dict[str, Any]:
         """Install the dense state of a ``"resync"`` packet as a new version (after verifying its
         hash). Its version must be above the current one (or equal with the same hash: no-op)."""
-        pkt = wire.decode(packet_bytes, expect_kind="resync")
+        return self._apply_resync(wire.decode(packet_bytes, expect_kind="resync"))
+
+    def _apply_resync(self, pkt: wire.Packet) -> dict[str, Any]:
         self._check_device(pkt.meta)
-        v = _int_meta(pkt.meta, "version")
+        v = int_meta(pkt.meta, "version")
         state = decode_resync(pkt)
         h = pkt.meta["result_hash"]
         if v == self._version and h == self._hash:
@@ -285,8 +249,8 @@ class AdapterStore:
             return {"status": "already_current", "version": version, "hash": self._hash}
         state, h = self.load(version)
         previous = self._version
-        with _locked(self.path):
-            _atomic_write(self.path / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+        with locked(self.path):
+            _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
         self._version, self._hash, self._state = version, h, state
         return {"status": "rolled_back", "version": version, "hash": h, "from": previous}
 
@@ -302,18 +266,18 @@ class AdapterStore:
     def _commit(self, version: int, state: AdapterState, h: str) -> list[int]:
         """Write version file, then CURRENT, then prune; in-memory state changes only at the end."""
         parent = self._version
-        with _locked(self.path):
+        with locked(self.path):
             try:
-                cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+                cur = json.loads((self.path / CURRENT_FILE).read_text("utf-8"))
             except (OSError, ValueError):
                 cur = None
             if cur != {"version": self._version, "hash": self._hash}:
                 raise StoreError(f"adapter store {self.path} changed on disk since it was opened "
                                  f"(CURRENT is {cur}); reopen it and retry")
-            _atomic_write(self.path / _vname(version), _serialize(state, {
-                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": _now(),
+            _atomic_write(self.path / vname(version), serialize(state, {
+                "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": now(),
                 "parent": str(parent), "device_id": self.device_id or ""}))
-            _atomic_write(self.path / _CURRENT, json.dumps({"version": version, "hash": h}).encode())
+            _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
             self._version, self._hash, self._state = version, h, state
             pruned = self._prune(parent)
         return pruned
@@ -327,7 +291,7 @@ class AdapterStore:
         drop = sorted(set(vs) - set(lineage) | set(lineage[:-self.keep]))
         for v in drop:
             try:
-                (self.path / _vname(v)).unlink()
+                (self.path / vname(v)).unlink()
             except FileNotFoundError:
                 pass
             except OSError as e:  # best effort: CURRENT is already durable
@@ -339,9 +303,9 @@ class AdapterStore:
     def _clean_temp_files(self) -> None:
         """Delete temp files left by an interrupted write (skipped while another writer is active)."""
         try:
-            with _locked(self.path):
+            with locked(self.path):
                 for f in self.path.iterdir():
-                    if _TMP_RE.match(f.name) and f.is_file():
+                    if TMP_RE.match(f.name) and f.is_file():
                         with contextlib.suppress(OSError):
                             f.unlink()
         except StoreError:
@@ -350,7 +314,7 @@ class AdapterStore:
     def _load_current(self) -> None:
         problem = None
         try:
-            cur = json.loads((self.path / _CURRENT).read_text("utf-8"))
+            cur = json.loads((self.path / CURRENT_FILE).read_text("utf-8"))
             v, h = cur["version"], cur["hash"]
             if not isinstance(v, int) or not isinstance(h, str):
                 raise ValueError("bad fields")
@@ -360,20 +324,20 @@ class AdapterStore:
             problem = "CURRENT is corrupt"
         if problem is None:
             try:
-                state, meta = _load_version_file(self.path / _vname(v))
+                state, meta = load_version_file(self.path / vname(v))
                 if meta["hash"] != h:
-                    raise StoreError(f"{_vname(v)} holds hash {meta['hash'][:12]}, not {h[:12]}")
+                    raise StoreError(f"{vname(v)} holds hash {meta['hash'][:12]}, not {h[:12]}")
                 self._version, self._hash, self._state = v, h, state
                 return
             except StoreError as e:
                 problem = f"CURRENT names version {v}, but {e}"
         for cand in reversed(self.versions()):
             try:
-                state, meta = _load_version_file(self.path / _vname(cand))
+                state, meta = load_version_file(self.path / vname(cand))
             except StoreError:
                 continue
-            with _locked(self.path):
-                _atomic_write(self.path / _CURRENT, json.dumps({"version": cand, "hash": meta["hash"]}).encode())
+            with locked(self.path):
+                _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": cand, "hash": meta["hash"]}).encode())
             self._version, self._hash, self._state = cand, meta["hash"], state
             self.recovery_note = f"{problem}; fell back to version {cand}, the newest valid one"
             log.warning("adapter store %s: %s", self.path, self.recovery_note)
@@ -381,33 +345,3 @@ class AdapterStore:
         raise StoreError(f"adapter store {self.path}: {problem} and no kept version is loadable; "
                          f"re-create it with AdapterStore.init({str(self.path)!r}, state, force=True) "
                          f"from a cloud resync")
-
-
-@contextlib.contextmanager
-def _locked(d: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    fd = os.open(d / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"adapter store {d} is being written by another process; retry later") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _int_meta(meta: dict[str, str], key: str) -> int:
-    s = meta.get(key, "")
-    if not re.fullmatch(r"[0-9]{1,18}", s):
-        raise PacketError(f"packet meta {key}={s!r} is not a non-negative integer")
-    return int(s)
-
-
-def _hash_meta(meta: dict[str, str], key: str) -> str:
-    s = meta.get(key, "")
-    if not re.fullmatch(r"[0-9a-f]{64}", s):
-        raise PacketError(f"packet meta {key} is not a SHA-256 hex digest")
-    return s

@@ -3,10 +3,12 @@
 State dir layout (SQLite in WAL mode for what must be transactional, files for tensors):
 
     cloud.sqlite                 packets (uplinks as received), samples (id → packet, round processed),
-                                 devices (mirror version + hash), updates (stored update packets), metrics
+                                 devices (mirror version + hash), updates (stored update packets, by path
+                                 relative to the state dir: the dir can move), metrics (see runtime/cloud_db.py)
     uplinks/<sha>.pkt            uplink packets exactly as received
     devices/<id>/mirror-vN.safetensors, residual-vN.safetensors, update-vN.pkt
-    devices/<id>/records-rR.safetensors, akd-vN.json, aligner-vN.safetensors   (AKD's state: student_store)
+    devices/<id>/records-rR.safetensors, akd-vN.json, aligner-vN.safetensors   (AKD's state: student_store;
+                                 records no replay buffer refers to are deleted after each round)
     groups/<name>/...            the same files for a fleet group's shared student (see below)
 
 Fleet groups: devices assigned to a group (same site, same camera) share one student. A round pools
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -44,62 +45,12 @@ from cdcca.atomic import link_or_copy, write_json, write_safetensors
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
-from cdcca.runtime.student_store import load_student_state, save_records, save_student_state
-from cdcca.uplink import decode_uplink
+from cdcca.runtime.cloud_db import GroupRegistry, open_db
+from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
+from cdcca.uplink import UplinkBatch, decode_uplink
 from cdcca.wire import require_plain_name, write_packet
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
-CREATE TABLE IF NOT EXISTS samples (sample_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, packet_sha TEXT NOT NULL,
-                                    round INTEGER);
-CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, version INTEGER NOT NULL, hash TEXT NOT NULL,
-                                    rounds INTEGER NOT NULL DEFAULT 0, budget INTEGER);
-CREATE TABLE IF NOT EXISTS updates (device_id TEXT, base_version INTEGER, new_version INTEGER, path TEXT, nbytes INTEGER,
-                                    PRIMARY KEY (device_id, base_version));
-CREATE TABLE IF NOT EXISTS metrics (device_id TEXT, round INTEGER, json TEXT, PRIMARY KEY (device_id, round));
-CREATE TABLE IF NOT EXISTS groups (device_id TEXT PRIMARY KEY, group_id TEXT NOT NULL);
-"""
 GROUP_PREFIX = "@"       # a group's student is kept like a device's under the owner id "@<group>"
-
-
-def open_db(state_dir: Path) -> sqlite3.Connection:
-    """The cloud's SQLite registry (WAL, full sync), its tables created if missing."""
-    db = sqlite3.connect(str(Path(state_dir) / "cloud.sqlite"), isolation_level=None, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(SCHEMA)
-    return db
-
-
-class GroupRegistry:
-    """Which fleet group each device belongs to (the ``groups`` table). Groups are the operator's
-    decision — this API, the Flower run config, ``cdcca cloud group`` — never a device's claim."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def set(self, device_id: str, group: str | None) -> None:
-        require_plain_name("device id", device_id)
-        if group is None:
-            self.db.execute("DELETE FROM groups WHERE device_id=?", (device_id,))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO groups VALUES (?,?)", (device_id, require_plain_name("group name", group)))
-
-    def group_of(self, device_id: str) -> str | None:
-        row = self.db.execute("SELECT group_id FROM groups WHERE device_id=?", (device_id,)).fetchone()
-        return row[0] if row else None
-
-    def members(self, group: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT device_id FROM groups WHERE group_id=? ORDER BY device_id", (group,))]
-
-    def assignments(self) -> dict[str, str]:
-        return dict(self.db.execute("SELECT device_id, group_id FROM groups ORDER BY device_id"))
-
-
-def group_registry(state_dir) -> GroupRegistry:
-    """The group registry of a cloud state dir, without loading any model (created if new)."""
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    return GroupRegistry(open_db(Path(state_dir)))
 
 
 @dataclass
@@ -114,13 +65,16 @@ class RoundReport:
 
 
 class CloudRuntime:
-    def __init__(self, state_dir, akd: AKD, initial_state: AdapterState, dwc: DWCConfig | None = None,
-                 downlink: str = "dwc"):
+    """The cloud's state dir and its rounds. The models (``akd``, ``initial_state``) may be given or
+    built on first use by ``models``: receiving uploads needs none, so ``cdcca cloud receive`` loads none."""
+
+    def __init__(self, state_dir, akd: AKD | None, initial_state: AdapterState | None, dwc: DWCConfig | None = None,
+                 downlink: str = "dwc", *, models: Callable[[], tuple[AKD, AdapterState]] | None = None):
         if downlink not in ("dwc", "dense"):
             raise ValueError(f"downlink must be 'dwc' (compressed updates) or 'dense' (full fp32 state); got {downlink!r}")
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.akd = akd
+        self._akd, self._initial_state, self._models = akd, initial_state, models
         self.dwc = dwc or DWCConfig()
         self.downlink = downlink
         # benchmarks only: replace the teacher's labels before distillation (the oracle's true answers)
@@ -128,11 +82,28 @@ class CloudRuntime:
         # run the teacher's LLM for its answers even when distillation does not use them (benchmarks report them)
         self.teacher_answers = False
         self.last_round: RoundReport | None = None
-        self.initial_state = initial_state
         self._student_versions: dict[str, int] = {}   # device → mirror version AKD's in-memory state belongs to
         self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)
         self.db = open_db(self.dir)
         self.groups = GroupRegistry(self.db)
+        self._decoded: dict[str, UplinkBatch] = {}       # packet sha → its batch, decoded at receive, used by a round
+
+    @property
+    def akd(self) -> AKD:
+        """The teacher, the students and the distillation (built on first use)."""
+        self._load_models()
+        return self._akd
+
+    @property
+    def initial_state(self) -> AdapterState:
+        """The shipped pretrained adapters every new device and group starts from (version 0)."""
+        self._load_models()
+        return self._initial_state
+
+    def _load_models(self) -> None:
+        if self._models is not None:
+            self._akd, self._initial_state = self._models()
+            self._models = None
 
     @classmethod
     def open(cls, state_dir, *, tiny: bool | None = None, akd: AKDConfig | None = None,
@@ -143,21 +114,7 @@ class CloudRuntime:
         ``tiny`` (random tiny models) is recorded in ``cloud.json`` when the state is created and
         read back afterwards; asking for the other kind of model on an existing state is an error."""
         tiny = remembered_tiny(Path(state_dir), tiny)
-        from cdcca.assets import load_tokenizer
-        from cdcca.data.easyvqa import candidate_answers
-        from cdcca.model.pair import role_model
-        from cdcca.model.prompt import Prompter
-
-        teacher = role_model("cloud", tiny)
-        student = role_model("device", tiny)
-        prompter = Prompter(load_tokenizer(), candidates or candidate_answers())
-        akd = akd or AKDConfig()
-        if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
-            akd = replace(akd, min_teacher_confidence=0.0)
-        source = None
-        if akd.needs_source:
-            source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
-        return cls(state_dir, AKD(teacher, student, prompter, akd, source=source), adapter_state(student), dwc)
+        return cls(state_dir, None, None, dwc, models=lambda: _build_models(tiny, akd or AKDConfig(), candidates))
 
     # -- devices, groups and their mirrors -----------------------------------------------------
     def _home(self, owner: str) -> Path:
@@ -212,16 +169,17 @@ class CloudRuntime:
         path.parent.mkdir(exist_ok=True)
         if not path.exists():
             write_packet(path, uplink)
-        self._device(batch.device_id)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute("INSERT OR IGNORE INTO packets VALUES (?,?,?,?)", (sha, batch.device_id, len(uplink), time.time()))
-            self.db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
-                                [(sid, batch.device_id, sha) for sid in batch.sample_ids])
+            new = self.db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
+                                      [(sid, batch.device_id, sha) for sid in batch.sample_ids]).rowcount
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        if new > 0:   # kept for this process's next round (a restarted cloud decodes the stored packet instead)
+            self._decoded[sha] = batch
         return list(batch.sample_ids)
 
     def pending_samples(self, *device_ids: str) -> int:
@@ -238,7 +196,7 @@ class CloudRuntime:
             wanted.setdefault(sha, set()).add(sid)
         tokens, keep, questions, ids, device_answers = [], [], [], [], []
         for sha, sids in wanted.items():
-            up = decode_uplink((self.dir / "uplinks" / f"{sha}.pkt").read_bytes())
+            up = self._decoded.pop(sha, None) or decode_uplink((self.dir / "uplinks" / f"{sha}.pkt").read_bytes())
             for i, sid in enumerate(up.sample_ids):
                 if sid in sids:
                     sids.discard(sid)      # a sample id repeated inside one packet is used once
@@ -295,6 +253,7 @@ class CloudRuntime:
         self._commit_version(owner, version, new, state_hash(mirror), rnd, d / f"update-v{new}.pkt", len(packet),
                              metrics, samples=[(rnd, sid) for sid in ids], budget=next_budget)
         self._student_versions[owner] = new
+        prune_records(d, new)
         return packet
 
     def _commit_version(self, owner: str, version: int, new: int, new_hash: str, rnd: int, packet_path: Path,
@@ -305,7 +264,8 @@ class CloudRuntime:
             self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", samples)
             self.db.execute("UPDATE devices SET version=?, hash=?, rounds=?, budget=COALESCE(?, budget) WHERE device_id=?",
                             (new, new_hash, rnd, budget, owner))
-            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)", (owner, version, new, str(packet_path), nbytes))
+            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)",
+                            (owner, version, new, packet_path.relative_to(self.dir).as_posix(), nbytes))
             self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (owner, rnd, json.dumps(metrics)))
             self.db.execute("COMMIT")
         except BaseException:
@@ -320,7 +280,7 @@ class CloudRuntime:
         if device_hash == group_hash:
             return None
         row = self.db.execute("SELECT path FROM updates WHERE device_id=? AND new_version=?", (owner, group_version)).fetchone()
-        last = wire.decode(Path(row[0]).read_bytes(), expect_kind="update") if row else None
+        last = wire.decode(self._stored(row[0]).read_bytes(), expect_kind="update") if row else None
         new = version + 1
         if last is not None and last.meta.get("base_hash") == device_hash:
             packet, kind = readdress_update(last, device_id=device_id, base_version=version, new_version=new), "update"
@@ -369,7 +329,13 @@ class CloudRuntime:
         """The stored update whose base is ``device_version`` (to re-send after a lost reply)."""
         row = self.db.execute("SELECT path FROM updates WHERE device_id=? AND base_version=?",
                               (device_id, device_version)).fetchone()
-        return Path(row[0]).read_bytes() if row else None
+        return self._stored(row[0]).read_bytes() if row else None
+
+    def _stored(self, path: str) -> Path:
+        """A stored update's file from its ``updates.path``: relative to the state dir today; rows written
+        before held the path as the command saw it, whose last three parts (``devices|groups/<id>/update-vN.pkt``)
+        are the same — so a moved state dir, or a command run from elsewhere, still finds them."""
+        return self.dir.joinpath(*Path(path).parts[-3:])
 
     def resync(self, device_id: str) -> bytes:
         version, state = self.mirror(device_id)
@@ -395,6 +361,25 @@ def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
     tiny = bool(tiny)
     write_json(record, {"tiny": tiny, "created": time.time()})
     return tiny
+
+
+def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None) -> tuple[AKD, AdapterState]:
+    """The teacher, a student network and the prompter behind AKD, and the student's shipped adapters."""
+    # the model stack stays unloaded until a round needs it (``cdcca cloud receive`` never does)
+    from cdcca.assets import load_tokenizer
+    from cdcca.data.easyvqa import candidate_answers
+    from cdcca.model.pair import role_model
+    from cdcca.model.prompt import Prompter
+
+    teacher = role_model("cloud", tiny)
+    student = role_model("device", tiny)
+    prompter = Prompter(load_tokenizer(), candidates or candidate_answers())
+    if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
+        akd = replace(akd, min_teacher_confidence=0.0)
+    source = None
+    if akd.needs_source:
+        source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
+    return AKD(teacher, student, prompter, akd, source=source), adapter_state(student)
 
 
 def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:

@@ -12,7 +12,8 @@ state) and its aligner. They live next to the mirror in the device's folder:
     aligner-v<N>.safetensors     for mirror version N: the aligner's weights
 
 Everything is written before the round's commit under new names, like the mirror, so a crash leaves
-version N−1 whole. Loading rebuilds the records bit for bit (they are kept in the precision they
+version N−1 whole. Once a round commits, the records files its replay buffers no longer refer to are
+deleted (:func:`prune_records`): a restore reads the current version's buffers only. Loading rebuilds the records bit for bit (they are kept in the precision they
 have in memory), which is what makes a restarted cloud's next update identical to an uninterrupted one.
 """
 
@@ -85,6 +86,23 @@ def save_student_state(folder: Path, version: int, state: StudentState) -> None:
                       {k: v.detach() for k, v in state.aligner.state_dict().items()})
     write_json(folder / f"akd-v{version}.json", {"format": FORMAT, "replay": _buffer_state(state.replay),
                                                   "prefix_replay": _buffer_state(state.prefix_replay)})
+
+
+def _record_ids(path: Path) -> list[str]:
+    """The sample ids a records file holds, from its metadata alone (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return [m["id"] for m in json.loads(f.metadata()["records"])]
+
+
+def prune_records(folder: Path, version: int) -> list[Path]:
+    """Delete the records files no replay buffer of mirror ``version`` refers to: a restore reads
+    only that version's buffers (call it once ``version`` is committed). Returns the deleted files."""
+    saved = json.loads((folder / f"akd-v{version}.json").read_text())
+    wanted = set(saved["replay"]["ids"]) | set(saved["prefix_replay"]["ids"])
+    gone = [f for f in sorted(folder.glob("records-r*.safetensors")) if wanted.isdisjoint(_record_ids(f))]
+    for f in gone:
+        f.unlink()
+    return gone
 
 
 def load_student_state(folder: Path, version: int, cfg: AKDConfig, aligner: Aligner) -> StudentState | None:
