@@ -23,16 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from cdcca.fleet import certs, deploy
-from cdcca.fleet.flower import (
-    ROUND_LOG,
-    FleetRunConfig,
-    RoundLog,
-    _record,
-    claims_own_name,
-    cloud_rounds,
-    device_home,
-    join_group,
-)
+from cdcca.fleet.flower import ROUND_LOG, FleetRunConfig, _record, device_home
+from cdcca.fleet.server import RoundLog, claims_own_name, cloud_rounds, join_group
 from cdcca.runtime.protocol import UplinkMessage
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +94,7 @@ def test_a_tls_client_trusting_the_ca_accepts_the_server(tmp_path, name):
 
 
 def uplink(packet):
-    return UplinkMessage(device_id="dev-1", packet=packet, served={}, status={"version": 2, "hash": "h2"})
+    return UplinkMessage(device_id="dev-1", packet=packet, status={"version": 2, "hash": "h2"})
 
 
 def test_a_node_speaks_only_for_its_registered_device():
@@ -252,7 +244,8 @@ def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(flee
     from cdcca.runtime.adapter_store import AdapterStore
     from cdcca.runtime.cloud import CloudRuntime
 
-    result = deploy.run(fleet.state, 2, config={"akd-prefix-epochs": 2, "akd-epochs": 1, "akd-batch-size": 4}, timeout=400, echo=None)
+    result = deploy.run(fleet.state, 2, config={"traffic": "stream", "akd-prefix-epochs": 2, "akd-epochs": 1,
+                                                "akd-batch-size": 4}, timeout=400, echo=None)
     assert result.ok, f"{result.status}; log: {result.log_path}"
     assert [r["round"] for r in result.rounds] == [0, 1]
     for row in result.rounds:

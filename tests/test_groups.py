@@ -32,6 +32,8 @@ def make_device(tmp_path, name: str, index: int, n: int = 3) -> DeviceRuntime:
 
 def fleet_round(cloud, devices, rnd):
     """One round for ``devices`` the way every driver runs it: all uplinks, the cloud, all applies."""
+    for d in devices:
+        d.serve_round(rnd)                 # the simulated traffic; the round only moves the outbox
     ups = {d.device_id: protocol.device_uplink(d, rnd) for d in devices}
     downs = protocol.cloud_round(cloud, ups)
     for d in devices:

@@ -4,7 +4,8 @@ behind, or lost, and what a device does with a packet on a stale base."""
 import pytest
 
 from cdcca.runtime.adapter_store import StaleBaseError
-from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, run_round
+from cdcca.runtime.protocol import (DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, device_uplink,
+                                    run_round)
 
 
 class FakeCloud:
@@ -30,7 +31,7 @@ class FakeCloud:
 
 
 def uplink(version, hash_, packet=b"uplink"):
-    return UplinkMessage(device_id="dev-1", packet=packet, served={}, status={"version": version, "hash": hash_})
+    return UplinkMessage(device_id="dev-1", packet=packet, status={"version": version, "hash": hash_})
 
 
 def test_a_device_in_sync_gets_acks_and_its_new_update():
@@ -82,9 +83,6 @@ def test_one_round_in_process_resyncs_a_device_on_a_stale_base():
                 raise StaleBaseError("stale")
             return super().apply(packet)
 
-        def serve_round(self, rnd):
-            return {"round": rnd}
-
         def collect_uplink(self, max_samples):
             return b"uplink"
 
@@ -99,13 +97,54 @@ def test_one_round_in_process_resyncs_a_device_on_a_stale_base():
     assert dev.seen == [b"update 2->3", b"resync v2"] and report.resync_reason is None
 
 
-def test_messages_carry_only_plain_values():
+def _plain(x) -> bool:
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(_plain(v) for v in x)
+    return x is None or type(x) in (str, int, float, bool, bytes)
+
+
+def test_a_real_uplink_carries_only_plain_values(tmp_path):
+    """What any transport must carry: bytes, strings, numbers — checked on a real device's message."""
     import dataclasses
 
-    up = UplinkMessage("dev-1", None, {"round": 0}, {"version": 0})
-    assert dataclasses.asdict(up) == {"device_id": "dev-1", "packet": None, "served": {"round": 0}, "status": {"version": 0}}
+    from cdcca.runtime.device import DeviceRuntime
+
+    dev = DeviceRuntime.create(tmp_path / "dev", "dev-1", tiny=True)
+    dev.serve_round(0)
+    up = device_uplink(dev, 0, served={"round": 0, "online_mc": 0.5})
+    assert up.packet and _plain(dataclasses.asdict(up))
+    assert not _plain({"tensor": object()})          # the check itself can fail
+    dev.close()
     with pytest.raises(TypeError):
         DownlinkMessage()
+
+
+def test_the_uplink_holds_exactly_what_the_outbox_held_and_serves_nothing(tmp_path, monkeypatch):
+    """A device fed only by its own requests (API, file): the round packs those samples and never
+    answers a synthetic stream."""
+    import torch
+
+    from cdcca.runtime.device import DeviceRuntime, RequestStream
+    from cdcca.uplink import decode_uplink
+
+    dev = DeviceRuntime.create(tmp_path / "dev", "dev-1", tiny=True)
+    ids = [f"api-{i}" for i in range(6)]
+    _, queued = dev.answer_and_queue(torch.randn(6, 49, 32), ["what color is the shape?"] * 6, ids)
+    assert queued and queued <= set(ids)
+
+    def no_serving(*_a, **_k):
+        raise AssertionError("a round must not answer requests")
+
+    monkeypatch.setattr(DeviceRuntime, "serve_round", no_serving)
+    monkeypatch.setattr(DeviceRuntime, "answer_and_queue", no_serving)
+    monkeypatch.setattr(RequestStream, "chunk", no_serving)
+    up = device_uplink(dev, 7)
+    assert set(decode_uplink(up.packet).sample_ids) == queued and up.served == {}
+    dev.ack_uplink(sorted(queued))
+    assert device_uplink(dev, 8).packet is None          # acknowledged: nothing left to send
+    dev.close()
 
 
 @pytest.mark.parametrize("group", [None, "all"])

@@ -137,7 +137,8 @@ def test_an_update_applied_after_round_k_changes_nothing_in_round_k(tmp_path, mo
     for apply in (True, False):
         dev = DeviceRuntime.create(tmp_path / f"dev-{apply}", "dev-0", tiny=True, uts=uts, stream=spec)
         cloud = CloudRuntime.open(tmp_path / f"cloud-{apply}", tiny=True, akd=FAST_AKD)
-        up = protocol.device_uplink(dev, 0)
+        served = dev.serve_round(0)
+        up = protocol.device_uplink(dev, 0, served=served)
         if apply:
             protocol.deliver(dev, cloud, 0, protocol.cloud_downlink(cloud, up), protocol.DelayedLink(0))
             assert dev.store.version == 1

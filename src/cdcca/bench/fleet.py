@@ -42,6 +42,7 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None =
             for rnd in range(rounds):
                 acks = {}
                 for dev in devs:                           # every uplink is committed before any training
+                    dev.serve_round(rnd)           # the simulated traffic fills the outbox
                     up = protocol.device_uplink(dev, rnd)
                     if up.packet is None:
                         continue

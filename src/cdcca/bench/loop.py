@@ -168,12 +168,11 @@ def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASe
     The update the cloud sends travels over ``link``: applied after this round, or ``link.delay`` rounds later."""
     t0 = time.perf_counter()
     before = dev.status()
-    if cfg.downlink == "none":
-        served = dev.serve_round(rnd)
-        uploads = 0
-    else:
-        up, down, _ = protocol.run_round(dev, cloud, rnd, link=link)
-        served, uploads = up.served, len(down.acked)
+    served = dev.serve_round(rnd)            # the simulated traffic fills the outbox; the round moves it
+    uploads = 0
+    if cfg.downlink != "none":
+        _, down, _ = protocol.run_round(dev, cloud, rnd, link=link)
+        uploads = len(down.acked)
     after = dev.status()
     row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
            "uploads": uploads, "bytes_up": after["bytes_up"] - before["bytes_up"],

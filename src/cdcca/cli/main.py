@@ -37,6 +37,7 @@ from cdcca.cli.common import (
     summary_line,
     use_threads,
 )
+from cdcca.cli.fleet import fleet_app
 from cdcca.cli.pretrain import pretrain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -44,6 +45,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 packet_app = typer.Typer(no_args_is_help=True, help="Inspect uplink/update packets.")
 app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
+app.add_typer(fleet_app, name="fleet")
 app.command()(pretrain)
 
 
@@ -217,69 +219,6 @@ def demo(
     s = metrics["summary"]
     console.print(headline_text(s))
     print(summary_line(s) + f"; {s['wall_s']:.0f} s; report {out / 'report.html'}")
-
-
-
-fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud) and SuperNodes (devices).")
-app.add_typer(fleet_app, name="fleet")
-
-
-@fleet_app.command("up")
-def fleet_up(
-    devices: int = typer.Option(2, help="SuperNodes (devices) to start on 127.0.0.1, named dev-1..dev-N."),
-    state: Path = typer.Option(..., help="State dir: certificates, node keys, logs, cloud and device state."),
-    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds; anything but loopback requires TLS."),
-    port: int = typer.Option(9092, help="SuperLink port (Fleet, Control and Runtime APIs share it)."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only)."),
-    tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a transport check that needs no weights."),
-):
-    """Start a SuperLink and N SuperNodes with TLS and node authentication; prints the fleet as JSON."""
-    from cdcca.fleet.deploy import DeployError, up
-
-    try:
-        spec = up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, log=console.print)
-    except DeployError as exc:
-        fail(str(exc))
-    print(json.dumps({"state": spec.state, "superlink": spec.address, "devices": spec.devices,
-                      "node_ids": spec.node_ids, "tls": not spec.insecure}))
-
-
-@fleet_app.command("run")
-def fleet_run(
-    state: Path = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`."),
-    rounds: int = typer.Option(1, help="Rounds to run; a run continues after the rounds already logged."),
-    config: str | None = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
-                                                    "(keys: src/cdcca/fleet/app/pyproject.toml)."),
-    timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
-):
-    """Run the fleet app (`flwr run`), stream its log to stderr, print the per-round records as JSON."""
-    import shlex
-    import tomllib
-
-    from cdcca.fleet.deploy import DeployError, run
-
-    if rounds < 1:
-        fail(f"--rounds must be at least 1, got {rounds}")
-    try:
-        extra = tomllib.loads("\n".join(shlex.split(config or "", posix=False)))
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"--config must be 'key=value ...' with TOML values (strings in double quotes): {exc}")
-    try:
-        result = run(state, rounds, config=extra, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
-    except DeployError as exc:
-        fail(str(exc))
-    if not result.ok:
-        fail(f"run {result.run_id} ended {result.status}; log: {result.log_path}")
-    print(json.dumps({"run_id": result.run_id, "status": result.status, "rounds": result.rounds}))
-
-
-@fleet_app.command("down")
-def fleet_down(state: Path = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`.")):
-    """Stop the SuperLink and SuperNodes that `cdcca fleet up` started (by process group)."""
-    from cdcca.fleet.deploy import down
-
-    stopped = down(state)
-    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cdcca.fleet import certs
+from cdcca.fleet.processes import Pids, ProcessError, free_port, spawn, stop_groups, tail, wait_http, wait_listening
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fleet"              # the flwr CLI's name for this SuperLink in flwr-home/config.toml
@@ -52,8 +52,7 @@ FLOWER_ENV = {
 }
 
 
-class DeployError(RuntimeError):
-    """A fleet cannot be started, run or stopped; the message names the cause and the fix."""
+DeployError = ProcessError   # a fleet cannot be started, run or stopped; the message names the cause and the fix
 
 
 @dataclass
@@ -67,6 +66,7 @@ class FleetSpec:
     insecure: bool = False
     tiny: bool = False
     node_ids: dict[str, int] = field(default_factory=dict)
+    apis: dict[str, int] = field(default_factory=dict)     # device name → its API's port on 127.0.0.1
 
     @property
     def address(self) -> str:
@@ -118,84 +118,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (bind to port 0)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _toml_str(s: str) -> str:
     return json.dumps(str(s))                 # a JSON string is a valid TOML basic string
-
-
-def _tail(path: Path, n: int = 8) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-# ---------------------------------------------------------------------------------------------------
-# processes: one process group each, recorded in pids.json
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against killing a recycled pid); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields_ = stat[stat.rindex(")") + 2:].split()
-    return None if fields_[0] == "Z" else fields_[19]
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)          # reap it if it is our exited child
-    except ChildProcessError:
-        pass
-    now = _start_time(pid)
-    if now is None:
-        return False
-    return start is None or now == start
-
-
-class Pids:
-    def __init__(self, state: Path):
-        self.path = state / "pids.json"
-
-    def read(self) -> dict[str, dict]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def add(self, name: str, proc: subprocess.Popen) -> None:
-        pids = self.read()
-        pids[name] = {"pid": proc.pid, "start": _start_time(proc.pid), "cmd": proc.args[0]}
-        self.path.write_text(json.dumps(pids, indent=2) + "\n")
-
-    def alive(self) -> dict[str, dict]:
-        return {n: p for n, p in self.read().items() if _alive(p["pid"], p.get("start"))}
-
-
-def _spawn(name: str, cmd: list[str], env: dict[str, str], log_path: Path, pids: Pids) -> subprocess.Popen:
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)     # own process group: `down` stops its children too
-    pids.add(name, proc)
-    return proc
-
-
-def _wait_listening(address: tuple[str, int], proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"the SuperLink exited with code {proc.returncode}: {_tail(log_path)}")
-        try:
-            with socket.create_connection(address, timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise DeployError(f"the SuperLink did not listen on {address[0]}:{address[1]} within {timeout:.0f} s; "
-                      f"see {log_path}")
 
 
 def _flwr(args: list[str], spec: FleetSpec, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -208,9 +132,10 @@ def _flwr(args: list[str], spec: FleetSpec, timeout: float = 60) -> subprocess.C
 # up / run / down
 
 def up(state: str | os.PathLike[str], devices: int, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-       insecure: bool = False, tiny: bool = False, timeout: float = 90,
+       insecure: bool = False, tiny: bool = False, apis: bool = True, api_port: int = 0, timeout: float = 90,
        log: Callable[[str], None] = print) -> FleetSpec:
-    """Start a SuperLink on ``host:port`` and ``devices`` SuperNodes dev-1..dev-N on 127.0.0.1."""
+    """Start a SuperLink on ``host:port``, ``devices`` SuperNodes dev-1..dev-N on 127.0.0.1 and, with ``apis``,
+    each device's API on 127.0.0.1:``api_port`` + i (0: free ports), serving the node's own state dir."""
     if devices < 1:
         raise DeployError(f"--devices must be at least 1, got {devices}")
     if insecure and not is_loopback(host):
@@ -224,7 +149,11 @@ def up(state: str | os.PathLike[str], devices: int, *, host: str = "127.0.0.1", 
                           f"stop it with `cdcca fleet down --state {state}`")
     pids.path.unlink(missing_ok=True)
     try:
-        return _up(state, pids, devices, host, port, insecure, tiny, timeout, log)
+        spec = _up(state, pids, devices, host, port, insecure, tiny, timeout, log)
+        if apis:
+            spec.apis = start_apis(spec, pids, api_port, timeout, log)
+            spec.save()
+        return spec
     except BaseException:
         down(state)                  # leave nothing half-started behind
         raise
@@ -245,14 +174,15 @@ def _up(state: Path, pids: Pids, devices: int, host: str, port: int, insecure: b
         "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key), "--ssl-ca-certfile", str(tls.ca_cert),
         "--enable-supernode-auth"]
     log(f"SuperLink on {host}:{port} ({'insecure' if insecure else 'TLS, node authentication'})")
-    link = _spawn("superlink", link_cmd, flower_env(state / "flwr-home"), state / "logs" / "superlink.log", pids)
+    link = spawn("superlink", link_cmd, flower_env(state / "flwr-home"), state / "logs" / "superlink.log", pids)
     host_ip, port_s = spec.address.rsplit(":", 1)
-    _wait_listening((host_ip.strip("[]"), int(port_s)), link, state / "logs" / "superlink.log", timeout)
+    wait_listening((host_ip.strip("[]"), int(port_s)), link, state / "logs" / "superlink.log", timeout)
 
     keys = {} if insecure else {n: certs.ensure_node_key(state / "keys", n) for n in names}
     if keys:
         spec.node_ids = register(spec, {n: k.public for n, k in keys.items()}, timeout)
     spec.save()
+    init_devices(spec, timeout)
     since, nodes = time.time(), {}
     for i, name in enumerate(names):
         node_config = (f"data-dir={_toml_str(state / 'devices' / name)} device-name={_toml_str(name)} "
@@ -261,14 +191,58 @@ def _up(state: Path, pids: Pids, devices: int, host: str, port: int, insecure: b
                "--node-config", node_config]
         cmd += ["--insecure"] if insecure else ["--root-certificates", str(tls.ca_cert),
                                                 "--auth-supernode-private-key", str(keys[name].private)]
-        env = flower_env(certs.private_dir(state / "nodes" / name))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):      # N devices share this machine's cores
-            env.setdefault(var, str(max(1, (os.cpu_count() or 1) // devices)))
-        nodes[name] = (cmd, env, _spawn(name, cmd, env, state / "logs" / f"{name}.log", pids))
+        env = device_env(flower_env(certs.private_dir(state / "nodes" / name)), devices)
+        nodes[name] = (cmd, env, spawn(name, cmd, env, state / "logs" / f"{name}.log", pids))
     if spec.node_ids:
         wait_online(spec, nodes, pids, since, timeout, log)
     log(f"{devices} SuperNode(s) {'online' if spec.node_ids else 'started'}: {', '.join(names)}; state in {state}")
     return spec
+
+
+def device_env(env: dict[str, str], devices: int) -> dict[str, str]:
+    """N devices share this machine's cores: each device's processes get its share of threads."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // devices)))
+    return env
+
+
+def cdcca_bin() -> str:
+    path = Path(sys.executable).parent / "cdcca"
+    if not path.exists():
+        raise DeployError(f"cdcca not found next to {sys.executable}; install it there: pip install -e .")
+    return str(path)
+
+
+def init_devices(spec: FleetSpec, timeout: float) -> None:
+    """Create each device's state (the shipped adapters as version 0) before anything serves it; all at once."""
+    state, n = Path(spec.state), len(spec.devices)
+    procs = {}
+    for i, name in enumerate(spec.devices):
+        d = state / "devices" / name
+        if not (d / "device.json").is_file():
+            cmd = [cdcca_bin(), "device", "init", "--state", str(d), "--device", name, "--index", str(i),
+                   "--n-devices", str(n), *(["--tiny"] if spec.tiny else [])]
+            procs[name] = subprocess.Popen(cmd, env=device_env(flower_env(), n), stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise DeployError(f"creating {name}'s state failed: {' '.join(out.split())[-300:]}")
+
+
+def start_apis(spec: FleetSpec, pids: Pids, first_port: int, timeout: float, log: Callable[[str], None]) -> dict[str, int]:
+    """``cdcca device api`` for every device on its own state dir (the SuperNode's data-dir); waits for /healthz."""
+    state, ports, procs = Path(spec.state), {}, {}
+    for i, name in enumerate(spec.devices):
+        ports[name] = first_port + i if first_port else free_port()
+        cmd = [cdcca_bin(), "device", "api", "--state", str(state / "devices" / name), "--port", str(ports[name])]
+        procs[name] = spawn(f"api-{name}", cmd, device_env(flower_env(), len(spec.devices)),
+                            state / "logs" / f"api-{name}.log", pids)
+    for name, proc in procs.items():
+        wait_http(f"http://127.0.0.1:{ports[name]}/healthz", proc, state / "logs" / f"api-{name}.log",
+                  max(timeout, 180), f"{name}'s API")
+    log("device APIs: " + ", ".join(f"{n} http://127.0.0.1:{p}/v1" for n, p in ports.items()))
+    return ports
 
 
 def write_connection(spec: FleetSpec, ca_cert: Path | None) -> Path:
@@ -320,8 +294,8 @@ def wait_online(spec: FleetSpec, nodes: dict[str, tuple[list[str], dict, subproc
             cmd, env, proc = nodes[name]
             if proc.poll() is not None:
                 log_path = Path(spec.state) / "logs" / f"{name}.log"
-                log(f"{name} exited ({proc.returncode}: {_tail(log_path, 3)}); starting it again")
-                nodes[name] = (cmd, env, _spawn(name, cmd, env, log_path, pids))
+                log(f"{name} exited ({proc.returncode}: {tail(log_path, 3)}); starting it again")
+                nodes[name] = (cmd, env, spawn(name, cmd, env, log_path, pids))
         time.sleep(1.0)
 
 
@@ -352,7 +326,8 @@ class RunResult:
 
 def run(state: str | os.PathLike[str], rounds: int, *, config: dict | None = None, timeout: float = 3600,
         echo: Callable[[str], None] | None = print) -> RunResult:
-    """``flwr run`` the fleet app for ``rounds`` rounds on the fleet in ``state`` and wait for it to finish."""
+    """``flwr run`` the fleet app for ``rounds`` rounds (0: until :func:`request_stop`) on the fleet in
+    ``state`` and wait for it to finish."""
     from cdcca.fleet.flower import ROUND_LOG
 
     spec = FleetSpec.load(state)
@@ -403,40 +378,26 @@ def run_status(spec: FleetSpec, run_id: int) -> str:
         return f"unknown ({' '.join(res.stdout.split())[-200:]})"
 
 
+def request_stop(state: str | os.PathLike[str]) -> Path:
+    """Ask the fleet's running ServerApp to end after its current round (it polls for this file)."""
+    from cdcca.fleet.flower import STOP_FILE
+
+    spec = FleetSpec.load(state)
+    path = Path(spec.state) / "cloud" / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{time.time()}\n")
+    return path
+
+
 def down(state: str | os.PathLike[str], *, timeout: float = 10) -> list[str]:
     """Stop every process group ``up`` started (SIGTERM, then SIGKILL after ``timeout`` s); returns names."""
     pids = Pids(Path(state).resolve())
     # a pid whose process now started at another time was recycled: not ours, leave it alone
-    ours = {n: i["pid"] for n, i in pids.read().items() if _start_time(i["pid"]) in (None, i.get("start"))}
+    ours = pids.ours()
     # SuperNodes first, so each can close its session at the SuperLink; a SuperLink stopped first leaves
     # them marked online, and the SuperLink refuses their next session until their heartbeat expires
     nodes = {n: pid for n, pid in ours.items() if n != "superlink"}
     link = {n: pid for n, pid in ours.items() if n == "superlink"}
-    stopped = _stop_groups(nodes, timeout) + _stop_groups(link, timeout)
+    stopped = stop_groups(nodes, timeout) + stop_groups(link, timeout)
     pids.path.unlink(missing_ok=True)
     return sorted(stopped)
-
-
-def _stop_groups(groups: dict[str, int], timeout: float) -> list[str]:
-    stopped = [n for n, pid in groups.items() if _signal_group(pid, signal.SIGTERM)]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_signal_group(pid, 0) for pid in groups.values()):
-        time.sleep(0.1)
-    for pid in groups.values():
-        _signal_group(pid, signal.SIGKILL)
-    return stopped
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid`` (0: only test it exists); False when the group is gone."""
-    try:
-        os.waitpid(pgid, os.WNOHANG)         # reap the leader if it is our exited child
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False

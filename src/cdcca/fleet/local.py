@@ -65,6 +65,13 @@ FLEET_PRESETS = {
 }
 
 
+def preset_config(name: str) -> FleetConfig:
+    """The embedded fleet's settings of a named preset (what ``cdcca demo --preset NAME`` runs)."""
+    if name not in FLEET_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(FLEET_PRESETS)}")
+    return FleetConfig(**FLEET_PRESETS[name])
+
+
 class LocalFleet:
     def __init__(self, cfg: FleetConfig, out_dir: Path, devices: list[DeviceRuntime], cloud: CloudRuntime):
         self.cfg, self.out, self.devices, self.cloud = cfg, out_dir, devices, cloud
@@ -98,7 +105,8 @@ class LocalFleet:
         members), every device's apply (and resync if needed); then an optional evaluation."""
         t0 = time.perf_counter()
         befores = {dev.device_id: dev.status() for dev in self.devices}
-        ups = {dev.device_id: protocol.device_uplink(dev, rnd) for dev in self.devices}
+        served = {dev.device_id: dev.serve_round(rnd) for dev in self.devices}   # the simulated traffic
+        ups = {dev.device_id: protocol.device_uplink(dev, rnd, served=served[dev.device_id]) for dev in self.devices}
         cloud_s: dict[str, float] = {}
         late = any(link.in_transit for link in self.links.values())
         downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s, catch_up=not late)

@@ -29,6 +29,7 @@ from cdcca.model.pair import role_model
 from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.evaluate import domain_tokens
 from cdcca.runtime.outbox import Outbox
+from cdcca.runtime.queue_status import OUTBOX_FILE
 from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
 from cdcca.wire import PacketError, decode, require_plain_name
 
@@ -114,7 +115,7 @@ class DeviceRuntime:
         self.device_id: str = config["device_id"]
         self.uts = UTSConfig(**config["uts"])
         self.store = AdapterStore(self.dir / "adapters")
-        self.outbox = Outbox(self.dir / "outbox.sqlite")
+        self.outbox = Outbox(self.dir / OUTBOX_FILE)
         self._model = model
         if model is not None:
             load_adapter_state(model, self.store.current()[1])

@@ -1,10 +1,12 @@
 """One round of the cdcca protocol, step by step: the only place a step of a round is written down.
 
-Every driver calls these four functions; only the transport between them differs (a function call
-in :mod:`cdcca.fleet.local`, Flower messages in :mod:`cdcca.fleet.flower`):
+A round moves what the device's outbox holds; it never answers requests. Whatever serves the device
+fills the outbox between rounds: its API (``cdcca device api``), ``cdcca device serve``, or a simulated
+driver replaying a stream (:mod:`cdcca.bench.loop`, :mod:`cdcca.fleet.local`, the Flower simulation)
+before it calls :func:`device_uplink`. The drivers differ only in the transport between these steps
+(a function call in :mod:`cdcca.fleet.local`, Flower messages in :mod:`cdcca.fleet.flower`):
 
-    device_uplink(device, round)   device   serve this round's requests (answer, UTS score, outbox),
-                                            requeue samples whose acknowledgement never came, pack the
+    device_uplink(device, round)   device   requeue samples whose acknowledgement never came, pack the
                                             outbox → :class:`UplinkMessage`
     cloud_downlink(cloud, up)      cloud    commit the uploads (their ids are the acknowledgements),
                                             replay the update a device missed (catch-up: its hash is
@@ -33,8 +35,8 @@ class UplinkMessage:
 
     device_id: str
     packet: bytes | None            # None: nothing uncertain to upload this round
-    served: dict[str, Any]          # this round's online metrics (requests, online MC, domain)
     status: dict[str, Any]          # version, hash, outbox, byte counters before the cloud step
+    served: dict[str, Any] = field(default_factory=dict)  # a simulated driver's online metrics of the round
 
 
 @dataclass
@@ -53,11 +55,12 @@ class ApplyReport:
     status: dict[str, Any]
 
 
-def device_uplink(device, rnd: int, max_samples: int = 256) -> UplinkMessage:
-    served = device.serve_round(rnd)
+def device_uplink(device, rnd: int, max_samples: int = 256, served: dict[str, Any] | None = None) -> UplinkMessage:
+    """Pack what the outbox holds (``rnd`` only names the round; nothing is served here). ``served``: the
+    online metrics of a driver that answered this round's requests itself, carried along for its log."""
     device.outbox.requeue()          # still in flight = their ack was lost; the cloud dedups sample ids
     packet = device.collect_uplink(max_samples)
-    return UplinkMessage(device.device_id, packet, served, device.status())
+    return UplinkMessage(device.device_id, packet, device.status(), dict(served or {}))
 
 
 def cloud_receive(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMessage:
@@ -86,12 +89,13 @@ def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkM
     return cloud_update(cloud, up, cloud_receive(cloud, up, catch_up))
 
 
-def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None,
-                timing: dict[Any, float] | None = None, catch_up: bool = True) -> dict[Any, DownlinkMessage]:
+def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing: dict[Any, float] | None = None,
+                catch_up: bool = True, trained: dict[Any, list[str]] | None = None) -> dict[Any, DownlinkMessage]:
     """The cloud's step for a whole fleet: every uplink is committed before any training, so a group's
     shared student learns from all its members' uploads of the round. A device whose packet is
     malformed is left out (``on_reject(key, up, error)``), the others go on. ``timing`` receives each
-    device's cloud seconds (AKD → DWC; a group's training is counted on the member that ran it)."""
+    device's cloud seconds (AKD → DWC) and ``trained`` the sample ids AKD trained on (a group's training
+    is counted on the member that ran it)."""
     from cdcca.wire import PacketError
 
     received = {}
@@ -107,6 +111,8 @@ def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None,
         downlinks[key] = cloud_update(cloud, uplinks[key], down)
         if timing is not None:
             timing[key] = cloud.last_round_s
+        if trained is not None:
+            trained[key] = list(cloud.last_round.sample_ids) if cloud.last_round is not None else []
     return downlinks
 
 
@@ -163,10 +169,11 @@ def deliver(device, cloud, rnd: int, down: DownlinkMessage, link: DelayedLink) -
     return report
 
 
-def run_round(device, cloud, rnd: int, max_samples: int = 256,
-              link: DelayedLink | None = None) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
-    """All four steps for one device in one process (the embedded fleet); ``link`` delays the update."""
+def run_round(device, cloud, rnd: int, max_samples: int = 256, link: DelayedLink | None = None,
+              served: dict[str, Any] | None = None) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
+    """All four steps for one device in one process; ``link`` delays the update, ``served`` as for
+    :func:`device_uplink` (the caller has already answered the round's requests)."""
     link = link or DelayedLink(0)
-    up = device_uplink(device, rnd, max_samples)
+    up = device_uplink(device, rnd, max_samples, served)
     down = cloud_downlink(cloud, up, catch_up=not link.in_transit)
     return up, down, deliver(device, cloud, rnd, down, link)

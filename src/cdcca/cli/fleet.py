@@ -1,0 +1,103 @@
+"""``cdcca fleet up / run / down``: a Flower fleet on this machine, with one device API per device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from cdcca.cli.common import console, fail
+
+fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud), SuperNodes "
+                                                   "(devices) and each device's API.")
+STATE_OPT = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`.")
+
+
+@fleet_app.command("up")
+def fleet_up(
+    devices: int = typer.Option(2, help="Devices to start on 127.0.0.1, named dev-1..dev-N: a SuperNode and an API each."),
+    state: Path = typer.Option(..., help="State dir: certificates, node keys, logs, cloud and device state."),
+    host: str = typer.Option("127.0.0.1", help="Address the SuperLink binds; anything but loopback requires TLS."),
+    port: int = typer.Option(9092, help="SuperLink port (Fleet, Control and Runtime APIs share it)."),
+    api_port: int = typer.Option(8001, help="dev-i's API listens on 127.0.0.1:(api-port + i - 1); 0: any free ports."),
+    apis: bool = typer.Option(True, "--apis/--no-apis", help="Start each device's OpenAI-compatible API."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a transport check that needs no weights."),
+):
+    """Start a SuperLink, N SuperNodes with TLS and node authentication, and N device APIs; prints the fleet as JSON."""
+    from cdcca.fleet.deploy import DeployError, up
+
+    try:
+        spec = up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, apis=apis, api_port=api_port,
+                  log=console.print)
+    except DeployError as exc:
+        fail(str(exc))
+    print(json.dumps({"state": spec.state, "superlink": spec.address, "devices": spec.devices,
+                      "node_ids": spec.node_ids, "tls": not spec.insecure,
+                      "apis": {n: f"http://127.0.0.1:{p}/v1" for n, p in spec.apis.items()}}))
+
+
+def _extra_config(config: str | None) -> dict:
+    import shlex
+    import tomllib
+
+    try:
+        return tomllib.loads("\n".join(shlex.split(config or "", posix=False)))
+    except tomllib.TOMLDecodeError as exc:
+        fail(f"--config must be 'key=value ...' with TOML values (strings in double quotes): {exc}")
+
+
+@fleet_app.command("run")
+def fleet_run(
+    state: Path = STATE_OPT,
+    rounds: int = typer.Option(1, help="Rounds to run (0: until `cdcca fleet stop`); a run continues after the "
+                                       "rounds already logged."),
+    round_every: float = typer.Option(0.0, help="Start a round at most this many seconds after the last one began "
+                                                "(when any upload is queued); 0: no timer."),
+    min_uploads: int = typer.Option(0, help="Start a round as soon as the devices' outboxes hold this many samples; "
+                                            "0: no such trigger. Without either trigger rounds follow each other."),
+    traffic: str = typer.Option("api", help="api: the devices' APIs fill their outboxes; stream: each device replays "
+                                            "its simulated request stream before every uplink."),
+    preset: str = typer.Option("", help="Cloud settings (AKD, DWC) of a `cdcca demo` preset, e.g. quick."),
+    config: str | None = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
+                                                 "(keys: src/cdcca/fleet/app/pyproject.toml)."),
+    timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
+):
+    """Run the fleet app (`flwr run`), stream its log to stderr, print the per-round records as JSON."""
+    from cdcca.fleet.deploy import DeployError, run
+    from cdcca.fleet.flower import FleetRunConfig
+
+    if rounds < 0:
+        fail(f"--rounds must be ≥ 0 (0: until stopped), got {rounds}")
+    extra = {"traffic": traffic, "round-every-s": float(round_every), "min-uploads": min_uploads,
+             **({"preset": preset} if preset else {}), **_extra_config(config)}
+    try:
+        FleetRunConfig.from_flower(extra)             # a bad key or value fails here, before any process starts
+        result = run(state, rounds, config=extra, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
+    except (DeployError, ValueError) as exc:
+        fail(str(exc))
+    if not result.ok:
+        fail(f"run {result.run_id} ended {result.status}; log: {result.log_path}")
+    print(json.dumps({"run_id": result.run_id, "status": result.status, "rounds": result.rounds}))
+
+
+@fleet_app.command("stop")
+def fleet_stop(state: Path = STATE_OPT):
+    """Ask a running `cdcca fleet run` to end after its current round (the fleet stays up)."""
+    from cdcca.fleet.deploy import DeployError, request_stop
+
+    try:
+        console.print(f"asked the cloud to stop after its current round ({request_stop(state)})")
+    except DeployError as exc:
+        fail(str(exc))
+
+
+@fleet_app.command("down")
+def fleet_down(state: Path = STATE_OPT):
+    """Stop everything `cdcca fleet up` started: device APIs, SuperNodes, the SuperLink (by process group)."""
+    from cdcca.fleet.deploy import down
+
+    stopped = down(state)
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

@@ -1,0 +1,140 @@
+"""Processes a local fleet starts: one process group each, recorded in ``pids.json``, stopped by group.
+
+A pid is recorded with the kernel's start time of its process, so a recycled pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    """A process the fleet started exited or did not come up; the message names its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (bind to port 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 8) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against killing a recycled pid); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_ = stat[stat.rindex(")") + 2:].split()
+    return None if fields_[0] == "Z" else fields_[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)          # reap it if it is our exited child
+    except ChildProcessError:
+        pass
+    now = start_time(pid)
+    if now is None:
+        return False
+    return start is None or now == start
+
+
+class Pids:
+    def __init__(self, state: Path):
+        self.path = state / "pids.json"
+
+    def read(self) -> dict[str, dict]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def add(self, name: str, proc: subprocess.Popen) -> None:
+        pids = self.read()
+        pids[name] = {"pid": proc.pid, "start": start_time(proc.pid), "cmd": proc.args[0]}
+        self.path.write_text(json.dumps(pids, indent=2) + "\n")
+
+    def ours(self) -> dict[str, int]:
+        """Recorded pids whose process is still the one started (a recycled pid is someone else's)."""
+        return {n: i["pid"] for n, i in self.read().items() if start_time(i["pid"]) in (None, i.get("start"))}
+
+    def alive(self) -> dict[str, dict]:
+        return {n: p for n, p in self.read().items() if _alive(p["pid"], p.get("start"))}
+
+
+def spawn(name: str, cmd: list[str], env: dict[str, str], log_path: Path, pids: Pids) -> subprocess.Popen:
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)     # own process group: `down` stops its children too
+    pids.add(name, proc)
+    return proc
+
+
+def wait_listening(address: tuple[str, int], proc: subprocess.Popen, log_path: Path, timeout: float,
+                   what: str = "the SuperLink") -> None:
+    """Wait until ``address`` accepts a TCP connection, or fail naming ``what`` and its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with code {proc.returncode}: {tail(log_path)}")
+        try:
+            with socket.create_connection(address, timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise ProcessError(f"{what} did not listen on {address[0]}:{address[1]} within {timeout:.0f} s; "
+                      f"see {log_path}")
+
+
+def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float, what: str) -> None:
+    """Wait until ``url`` answers 200 (a server that also loads a model before it listens), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with code {proc.returncode}: {tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as res:
+                if res.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise ProcessError(f"{what} did not answer {url} within {timeout:.0f} s; see {log_path}")
+
+
+def stop_groups(groups: dict[str, int], timeout: float) -> list[str]:
+    """SIGTERM every process group, SIGKILL what is left after ``timeout`` s; returns the names signalled."""
+    stopped = [n for n, pid in groups.items() if signal_group(pid, signal.SIGTERM)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(signal_group(pid, 0) for pid in groups.values()):
+        time.sleep(0.1)
+    for pid in groups.values():
+        signal_group(pid, signal.SIGKILL)
+    return stopped
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid`` (0: only test it exists); False when the group is gone."""
+    try:
+        os.waitpid(pgid, os.WNOHANG)         # reap the leader if it is our exited child
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False

@@ -1,0 +1,315 @@
+"""The cloud's side of the cdcca Flower app: the ServerApp, one helper per step of a round.
+
+Rounds follow each other, or — with ``round-every-s`` / ``min-uploads`` in the run config — wait for
+something to learn: a round starts when the devices' outboxes hold ``min-uploads`` samples (asked with a
+cheap ``query.status`` every ``status-every-s``) or ``round-every-s`` after the last one began, whichever
+comes first, and only when something is queued. ``rounds=0`` runs until a file named ``stop`` appears in
+the cloud state dir (``cdcca fleet down`` and ``cdcca bench live`` write it); the round in progress ends
+first. Serving never waits for a round: each device's API answers with its current adapters while the
+cloud trains, and follows the adapter store when the update lands.
+
+Each round appends one JSON line to ``CLOUD_DIR/fleet-rounds.jsonl``: per device what moved, whether it
+equals its cloud mirror, the seconds per step and what started the round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import closing, contextmanager
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, FleetRunConfig, _dict
+
+if TYPE_CHECKING:     # the protocol imports torch; the app imports it only when a step runs
+    from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = FleetRunConfig.from_flower(context.run_config)
+    rounds = RoundLog(Path(cfg.cloud_dir) / ROUND_LOG)
+    stop = Path(cfg.cloud_dir) / STOP_FILE
+    stop.unlink(missing_ok=True)                 # a stop asked of an earlier run does not end this one
+    with closing(open_cloud(cfg)) as cloud:
+        wait_for_nodes(grid, cfg)
+        rnd = first = rounds.next_round()
+        trigger = RoundTrigger(cfg, lambda: queued_uploads(grid, rnd, cfg), stop)
+        while cfg.rounds == 0 or rnd < first + cfg.rounds:
+            reason = trigger.wait()
+            if reason is None:
+                break
+            run_round(grid, cloud, rnd, cfg, rounds, reason)
+            rnd += 1
+
+
+def run_round(grid: Grid, cloud, rnd: int, cfg: FleetRunConfig, rounds: RoundLog, reason: str) -> None:
+    """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line."""
+    clock = Stopwatch()
+    with clock("uplink"):
+        uplinks = collect_uplinks(grid, rnd, cfg)                                 # query.uplink
+    with clock("cloud"):
+        join_group(cloud, uplinks, cfg.group)
+        trained: dict[int, list[str]] = {}
+        downlinks = cloud_rounds(cloud, uplinks, trained)                         # receive → AKD → DWC
+    with clock("apply"):
+        resynced = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)      # train.apply (+ resync)
+    with clock("status"):
+        statuses = collect_status(grid, rnd, cfg)                                 # evaluate
+    row = check_mirrors(cloud, rnd, uplinks, downlinks, resynced, statuses, trained)
+    rounds.append({**row, "trigger": reason, "started": clock.started, "wall_s": clock.total(), "step_s": clock.laps})
+    log(INFO, "round %s (%s): %s/%s devices in sync with their cloud mirror (%.1f s)",
+        rnd, reason, row["in_sync"], len(row["devices"]), clock.total())
+
+
+class RoundTrigger:
+    """When the next round starts: at once (no trigger set), or on time / queued uploads; None = stop."""
+
+    def __init__(self, cfg: FleetRunConfig, queued: Callable[[], int], stop: Path,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.queued, self.stop, self.sleep, self.clock = cfg, queued, stop, sleep, clock
+        self.last_start = clock()
+
+    def wait(self) -> str | None:
+        if self.stop.exists():
+            return None
+        if not self.cfg.triggered:
+            return "next"
+        while not self.stop.exists():
+            n = self.queued()
+            enough = 0 < self.cfg.min_uploads <= n
+            due = 0 < self.cfg.round_every_s <= self.clock() - self.last_start
+            if n > 0 and (enough or due):
+                self.last_start = self.clock()
+                return "uploads" if enough else "time"
+            self.sleep(self.cfg.status_every_s)
+        return None
+
+
+def queued_uploads(grid: Grid, rnd: int, cfg: FleetRunConfig) -> int:
+    """Samples waiting in every connected device's outbox (pending or in flight), from ``query.status``."""
+    msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
+    total = 0
+    for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.status_every_s)):
+        if usable(msg, reply, "queue"):
+            q = _dict(reply.content["queue"])
+            total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
+    return total
+
+
+def open_cloud(cfg: FleetRunConfig):
+    from cdcca.data.stream import stream_candidates
+    from cdcca.runtime.cloud import CloudRuntime
+
+    return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny, candidates=None if cfg.tiny else stream_candidates(cfg.stream),
+                             akd=cfg.akd_config(), dwc=cfg.dwc_config())
+
+
+def wait_for_nodes(grid: Grid, cfg: FleetRunConfig) -> None:
+    deadline = time.monotonic() + cfg.node_wait_s
+    while (n := len(list(grid.get_node_ids()))) < cfg.min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{n} of {cfg.min_nodes} devices connected after {cfg.node_wait_s:.0f} s; "
+                               f"are the SuperNodes running and registered?")
+        time.sleep(cfg.poll_s)
+
+
+def exchange(grid: Grid, messages: list[Message], cfg: FleetRunConfig,
+             timeout_s: float | None = None) -> list[tuple[Message, Message | None]]:
+    """Push ``messages`` and pull until each has a reply or the timeout passes (no reply: None).
+
+    Replies are matched by ``reply_to_message_id``: errors made by the SuperLink itself (node gone)
+    come from node 1, not from the node asked."""
+    ids = list(grid.push_messages(messages)) if messages else []
+    waiting = {mid for mid in ids if mid}
+    replies: dict[str, Message] = {}
+    deadline = time.monotonic() + (cfg.reply_timeout_s if timeout_s is None else timeout_s)
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            replies[reply.metadata.reply_to_message_id] = reply
+            waiting.discard(reply.metadata.reply_to_message_id)
+        if waiting:
+            time.sleep(cfg.poll_s)
+    return [(msg, replies.get(mid) if mid else None) for msg, mid in zip(messages, ids)]
+
+
+def usable(msg: Message, reply: Message | None, want: str) -> bool:
+    """True when ``reply`` answered ``msg`` without error and carries record ``want``; logs why not."""
+    node = msg.metadata.dst_node_id
+    if reply is None:
+        log(WARNING, "%s: no reply from node %s in time; it is left out of this step", msg.metadata.message_type, node)
+    elif reply.has_error():
+        log(WARNING, "%s: node %s replied with error %s: %s", msg.metadata.message_type, node,
+            reply.error.code, reply.error.reason)
+    elif want not in reply.content:
+        log(WARNING, "%s: node %s replied without %r", msg.metadata.message_type, node, want)
+    else:
+        return True
+    return False
+
+
+def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
+    return Message(RecordDict(records), dst_node_id=node_id, message_type=kind, group_id=str(rnd))
+
+
+def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, UplinkMessage]:
+    """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
+    from cdcca.runtime.protocol import UplinkMessage
+
+    names = {n.node_id: n.name for n in grid.get_nodes()}
+    ask = ConfigRecord({"round": rnd, "max-samples": cfg.max_samples})
+    uplinks = {}
+    for msg, reply in exchange(grid, [_to(nid, "query.uplink", rnd, config=ask) for nid in names], cfg):
+        if not usable(msg, reply, "uplink"):
+            continue
+        nid, up = msg.metadata.dst_node_id, _dict(reply.content["uplink"])
+        device_id = str(up.get("device-id", ""))
+        if not claims_own_name(nid, names[nid], device_id, up.get("packet")):
+            continue
+        uplinks[nid] = UplinkMessage(device_id, up.get("packet"), _dict(reply.content.get("served")),
+                                     _dict(reply.content.get("status")))
+    return uplinks
+
+
+def claims_own_name(node_id: int, registered: str, device_id: str, packet: bytes | None) -> bool:
+    """A node speaks only for the device it was registered as, and its packet for that device too."""
+    from cdcca import wire
+
+    try:
+        named = packet and wire.describe(packet)["meta"].get("device_id")
+    except wire.PacketError as exc:
+        log(WARNING, "node %s sent a malformed uplink packet; ignored: %s", node_id, exc)
+        return False
+    if not device_id or (registered and device_id != registered) or (packet and named != device_id):
+        log(WARNING, "node %s (registered as %r) reports device %r with a packet for %r; ignored",
+            node_id, registered, device_id, named)
+        return False
+    return True
+
+
+def join_group(cloud, uplinks: dict[int, UplinkMessage], group: str) -> None:
+    """Put every device that took part in this round in the run's fleet group (when one is set)."""
+    for up in uplinks.values():
+        if group and cloud.group_of(up.device_id) != group:
+            cloud.set_group(up.device_id, group)
+
+
+def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage],
+                 trained: dict[int, list[str]] | None = None) -> dict[int, DownlinkMessage]:
+    """The cloud's step of the round for every device (all uploads committed first, so a fleet group's
+    student sees all its members); a device whose packet is rejected is left out."""
+    from cdcca.runtime.protocol import cloud_round
+
+    def rejected(_nid: int, up: UplinkMessage, exc: Exception) -> None:
+        log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
+
+    return cloud_round(cloud, uplinks, on_reject=rejected, trained=trained)
+
+
+def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
+                   rnd: int, cfg: FleetRunConfig) -> set[int]:
+    """train.apply to each device alone; a device on a stale base gets a dense resync. Returns resynced nodes."""
+    msgs = [_to(nid, "train.apply", rnd, downlink=ConfigRecord({"acked": d.acked, "packets": d.packets}))
+            for nid, d in downlinks.items() if d.acked or d.packets]
+    stale = []
+    for msg, reply in exchange(grid, msgs, cfg):
+        if usable(msg, reply, "status") and "resync" in reply.content:
+            stale.append(msg.metadata.dst_node_id)
+            log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
+    from cdcca.runtime.protocol import cloud_resync
+
+    resync = [_to(nid, "train.apply", rnd, downlink=ConfigRecord(
+        {"acked": [], "packets": cloud_resync(cloud, uplinks[nid].device_id).packets})) for nid in stale]
+    for msg, reply in exchange(grid, resync, cfg):
+        usable(msg, reply, "status")
+    return set(stale)
+
+
+def collect_status(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, dict[str, Any]]:
+    """evaluate on every connected node: each device reports version, hash, outbox and byte counters."""
+    msgs = [_to(nid, "evaluate", rnd, config=ConfigRecord({"round": rnd})) for nid in grid.get_node_ids()]
+    return {msg.metadata.dst_node_id: _dict(reply.content["status"])
+            for msg, reply in exchange(grid, msgs, cfg) if usable(msg, reply, "status")}
+
+
+def check_mirrors(cloud, rnd: int, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
+                  resynced: set[int], statuses: dict[int, dict[str, Any]],
+                  trained: dict[int, list[str]] | None = None) -> dict[str, Any]:
+    """One round's record: per device what moved, what AKD trained on and whether it now equals its mirror."""
+    trained = trained or {}
+    devices = {}
+    for nid, st in statuses.items():
+        device_id = str(st.get("device_id", ""))
+        up, down = uplinks.get(nid), downlinks.get(nid)
+        in_sync = bool(device_id) and st.get("hash") == cloud.mirror_hash(device_id)
+        if not in_sync:
+            log(WARNING, "round %s: %s (node %s) differs from its cloud mirror", rnd, device_id, nid)
+        devices[device_id] = {
+            "node_id": nid, "version": st.get("version"), "hash": st.get("hash"), "in_sync": in_sync,
+            "uploaded": len(down.acked) if down else 0, "trained": len(trained.get(nid, [])),
+            "update_bytes": sum(map(len, down.packets)) if down else 0,
+            "caught_up": bool(down and down.caught_up), "resynced": nid in resynced,
+            "outbox": st.get("outbox"), "bytes_up": st.get("bytes_up"), "bytes_down": st.get("bytes_down"),
+            **({f"served_{k}": v for k, v in up.served.items() if k != "round"} if up else {}),
+        }
+    return {"round": rnd, "time": time.time(), "in_sync": sum(d["in_sync"] for d in devices.values()),
+            "devices": devices}
+
+
+class Stopwatch:
+    """Seconds per named step of a round: ``with clock("uplink"): ...``."""
+
+    def __init__(self):
+        self.start, self.started = time.perf_counter(), time.time()
+        self.laps: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.laps[name] = round(time.perf_counter() - t0, 2)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 2)
+
+
+class RoundLog:
+    """Per-round records as JSON lines; a new run continues after the last round written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rows(self) -> Iterable[dict[str, Any]]:
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    yield json.loads(line)
+
+    def next_round(self) -> int:
+        return max((r["round"] + 1 for r in self.rows()), default=0)
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_finite(row), allow_nan=False, default=str) + "\n")
+
+
+def _finite(x: Any) -> Any:
+    """NaN and infinities become null, so every line is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x

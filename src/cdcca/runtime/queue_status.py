@@ -1,0 +1,28 @@
+"""How many samples a device's outbox holds, read without torch or the runtime.
+
+The cloud asks every device for this between rounds (to start a round when enough is queued), and
+Flower starts a fresh process for each such message: importing the device runtime (torch, the model
+code) would cost seconds of CPU per question on the device. This reads the outbox's SQLite file
+read-only; :class:`cdcca.runtime.outbox.Outbox` owns the schema and writes it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+OUTBOX_FILE = "outbox.sqlite"
+
+
+def outbox_queue(state_dir: str | Path) -> dict[str, int]:
+    """``{"pending": n, "in_flight": m}`` for the device state in ``state_dir`` (zeros before its first request)."""
+    path = Path(state_dir) / OUTBOX_FILE
+    if not path.is_file():
+        return {"pending": 0, "in_flight": 0}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            pending, in_flight = db.execute("SELECT COALESCE(SUM(packet_id IS NULL), 0), "
+                                            "COALESCE(SUM(packet_id IS NOT NULL), 0) FROM samples").fetchone()
+    except sqlite3.Error as exc:
+        raise RuntimeError(f"cannot read the outbox {path} ({exc}); is it a cdcca device state?") from None
+    return {"pending": int(pending), "in_flight": int(in_flight)}
