@@ -132,7 +132,7 @@ def test_entropy_weighting_scales_each_sample_by_cema_factor(tiny_device, tiny_c
     w = torch.tensor([math.exp(-(r.entropy - e0)) for r in records])
     assert torch.allclose(weighted, (w / w.mean() * per_sample).mean(), atol=1e-5)
     assert w[1] / w[0] == pytest.approx(13.0, rel=1e-4)       # exp(ln 13 − 0): the confident label counts 13×
-    akd.cfg.weighting = "none"
+    akd.cfg.labels.weighting = "none"
     assert torch.allclose(akd.loss_terms(records, Aligner(32, 32))["ce"], per_sample.mean(), atol=1e-5)
 
 
@@ -181,3 +181,43 @@ def test_confidence_gate_drops_doubtful_pseudo_labels(tiny_device, tiny_cloud, p
         r.confidence = c
     _, stats = akd.distill("d0", adapter_state(tiny_device), records)
     assert stats.samples == 2
+
+
+def test_akd_config_is_split_by_concern_and_the_flat_keywords_still_build_it():
+    """Which parameters / prefix distillation / label phase / replay; the earlier flat names map onto them."""
+    from dataclasses import replace
+
+    from cdcca.akd.config import LabelPhase, PrefixPhase
+
+    nested = AKDConfig(prefix=PrefixPhase(epochs=4), labels=LabelPhase(epochs=2, batch_size=8))
+    flat = AKDConfig(prefix_epochs=4, epochs=2, batch_size=8)
+    assert nested == flat and (flat.prefix.epochs, flat.labels.epochs, flat.labels.batch_size) == (4, 2, 8)
+    assert (flat.prefix_epochs, flat.epochs, flat.source_replay) == (4, 2, flat.replay.source)
+    gated_off = replace(flat, min_teacher_confidence=0.0, source_replay=0.5)
+    assert (gated_off.labels.min_teacher_confidence, gated_off.replay.source) == (0.0, 0.5)
+    assert flat.labels.min_teacher_confidence == 0.8                     # replace copied, never shared a part
+    assert set(AKDConfig().flat()) >= {"prefix_epochs", "epochs", "replay_capacity", "train", "seed"}
+    with pytest.raises(TypeError, match="prefix_epoch"):
+        AKDConfig(prefix_epoch=3)
+    with pytest.raises(ValueError, match="both 0"):
+        AKDConfig(epochs=0, prefix_epochs=0)
+
+
+def test_the_configs_parameter_names_are_the_groups_training_knows():
+    from cdcca.akd.config import PREFIX_PARAMS, TRAIN_PARAMS
+    from cdcca.akd.distill import TRAIN_GROUPS
+    from cdcca.akd.prefix import PREFIX_GROUPS
+
+    assert set(TRAIN_PARAMS) == set(TRAIN_GROUPS) and set(PREFIX_PARAMS) == set(PREFIX_GROUPS)
+
+
+def test_the_label_phase_loss_is_a_module_whose_parameters_are_the_aligners(tiny_device, tiny_cloud, prompter):
+    from cdcca.akd.config import LabelPhase
+    from cdcca.akd.losses import AKDLoss
+
+    aligner = Aligner(32, 32)
+    loss = AKDLoss(LabelPhase(), aligner, prompter.candidate_first_ids)
+    assert [id(p) for p in loss.parameters()] == [id(p) for p in aligner.parameters()]
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, min_teacher_confidence=0.0))
+    tiny_device.eval()
+    assert set(akd.loss_terms(akd.teacher_pass(*uplink(2)), aligner)) == {"ce", "kl", "mse", "wave"}

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cdcca.akd.distill import AKDConfig
+from cdcca.akd.config import FLAT as AKD_FLAT
+from cdcca.akd.config import AKDConfig
 from cdcca.bench.loop import LoopConfig, run_loop
 from cdcca.data.scenario import STREAM_BUDGET
 from cdcca.uplink import UTSConfig
@@ -71,7 +72,8 @@ def apply_settings(cfg: LoopConfig, settings: list[str]) -> LoopConfig:
             value = raw
         part, _, name = key.rpartition(".")
         target = getattr(cfg, part) if part else cfg
-        if part not in ("", "akd", "uts", "dwc") or name not in {f.name for f in fields(target)}:
+        known = {f.name for f in fields(target)} | (set(AKD_FLAT) if part == "akd" else set())   # akd.source_replay, …
+        if part not in ("", "akd", "uts", "dwc") or name not in known:
             raise ValueError(f"--set {item!r}: unknown field {key!r}; use a LoopConfig field or akd.*, uts.*, dwc.*")
         cfg = replace(cfg, **{part: replace(target, **{name: value})}) if part else replace(cfg, **{name: value})
     return cfg

@@ -189,7 +189,7 @@ def cell_config(cell: Cell, preset: dict) -> dict:
     if cell.kind == "teacher":
         return {"heldout_n": base["heldout_n"]}
     loop = loop_config(cell.method if cell.kind == "loop" else "source-only", cell.seed, base, list(cell.settings))
-    out = {"loop": jsonable(asdict(loop))}
+    out = {"loop": {**jsonable(asdict(loop)), "akd": jsonable(loop.akd.flat())}}   # akd as recorded before its split
     if cell.kind == "device":
         from cdcca.bench.baselines import BaselineConfig
 

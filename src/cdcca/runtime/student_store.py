@@ -119,5 +119,5 @@ def load_student_state(folder: Path, version: int, cfg: AKDConfig, aligner: Alig
         records.update(load_records(f))
     with safe_open(str(folder / f"aligner-v{version}.safetensors"), framework="pt") as f:
         aligner.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    return StudentState(aligner, _restore_buffer(saved["replay"], cfg.replay_capacity, records),
-                        _restore_buffer(saved["prefix_replay"], cfg.replay_capacity, records))
+    return StudentState(aligner, _restore_buffer(saved["replay"], cfg.replay.capacity, records),
+                        _restore_buffer(saved["prefix_replay"], cfg.replay.capacity, records))
