@@ -49,7 +49,7 @@ def test_quick_plan_covers_the_issue_methods_and_shares_cells():
 
 
 def test_plan_rejects_an_unknown_preset_and_no_seeds():
-    with pytest.raises(ValueError, match="quick or full"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose full or quick"):
         paper.plan("huge", [0])
     with pytest.raises(ValueError, match="seed"):
         paper.plan("quick", [])

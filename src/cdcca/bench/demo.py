@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,10 @@ from rich.live import Live
 from rich.table import Table
 
 from cdcca.bench.report import write_report
+from cdcca.bench.run_config import config_toml, resolve_run_config
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain
-from cdcca.fleet.local import FLEET_PRESETS, FleetConfig, LocalFleet, domains_of
+from cdcca.fleet.local import FleetConfig, LocalFleet, domains_of
 
 
 def _heldout_evaluator():
@@ -151,13 +151,14 @@ def _scenario_in_words(cfg: FleetConfig) -> str:
 
 def _akd_in_words(a) -> str:
     parts = []
-    if a.prefix_epochs:
-        parts.append(f"prefix distillation of the bridge ({a.prefix_params}): {a.prefix_epochs} epochs, lr {a.prefix_lr:g}, "
-                     f"every upload, anchored on clean source images {a.source_replay:g}:1")
-    if a.epochs:
-        parts.append(f"label phase: {a.epochs} epochs, lr {a.lr:g}, teacher-confidence gate {a.min_teacher_confidence:g}, "
-                     f"weighting {a.weighting}, targets {a.targets}, trains {a.train}")
-    return "; ".join(parts) + f"; replay {a.replay_per_round:g}:1"
+    pre, lab = a.prefix, a.labels
+    if pre.epochs:
+        parts.append(f"prefix distillation of the bridge ({a.params.prefix_params}): {pre.epochs} epochs, lr {pre.lr:g}, "
+                     f"every upload, anchored on clean source images {a.replay.source:g}:1")
+    if lab.epochs:
+        parts.append(f"label phase: {lab.epochs} epochs, lr {lab.lr:g}, teacher-confidence gate {lab.min_teacher_confidence:g}, "
+                     f"weighting {lab.weighting}, targets {lab.targets}, trains {a.params.train}")
+    return "; ".join(parts) + f"; replay {a.replay.per_round:g}:1"
 
 
 def domain_label(domain: str) -> str:
@@ -284,14 +285,15 @@ def online_figures(rows: list[dict], source_only_online: list[float]) -> dict:
     return out
 
 
-def run_demo(preset: str, out: Path, devices: int = 1, console: Console | None = None, oracle: bool = False,
-             **overrides) -> dict:
-    """Run ``preset`` from the pretrained pair on ``devices`` device runtimes; write metrics, plots and the report to ``out``."""
+def run_demo(preset: str | None, out: Path, devices: int | None = None, console: Console | None = None,
+             oracle: bool = False, config: str | Path | None = None, **overrides) -> dict:
+    """Run ``preset`` (or the ``config`` file) from the pretrained pair on ``devices`` device runtimes, with
+    ``overrides`` of its settings; write metrics, plots, the report and the run's ``config.toml`` to ``out``."""
     console = console or Console()
-    if preset not in FLEET_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(FLEET_PRESETS)}")
-    cfg = replace(FleetConfig(**FLEET_PRESETS[preset]), devices=devices, **overrides)
+    cfg, preset = resolve_run_config(preset, config, {**overrides, **({"devices": devices} if devices else {})})
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(config_toml(cfg, f"cdcca demo --config {out / 'config.toml'}   (the settings of a run of {preset})"))
     import torch
 
     torch.manual_seed(cfg.seed)                  # dropout in the student's bridge: same seed, same run

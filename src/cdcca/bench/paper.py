@@ -27,14 +27,24 @@ from cdcca.atomic import write_json
 from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
 from cdcca.bench.loop import LoopConfig
 from cdcca.bench.paper_report import build_tables, write_outputs
-from cdcca.data.scenario import STREAM_BUDGET
+from cdcca.presets import load_preset, preset_names, read_config
 
-PRESETS = {
-    # the default persistent stream (4 domains × 4 rounds × 80 requests, STREAM_BUDGET uploads per round);
-    # quick measures 100 held-out questions per domain and runs the ablations on the first seed only
-    "quick": {"budget": STREAM_BUDGET, "heldout_n": 100, "ablation_seeds": 1},
-    "full": {"budget": STREAM_BUDGET, "heldout_n": 200, "ablation_seeds": None},
-}
+# configs/bench-paper/{quick,full}.toml: the default persistent stream, STREAM_BUDGET uploads per round; quick
+# measures 100 held-out questions per domain and runs the ablations on the first seed only
+PRESETS = {name: load_preset(name, "bench-paper") for name in preset_names("bench-paper")}
+PRESET_KEYS = {"budget", "heldout_n", "ablation_seeds"}
+
+
+def paper_preset(name_or_file: str) -> dict:
+    """A preset by name (``quick``, ``full``) or a config file written like configs/bench-paper/quick.toml."""
+    if name_or_file in PRESETS:
+        return PRESETS[name_or_file]
+    if not name_or_file.endswith(".toml"):
+        raise ValueError(f"unknown preset {name_or_file!r}; choose {' or '.join(PRESETS)}, or give a .toml file")
+    preset = read_config(name_or_file)
+    if set(preset) != PRESET_KEYS:
+        raise ValueError(f"{name_or_file} must set exactly {', '.join(sorted(PRESET_KEYS))}; it sets {', '.join(sorted(preset))}")
+    return preset
 # Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
 TABLE1 = {"source-only": "loop", "bn": "device", "tent": "device", "tent+bn": "device", "eata": "device",
           "cotta": "device", "pseudo-label": "loop", "cdcca-dense": "loop", "cdcca": "loop", "teacher": "teacher",
@@ -87,23 +97,19 @@ def _loop_base(preset: dict) -> dict:
 def preset_with_stream(preset_name: str, stream: dict | None = None) -> dict:
     """A preset with the run's stream settings (scenario, rounds per domain, round size, visits, update
     delay) on top; they are part of every cell's key, so cells of another scenario are not reused."""
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose quick or full")
     stream = {k: v for k, v in (stream or {}).items() if v is not None}
     LoopConfig(**stream)                      # a bad scenario fails before any model loads
-    return {**PRESETS[preset_name], "stream": stream, "scenario": stream.get("scenario", "persistent")}
+    return {**paper_preset(preset_name), "stream": stream, "scenario": stream.get("scenario", "persistent")}
 
 
 def plan(preset_name: str, seeds: list[int], methods: list[str] | None = None) -> PaperPlan:
     """Every cell of the preset; ``methods`` runs those Table 1 rows only (and no ablation tables)."""
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose quick or full")
+    preset = paper_preset(preset_name)
     if not seeds:
         raise ValueError("give at least one seed, e.g. --seeds 0,1,2")
     unknown = set(methods or []) - set(TABLE1)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(TABLE1)}")
-    preset = PRESETS[preset_name]
     ablation = seeds[:preset["ablation_seeds"]] if preset["ablation_seeds"] else seeds
     p = PaperPlan(preset_name, list(seeds))
     for method, kind in TABLE1.items():

@@ -268,8 +268,9 @@ def bench_tta_rate(
 
 @bench_app.command("paper")
 def bench_paper(
-    preset: str = typer.Option("quick", help="quick (100 held-out questions per domain; Tables 3-4 on the first seed) "
-                               "or full (200, every seed); both on the scenario's stream."),
+    preset: str = typer.Option("quick", help="configs/bench-paper/NAME.toml: quick (100 held-out questions per domain; "
+                               "Tables 3-4 on the first seed) or full (200, every seed); both on the scenario's stream."),
+    config: Path | None = typer.Option(None, help="A preset file instead of --preset (written like configs/bench-paper/quick.toml)."),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     methods: str | None = typer.Option(None, help="Comma-separated Table 1 methods to run (then no ablation tables): "
                                        "source-only, bn, tent, tent+bn, eata, cotta, pseudo-label, cdcca-dense, cdcca, teacher, oracle."),
@@ -296,6 +297,7 @@ def bench_paper(
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         stream = scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay)
+        preset = str(config) if config is not None else preset
         plan(preset, seed_list, method_list)          # bad preset, seeds or methods fail before any model loads
         result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps,
                            methods=method_list, stream=stream)

@@ -60,11 +60,11 @@ SCENARIO_HELP = ("How long each domain lasts: persistent (each domain for severa
 
 
 # the stream options every command that runs a stream takes (demo, bench akd, bench paper), declared once
-ScenarioOpt = Annotated[str, typer.Option(help=SCENARIO_HELP)]
+ScenarioOpt = Annotated[str | None, typer.Option(help=SCENARIO_HELP)]
 RoundsPerDomainOpt = Annotated[int | None, typer.Option(help="Rounds each domain lasts (default: the scenario's; persistent 4).")]
 RoundSizeOpt = Annotated[int | None, typer.Option(help="Requests per round per device (default: the scenario's; persistent 80).")]
-VisitsOpt = Annotated[int, typer.Option(help="recurring: how many times the domains come back.")]
-UpdateDelayOpt = Annotated[int, typer.Option(help="Rounds an update spends in transit (0: live from the next round; 1: one round late).")]
+VisitsOpt = Annotated[int | None, typer.Option(help="recurring: how many times the domains come back.")]
+UpdateDelayOpt = Annotated[int | None, typer.Option(help="Rounds an update spends in transit (0: live from the next round; 1: one round late).")]
 
 
 def scenario_overrides(scenario: str, rounds_per_domain: int | None, round_size: int | None, visits: int,

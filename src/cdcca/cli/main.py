@@ -33,7 +33,6 @@ from cdcca.cli.common import (
     fail,
     headline_text,
     one_line_errors,
-    scenario_overrides,
     summary_line,
     use_threads,
 )
@@ -184,15 +183,21 @@ def packet_inspect(
 
 @app.command()
 def demo(
-    preset: str = typer.Option("quick", help="Run size: quick (minutes on 2 cores), paper (longer), tiny (random models, seconds)."),
-    out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, state dirs."),
-    devices: int = typer.Option(1, help="Number of in-process devices, each with its own slice of the stream and state dir."),
+    preset: str | None = typer.Option(None, help="Run size, configs/NAME.toml: quick (the default; minutes on 2 cores), "
+                                      "paper (longer), tiny (random models, seconds)."),
+    config: Path | None = typer.Option(None, help="A run config file instead of a preset (a preset's file, or the "
+                                       "config.toml a run wrote)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved run config as TOML and run nothing."),
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, "
+                             "config.toml (this run's settings), state dirs."),
+    devices: int | None = typer.Option(None, help="Number of in-process devices, each with its own slice of the stream "
+                                       "and state dir (default: the config's, 1)."),
     stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
-    scenario: ScenarioOpt = "persistent",
+    scenario: ScenarioOpt = None,
     rounds_per_domain: RoundsPerDomainOpt = None,
     round_size: RoundSizeOpt = None,
-    visits: VisitsOpt = 2,
-    update_delay: UpdateDelayOpt = 0,
+    visits: VisitsOpt = None,
+    update_delay: UpdateDelayOpt = None,
     group: str | None = typer.Option(None, help="'all': the devices form one fleet group — the cloud pools their uploads "
                                      "into one shared student and sends each the same update (default: one student per device)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
@@ -204,21 +209,31 @@ def demo(
     from cdcca.bench.demo import run_demo
 
     use_threads(threads)
-    if devices < 1:
+    if devices is not None and devices < 1:
         fail(f"--devices must be ≥ 1, got {devices}")
+    if update_delay is not None and update_delay < 0:
+        fail(f"--update-delay must be ≥ 0 rounds, got {update_delay}")
+    flags = {"devices": devices, "stream": stream, "scenario": scenario, "rounds_per_domain": rounds_per_domain,
+             "round_size": round_size, "visits": visits, "update_delay": update_delay, "group": group}
+    overrides = {k: v for k, v in flags.items() if v is not None}      # a flag left out keeps the config's value
     try:
+        if print_config:
+            from cdcca.bench.run_config import config_toml, resolve_run_config
+
+            cfg, _ = resolve_run_config(preset, config, overrides)
+            print(config_toml(cfg), end="")
+            return
         if stream:
             from cdcca.data.stream import resolve_sequence, stream_data
 
             stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
-        stream_settings = scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay)
-        metrics = run_demo(preset, out, devices=devices, console=console, oracle=oracle, group=group,
-                           **({"stream": stream} if stream else {}), **stream_settings)
+        metrics = run_demo(preset, out, console=console, oracle=oracle, config=config, **overrides)
     except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     s = metrics["summary"]
     console.print(headline_text(s))
-    print(summary_line(s) + f"; {s['wall_s']:.0f} s; report {out / 'report.html'}")
+    print(summary_line(s) + f"; {s['wall_s']:.0f} s; report {out / 'report.html'}; settings {out / 'config.toml'} "
+          f"(cdcca demo --config {out / 'config.toml'} runs them again)")
 
 
 
