@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 import cdcca
@@ -34,6 +35,39 @@ def test_the_teacher_recipes_refuse_the_device_and_a_missing_init_in_one_line(tm
     said = " ".join(result.output.split())
     assert result.exit_code != 0 and "does not exist" in said and "Traceback" not in said
     assert not (tmp_path / "out").exists()                          # nothing written
+
+
+@pytest.mark.parametrize("recipe, flag, value", [
+    ("readout", "--steps", "5"), ("readout", "--torch-device", "cuda"), ("consistency", "--aug-share", "0.5"),
+    ("targets", "--aug-family", "fog"), ("end-to-end", "--split-layer", "20"), ("consistency", "--target-images", "8"),
+])
+def test_pretrain_refuses_in_one_line_a_flag_the_recipe_does_not_use(tmp_path, recipe, flag, value):
+    result = CliRunner().invoke(app, ["pretrain", "--role", "cloud", "--recipe", recipe, flag, value,
+                                      "--out", str(tmp_path / "out")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{flag} is not used by --recipe {recipe}" in said and "Traceback" not in said
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_help_states_each_recipes_own_defaults():
+    """The help the options declare (the console wraps it) against the recipes' configs."""
+    import inspect
+
+    from cdcca.cli.pretrain import pretrain
+    from cdcca.recipes.consistency import ConsistencyConfig
+    from cdcca.recipes.pretrain import PretrainConfig
+    from cdcca.recipes.readout import ReadoutConfig
+
+    def sci(x: float) -> str:
+        return f"{x:.0e}".replace("e-0", "e-")        # 0.0003 → 3e-4, as the help writes it
+
+    helps = {name: p.default.help for name, p in inspect.signature(pretrain).parameters.items()}
+    targets = ConsistencyConfig.for_targets("key")
+    assert f"end-to-end {sci(PretrainConfig().lr)}, consistency {sci(ConsistencyConfig().lr)}, targets {sci(targets.lr)}, " \
+           f"readout {sci(ReadoutConfig().lr)}" in helps["lr"]
+    assert f"end-to-end device {PretrainConfig().steps}, cloud {PretrainConfig.for_role('cloud').steps}; " \
+           f"consistency {ConsistencyConfig().steps}; targets {targets.steps}" in helps["steps"]
+    assert f"readout {ReadoutConfig().aug_share:g}" in helps["aug_share"]
 
 
 def test_a_cloud_state_remembers_it_was_created_tiny_and_refuses_the_other_kind(tmp_path):

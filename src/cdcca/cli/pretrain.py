@@ -13,36 +13,53 @@ import typer
 
 from cdcca.cli.common import Recipe, Role, console, fail, use_threads
 
+# the options each recipe reads (besides --role, --init, --seed, --out, --force, --threads); any other is refused
+RECIPE_OPTIONS = {
+    "end-to-end": ("steps", "batch_size", "lr", "aug_share", "aug_family", "torch_device"),
+    "consistency": ("steps", "batch_size", "lr", "torch_device"),
+    "targets": ("steps", "batch_size", "lr", "torch_device", "target_images"),
+    "readout": ("batch_size", "lr", "aug_share", "readout_samples", "split_layer"),
+}
+
 
 def pretrain(
     role: Role = typer.Option(..., help="Which model to pretrain: device (clean data) or cloud (corruption-augmented)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps (default: device 600, cloud 2000)."),
-    batch_size: int | None = typer.Option(None, help="Samples per step (default: 32 end-to-end, 64 consistency)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate of the one-cycle schedule (default 1e-3)."),
-    aug_share: float | None = typer.Option(None, help="Share of each batch drawn from corrupted copies (cloud default 0.5)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps (default: end-to-end device 600, cloud 2000; "
+                                     "consistency 2000; targets 1500; not for readout, which runs 2 epochs)."),
+    batch_size: int | None = typer.Option(None, help="Samples per step (default: end-to-end 32, consistency 64, "
+                                          "targets 64, readout 32)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate after the warm-up (default: end-to-end 1e-3, "
+                                    "consistency 3e-4, targets 1e-3, readout 1e-3)."),
+    aug_share: float | None = typer.Option(None, help="Share of samples seen through corrupted copies (default: "
+                                           "end-to-end device 0, cloud 0.5; readout 0.5; not for consistency or targets)."),
     init: Path | None = typer.Option(None, help="Start from these ROLE.safetensors adapters (continued training)."),
     seed: int = typer.Option(0, help="Random seed; a run is deterministic given the seed on one machine."),
     out: Path = typer.Option(None, help="Output folder for ROLE.safetensors + ROLE.json (default: $CDCCA_CACHE/pretrained)."),
     force: bool = typer.Option(False, help="Retrain even if weights with the same config exist (overwrites ROLE.safetensors and ROLE.json in --out)."),
-    aug_family: str | None = typer.Option(None, help="Cloud augmentation corruptions, comma-separated (default: all)."),
-    torch_device: str = typer.Option("cpu", "--torch-device", help="torch device to train on: cpu or cuda."),
+    aug_family: str | None = typer.Option(None, help="end-to-end: the corruptions of the corrupted copies, "
+                                          "comma-separated (default: cloud all, device none)."),
+    torch_device: str | None = typer.Option(None, "--torch-device", help="torch device to train on: cpu (the default) "
+                                            "or cuda; not for readout."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM), consistency "
                                "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
                                "output, no LLM pass; starts from --init or the shipped cloud) or targets (consistency "
                                "towards clean prefixes first optimised through the frozen LLM on train questions) or readout "
                                "(cloud only: the LoRA and norms of the LLM's top layers, from cached lower-layer states)."),
-    target_images: int = typer.Option(768, help="--recipe targets: train images whose prefix is optimised."),
-    readout_samples: int = typer.Option(6144, help="--recipe readout: train questions whose lower-layer states are cached."),
-    split_layer: int = typer.Option(24, help="--recipe readout: decoder layers below this one stay frozen."),
+    target_images: int | None = typer.Option(None, help="--recipe targets: train images whose prefix is optimised "
+                                             "(default 768)."),
+    readout_samples: int | None = typer.Option(None, help="--recipe readout: train questions whose lower-layer states "
+                                               "are cached (default 6144)."),
+    split_layer: int | None = typer.Option(None, help="--recipe readout: decoder layers below this one stay frozen (default 24)."),
 ):
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
-    from cdcca.assets import AssetError, cache_dir
-    from cdcca.model.pair import build_model
-    from cdcca.recipes.pretrain import PretrainConfig
-    from cdcca.recipes.pretrain import pretrain as run_pretrain
+    from cdcca.assets import cache_dir
 
     role, recipe = role.value, recipe.value
+    refuse_unused(recipe, steps=steps, batch_size=batch_size, lr=lr, aug_share=aug_share, aug_family=aug_family,
+                  torch_device=torch_device, target_images=target_images, readout_samples=readout_samples,
+                  split_layer=split_layer)
+    torch_device = torch_device or "cpu"
     use_threads(threads)
     if recipe in ("consistency", "targets", "readout"):
         if role != "cloud":
@@ -53,10 +70,22 @@ def pretrain(
             return
         from cdcca.recipes.prefix_targets import TargetConfig
 
-        targets = TargetConfig(images=target_images, seed=seed) if recipe == "targets" else None
+        targets = TargetConfig(**_given({"seed": seed}, images=target_images)) if recipe == "targets" else None
         _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device,
                               targets)
         return
+    _pretrain_end_to_end(role, steps, batch_size, lr, aug_share, aug_family, init, seed, out or cache_dir() / "pretrained",
+                         force, torch_device)
+
+
+def _pretrain_end_to_end(role: str, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path, force: bool,
+                         torch_device: str) -> None:
+    """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
+    from cdcca.assets import AssetError
+    from cdcca.model.pair import build_model
+    from cdcca.recipes.pretrain import PretrainConfig
+    from cdcca.recipes.pretrain import pretrain as run_pretrain
+
     overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
                        init=None if init is None else str(init),
                        aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
@@ -64,7 +93,6 @@ def pretrain(
         cfg = PretrainConfig.for_role(role, **overrides)
     except ValueError as exc:
         fail(str(exc))
-    out = out or cache_dir() / "pretrained"
     if _up_to_date(role, out, cfg.digest(), force):
         return
     try:
@@ -74,6 +102,15 @@ def pretrain(
     except AssetError as exc:
         fail(str(exc))
     print(json.dumps(record, indent=2))
+
+
+def refuse_unused(recipe: str, **options) -> None:
+    """Fail in one line on an option the recipe does not read (rather than ignore it silently)."""
+    unused = [name for name, value in options.items() if value is not None and name not in RECIPE_OPTIONS[recipe]]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        reads = ", ".join("--" + name.replace("_", "-") for name in RECIPE_OPTIONS[recipe])
+        fail(f"{flags} {'is' if len(unused) == 1 else 'are'} not used by --recipe {recipe} (it reads {reads})")
 
 
 def _given(base: dict, **options) -> dict:
@@ -158,7 +195,7 @@ def _write_stage(record: dict, init: Path, out: Path) -> None:
     print(json.dumps(record, indent=2))
 
 
-def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share, init, seed: int, out: Path,
+def _pretrain_readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int, out: Path,
                       force: bool) -> None:
     from cdcca.assets import AssetError
     from cdcca.recipes.consistency import ConsistencyConfig, training_views
@@ -166,7 +203,7 @@ def _pretrain_readout(samples: int, split_layer: int, batch_size, lr, aug_share,
 
     init = _cloud_init(init)
     try:
-        cfg = ReadoutConfig(**_given({"samples": samples, "split_layer": split_layer, "seed": seed},
+        cfg = ReadoutConfig(**_given({"seed": seed}, samples=samples, split_layer=split_layer,
                                      batch_size=batch_size, lr=lr, aug_share=aug_share))
     except ValueError as exc:
         fail(str(exc))
