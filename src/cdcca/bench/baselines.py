@@ -32,13 +32,14 @@ RATE_GROUP = {"tent": "tent", "tent+bn": "tent", "eata": "eata", "cotta": "cotta
 class BaselineConfig:
     """Which device-only method, with what settings; ``batch`` requests per adaptation step."""
 
-    method: str = "tent"
-    batch: int = 32
-    tent: TentConfig = field(default_factory=TentConfig)
-    eata: EATAConfig = field(default_factory=EATAConfig)
-    cotta: CoTTAConfig = field(default_factory=CoTTAConfig)
-    bn_images_per_round: int = 64    # images folded into the encoder statistics per round
-    bn_source_weight: float = 0.0    # prior on the source statistics (0: replace them, TENT's test-time BN)
+    method: str = field(default="tent", metadata={"help": "bn | tent | tent+bn | eata | cotta"})
+    batch: int = field(default=32, metadata={"help": "requests per adaptation step"})
+    tent: TentConfig = field(default_factory=TentConfig, metadata={"help": "TENT's optimiser settings (also tent+bn's)"})
+    eata: EATAConfig = field(default_factory=EATAConfig, metadata={"help": "EATA's settings"})
+    cotta: CoTTAConfig = field(default_factory=CoTTAConfig, metadata={"help": "CoTTA's settings"})
+    bn_images_per_round: int = field(default=64, metadata={"help": "images folded into the encoder statistics per round"})
+    bn_source_weight: float = field(default=0.0, metadata={"help": (
+        "prior on the source statistics (0: replace them, TENT's test-time BN)")})
 
     def settings(self) -> dict:
         """The settings this method uses (what a finished benchmark cell is checked against)."""

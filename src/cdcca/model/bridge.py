@@ -7,7 +7,7 @@ out of the cross-attention, so a cloud receiving half the tokens attends only to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,14 +15,14 @@ from torch import nn
 
 @dataclass
 class BridgeConfig:
-    n_query: int = 16        # learned queries; each costs one LLM position
-    d_bridge: int = 256
-    n_head: int = 4
-    n_layer: int = 2
-    token_dim: int = 1280    # EfficientNet-Lite0 channels
-    n_tokens: int = 49       # 7×7 patch grid
-    d_lm: int = 576          # SmolLM2 hidden size
-    dropout: float = 0.1
+    n_query: int = field(default=16, metadata={"help": "learned queries; each costs one LLM position"})
+    d_bridge: int = field(default=256, metadata={"help": "width of the query transformer"})
+    n_head: int = field(default=4, metadata={"help": "attention heads of the query transformer (must divide d_bridge)"})
+    n_layer: int = field(default=2, metadata={"help": "query-transformer blocks"})
+    token_dim: int = field(default=1280, metadata={"help": "EfficientNet-Lite0 channels"})
+    n_tokens: int = field(default=49, metadata={"help": "7×7 patch grid"})
+    d_lm: int = field(default=576, metadata={"help": "SmolLM2 hidden size"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the bridge's blocks while training"})
 
     def __post_init__(self):
         if self.d_bridge % self.n_head:

@@ -23,11 +23,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class MLLMConfig:
-    role: str = "device"                       # "device" | "cloud"
-    layer_ids: list[int] | None = None         # decoder layers kept (None = all: the cloud)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    role: str = field(default="device", metadata={"help": "'device' | 'cloud'"})
+    layer_ids: list[int] | None = field(default=None, metadata={"help": "decoder layers kept (None = all: the cloud)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of every adapted projection"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (scale = lora_alpha / lora_r)"})
+    bridge: BridgeConfig = field(default_factory=BridgeConfig, metadata={"help": (
+        "the bridge from the encoder's visual tokens to the LLM's prefix")})
 
     def __post_init__(self):
         if self.role not in ("device", "cloud"):

@@ -27,22 +27,30 @@ from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint
 
 @dataclass
 class ConsistencyConfig:
-    steps: int = 2000                   # the shipped cloud: 18 min on 2 CPU cores
-    batch_size: int = 64
-    lr: float = 3e-4                    # cosine to 1 % after a 5 % warm-up
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    w_clean: float = 0.5                # weight of the clean view (keeps clean behaviour where it is)
-    aug_family: list[str] = field(default_factory=lambda: sorted(CORRUPTIONS))
-    aug_severity: tuple[int, int] = (3, 5)
-    aug_variants: int = 2               # cached corrupted copies of the train set (each image its own corruption)
-    token_drop_share: float = 0.5       # share of samples whose corrupted view loses a random subset of tokens
-    token_keep: tuple[float, float] = (0.25, 1.0)
-    checkpoint_every: int = 100
-    seed: int = 0
-    target_share: float = 0.5           # with prefix targets: share of each batch drawn from their images
-    w_frozen: float = 0.3               # with prefix targets: weight of the other images' frozen-self target
-    targets: str | None = None          # key of the prefix targets trained on (None: the frozen bridge's output)
+    steps: int = field(default=2000, metadata={"help": "optimiser steps (the shipped cloud: 2000, 18 min on 2 CPU cores)"})
+    batch_size: int = field(default=64, metadata={"help": "samples per step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate, cosine to 1 % after a 5 % warm-up"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    w_clean: float = field(default=0.5, metadata={"help": "weight of the clean view (keeps clean behaviour where it is)"})
+    aug_family: list[str] = field(default_factory=lambda: sorted(CORRUPTIONS), metadata={"help": (
+        "corruptions the corrupted views are drawn from (default: all)")})
+    aug_severity: tuple[int, int] = field(default=(3, 5), metadata={"help": (
+        "severity range of the corrupted views (inclusive)")})
+    aug_variants: int = field(default=2, metadata={"help": (
+        "cached corrupted copies of the train set (each image its own corruption)")})
+    token_drop_share: float = field(default=0.5, metadata={"help": (
+        "share of samples whose corrupted view loses a random subset of tokens")})
+    token_keep: tuple[float, float] = field(default=(0.25, 1.0), metadata={"help": (
+        "share of tokens a dropping view keeps (uniform in this range)")})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seeds the views, the batches and the token drops"})
+    target_share: float = field(default=0.5, metadata={"help": (
+        "with prefix targets: share of each batch drawn from their images")})
+    w_frozen: float = field(default=0.3, metadata={"help": (
+        "with prefix targets: weight of the other images' frozen-self target")})
+    targets: str | None = field(default=None, metadata={"help": (
+        "key of the prefix targets trained on (None: the frozen bridge's output)")})
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)

@@ -12,7 +12,7 @@ changes, and only train images and their true answers are used.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +28,13 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 @dataclass
 class TargetConfig:
-    images: int = 768                   # train images whose prefix is optimised (of 4,000)
-    questions_per_image: int = 4        # its colour question, its shape question, the rest yes/no
-    inner_steps: int = 2                # gradient steps on each prefix
-    step_norm: float = 120.0            # L2 length of one image's step (its 16 prefix vectors are ~260 each)
-    images_per_batch: int = 16
-    seed: int = 0
+    images: int = field(default=768, metadata={"help": "train images whose prefix is optimised (of 4,000)"})
+    questions_per_image: int = field(default=4, metadata={"help": "its colour question, its shape question, the rest yes/no"})
+    inner_steps: int = field(default=2, metadata={"help": "gradient steps on each prefix"})
+    step_norm: float = field(default=120.0, metadata={"help": (
+        "L2 length of one image's step (its 16 prefix vectors are ~260 each)")})
+    images_per_batch: int = field(default=16, metadata={"help": "images whose prefixes are optimised together"})
+    seed: int = field(default=0, metadata={"help": "seeds the choice of images and questions"})
 
     def __post_init__(self):
         if min(self.images, self.questions_per_image, self.inner_steps, self.images_per_batch) < 1:

@@ -28,21 +28,26 @@ from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint
 
 @dataclass
 class PretrainConfig:
-    role: str = "device"
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 1e-3                    # one-cycle peak; LoRA and a fresh bridge tolerate a high lr
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    aug_share: float = 0.0              # share of each batch drawn from corrupted copies (cloud: 0.5)
-    aug_family: list[str] = field(default_factory=list)
-    aug_severity: tuple[int, int] = (3, 5)
-    aug_variants: int = 4               # corrupted copies of the train set, cached as features
-    token_drop_share: float = 0.25      # share of samples with a random subset of tokens masked out
-    token_keep: tuple[float, float] = (0.25, 1.0)
-    checkpoint_every: int = 200
-    init: str | None = None             # continue from these fp16 adapters (recorded by SHA-256)
+    role: str = field(default="device", metadata={"help": (
+        "device (clean images) | cloud (also corrupted copies and dropped tokens)")})
+    steps: int = field(default=600, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=32, metadata={"help": "samples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "one-cycle peak; LoRA and a fresh bridge tolerate a high lr"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    seed: int = field(default=0, metadata={"help": "seeds the initialisation, the batches and the augmentations"})
+    aug_share: float = field(default=0.0, metadata={"help": "share of each batch drawn from corrupted copies (cloud: 0.5)"})
+    aug_family: list[str] = field(default_factory=list, metadata={"help": (
+        "corruptions of the cached corrupted copies (the cloud's: all)")})
+    aug_severity: tuple[int, int] = field(default=(3, 5), metadata={"help": (
+        "severity range of the corrupted copies (inclusive)")})
+    aug_variants: int = field(default=4, metadata={"help": "corrupted copies of the train set, cached as features"})
+    token_drop_share: float = field(default=0.25, metadata={"help": (
+        "share of samples with a random subset of tokens masked out")})
+    token_keep: tuple[float, float] = field(default=(0.25, 1.0), metadata={"help": (
+        "share of tokens a masked sample keeps (uniform in this range)")})
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
+    init: str | None = field(default=None, metadata={"help": "continue from these fp16 adapters (recorded by SHA-256)"})
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)

@@ -13,7 +13,7 @@ learnt for shifted inputs too. The bridge and the lower layers do not change.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +29,15 @@ from cdcca.recipes.checkpoint import config_digest, file_sha256
 
 @dataclass
 class ReadoutConfig:
-    split_layer: int = 24          # layers below run once, frozen; the LoRA and norms above are trained
-    samples: int = 6144            # train questions whose lower-layer hidden states are cached
-    epochs: int = 2
-    lr: float = 1e-3               # peak of the one-cycle schedule
-    batch_size: int = 32
-    aug_share: float = 0.5         # share of samples seen through a corrupted copy of their image
-    grad_clip: float = 1.0
-    seed: int = 0
+    split_layer: int = field(default=24, metadata={"help": (
+        "layers below run once, frozen; the LoRA and norms above are trained")})
+    samples: int = field(default=6144, metadata={"help": "train questions whose lower-layer hidden states are cached"})
+    epochs: int = field(default=2, metadata={"help": "passes over the cached samples"})
+    lr: float = field(default=1e-3, metadata={"help": "peak of the one-cycle schedule"})
+    batch_size: int = field(default=32, metadata={"help": "samples per step"})
+    aug_share: float = field(default=0.5, metadata={"help": "share of samples seen through a corrupted copy of their image"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    seed: int = field(default=0, metadata={"help": "seeds the sample choice, the corrupted views and the batches"})
 
     def __post_init__(self):
         if min(self.split_layer, self.samples, self.epochs, self.batch_size) < 1 or self.lr <= 0:

@@ -11,7 +11,7 @@ and colour jitter. The paper averages 32 views; 8 fit a 2-core device (docs/BASE
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,15 +22,17 @@ from cdcca.tta.common import adapter_parameters, candidate_logits, only_trainabl
 
 @dataclass
 class CoTTAConfig:
-    lr: float = 3e-3             # Adam; chosen on the clean source domain (`cdcca bench tta-rate --method cotta`)
-    ema: float = 0.999           # teacher momentum
-    restore_p: float = 0.01      # stochastic restore probability per weight and step
-    threshold: float = 0.92      # augment when the source model's mean confidence is below (CIFAR-10's)
-    views: int = 8
-    drop: float = 0.25           # share of tokens masked in a view
-    noise: float = 0.1           # noise std relative to each token's std
-    gain: float = 0.1            # per-channel gain jitter
-    seed: int = 0
+    lr: float = field(default=3e-3, metadata={"help": (
+        "Adam learning rate, chosen on the clean source domain (`cdcca bench tta-rate --method cotta`)")})
+    ema: float = field(default=0.999, metadata={"help": "teacher momentum"})
+    restore_p: float = field(default=0.01, metadata={"help": "stochastic restore probability per weight and step"})
+    threshold: float = field(default=0.92, metadata={"help": (
+        "augment when the source model's mean confidence is below (CIFAR-10's)")})
+    views: int = field(default=8, metadata={"help": "augmented views averaged when the source model is unsure"})
+    drop: float = field(default=0.25, metadata={"help": "share of tokens masked in a view"})
+    noise: float = field(default=0.1, metadata={"help": "noise std relative to each token's std"})
+    gain: float = field(default=0.1, metadata={"help": "per-channel gain jitter"})
+    seed: int = field(default=0, metadata={"help": "seeds the views and the stochastic restore"})
 
     def __post_init__(self):
         if not 0 <= self.restore_p <= 1 or not 0 < self.ema <= 1 or self.views < 1:

@@ -11,7 +11,7 @@ sure each is, with a Fisher penalty that holds the parameters the source task ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -24,12 +24,15 @@ from cdcca.tta.common import candidate_logits, entropy, norm_parameters, only_tr
 
 @dataclass
 class EATAConfig:
-    lr: float = 1e-3                # Adam, as TENT; what `cdcca bench tta-rate --method eata` picks on clean data
-    e_margin_coeff: float = 0.4     # E0 = coeff · ln C
-    d_margin: float = 0.4           # redundancy threshold on |cos| (paper: 0.05 for 1,000 classes)
-    fisher_alpha: float = 2000.0
-    fisher_samples: int = 500       # source questions for the Fisher estimate (paper: 2,000 images)
-    mean_momentum: float = 0.9      # running mean of the kept predictions
+    lr: float = field(default=1e-3, metadata={"help": (
+        "Adam learning rate, as TENT's; what `cdcca bench tta-rate --method eata` picks on clean data")})
+    e_margin_coeff: float = field(default=0.4, metadata={"help": "E0 = coeff · ln C"})
+    d_margin: float = field(default=0.4, metadata={"help": "redundancy threshold on |cos| (paper: 0.05 for 1,000 classes)"})
+    fisher_alpha: float = field(default=2000.0, metadata={"help": (
+        "weight of the Fisher regulariser that keeps important weights near the source")})
+    fisher_samples: int = field(default=500, metadata={"help": (
+        "source questions for the Fisher estimate (paper: 2,000 images)")})
+    mean_momentum: float = field(default=0.9, metadata={"help": "running mean of the kept predictions"})
 
     def __post_init__(self):
         if self.lr <= 0 or self.fisher_alpha < 0 or not 0 < self.d_margin <= 1:

@@ -6,7 +6,7 @@ the paper; adaptation is online and continual (never reset between domains).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,8 +17,9 @@ from cdcca.tta.common import candidate_logits, entropy, norm_parameters, only_tr
 
 @dataclass
 class TentConfig:
-    lr: float = 1e-3           # Adam, the paper's CIFAR setting; also what `cdcca bench tta-rate` picks on the clean source domain
-    steps: int = 1             # optimisation steps per batch
+    lr: float = field(default=1e-3, metadata={"help": (
+        "Adam learning rate, the paper's CIFAR setting; also what `cdcca bench tta-rate` picks on the clean source domain")})
+    steps: int = field(default=1, metadata={"help": "optimisation steps per batch"})
 
     def __post_init__(self):
         if self.lr <= 0 or self.steps < 1:
