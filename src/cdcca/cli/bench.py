@@ -308,5 +308,3 @@ def bench_paper(
         console.print(f"report: {out / 'report.html'}")
     print(json.dumps(result))
 
-
-# -- fleet: the protocol over Flower, a SuperLink and N SuperNodes on this machine (logic in cdcca.fleet.deploy) --

@@ -5,11 +5,11 @@ had alone? Each method sees what a device sees — the visual tokens and questio
 never an answer — adapts online and returns its predictions over the answer candidates.
 """
 
-from cdcca.tta.common import TTAMethod, candidate_logits, entropy, norm_parameters
+from cdcca.tta.common import candidate_logits, entropy, norm_parameters
 from cdcca.tta.cotta import CoTTA, CoTTAConfig
 from cdcca.tta.eata import EATA, EATAConfig, fisher_information
 from cdcca.tta.encoder_stats import EncoderStats
 from cdcca.tta.tent import Tent, TentConfig
 
-__all__ = ["EATA", "CoTTA", "CoTTAConfig", "EATAConfig", "EncoderStats", "TTAMethod", "Tent", "TentConfig",
+__all__ = ["EATA", "CoTTA", "CoTTAConfig", "EATAConfig", "EncoderStats", "Tent", "TentConfig",
            "candidate_logits", "entropy", "fisher_information", "norm_parameters"]

@@ -3,23 +3,11 @@ and the named parameter groups the papers adapt."""
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
 from cdcca.model.mllm import MLLM, is_adapter_key
 from cdcca.model.prompt import Prompter
-
-
-class TTAMethod(Protocol):
-    """An online method: adapts on a batch of requests (tokens + questions, never answers) and
-    returns its candidate probabilities (B, n_candidates) for them. A method whose answers come from
-    another model than the one it adapts (CoTTA's mean teacher) names it as ``predictor``."""
-
-    updates: int
-
-    def step(self, tokens: torch.Tensor, questions: list[str]) -> torch.Tensor: ...
 
 
 def candidate_logits(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],

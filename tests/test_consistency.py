@@ -36,9 +36,9 @@ def views(n=24):
 
 @pytest.fixture(autouse=True)
 def small_bridge(monkeypatch):
-    import cdcca.recipes.consistency as robust
+    import cdcca.recipes.consistency as consistency
 
-    monkeypatch.setattr(robust, "BridgeConfig", lambda **kw: BridgeConfig(**kw, n_query=4, d_bridge=32, n_head=2,
+    monkeypatch.setattr(consistency, "BridgeConfig", lambda **kw: BridgeConfig(**kw, n_query=4, d_bridge=32, n_head=2,
                                                                           n_layer=1, d_lm=48))
 
 
