@@ -49,3 +49,26 @@ def tiny_cloud():
     from cdcca.model.pair import tiny_model
 
     return tiny_model("cloud", seed=1)
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    """A cloud runtime on tiny models with a short AKD round and a 16 KiB downlink."""
+    from cdcca.akd.config import AKDConfig
+    from cdcca.downlink import DWCConfig
+    from cdcca.runtime.cloud import CloudRuntime
+
+    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(epochs=1, batch_size=4),
+                          dwc=DWCConfig(budget_bytes=16 * 1024))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def device(tmp_path):
+    """A device runtime "dev-0" on tiny models, at version 0 of the shipped adapters."""
+    from cdcca.runtime.device import DeviceRuntime
+
+    d = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
+    yield d
+    d.close()

@@ -1,34 +1,18 @@
-"""The cloud runtime (src/cdcca/runtime/cloud.py) on tiny models: its inbox, its rounds, its state dir."""
+"""The cloud runtime (src/cdcca/runtime/cloud.py) on tiny models: its inbox, its rounds, its state dir.
+The ``cloud`` and ``device`` fixtures are in conftest.py."""
 
 import json
 import shutil
 
 import pytest
-import torch
 
 from cdcca.akd.distill import AKDConfig
-from cdcca.downlink import DWCConfig
 from cdcca.runtime import cloud as cloud_mod
 from cdcca.runtime.adapter_store import StaleBaseError
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 
-torch.set_num_threads(2)
 FAST_AKD = AKDConfig(epochs=1, batch_size=4)
-
-
-@pytest.fixture
-def cloud(tmp_path):
-    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD, dwc=DWCConfig(budget_bytes=16 * 1024))
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def device(tmp_path):
-    d = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
-    yield d
-    d.close()
 
 
 def one_round(device, cloud, rnd=0):
