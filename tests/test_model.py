@@ -96,18 +96,3 @@ def test_left_padding_does_not_change_a_sample(tiny_device, prompter):
     alone = mc_predict(tiny_device, prompter, toks[:1], QUESTIONS[:1])
     padded = mc_predict(tiny_device, prompter, toks, [QUESTIONS[0], QUESTIONS[1] + " really, truly?"])[:1]
     torch.testing.assert_close(alone, padded, atol=1e-4, rtol=1e-4)
-
-
-def test_lora_adapters_save_and_load_in_peft_layout(tiny_device, tmp_path):
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
-
-    from cdcca.model.mllm import save_peft_adapters
-
-    save_peft_adapters(tiny_device, tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
-    base = LlamaForCausalLM(tiny_device.lm.base_model.model.config)
-    loaded = PeftModel.from_pretrained(base, str(tmp_path))
-    ours = {n: p for n, p in tiny_device.lm.named_parameters() if "lora_" in n}
-    theirs = dict(loaded.named_parameters())
-    assert ours and all(torch.equal(p, theirs[n]) for n, p in ours.items())

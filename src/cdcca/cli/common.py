@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -105,3 +106,14 @@ def summary_line(s: dict) -> str:
     rounds = max(1, s.get("rounds", 1))
     parts.append(f"{s.get('bytes_up_total', 0) / rounds / 1024:.0f} KiB up, {s.get('bytes_down_total', 0) / rounds / 1024:.0f} KiB down per round")
     return "; ".join(parts)
+
+
+def open_device(state: Path):
+    """The device runtime of a state dir, or a one-line error naming what is wrong with it."""
+    from cdcca.runtime.adapter_store import StoreError
+    from cdcca.runtime.device import DeviceRuntime
+
+    try:
+        return DeviceRuntime.open(state)
+    except (FileNotFoundError, ValueError, StoreError) as exc:
+        fail(str(exc))

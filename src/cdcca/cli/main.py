@@ -33,9 +33,11 @@ from cdcca.cli.common import (
     fail,
     headline_text,
     one_line_errors,
+    open_device,
     summary_line,
     use_threads,
 )
+from cdcca.cli.export import device_export
 from cdcca.cli.fleet import fleet_app
 from cdcca.cli.pretrain import pretrain
 
@@ -243,14 +245,7 @@ app.add_typer(cloud_app, name="cloud")
 STATE_HELP = "State directory of this runtime."
 
 
-def _device(state: Path):
-    from cdcca.runtime.adapter_store import StoreError
-    from cdcca.runtime.device import DeviceRuntime
-
-    try:
-        return DeviceRuntime.open(state)
-    except (FileNotFoundError, ValueError, StoreError) as exc:
-        fail(str(exc))
+_device = open_device
 
 
 @device_app.command("init")
@@ -276,6 +271,7 @@ def device_status(state: Path = typer.Option(..., help=STATE_HELP)):
 
 device_app.command("serve")(device_serve)
 device_app.command("api")(device_api)
+device_app.command("export")(device_export)
 
 
 @device_app.command("uplink")

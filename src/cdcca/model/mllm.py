@@ -142,8 +142,3 @@ def load_adapter_state(model: nn.Module, state: AdapterState, strict: bool = Tru
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if is_adapter_key(n)]
-
-
-def save_peft_adapters(model: MLLM, out_dir) -> None:
-    """Save the LoRA (+ norm) part in peft's own layout (adapter_model.safetensors + adapter_config.json)."""
-    model.lm.save_pretrained(str(out_dir))
