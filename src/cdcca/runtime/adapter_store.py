@@ -40,8 +40,7 @@ import torch
 
 from cdcca import wire
 from cdcca.adapter_state import AdapterState, clone_state, state_hash
-from cdcca.atomic import atomic_write as _atomic_write
-from cdcca.atomic import fsync_dir as _fsync_dir
+from cdcca.atomic import atomic_write, fsync_dir
 from cdcca.downlink import DWC_FORMAT, apply_delta, decode_resync, decode_update
 from cdcca.runtime.version_files import (
     CONFIG_FILE,
@@ -121,16 +120,16 @@ class AdapterStore:
                              f"or pass force=True to replace it")
         with locked(p):
             h = state_hash(state)
-            _atomic_write(p / vname(version), serialize(state, {
+            atomic_write(p / vname(version), serialize(state, {
                 "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": now(),
                 "parent": "", "device_id": device_id or ""}))
-            _atomic_write(p / CONFIG_FILE, json.dumps({"format": STORE_FORMAT, "device_id": device_id,
+            atomic_write(p / CONFIG_FILE, json.dumps({"format": STORE_FORMAT, "device_id": device_id,
                                                    "keep": keep}).encode())
-            _atomic_write(p / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
+            atomic_write(p / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
             for f in p.iterdir():
                 if VERSION_RE.match(f.name) and f.name != vname(version):
                     f.unlink()
-            _fsync_dir(p)
+            fsync_dir(p)
         return cls(p)
 
     # ---------------------------------------------------------------- reading
@@ -250,7 +249,7 @@ class AdapterStore:
         state, h = self.load(version)
         previous = self._version
         with locked(self.path):
-            _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
+            atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
         self._version, self._hash, self._state = version, h, state
         return {"status": "rolled_back", "version": version, "hash": h, "from": previous}
 
@@ -274,10 +273,10 @@ class AdapterStore:
             if cur != {"version": self._version, "hash": self._hash}:
                 raise StoreError(f"adapter store {self.path} changed on disk since it was opened "
                                  f"(CURRENT is {cur}); reopen it and retry")
-            _atomic_write(self.path / vname(version), serialize(state, {
+            atomic_write(self.path / vname(version), serialize(state, {
                 "format": str(STORE_FORMAT), "version": str(version), "hash": h, "created": now(),
                 "parent": str(parent), "device_id": self.device_id or ""}))
-            _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
+            atomic_write(self.path / CURRENT_FILE, json.dumps({"version": version, "hash": h}).encode())
             self._version, self._hash, self._state = version, h, state
             pruned = self._prune(parent)
         return pruned
@@ -297,7 +296,7 @@ class AdapterStore:
             except OSError as e:  # best effort: CURRENT is already durable
                 log.warning("adapter store %s: could not prune version %d: %s", self.path, v, e)
         if drop:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         return sorted(drop)
 
     def _clean_temp_files(self) -> None:
@@ -337,7 +336,7 @@ class AdapterStore:
             except StoreError:
                 continue
             with locked(self.path):
-                _atomic_write(self.path / CURRENT_FILE, json.dumps({"version": cand, "hash": meta["hash"]}).encode())
+                atomic_write(self.path / CURRENT_FILE, json.dumps({"version": cand, "hash": meta["hash"]}).encode())
             self._version, self._hash, self._state = cand, meta["hash"], state
             self.recovery_note = f"{problem}; fell back to version {cand}, the newest valid one"
             log.warning("adapter store %s: %s", self.path, self.recovery_note)
