@@ -73,3 +73,13 @@ def test_the_preset_files_ship_inside_the_package():
 
     assert CONFIG_DIR.parent == Path(cdcca.__file__).parent and (CONFIG_DIR / "quick.toml").is_file()
     assert CONFIGS.resolve() == CONFIG_DIR.resolve()
+
+
+def test_a_run_config_with_a_scorer_the_device_runtime_cannot_run_is_refused_before_anything_loads(tmp_path):
+    config = tmp_path / "view.toml"
+    config.write_text('[uts]\nsample_scorer = "view_consistency"\n')
+    with pytest.raises(ValueError, match="view_consistency") as err:
+        resolve_run_config(config=config)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="view_consistency"):
+        resolve_run_config(preset="tiny", overrides={"uts": {"sample_scorer": "view_consistency"}})

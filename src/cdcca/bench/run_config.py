@@ -37,7 +37,16 @@ def apply_config(base: Any, settings: dict[str, Any], where: str = "") -> Any:
 
 def fleet_config(settings: dict[str, Any]) -> FleetConfig:
     """The embedded fleet's run config of a preset's or a file's settings (unnamed knobs keep their defaults)."""
-    return apply_config(FleetConfig(), settings)
+    return check_device_uts(apply_config(FleetConfig(), settings))
+
+
+def check_device_uts(cfg: FleetConfig) -> FleetConfig:
+    """Refuse now what a device runtime would refuse on its first request: the two-view scorer needs the
+    device model inside the UTS plan, which the runtime does not pass (``cdcca bench uts`` measures it)."""
+    if cfg.uts.sample_scorer == "view_consistency":
+        raise ValueError("uts.sample_scorer 'view_consistency' does not run on a device runtime yet (only in "
+                         "`cdcca bench uts`); choose mc_disagreement, mc_entropy, confidence, entropy or margin")
+    return cfg
 
 
 def resolve_run_config(preset: str | None = None, config: str | Path | None = None,
@@ -49,7 +58,7 @@ def resolve_run_config(preset: str | None = None, config: str | Path | None = No
     settings = read_config(config) if config is not None else load_preset(preset or "quick")
     cfg = fleet_config(settings)
     if overrides:
-        cfg = apply_config(cfg, overrides)
+        cfg = check_device_uts(apply_config(cfg, overrides))
     return cfg, str(config) if config is not None else (preset or "quick")
 
 
