@@ -18,7 +18,7 @@ from cdcca.recipes.prefix_targets import (
     pick_questions,
     save_targets,
 )
-from test_robust import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
+from test_consistency import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
 
 ANSWERS = ["yes", "red", "no", "circle", "no", "blue", "yes", "triangle"]
 
