@@ -194,3 +194,26 @@ def test_a_plain_string_message_without_an_image_is_400_not_422(client):
     body = {"messages": [{"role": "user", "content": "a long question without any picture " * 5}]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["code"] == "need_one_image"
+
+
+def test_requests_served_a_batch_at_a_time_upload_the_rounds_share():
+    """A round's budget (48 of 80) spread over requests as they come: about 60 % of them are uploaded,
+    the most uncertain ones, whatever the batch size."""
+    import numpy as np
+
+    from cdcca.runtime.device import RequestBudget
+    from cdcca.uplink import UTSConfig
+
+    budget = RequestBudget(UTSConfig(selection="budget", budget=48), round_size=80)
+    rng = np.random.default_rng(0)
+    picked, seen = [], []
+    for _ in range(100):
+        batch = rng.uniform(0, 1, size=4).tolist()
+        cfg = budget.uts_for(batch)
+        assert cfg.selection == "threshold"
+        picked += [u for u in batch if u > cfg.threshold]
+        seen += batch
+    assert 0.5 <= len(picked) / len(seen) <= 0.7
+    assert np.mean(picked) > np.mean(seen)                 # the uncertain ones go
+    keep_all = RequestBudget(UTSConfig(selection="threshold", threshold=0.3), round_size=80)
+    assert keep_all.uts_for([0.1, 0.9]).threshold == 0.3    # a threshold device keeps its own rule

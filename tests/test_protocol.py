@@ -4,8 +4,7 @@ behind, or lost, and what a device does with a packet on a stale base."""
 import pytest
 
 from cdcca.runtime.adapter_store import StaleBaseError
-from cdcca.runtime.protocol import (DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, device_uplink,
-                                    run_round)
+from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, device_uplink, run_round
 
 
 class FakeCloud:

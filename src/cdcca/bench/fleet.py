@@ -58,8 +58,7 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None =
                     if cloud.last_round is not None:
                         trained += cloud.last_round.sample_ids
                     down = protocol.DownlinkMessage(acked=acks.get(dev.device_id, []), packets=[update] if update else [])
-                    if protocol.device_apply(dev, down).resync_reason is not None:
-                        protocol.device_apply(dev, protocol.cloud_resync(cloud, dev.device_id))
+                    protocol.deliver(dev, cloud, rnd, down, protocol.DelayedLink(0))
                 cloud_round_s.append(t_round)
                 if log:
                     log(f"round {rnd + 1}/{rounds}: {len(sent)} uploads stored, cloud {t_round:.1f} s")

@@ -35,22 +35,22 @@ from cdcca.uplink import UTSConfig
 class LoopConfig:
     """One continual-adaptation run over a shift stream."""
 
-    stream: str = "default"
-    scenario: str = "persistent"   # how long each domain lasts: persistent | recurring | gradual | one-round
-    rounds_per_domain: int | None = None   # None: the scenario's default (persistent: 4)
-    round_size: int | None = None  # requests per round; None: the scenario's default (persistent: 80)
-    visits: int = 2                # recurring: how many times the domains come back
-    update_delay: int = 0          # rounds an update spends in transit (0: live from the next round)
-    heldout_n: int = 300           # held-out questions per domain for per-round accuracy
-    downlink: str = "dense"        # "dense" (fp32 state) | "dwc" (compressed update) | "none" (source-only)
-    labels: str = "teacher"        # "teacher" (pseudo-labels) | "oracle" (the true answers of the same uploads)
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET))
-    akd: AKDConfig = field(default_factory=AKDConfig)
-    dwc: DWCConfig = field(default_factory=DWCConfig)
-    eval_every_round: bool = True  # held-out accuracy after every round (else after the last only)
-    heldout_da: bool = False       # also direct-answer accuracy (greedy generation) at held-out evaluations
-    save_states: str | None = None # folder to save the device's adapter state after each round
-    seed: int = 0
+    stream: str = field(default="default", metadata={"help": "the shift stream: built-in names, NAME:SEVERITY, .jsonl files"})
+    scenario: str = field(default="persistent", metadata={"help": "how long each domain lasts: persistent | recurring | gradual | one-round"})
+    rounds_per_domain: int | None = field(default=None, metadata={"help": "None: the scenario's default (persistent: 4)"})
+    round_size: int | None = field(default=None, metadata={"help": "requests per round; None: the scenario's default (persistent: 80)"})
+    visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
+    update_delay: int = field(default=0, metadata={"help": "rounds an update spends in transit (0: live from the next round)"})
+    heldout_n: int = field(default=300, metadata={"help": "held-out questions per domain for per-round accuracy"})
+    downlink: str = field(default="dense", metadata={"help": "'dense' (fp32 state) | 'dwc' (compressed update) | 'none' (source-only)"})
+    labels: str = field(default="teacher", metadata={"help": "'teacher' (pseudo-labels) | 'oracle' (the true answers of the same uploads)"})
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET), metadata={"help": "the device's UTS: which requests and tokens it uploads per round"})
+    akd: AKDConfig = field(default_factory=AKDConfig, metadata={"help": "the cloud's distillation into the device's adapters"})
+    dwc: DWCConfig = field(default_factory=DWCConfig, metadata={"help": "the compressed downlink (downlink='dwc')"})
+    eval_every_round: bool = field(default=True, metadata={"help": "held-out accuracy after every round (else after the last only)"})
+    heldout_da: bool = field(default=False, metadata={"help": "also direct-answer accuracy (greedy generation) at held-out evaluations"})
+    save_states: str | None = field(default=None, metadata={"help": "folder to save the device's adapter state after each round"})
+    seed: int = field(default=0, metadata={"help": "which requests the stream draws, and training randomness"})
 
     def __post_init__(self):
         if self.downlink not in ("dense", "dwc", "none"):

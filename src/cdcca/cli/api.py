@@ -42,17 +42,17 @@ def serve_requests(state: Path, requests: Path, out: Path, batch: int = 32) -> d
     one JSON line per request in ``out``, written atomically; accuracy where rows carry answers."""
     from cdcca.atomic import atomic_write
     from cdcca.data.jsonl import load_jsonl
-    from cdcca.runtime.api import DeviceService, Query
+    from cdcca.runtime.device import DeviceRuntime
 
     data = load_jsonl(requests, require_answer=False)
-    service = DeviceService(state)
+    device = DeviceRuntime.open(state)
+    results = []
     try:
-        results = []
         for s in range(0, len(data.questions), batch):
-            rows = range(s, min(s + batch, len(data.questions)))
-            results += service.answer([Query(data.images[data.image_ids[i]], data.questions[i]) for i in rows])
+            rows = list(range(s, min(s + batch, len(data.questions))))
+            results += device.serve(data.images[data.image_ids[rows]], [data.questions[i] for i in rows], "file")
     finally:
-        service.close()
+        device.close()
     lines = []
     for i, res in enumerate(results):
         lines.append(json.dumps({"question": data.questions[i], **res}))

@@ -20,8 +20,10 @@ from cdcca.cli.common import (
     scenario_overrides,
     use_threads,
 )
+from cdcca.cli.live import bench_live
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and a table.")
+bench_app.command("live")(bench_live)
 
 
 @bench_app.command("uts")

@@ -153,3 +153,17 @@ def build_stream(data: VQASet, sequence: list[Domain], per_domain: int, rounds_p
             chunks.append(StreamChunk(rnd, domain, picks[r * per_round:(r + 1) * per_round]))
             rnd += 1
     return chunks
+
+
+def domain_images(domain: Domain, data: VQASet) -> np.ndarray:
+    """The uint8 frames a device sees under ``domain``, one per image of ``data`` — the pictures behind
+    :func:`cdcca.runtime.evaluate.domain_tokens` (the same corruption and seed), for a client that sends
+    images to a device's API. A file domain's own images are sent as they are."""
+    from cdcca.data.corruptions import corrupt
+
+    if domain.path is not None:
+        return data.images
+    base_n = min((start for start, _ in data.sources.values()), default=len(data.images))
+    out = data.images.copy()
+    out[:base_n] = corrupt(data.images[:base_n], domain.corruption, domain.severity, 0)
+    return out

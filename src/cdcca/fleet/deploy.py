@@ -29,27 +29,30 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cdcca.fleet import certs
-from cdcca.fleet.processes import Pids, ProcessError, free_port, spawn, stop_groups, tail, wait_http, wait_listening
+from cdcca.fleet.devices import init_devices, start_apis
+from cdcca.fleet.processes import (
+    Pids,
+    ProcessError,
+    device_env,
+    flower_bin,
+    flower_env,
+    free_port,
+    pids_with_args,
+    spawn,
+    stop_groups,
+    tail,
+    wait_listening,
+)
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fleet"              # the flwr CLI's name for this SuperLink in flwr-home/config.toml
 DEFAULT_PORT = 9092
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",                       # no usage pings
-    "FLWR_DISABLE_UPDATE_CHECK": "1",                    # no version check on start
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", # else the SuperLink runs `uv sync` every run
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",         # start app processes sooner (default 1 s);
-                                                         # 0.05 costs ~5 % of a core per idle process
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 
 
 DeployError = ProcessError   # a fleet cannot be started, run or stopped; the message names the cause and the fix
@@ -87,27 +90,6 @@ class FleetSpec:
 
 # ---------------------------------------------------------------------------------------------------
 # environment and small helpers
-
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The environment of every Flower process: quiet, no runtime installs, and this cdcca importable."""
-    env = {**os.environ, **FLOWER_ENV}
-    bin_dir = str(Path(sys.executable).parent)           # flwr-serverapp / flwr-clientapp of this venv
-    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    import cdcca
-
-    src = str(Path(cdcca.__file__).resolve().parents[1])  # so app processes import this very cdcca
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [src, env.get("PYTHONPATH", "")] if p)
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
-
-
-def flower_bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise DeployError(f"{name} not found next to {sys.executable}; install Flower there: pip install flwr==1.42.0")
-    return str(path)
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -151,7 +133,7 @@ def up(state: str | os.PathLike[str], devices: int, *, host: str = "127.0.0.1", 
     try:
         spec = _up(state, pids, devices, host, port, insecure, tiny, timeout, log)
         if apis:
-            spec.apis = start_apis(spec, pids, api_port, timeout, log)
+            spec.apis = start_apis(state, {n: state / "devices" / n for n in spec.devices}, pids, api_port, timeout, log)
             spec.save()
         return spec
     except BaseException:
@@ -182,67 +164,39 @@ def _up(state: Path, pids: Pids, devices: int, host: str, port: int, insecure: b
     if keys:
         spec.node_ids = register(spec, {n: k.public for n, k in keys.items()}, timeout)
     spec.save()
-    init_devices(spec, timeout)
-    since, nodes = time.time(), {}
-    for i, name in enumerate(names):
-        node_config = (f"data-dir={_toml_str(state / 'devices' / name)} device-name={_toml_str(name)} "
-                       f"device-index={i} num-devices={devices}")
-        cmd = [flower_bin("flower-supernode"), "--superlink", spec.address, "--port", str(free_port()),
-               "--node-config", node_config]
-        cmd += ["--insecure"] if insecure else ["--root-certificates", str(tls.ca_cert),
-                                                "--auth-supernode-private-key", str(keys[name].private)]
-        env = device_env(flower_env(certs.private_dir(state / "nodes" / name)), devices)
-        nodes[name] = (cmd, env, spawn(name, cmd, env, state / "logs" / f"{name}.log", pids))
-    if spec.node_ids:
-        wait_online(spec, nodes, pids, since, timeout, log)
+    init_devices(state, names, tiny, timeout)
+    start_nodes(spec, names, pids, timeout, log)
     log(f"{devices} SuperNode(s) {'online' if spec.node_ids else 'started'}: {', '.join(names)}; state in {state}")
     return spec
 
 
-def device_env(env: dict[str, str], devices: int) -> dict[str, str]:
-    """N devices share this machine's cores: each device's processes get its share of threads."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // devices)))
-    return env
+def start_nodes(spec: FleetSpec, names: list[str], pids: Pids, timeout: float, log: Callable[[str], None]) -> None:
+    """Start SuperNodes ``names`` of the fleet (each on its device's state dir) and wait until they are online."""
+    state, since, nodes = Path(spec.state), time.time(), {}
+    for name in names:
+        i = spec.devices.index(name)
+        node_config = (f"data-dir={_toml_str(state / 'devices' / name)} device-name={_toml_str(name)} "
+                       f"device-index={i} num-devices={len(spec.devices)}")
+        cmd = [flower_bin("flower-supernode"), "--superlink", spec.address, "--port", str(free_port()),
+               "--node-config", node_config]
+        cmd += ["--insecure"] if spec.insecure else ["--root-certificates", str(state / "tls" / "ca.pem"),
+                                                     "--auth-supernode-private-key", str(state / "keys" / name)]
+        env = device_env(flower_env(certs.private_dir(state / "nodes" / name)), len(spec.devices))
+        nodes[name] = (cmd, env, spawn(name, cmd, env, state / "logs" / f"{name}.log", pids))
+    if spec.node_ids:
+        wait_online(spec, nodes, pids, since, timeout, log, names)
 
 
-def cdcca_bin() -> str:
-    path = Path(sys.executable).parent / "cdcca"
-    if not path.exists():
-        raise DeployError(f"cdcca not found next to {sys.executable}; install it there: pip install -e .")
-    return str(path)
-
-
-def init_devices(spec: FleetSpec, timeout: float) -> None:
-    """Create each device's state (the shipped adapters as version 0) before anything serves it; all at once."""
-    state, n = Path(spec.state), len(spec.devices)
-    procs = {}
-    for i, name in enumerate(spec.devices):
-        d = state / "devices" / name
-        if not (d / "device.json").is_file():
-            cmd = [cdcca_bin(), "device", "init", "--state", str(d), "--device", name, "--index", str(i),
-                   "--n-devices", str(n), *(["--tiny"] if spec.tiny else [])]
-            procs[name] = subprocess.Popen(cmd, env=device_env(flower_env(), n), stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True)
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=timeout)
-        if proc.returncode != 0:
-            raise DeployError(f"creating {name}'s state failed: {' '.join(out.split())[-300:]}")
-
-
-def start_apis(spec: FleetSpec, pids: Pids, first_port: int, timeout: float, log: Callable[[str], None]) -> dict[str, int]:
-    """``cdcca device api`` for every device on its own state dir (the SuperNode's data-dir); waits for /healthz."""
-    state, ports, procs = Path(spec.state), {}, {}
-    for i, name in enumerate(spec.devices):
-        ports[name] = first_port + i if first_port else free_port()
-        cmd = [cdcca_bin(), "device", "api", "--state", str(state / "devices" / name), "--port", str(ports[name])]
-        procs[name] = spawn(f"api-{name}", cmd, device_env(flower_env(), len(spec.devices)),
-                            state / "logs" / f"api-{name}.log", pids)
-    for name, proc in procs.items():
-        wait_http(f"http://127.0.0.1:{ports[name]}/healthz", proc, state / "logs" / f"api-{name}.log",
-                  max(timeout, 180), f"{name}'s API")
-    log("device APIs: " + ", ".join(f"{n} http://127.0.0.1:{p}/v1" for n, p in ports.items()))
-    return ports
+def restart_node(state: str | os.PathLike[str], name: str, timeout: float = 180,
+                 log: Callable[[str], None] = print) -> None:
+    """Start device ``name``'s SuperNode again (after a crash or a kill); its state dir and key are kept."""
+    spec = FleetSpec.load(state)
+    if name not in spec.devices:
+        raise DeployError(f"no device {name!r} in this fleet; it has {', '.join(spec.devices)}")
+    pids = Pids(Path(spec.state))
+    if name in pids.alive():
+        raise DeployError(f"{name}'s SuperNode is still running; stop it first")
+    start_nodes(spec, [name], pids, timeout, log)
 
 
 def write_connection(spec: FleetSpec, ca_cert: Path | None) -> Path:
@@ -280,13 +234,13 @@ def register(spec: FleetSpec, public_keys: dict[str, Path], timeout: float = 60)
 
 
 def wait_online(spec: FleetSpec, nodes: dict[str, tuple[list[str], dict, subprocess.Popen]], pids: Pids,
-                since: float, timeout: float, log: Callable[[str], None]) -> None:
+                since: float, timeout: float, log: Callable[[str], None], names: list[str] | None = None) -> None:
     """Wait until every device has come online at the SuperLink since ``since``; restart refused ones.
 
     After an unclean stop the SuperLink still counts a device online until its heartbeat expires
     (2 × 30 s) and refuses its new session; the SuperNode then exits and is started again here."""
     deadline = time.monotonic() + timeout
-    while (missing := sorted(set(spec.devices) - online_since(spec, since))):
+    while (missing := sorted(set(names or spec.devices) - online_since(spec, since))):
         if time.monotonic() > deadline:
             raise DeployError(f"device(s) {', '.join(missing)} not online after {timeout:.0f} s; "
                               f"see {Path(spec.state) / 'logs'}")
@@ -328,7 +282,7 @@ def run(state: str | os.PathLike[str], rounds: int, *, config: dict | None = Non
         echo: Callable[[str], None] | None = print) -> RunResult:
     """``flwr run`` the fleet app for ``rounds`` rounds (0: until :func:`request_stop`) on the fleet in
     ``state`` and wait for it to finish."""
-    from cdcca.fleet.flower import ROUND_LOG
+    from cdcca.fleet.flower import ROUND_LOG, STOP_FILE
 
     spec = FleetSpec.load(state)
     state = Path(spec.state)
@@ -339,6 +293,7 @@ def run(state: str | os.PathLike[str], rounds: int, *, config: dict | None = Non
     config_path = state / "run-config.toml"
     config_path.write_text("".join(f"{k} = {_toml_str(v) if isinstance(v, str) else json.dumps(v)}\n"
                                    for k, v in run_config.items()))
+    (state / "cloud" / STOP_FILE).unlink(missing_ok=True)     # a stop asked of an earlier run does not end this one
     round_log = state / "cloud" / ROUND_LOG
     before = len(round_log.read_text().splitlines()) if round_log.is_file() else 0
     log_path = state / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -399,5 +354,9 @@ def down(state: str | os.PathLike[str], *, timeout: float = 10) -> list[str]:
     nodes = {n: pid for n, pid in ours.items() if n != "superlink"}
     link = {n: pid for n, pid in ours.items() if n == "superlink"}
     stopped = stop_groups(nodes, timeout) + stop_groups(link, timeout)
+    if (Path(state) / "fleet.json").is_file():      # the SuperLink starts its ServerApp in a session of its own
+        spec = FleetSpec.load(state)
+        apps = pids_with_args("flwr-serverapp", f"--runtime-api-address {spec.address}")
+        stopped += stop_groups({f"serverapp-{pid}": pid for pid in apps}, timeout, group=False)
     pids.path.unlink(missing_ok=True)
     return sorted(stopped)

@@ -27,7 +27,7 @@ fresh ``flwr-clientapp`` process for every message.
 from __future__ import annotations
 
 from contextlib import closing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +45,30 @@ class FleetRunConfig:
 
     Defaults apply where a key is missing (unit tests pass an empty run config)."""
 
-    rounds: int = 1                 # rounds to run now (0: until stopped); a run continues after the last round logged
-    traffic: str = "api"            # api: the device's API fills its outbox; stream: replay the simulated stream
-    round_every_s: float = 0.0      # > 0: a round at most this long after the last one began (if anything is queued)
-    min_uploads: int = 0            # > 0: a round as soon as the devices' outboxes hold this many samples
-    status_every_s: float = 5.0     # how often the outboxes are asked while waiting for a trigger
-    preset: str = ""                # a named preset (cdcca demo --preset) for the AKD, DWC and new devices' UTS
-    cloud_dir: str = "cloud-state"  # cloud state dir on the SuperLink host (relative: to the ServerApp's cwd)
-    devices_dir: str = "device-states"  # simulation only: state dirs of the simulated devices
-    tiny: bool = False              # tiny random models (tests); a device reads it when it creates its state
-    min_nodes: int = 1              # connected devices to wait for before the first round
-    node_wait_s: float = 120.0      # ... for at most this long
-    reply_timeout_s: float = 1800.0 # one step's replies; replaying a stream round on the real model takes minutes
-    poll_s: float = 0.2             # between pulls of replies (Grid.send_and_receive sleeps 3 s)
-    max_samples: int = 256          # uplink samples per packet
-    akd_prefix_epochs: int = 15     # prefix distillation epochs (AKDConfig.prefix_epochs)
-    akd_epochs: int = 0             # label-phase epochs (AKDConfig.epochs; off by default)
-    akd_batch_size: int = 16
-    dwc_budget_kb: int = 256        # update packet budget, as in the embedded fleet (DWCConfig default)
-    group: str = ""                 # non-empty: every device joins this fleet group (one shared student)
-    stream: str = "default"         # a device's simulated stream when it creates its state: built-in names, domains, JSONL files
-    scenario: str = "persistent"    # persistent | recurring | gradual | one-round (cdcca.data.scenario)
-    rounds_per_domain: int = 0      # 0: the scenario's default
-    round_size: int = 0             # requests per round per device; 0: the scenario's default
-    visits: int = 2                 # recurring: how many times the domains come back
+    rounds: int = field(default=1, metadata={"help": "rounds to run now (0: until stopped); a run continues after the last round logged"})
+    traffic: str = field(default="api", metadata={"help": "api: the device's API fills its outbox; stream: replay the simulated stream"})
+    round_every_s: float = field(default=0.0, metadata={"help": "> 0: a round at most this long after the last one began (if anything is queued)"})
+    min_uploads: int = field(default=0, metadata={"help": "> 0: a round as soon as the devices' outboxes hold this many samples"})
+    status_every_s: float = field(default=5.0, metadata={"help": "how often the outboxes are asked while waiting for a trigger"})
+    preset: str = field(default="", metadata={"help": "a named preset (cdcca demo --preset) for the AKD, DWC and new devices' UTS"})
+    cloud_dir: str = field(default="cloud-state", metadata={"help": "cloud state dir on the SuperLink host (relative: to the ServerApp's cwd)"})
+    devices_dir: str = field(default="device-states", metadata={"help": "simulation only: state dirs of the simulated devices"})
+    tiny: bool = field(default=False, metadata={"help": "tiny random models (tests); a device reads it when it creates its state"})
+    min_nodes: int = field(default=1, metadata={"help": "connected devices to wait for before the first round"})
+    node_wait_s: float = field(default=120.0, metadata={"help": "... for at most this long"})
+    reply_timeout_s: float = field(default=1800.0, metadata={"help": "one step's replies; replaying a stream round on the real model takes minutes"})
+    poll_s: float = field(default=0.2, metadata={"help": "between pulls of replies (Grid.send_and_receive sleeps 3 s)"})
+    max_samples: int = field(default=256, metadata={"help": "uplink samples per packet"})
+    akd_prefix_epochs: int = field(default=15, metadata={"help": "prefix distillation epochs (AKDConfig.prefix_epochs)"})
+    akd_epochs: int = field(default=0, metadata={"help": "label-phase epochs (AKDConfig.epochs; off by default)"})
+    akd_batch_size: int = field(default=16, metadata={"help": "uploads per AKD step"})
+    dwc_budget_kb: int = field(default=256, metadata={"help": "update packet budget, as in the embedded fleet (DWCConfig default)"})
+    group: str = field(default="", metadata={"help": "non-empty: every device joins this fleet group (one shared student)"})
+    stream: str = field(default="default", metadata={"help": "a device's simulated stream when it creates its state: built-in names, domains, JSONL files"})
+    scenario: str = field(default="persistent", metadata={"help": "persistent | recurring | gradual | one-round (cdcca.data.scenario)"})
+    rounds_per_domain: int = field(default=0, metadata={"help": "0: the scenario's default"})
+    round_size: int = field(default=0, metadata={"help": "requests per round per device; 0: the scenario's default"})
+    visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
 
     def __post_init__(self):
         if self.traffic not in TRAFFIC:

@@ -22,22 +22,22 @@ from cdcca.uplink import UTSConfig
 
 @dataclass
 class FleetConfig:
-    devices: int = 1
-    stream: str = "default"
-    scenario: str = "persistent"   # how long each domain lasts: persistent | recurring | gradual | one-round
-    rounds_per_domain: int | None = None   # None: the scenario's default (persistent: 4)
-    round_size: int | None = None  # requests per round per device; None: the scenario's default (persistent: 80)
-    visits: int = 2                # recurring: how many times the domains come back
-    update_delay: int = 0          # rounds an update spends in transit (0: live from the next round)
-    heldout_n: int = 200           # held-out questions per domain for the final accuracy
-    curve_n: int | None = None     # ... for the curves of the rounds before the last (None: heldout_n)
+    devices: int = field(default=1, metadata={"help": "devices in the fleet, each with its own slice of every round"})
+    stream: str = field(default="default", metadata={"help": "the shift stream: built-in names, NAME:SEVERITY, .jsonl files"})
+    scenario: str = field(default="persistent", metadata={"help": "how long each domain lasts: persistent | recurring | gradual | one-round"})
+    rounds_per_domain: int | None = field(default=None, metadata={"help": "None: the scenario's default (persistent: 4)"})
+    round_size: int | None = field(default=None, metadata={"help": "requests per round per device; None: the scenario's default (persistent: 80)"})
+    visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
+    update_delay: int = field(default=0, metadata={"help": "rounds an update spends in transit (0: live from the next round)"})
+    heldout_n: int = field(default=200, metadata={"help": "held-out questions per domain for the final accuracy"})
+    curve_n: int | None = field(default=None, metadata={"help": "... for the curves of the rounds before the last (None: heldout_n)"})
     # per device and round, like the round size: each device uploads the same share of its own requests
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET))
-    akd: AKDConfig = field(default_factory=AKDConfig)
-    dwc: DWCConfig = field(default_factory=DWCConfig)
-    tiny: bool = False
-    seed: int = 0
-    group: str | None = None       # "all": every device in one fleet group sharing one student
+    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET), metadata={"help": "each device's UTS: which requests and tokens it uploads per round"})
+    akd: AKDConfig = field(default_factory=AKDConfig, metadata={"help": "the cloud's distillation into each device's adapters"})
+    dwc: DWCConfig = field(default_factory=DWCConfig, metadata={"help": "the compressed downlink of each update"})
+    tiny: bool = field(default=False, metadata={"help": "tiny random models and random tokens: transport checks only"})
+    seed: int = field(default=0, metadata={"help": "which requests the stream draws, and training randomness"})
+    group: str | None = field(default=None, metadata={"help": "'all': every device in one fleet group sharing one student"})
 
     def __post_init__(self):
         if not isinstance(self.update_delay, int) or self.update_delay < 0:

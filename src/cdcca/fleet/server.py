@@ -39,8 +39,7 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = FleetRunConfig.from_flower(context.run_config)
     rounds = RoundLog(Path(cfg.cloud_dir) / ROUND_LOG)
-    stop = Path(cfg.cloud_dir) / STOP_FILE
-    stop.unlink(missing_ok=True)                 # a stop asked of an earlier run does not end this one
+    stop = Path(cfg.cloud_dir) / STOP_FILE       # removed by `cdcca fleet run` before it starts a run
     with closing(open_cloud(cfg)) as cloud:
         wait_for_nodes(grid, cfg)
         rnd = first = rounds.next_round()
@@ -176,8 +175,8 @@ def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, Upli
         device_id = str(up.get("device-id", ""))
         if not claims_own_name(nid, names[nid], device_id, up.get("packet")):
             continue
-        uplinks[nid] = UplinkMessage(device_id, up.get("packet"), _dict(reply.content.get("served")),
-                                     _dict(reply.content.get("status")))
+        uplinks[nid] = UplinkMessage(device_id, up.get("packet"), status=_dict(reply.content.get("status")),
+                                     served=_dict(reply.content.get("served")))
     return uplinks
 
 
@@ -248,15 +247,18 @@ def check_mirrors(cloud, rnd: int, uplinks: dict[int, UplinkMessage], downlinks:
     """One round's record: per device what moved, what AKD trained on and whether it now equals its mirror."""
     trained = trained or {}
     devices = {}
-    for nid, st in statuses.items():
-        device_id = str(st.get("device_id", ""))
-        up, down = uplinks.get(nid), downlinks.get(nid)
-        in_sync = bool(device_id) and st.get("hash") == cloud.mirror_hash(device_id)
+    for nid in sorted(set(statuses) | set(uplinks)):     # a device that went silent after its uplink is kept
+        st, up, down = statuses.get(nid, {}), uplinks.get(nid), downlinks.get(nid)
+        device_id = str(st.get("device_id") or (up.device_id if up else ""))
+        in_sync = bool(st) and st.get("hash") == cloud.mirror_hash(device_id)
         if not in_sync:
-            log(WARNING, "round %s: %s (node %s) differs from its cloud mirror", rnd, device_id, nid)
+            log(WARNING, "round %s: %s (node %s) %s", rnd, device_id, nid,
+                "differs from its cloud mirror" if st else "sent no status after its uplink")
         devices[device_id] = {
             "node_id": nid, "version": st.get("version"), "hash": st.get("hash"), "in_sync": in_sync,
+            "reported": bool(st),
             "uploaded": len(down.acked) if down else 0, "trained": len(trained.get(nid, [])),
+            "trained_ids": trained.get(nid, []),
             "update_bytes": sum(map(len, down.packets)) if down else 0,
             "caught_up": bool(down and down.caught_up), "resynced": nid in resynced,
             "outbox": st.get("outbox"), "bytes_up": st.get("bytes_up"), "bytes_down": st.get("bytes_down"),

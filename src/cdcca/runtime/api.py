@@ -17,7 +17,6 @@ import binascii
 import io
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,38 +144,20 @@ def decode_image(data: bytes) -> np.ndarray:
 
 # -- the model side ---------------------------------------------------------------------------
 class DeviceService:
-    """One device runtime and its encoder, answering batches under a lock (one model, loaded once)."""
+    """One device runtime answering batches under a lock (one model, loaded once); answering itself —
+    tokens, answers, UTS, outbox — is the runtime's (:meth:`DeviceRuntime.answer_images`)."""
 
     def __init__(self, state_dir: Path):
-        from cdcca.runtime.device import DeviceRuntime, per_request_uts
+        from cdcca.runtime.device import DeviceRuntime
 
         self.runtime = DeviceRuntime.open(state_dir)
-        self.uts = per_request_uts(self.runtime.uts)
-        self.tiny = bool(self.runtime.config.get("tiny"))
         self.lock = threading.Lock()
-        self.model = self.runtime.model                     # load now, not on the first request
-        self.encoder = None
-        if not self.tiny:
-            from cdcca.model.encoder import load_encoder
-
-            self.encoder = load_encoder()
-
-    def encode(self, images: np.ndarray):
-        from cdcca.model.encoder import encode_images, tiny_encode
-
-        if self.encoder is None:
-            return tiny_encode(images, self.model.cfg.bridge.token_dim).float()
-        return encode_images(self.encoder, images).float()
+        self.runtime.encode(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # load now, not on the first request
 
     def answer(self, queries: list[Query]) -> list[dict]:
         with self.lock:
-            self.runtime.follow_store()
-            tokens = self.encode(np.stack([q.image for q in queries]))
-            ids = [f"api-{uuid.uuid4().hex[:16]}" for _ in queries]
-            answers, queued = self.runtime.answer_and_queue(tokens, [q.question for q in queries], ids, uts=self.uts)
-            version = self.runtime.store.version
-        return [{"answer": a.mc, "direct_answer": a.text, "confidence": max(a.mc_probs), "sample_id": i,
-                 "queued_for_upload": i in queued, "adapter_version": version} for a, i in zip(answers, ids)]
+            self.runtime.follow_store()           # an update applied by the ClientApp lands between two batches
+            return self.runtime.serve(np.stack([q.image for q in queries]), [q.question for q in queries])
 
     def close(self) -> None:
         self.runtime.close()

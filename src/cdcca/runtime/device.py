@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict
+from collections import deque
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cdcca.atomic import write_json
-from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks, stream_spec
+from cdcca.data.scenario import STREAM_BUDGET, Scenario, ScheduledChunk, scenario_chunks, stream_spec
 from cdcca.data.stream import resolve_sequence, stream_data
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
@@ -30,7 +31,7 @@ from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.evaluate import domain_tokens
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
-from cdcca.uplink import UTSConfig, build_uplink, plan_uplink
+from cdcca.uplink import UTSConfig, build_uplink, plan_uplink, sample_uncertainty
 from cdcca.wire import PacketError, decode, require_plain_name
 
 CONFIG = "device.json"
@@ -100,12 +101,26 @@ def check_config(config, path: Path) -> None:
         raise bad(f"uts: {str(exc).splitlines()[0]}") from None
 
 
-def per_request_uts(cfg: UTSConfig) -> UTSConfig:
-    """The device's UTS settings for requests that arrive one batch at a time: a per-round budget
-    would upload every request of a small batch, so it becomes the uncertainty threshold rule."""
-    from dataclasses import replace
+class RequestBudget:
+    """A round's upload budget for requests that arrive a batch at a time (the API, a file): a request is
+    uploaded when its uncertainty ranks among the ``budget / round size`` most uncertain of the last
+    ``window`` requests — what the round's budget would have picked, decided as each request comes.
+    Until ``warmup`` requests have been seen, the UTS threshold rule decides."""
 
-    return replace(cfg, selection="threshold") if cfg.selection == "budget" else cfg
+    def __init__(self, cfg: UTSConfig, round_size: int, window: int = 240, warmup: int = 24):
+        self.cfg, self.warmup = cfg, warmup
+        self.share = min(1.0, cfg.budget / max(1, round_size)) if cfg.selection == "budget" else None
+        self.history: deque[float] = deque(maxlen=window)
+
+    def uts_for(self, uncertainties: list[float]) -> UTSConfig:
+        """The settings that select this batch's uploads (the history includes the batch)."""
+        self.history.extend(uncertainties)
+        if self.share is None:
+            return self.cfg
+        if self.share >= 1.0 or len(self.history) < self.warmup:
+            return replace(self.cfg, selection="threshold", threshold=0.0 if self.share >= 1.0 else self.cfg.threshold)
+        cut = float(np.quantile(np.asarray(self.history), 1.0 - self.share))
+        return replace(self.cfg, selection="threshold", threshold=min(max(cut, 0.0), 1.0))
 
 
 class DeviceRuntime:
@@ -117,6 +132,8 @@ class DeviceRuntime:
         self.store = AdapterStore(self.dir / "adapters")
         self.outbox = Outbox(self.dir / OUTBOX_FILE)
         self._model = model
+        self._encoder = None
+        self._request_budget: RequestBudget | None = None
         if model is not None:
             load_adapter_state(model, self.store.current()[1])
 
@@ -138,7 +155,7 @@ class DeviceRuntime:
             raise FileExistsError(f"device state already exists at {d}; open it with DeviceRuntime.open")
         require_plain_name("device id", device_id)
         model = model or role_model("device", tiny)
-        uts = uts or UTSConfig(selection="budget", budget=8 if tiny else 64, token_scorer="energy" if tiny else "ood")
+        uts = uts or UTSConfig(selection="budget", budget=8 if tiny else STREAM_BUDGET, token_scorer="energy" if tiny else "ood")
         stream = {"tiny": tiny, **stream_spec("default", Scenario()), **(stream or {})}
         stream["device_id"] = device_id
         config = {"device_id": device_id, "tiny": tiny, "uts": asdict(uts), "stream": stream,
@@ -165,18 +182,51 @@ class DeviceRuntime:
 
     # -- serving -----------------------------------------------------------------------------
     def answer(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64) -> list[Answer]:
-        """Answer requests and queue the uncertain ones (UTS) in the outbox."""
+        """Answer one round's requests and queue the round's uncertain ones (UTS) in the outbox."""
         return self.answer_and_queue(tokens, questions, sample_ids, batch_size)[0]
 
     def answer_and_queue(self, tokens: torch.Tensor, questions: list[str], sample_ids: list[str], batch_size: int = 64,
-                         uts: UTSConfig | None = None) -> tuple[list[Answer], set[str]]:
-        """:meth:`answer`, also saying which requests were queued for upload; ``uts`` overrides the
-        device's settings (a server scores each batch as it comes: see :func:`per_request_uts`)."""
-        uts = uts or self.uts
-        answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, uts.temperature)
-        samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge)
+                         per_request: bool = False) -> tuple[list[Answer], set[str]]:
+        """:meth:`answer`, also saying which requests were queued for upload. ``per_request``: the requests
+        come a batch at a time, not as a round, so the round's budget is spread over them (:class:`RequestBudget`)."""
+        answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, self.uts.temperature)
+        uts, uncertainty = self.uts, None
+        if per_request:
+            uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
+            uts = self.request_budget.uts_for(uncertainty)
+        samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge, uncertainty=uncertainty)
         self.outbox.add_many(samples)
         return answers, {s.sample_id for s in samples}
+
+    def answer_images(self, images: np.ndarray, questions: list[str], sample_ids: list[str]) -> tuple[list[Answer], set[str]]:
+        """Requests as they arrive (the API, ``device serve --requests``): uint8 images → tokens → answers →
+        UTS → outbox, with the round's budget spread over requests."""
+        return self.answer_and_queue(self.encode(images), questions, sample_ids, per_request=True)
+
+    def serve(self, images: np.ndarray, questions: list[str], source: str = "api") -> list[dict]:
+        """:meth:`answer_images` for requests from outside, each given a fresh sample id; one record per
+        request: the answer, its confidence, whether it was queued for upload, the adapter version."""
+        ids = [f"{source}-{uuid.uuid4().hex[:16]}" for _ in questions]
+        answers, queued = self.answer_images(images, questions, ids)
+        return [{"answer": a.mc, "direct_answer": a.text, "confidence": max(a.mc_probs), "sample_id": i,
+                 "queued_for_upload": i in queued, "adapter_version": self.store.version} for a, i in zip(answers, ids)]
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """Visual tokens of uint8 images (N, H, W, 3): the shared frozen encoder (loaded on first use), or the
+        tiny device's fixed projection."""
+        from cdcca.model.encoder import encode_images, load_encoder, tiny_encode
+
+        if self.config.get("tiny"):
+            return tiny_encode(images, self.model.cfg.bridge.token_dim).float()
+        if self._encoder is None:
+            self._encoder = load_encoder()
+        return encode_images(self._encoder, images).float()
+
+    @property
+    def request_budget(self) -> RequestBudget:
+        if self._request_budget is None:
+            self._request_budget = RequestBudget(self.uts, Scenario.from_spec(self.config["stream"]).size)
+        return self._request_budget
 
     def follow_store(self) -> bool:
         """Load the current adapter version if another process applied or rolled back one; True if it did."""

@@ -14,15 +14,25 @@ from pathlib import Path
 OUTBOX_FILE = "outbox.sqlite"
 
 
-def outbox_queue(state_dir: str | Path) -> dict[str, int]:
-    """``{"pending": n, "in_flight": m}`` for the device state in ``state_dir`` (zeros before its first request)."""
+def _read(state_dir: str | Path, sql: str) -> list[tuple]:
     path = Path(state_dir) / OUTBOX_FILE
     if not path.is_file():
-        return {"pending": 0, "in_flight": 0}
+        return []
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
-            pending, in_flight = db.execute("SELECT COALESCE(SUM(packet_id IS NULL), 0), "
-                                            "COALESCE(SUM(packet_id IS NOT NULL), 0) FROM samples").fetchone()
+            return db.execute(sql).fetchall()
     except sqlite3.Error as exc:
         raise RuntimeError(f"cannot read the outbox {path} ({exc}); is it a cdcca device state?") from None
+
+
+def outbox_ids(state_dir: str | Path) -> set[str]:
+    """The sample ids still in the outbox (pending or in flight): not yet acknowledged by the cloud."""
+    return {sid for (sid,) in _read(state_dir, "SELECT sample_id FROM samples")}
+
+
+def outbox_queue(state_dir: str | Path) -> dict[str, int]:
+    """``{"pending": n, "in_flight": m}`` for the device state in ``state_dir`` (zeros before its first request)."""
+    rows = _read(state_dir, "SELECT COALESCE(SUM(packet_id IS NULL), 0), COALESCE(SUM(packet_id IS NOT NULL), 0) "
+                            "FROM samples")
+    pending, in_flight = rows[0] if rows else (0, 0)
     return {"pending": int(pending), "in_flight": int(in_flight)}
