@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdcca.runtime.outbox import Outbox, OutboxError
+from cdcca.runtime.outbox import _SCHEMA, Outbox, OutboxError
 from cdcca.uplink import UplinkSample, UTSConfig, build_uplink, decode_uplink, select_tokens
 
 torch.set_num_threads(1)
@@ -23,9 +23,10 @@ def _sample(i: int, C: int = 16, dtype=torch.float16, keep_ratio: float = 0.5, i
 
 
 def _same(a: UplinkSample, b: UplinkSample) -> bool:
+    (ra, pa, Pa), (rb, pb, Pb) = a.packed(), b.packed()
     return (a.sample_id, a.question, a.answer, a.mc, a.image_png) == (b.sample_id, b.question, b.answer, b.mc, b.image_png) \
-        and a.confidence == pytest.approx(b.confidence) and torch.equal(a.keep, b.keep) \
-        and torch.equal(a.tokens[a.keep], b.tokens[b.keep]) and a.tokens.dtype == b.tokens.dtype
+        and a.confidence == pytest.approx(b.confidence) and torch.equal(pa, pb) and Pa == Pb \
+        and torch.equal(ra, rb) and ra.dtype == rb.dtype
 
 
 def test_outbox_survives_reopen(tmp_path):
@@ -44,7 +45,9 @@ def test_stored_tokens_round_trip_bit_exactly_for_fp16_and_fp32(tmp_path):
         box.add(_sample(2, dtype=torch.float32, keep_ratio=1.0))
         a, b = box.pending()
     assert _same(a, _sample(1, dtype=torch.float16)) and _same(b, _sample(2, dtype=torch.float32, keep_ratio=1.0))
-    assert (a.tokens[~a.keep] == 0).all()
+    # packed: only the kept rows and their positions come back, never a zero-filled 49-row grid
+    assert a.keep is None and a.tokens.shape == (24, 16) and a.grid == 49
+    assert torch.equal(a.positions, _sample(1).keep.nonzero().flatten())
 
 
 def test_add_is_idempotent_per_sample_id(tmp_path):
@@ -157,6 +160,39 @@ def test_outbox_feeds_the_uplink_packet_and_acks_what_the_cloud_decoded(tmp_path
         box.mark_sent([s.sample_id for s in batch], "pkt-7")
         cloud = decode_uplink(packet)
         assert cloud.sample_ids == [s.sample_id for s in batch]
-        assert torch.equal(cloud.keep, torch.stack([s.keep for s in batch]))
+        assert all(s.keep is None and s.tokens.shape[0] < 49 for s in batch)      # packed all the way
+        assert torch.equal(cloud.keep, torch.stack([_sample(i).keep for i in range(4)]))
+        for i, s in enumerate(batch):
+            assert torch.allclose(cloud.tokens[i][s.positions], s.tokens.float(), atol=0.03)
         box.ack(cloud.sample_ids)                       # the cloud's ack lists what it decoded
         assert [s.sample_id for s in box.pending()] == ["dev1-4"] and box.size() == 1
+
+
+def test_an_outbox_written_before_packed_samples_reads_unchanged(tmp_path):
+    """Schema 1 always stored kept rows + uint16 positions; an old file (made here with raw SQL, as the
+    previous cdcca wrote it) is read as packed samples without any migration."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA + "PRAGMA user_version=1;")
+    rows = np.arange(3 * 4, dtype=np.float16).reshape(3, 4)
+    db.execute("INSERT INTO samples (sample_id, created, question, answer, mc, confidence, uncertainty, n_tokens, "
+               "positions, tokens, tokens_dtype, tokens_shape, image_png, nbytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+               ("old-1", 0.0, "q?", "red", "red", 0.5, 0.1, 49, np.array([2, 7, 40], np.uint16).tobytes(),
+                rows.tobytes(), "float16", "[3, 4]", None, rows.nbytes))
+    db.commit()
+    db.close()
+    with Outbox(path) as box:
+        (s,) = box.pending()
+    assert s.positions.tolist() == [2, 7, 40] and s.grid == 49 and torch.equal(s.tokens, torch.from_numpy(rows))
+    batch = decode_uplink(build_uplink([s], UTSConfig(token_dtype="fp16"), device_id="d", adapter_version="v"))
+    assert batch.sent[0].nonzero().flatten().tolist() == [2, 7, 40]
+
+
+def test_stored_positions_out_of_order_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.add(_sample(1))
+        box._db.execute("UPDATE samples SET positions=?", (np.arange(24, 0, -1, dtype=np.uint16).tobytes(),))
+        with pytest.raises(OutboxError, match="malformed") as err:
+            box.pending()
+    assert "\n" not in str(err.value)

@@ -311,7 +311,7 @@ def test_int8_tokens_cost_a_byte_per_channel_and_err_by_at_most_half_a_step():
     assert q.dtype == torch.int8 and scale.dtype == torch.float16
     assert ((q.float() * scale.float()[:, None] - x).abs() <= scale.float()[:, None] * 0.502).all()
     samples = _samples(1, C=1280)
-    data = build_uplink(samples, UTSConfig(), device_id="d", adapter_version="v")
+    data = build_uplink(samples, UTSConfig(token_code="full"), device_id="d", adapter_version="v")
     assert len(data) <= sample_cost(25, 1280) + 2048 and len(data) < 0.15 * 49 * 1280 * 4
 
 
@@ -413,9 +413,9 @@ def _entries(n=3):
     (lambda p: _reencode(p, meta={"n_samples": "03"}), "n_samples"),
     (lambda p: _reencode(p, meta={"token_dim": "9"}), "tokens.*shape"),
     (lambda p: _reencode(p, meta={"n_tokens": "300"}), "n_tokens"),
-    (lambda p: _reencode(p, meta={"token_dtype": "fp16"}), "layout"),
+    (lambda p: _reencode(p, meta={"token_dtype": "fp16"}), "does not match code"),
     (lambda p: _reencode(p, meta={"fill": "noise"}), "fill"),
-    (lambda p: _reencode(p, meta={"uts.format": "2"}), "upgrade"),
+    (lambda p: _reencode(p, meta={"uts.format": "3"}), "upgrade"),
     (lambda p: _reencode(p, meta={"n_samples": str(2**20), "token_dim": "4096"}), "expand beyond"),
     (lambda p: _reencode(p, {"image_sizes": torch.tensor([3, 0, 0], dtype=torch.int32),
                              "image_png": torch.tensor([1, 2, 3], dtype=torch.uint8)}), "PNG"),
@@ -455,7 +455,7 @@ def test_packet_inspect_prints_the_index_and_fails_with_exit_2_on_a_bad_file(tmp
 
 
 def test_uts_benchmark_reports_auroc_bytes_ratios_and_overhead_with_a_tiny_device(tiny_device, prompter):
-    from cdcca.bench.uts import run_bench
+    from cdcca.bench.uts import CODES, run_bench
 
     def features(domain):      # stand-in 32-dim tokens per test image, different per domain
         return torch.rand(1000, 49, 32, generator=torch.Generator().manual_seed(len(str(domain))))
@@ -465,6 +465,10 @@ def test_uts_benchmark_reports_auroc_bytes_ratios_and_overhead_with_a_tiny_devic
     assert res["n"] == 8 and set(res["auroc"]) == {*SAMPLE_SCORERS, "view_consistency"} and res["default"]["upload_rate"] == 1.0
     assert set(res["bytes_per_uploaded_sample"]) == set(TOKEN_SCORERS)
     assert res["bytes_per_uploaded_sample"]["ood"]["0.5"] < res["bytes_per_uploaded_sample"]["ood"]["1"]
-    for key in ("ratio_full_tokens", "ratio_png", "ratio_jpeg224"):
-        assert res[key] > 0
+    for key in ("ratio_full_tokens", "ratio_png", "ratio_jpeg224", "bytes_per_upload", "png_64_bytes", "jpeg_64_bytes",
+                "png_224_bytes", "jpeg_224_bytes"):
+        assert res[key] > 0, key
+    assert res["bytes_per_upload"] == res["default"]["bytes_per_uploaded_sample"]
+    assert res["png_224_bytes"] > res["png_64_bytes"] and res["jpeg_224_bytes"] > res["jpeg_64_bytes"]
+    assert set(res["codes"]) == set(CODES) and all(r["code_used"] == "full-int8" for r in res["codes"].values())
     assert res["timing"]["overhead"] > 0 and json.dumps(res)

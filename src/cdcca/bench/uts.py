@@ -7,26 +7,26 @@ device answers every request; then
   multiple-choice answers (1.0 = every wrong answer is more uncertain than every right one), the
   opt-in two-view ``view_consistency`` scorer included;
 * ``bytes_per_uploaded_sample``: per token scorer × keep ratio, uplink bytes per uploaded sample, and
-  ``uploaded_mc_accuracy``: MC accuracy of the fidelity model (the cloud when its weights exist,
-  otherwise the device) on the uploaded samples from the decoded packet — how much the kept tokens
-  still carry;
-* ``ratio_full_tokens`` / ``ratio_png`` / ``ratio_jpeg224``: uplink bytes per request at the default
-  setting against uploading every request's full fp32 tokens, its native 64×64 PNG, or a 224×224
-  JPEG (q=90) of the same (shifted) image;
-* ``timing``: UTS work per request (sample scoring, token scoring, selection, quantization, packing)
-  as a fraction of the device's own answer time, medians over repeats at the same batch size.
-  ``overhead`` is the worst case — every request uploaded — for the default token scorer;
-  ``overhead_at_upload_rate`` scales it by the stream's measured upload rate.
+  ``uploaded_mc_accuracy``: MC accuracy of the fidelity model (the cloud when its weights exist, else the
+  device) on the uploaded samples from the decoded packet — how much the kept tokens still carry;
+* ``bytes_per_upload`` (default code) next to ``png_64_bytes``, ``jpeg_64_bytes``, ``png_224_bytes``,
+  ``jpeg_224_bytes`` (the uploaded frames as PNG / JPEG q90 at 64 px and the encoder's 224 px); ``codes``:
+  per token code, bytes per upload and the fidelity model's MC accuracy on its decoded uploads;
+* ``ratio_full_tokens`` / ``ratio_png`` / ``ratio_jpeg224``: default uplink bytes per request against every
+  request's full fp32 tokens, its 64×64 PNG, or a 224×224 JPEG (q=90) of the same (shifted) image;
+* ``timing``: UTS work per request (sample and token scoring, selection, coding, packing) as a fraction of
+  the device's own answer time, medians over repeats at one batch size. ``overhead`` is the worst case —
+  every request uploaded — for the default token scorer; ``overhead_at_upload_rate`` scales it by the upload rate.
 """
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,31 +39,26 @@ from cdcca.uplink import (
     UTSConfig,
     build_uplink,
     decode_uplink,
+    frame_bytes,
     plan_uplink,
-    png_bytes,
     sample_uncertainty,
     view_uncertainty,
 )
 
 KEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
+CODES = ("full-int8", "pca32-int8", "pca64-int8", "pca128-int8", "pca64-int4", "pca128-int4")
+_FRAMES = {"png_64": ("PNG", 64), "jpeg_64": ("JPEG", 64), "png_224": ("PNG", 224), "jpeg_224": ("JPEG", 224)}
 
 
-def jpeg224_bytes(image: np.ndarray, quality: int = 90) -> int:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).resize((224, 224), Image.BILINEAR).save(buf, format="JPEG", quality=quality)
-    return len(buf.getvalue())
+jpeg224_bytes = partial(frame_bytes, fmt="JPEG", size=224)
 
 
 def _source_png_sizes(n_images: int) -> list[int]:
     """Bytes of easy-VQA's own test PNG files (clean, 64×64)."""
-    import os
-
     import easy_vqa
 
-    paths = easy_vqa.get_test_image_paths()
-    return [os.path.getsize(paths[i]) for i in range(n_images)]
+    paths = easy_vqa.get_test_image_paths()        # a dict: image id → path
+    return [Path(paths[i]).stat().st_size for i in range(n_images)]
 
 
 def _auroc_ci(scores, labels, n_boot: int = 200, seed: int = 0) -> list[float]:
@@ -172,9 +167,8 @@ def _answer_round(bench: _Bench, chunk, cfg: UTSConfig, file_sizes: list[int]) -
         if bench.stats is not None else [float("nan")] * len(qs)
     return {"domain": str(chunk.domain), "tokens": toks, "questions": qs, "answers": answers,
             "gold": [data.answers[i] for i in qids], "view": view, "ids": [f"r{chunk.round}-q{int(i)}" for i in qids],
-            "png": [len(png_bytes(imgs_all[i])) for i in img_ids],
             "png_file": [file_sizes[i] for i in img_ids],
-            "jpeg224": [jpeg224_bytes(imgs_all[i]) for i in img_ids]}
+            **{k: [frame_bytes(imgs_all[i], fmt, px) for i in img_ids] for k, (fmt, px) in _FRAMES.items()}}
 
 
 def _stream_rounds(bench: _Bench, n: int, cfg: UTSConfig, log: Callable[[str], None]) -> list[dict]:
@@ -290,8 +284,7 @@ def _auroc_rows(rounds: list[dict], wrong: list[bool], cfg: UTSConfig) -> dict:
             "view_consistency_upload_rate": round(sum(v > view_cfg.threshold for v in view) / len(wrong), 4)}
 
 
-def _per_uploaded(total: int, samples: list) -> float:
-    """Uplink bytes per uploaded sample (0 when nothing is uploaded)."""
+def _per_uploaded(total: int, samples: list) -> float:   # uplink bytes per uploaded sample
     return total / len(samples) if samples else 0.0
 
 
@@ -308,15 +301,36 @@ def _default_row(cfg: UTSConfig, rounds: list[dict], wrong: list[bool], samples:
 
 def _device_mc_on_uploaded(rounds: list[dict], samples: list) -> float:
     """The device's own MC accuracy on the samples the default setting uploads."""
-    picked_ids = {s.sample_id for s in samples}
-    right = sum(a.mc == g for i, a, g in zip(_flat(rounds, "ids"), _flat(rounds, "answers"), _flat(rounds, "gold"))
-                if i in picked_ids)
-    return round(right / max(1, len(samples)), 4)
+    picked = {s.sample_id for s in samples}
+    rows = zip(_flat(rounds, "ids"), _flat(rounds, "answers"), _flat(rounds, "gold"))
+    return round(sum(a.mc == g for i, a, g in rows if i in picked) / max(1, len(samples)), 4)
 
 
 def _image_bytes(rounds: list[dict]) -> dict[str, int]:
     """Total bytes of the stream's images: shifted 64×64 PNG, easy-VQA's clean source file, 224×224 JPEG."""
-    return {key: sum(_flat(rounds, key)) for key in ("png", "png_file", "jpeg224")}
+    return {k: sum(_flat(rounds, key)) for k, key in (("png", "png_64"), ("png_file", "png_file"), ("jpeg224", "jpeg_224"))}
+
+
+def _frame_rows(rounds: list[dict], samples: list, per_upload: float) -> dict:
+    """Bytes per upload next to the same uploaded frames (all when none is) as PNG / JPEG q90 at 64 and 224 px."""
+    picked, ids = {s.sample_id for s in samples}, _flat(rounds, "ids")
+    sizes = {key: [b for i, b in zip(ids, _flat(rounds, key)) if i in picked or not picked] for key in _FRAMES}
+    return {"bytes_per_upload": round(per_upload, 1), **{f"{k}_bytes": round(sum(v) / len(v), 1) for k, v in sizes.items()}}
+
+
+def _code_rows(bench: _Bench, rounds: list[dict], cfg: UTSConfig, codes, fidelity: bool) -> dict:
+    """Per token code: bytes per uploaded sample and the fidelity model's MC accuracy on its uploads."""
+    gold_by_id = {i: g for r in rounds for i, g in zip(r["ids"], r["gold"])}
+    rows = {}
+    for code in codes:
+        full = code.startswith("full-")
+        packets, samples = _upload(rounds, replace(cfg, token_code="full" if full else code,
+                                                   token_dtype=code[5:] if full else cfg.token_dtype), bench)
+        if samples:
+            rows[code] = {"code_used": decode_uplink(packets[0], stats=bench.stats).code,
+                          "bytes_per_upload": round(sum(map(len, packets)) / len(samples), 1),
+                          "uploaded_mc_accuracy": _uploaded_accuracy(bench, packets, gold_by_id) if fidelity else None}
+    return rows
 
 
 def _ratio_rows(rounds: list[dict], images: dict[str, int], total: int) -> dict:
@@ -338,14 +352,12 @@ def _notes(images: dict[str, int], n_req: int, per_uploaded: float, fid_name: st
     return [
         f"ratio_png compares with the 64x64 PNG of the shifted image the device saw ({png_per_req:.0f} B on "
         f"average); ratio_png_source_file with easy-VQA's own clean PNG files ({src_per_req:.0f} B). An uploaded "
-        f"sample's kept tokens cost {per_uploaded:.0f} B ({per_uploaded / png_per_req:.0f}x the shifted PNG): "
-        "tokens cost MORE than the tiny native PNG would. UTS uploads tokens anyway because the raw image never "
-        "leaves the device and the cloud consumes encoder tokens directly; the per-request ratios include "
-        "that only uncertain samples are uploaded.",
-        "bytes_per_uploaded_sample does not depend on the token scorer (no entropy coding; each keeps the "
-        "same number of tokens); uploaded_mc_accuracy shows what the kept tokens carry.",
-        f"uploaded_mc_accuracy is measured with the {fid_name} model"
-        + (" (no cloud weights yet: a device-side proxy)" if fid_name == "device" else "") + ".",
+        f"sample's coded tokens cost {per_uploaded:.0f} B ({per_uploaded / png_per_req:.1f}x the shifted PNG); "
+        "the raw image never leaves the device and the cloud consumes encoder tokens directly; the per-request "
+        "ratios include that only uncertain samples are uploaded.",
+        "bytes_per_uploaded_sample does not depend on the token scorer (no entropy coding; each keeps the same "
+        f"number of tokens); uploaded_mc_accuracy (what the kept tokens carry) is measured with the {fid_name} "
+        "model" + (" (no cloud weights yet: a device-side proxy)" if fid_name == "device" else "") + ".",
         "auroc.view_consistency needs one extra MC forward per request (timing.view_consistency_overhead), "
         "so it is opt-in; the answer-only scorers cost nothing beyond the answer.",
         "timings: medians of repeats on a CPU shared with other jobs; torch threads = "
@@ -355,7 +367,8 @@ def _notes(images: dict[str, int], n_req: int, per_uploaded: float, fid_name: st
 
 def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, tokens_for=None, stats=None,
               cfg: UTSConfig | None = None, repeats: int = 5, batch_size: int = 32,
-              keep_ratios=KEEP_RATIOS, fidelity: bool = True, log: Callable[[str], None] | None = None) -> dict:
+              keep_ratios=KEEP_RATIOS, fidelity: bool = True, log: Callable[[str], None] | None = None,
+              codes=CODES) -> dict:
     """Run the UTS benchmark; returns a JSON-ready dict (see the module docstring).
 
     Defaults load the real pretrained device, the packaged token statistics and cached features;
@@ -369,6 +382,7 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     rounds = _stream_rounds(bench, n, cfg, log)
     packets, samples = _upload(rounds, cfg, bench)
     per_scorer_bytes, per_scorer_acc = _token_keep_rows(bench, rounds, cfg, keep_ratios, fidelity, log)
+    code_rows = _code_rows(bench, rounds, cfg, codes, fidelity)
     wrong = [a.mc != g for a, g in zip(_flat(rounds, "answers"), _flat(rounds, "gold"))]
     total, n_req = sum(map(len, packets)), len(wrong)
     timing = _timing_rows(bench, rounds[0], cfg, repeats, batch_size, upload_rate=len(samples) / n_req)
@@ -376,6 +390,7 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     return {
         **_device_rows(bench.which, rounds, wrong), **_auroc_rows(rounds, wrong, cfg),
         "default": _default_row(cfg, rounds, wrong, samples, total),
+        **_frame_rows(rounds, samples, _per_uploaded(total, samples)), "codes": code_rows,
         "bytes_per_uploaded_sample": per_scorer_bytes,
         "uploaded_mc_accuracy": per_scorer_acc, "fidelity_model": bench.fid_name,
         "device_mc_accuracy_on_uploaded": _device_mc_on_uploaded(rounds, samples),

@@ -32,6 +32,8 @@ def bench_uts(
     repeats: int = typer.Option(5, help="Timing repeats (medians are reported)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
+    codes: str | None = typer.Option(None, help="Comma-separated token codes to compare on the uploads, e.g. "
+                                     "full-int8,pca64-int8,pca128-int4 (default: full-int8 and six pca variants)."),
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
     from cdcca.assets import AssetError
@@ -39,9 +41,16 @@ def bench_uts(
 
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
+    from cdcca.uplink import parse_code
+
+    try:
+        code_list = None if codes is None else [parse_code(c.strip()).name for c in codes.split(",") if c.strip()]
+    except ValueError as exc:
+        fail(f"--codes: {exc}")
     use_threads(threads)
     try:
-        res = run_bench(n, repeats=repeats, log=None if as_json else console.print)
+        res = run_bench(n, repeats=repeats, log=None if as_json else console.print,
+                        **({} if code_list is None else {"codes": code_list}))
     except AssetError as exc:
         fail(str(exc))
     if not as_json:
@@ -52,7 +61,13 @@ def bench_uts(
             table.add_row(f"AUROC {name}" + (" (best)" if name == res["best_sample_scorer"] else ""), f"{value:.3f}")
         d = res["default"]
         table.add_row("upload rate (default)", f"{d['upload_rate']:.3f} ({d['uploaded']} samples)")
-        table.add_row("bytes / uploaded sample", f"{d['bytes_per_uploaded_sample']:.0f}")
+        table.add_row(f"bytes / uploaded sample ({d['token_code']})", f"{d['bytes_per_uploaded_sample']:.0f}")
+        for key in ("png_64_bytes", "jpeg_64_bytes", "png_224_bytes", "jpeg_224_bytes"):
+            table.add_row(f"same frame, {key.removesuffix('_bytes').replace('_', ' ')} px", f"{res[key]:.0f}")
+        for code, row in res["codes"].items():
+            acc = row["uploaded_mc_accuracy"]
+            table.add_row(f"code {code}: bytes / upload, MC on uploads",
+                          f"{row['bytes_per_upload']:.0f}, {'-' if acc is None else f'{acc:.3f}'}")
         for key in ("ratio_full_tokens", "ratio_png", "ratio_png_source_file", "ratio_jpeg224"):
             table.add_row(key, f"{res[key]:.4f}")
         t = res["timing"]

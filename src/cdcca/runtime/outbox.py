@@ -8,7 +8,9 @@ One SQLite file (WAL journal, one transaction per call). A sample moves through 
 
 Nothing is removed before the cloud acknowledged it, so a crash or a lost packet never loses a
 sample. Only the kept tokens are stored — raw bytes (``numpy.tobytes``) plus dtype and shape
-columns, never pickle — so an outbox row holds exactly what would be uploaded.
+columns, never pickle — so an outbox row holds exactly what would be uploaded, and :meth:`Outbox.pending`
+returns it packed (kept rows + their grid positions, ``UplinkSample.positions``) for the packet to code
+as is. Schema 1 has always stored this packed form, so every outbox written so far reads unchanged.
 """
 
 from __future__ import annotations
@@ -241,14 +243,11 @@ def _from_row(r: tuple, path: Path) -> UplinkSample:
         np_dtype = _DTYPES[dtype]
         arr = np.frombuffer(blob, dtype=np_dtype).reshape(shape)
         pos = np.frombuffer(pos_blob, dtype=np.uint16).astype(np.int64)
-        if len(shape) != 2 or len(pos) != shape[0] or (pos >= P).any():
+        if len(shape) != 2 or not 0 < len(pos) == shape[0] or not 1 <= P <= 256 or (pos >= P).any() \
+                or (np.diff(pos) <= 0).any():
             raise ValueError("positions do not match the tokens")
     except (ValueError, KeyError, TypeError) as exc:
         raise OutboxError(f"outbox {path}: stored sample {sid!r} is malformed ({exc}); ack or delete it") from None
-    rows = torch.from_numpy(arr.copy())
-    tokens = torch.zeros((P, shape[1]), dtype=rows.dtype)
-    tokens[torch.from_numpy(pos)] = rows
-    keep = torch.zeros(P, dtype=torch.bool)
-    keep[torch.from_numpy(pos)] = True
-    return UplinkSample(sid, tokens, q, a, conf, float("nan") if unc is None else unc, keep, mc,
-                        bytes(image) if image is not None else None)
+    # packed: the kept rows and their positions go to the packet as stored, no zero-filled (P, C) grid
+    return UplinkSample(sid, torch.from_numpy(arr.copy()), q, a, conf, float("nan") if unc is None else unc, None, mc,
+                        bytes(image) if image is not None else None, positions=torch.from_numpy(pos), grid=int(P))

@@ -8,10 +8,11 @@ The device answers every request itself. For a round of requests, UTS
    as fit a byte budget);
 2. scores each uploaded sample's 49 visual tokens (:data:`TOKEN_SCORERS`, ``(B, 49, C) -> (B, 49)``)
    and keeps a fraction of them (:func:`select_tokens`);
-3. quantizes the kept tokens (int8 with a per-token fp16 absmax scale, or fp16) and packs them, with
-   the question, the device's answer and its confidence, into one ``wire`` packet of kind
-   ``"uplink"`` (:func:`build_uplink`). The cloud rebuilds exactly what its bridge needs with
-   :func:`decode_uplink`.
+3. codes the kept tokens (default ``pca128-int4``: 128 coefficients of a linear code both sides share,
+   :mod:`~cdcca.uplink.codec`, int4 with a per-token fp16 absmax scale; or every channel as int8 or
+   fp16) and packs them, with the question, the device's answer and its confidence, into one ``wire``
+   packet of kind ``"uplink"`` (:func:`build_uplink`). The cloud rebuilds exactly what its bridge
+   needs with :func:`decode_uplink`.
 
 The raw image never leaves the device unless :attr:`UTSConfig.allow_image` is set.
 Everything here is a pure function over tensors and dataclasses: no SQLite, no network.
@@ -19,12 +20,14 @@ Everything here is a pure function over tensors and dataclasses: no SQLite, no n
 The package owns that whole device-to-cloud path: :mod:`~cdcca.uplink.config` (constants,
 :class:`UTSConfig`), :mod:`~cdcca.uplink.samples` (sample scorers and selection),
 :mod:`~cdcca.uplink.tokens` (token statistics, scorers and selection), :mod:`~cdcca.uplink.packet`
-(the packet and its decoder) and :mod:`~cdcca.uplink.plan` (one round on the device).
+(the packet and its decoder), :mod:`~cdcca.uplink.codec` (the token codes and their basis) and :mod:`~cdcca.uplink.plan` (one round on the device).
 
 Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P = 49, C = 1280)::
 
-    tokens       int8 (M, C) | float16 (M, C)   kept tokens, sample after sample, positions ascending
-    scales       float16 (M,)                   per-token absmax / 127 (int8 only)
+    codes        int8 (M, K) | uint8 (M, K/2)   [pcaK-int8 | pcaK-int4] coefficients on the shared basis
+    tokens       int8 (M, C) | float16 (M, C)   [full-int8 | full-fp16] every channel
+                                                (kept tokens, sample after sample, positions ascending)
+    scales       float16 (M,)                   per-token absmax / 127 (int8) or / 7 (int4); not for fp16
     positions    uint8 (M,)                     grid position 0..P-1 of every kept token
     counts       int32 (N,)                     kept tokens per sample (1..P, sums to M)
     confidence   float32 (N,)                   the device's Π max-prob confidence
@@ -32,19 +35,36 @@ Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P =
     text         uint8 (L,)                     UTF-8 JSON [{"id", "q", "a", "mc"}, ...] (one per sample)
     image_png    uint8 (K,)   [allow_image]     concatenated PNG files
     image_sizes  int32 (N,)   [allow_image]     bytes of each sample's PNG (0 = none)
-    meta: uts.format, device_id, adapter_version, n_samples, n_tokens, token_dim, token_dtype,
+    meta: uts.format (2; 1 = full channels, no code named, still read), device_id, adapter_version,
+          n_samples, n_tokens, token_dim, code, basis (digest of the basis, pca codes only), token_dtype,
           fill, sample_scorer, token_scorer, keep_ratio, direction
 """
 
 from cdcca.metrics import auroc
+from cdcca.uplink.codec import (
+    FULL_CODES,
+    TokenBasis,
+    TokenCode,
+    build_token_basis,
+    default_token_basis,
+    dequantize_int8,
+    fit_token_basis,
+    pack_int4,
+    parse_code,
+    quantize_codes,
+    quantize_int8,
+    unpack_int4,
+)
 from cdcca.uplink.config import (
     DIRECTIONS,
     FILLS,
     MAX_DENSE_ELEMENTS,
     N_TOKENS,
     PNG_SIGNATURE,
+    READABLE_FORMATS,
     SAMPLE_SCORER_NAMES,
     SELECTIONS,
+    TOKEN_BASIS_PATH,
     TOKEN_DIM,
     TOKEN_DTYPES,
     TOKEN_SCORER_NAMES,
@@ -58,11 +78,10 @@ from cdcca.uplink.packet import (
     UplinkSample,
     build_uplink,
     decode_uplink,
-    dequantize_int8,
-    quantize_int8,
+    packet_code,
     sample_cost,
 )
-from cdcca.uplink.plan import plan_uplink, png_bytes
+from cdcca.uplink.plan import frame_bytes, plan_uplink, png_bytes
 from cdcca.uplink.samples import (
     SAMPLE_SCORERS,
     sample_uncertainty,
@@ -90,12 +109,14 @@ from cdcca.uplink.tokens import (
 )
 
 __all__ = [
-    "DIRECTIONS", "FILLS", "MAX_DENSE_ELEMENTS", "N_TOKENS", "PACKET_OVERHEAD", "PNG_SIGNATURE", "SAMPLE_SCORERS",
-    "SAMPLE_SCORER_NAMES", "SELECTIONS", "TOKEN_DIM", "TOKEN_DTYPES", "TOKEN_SCORERS", "TOKEN_SCORER_NAMES",
-    "TOKEN_STATS_PATH", "UPLINK_FORMAT", "TokenStats", "UTSConfig", "UplinkBatch", "UplinkSample", "auroc",
-    "build_token_stats", "build_uplink", "collect_token_stats", "decode_uplink", "default_token_stats",
-    "dequantize_int8", "n_keep", "plan_uplink", "png_bytes", "quantize_int8", "sample_cost", "sample_uncertainty",
+    "DIRECTIONS", "FILLS", "FULL_CODES", "MAX_DENSE_ELEMENTS", "N_TOKENS", "PACKET_OVERHEAD", "PNG_SIGNATURE",
+    "READABLE_FORMATS", "SAMPLE_SCORERS", "SAMPLE_SCORER_NAMES", "SELECTIONS", "TOKEN_BASIS_PATH", "TOKEN_DIM",
+    "TOKEN_DTYPES", "TOKEN_SCORERS", "TOKEN_SCORER_NAMES", "TOKEN_STATS_PATH", "UPLINK_FORMAT", "TokenBasis",
+    "TokenCode", "TokenStats", "UTSConfig", "UplinkBatch", "UplinkSample", "auroc", "build_token_basis",
+    "build_token_stats", "build_uplink", "collect_token_stats", "decode_uplink", "default_token_basis",
+    "default_token_stats", "dequantize_int8", "fit_token_basis", "frame_bytes", "n_keep", "pack_int4", "packet_code", "parse_code",
+    "plan_uplink", "png_bytes", "quantize_codes", "quantize_int8", "sample_cost", "sample_uncertainty",
     "score_confidence", "score_energy", "score_entropy", "score_margin", "score_mc_disagreement", "score_mc_dropout",
-    "score_mc_entropy", "score_ood", "score_random", "score_tokens", "select_samples", "select_tokens",
+    "score_mc_entropy", "score_ood", "score_random", "score_tokens", "select_samples", "select_tokens", "unpack_int4",
     "view_uncertainty",
 ]

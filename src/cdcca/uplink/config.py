@@ -4,15 +4,18 @@ bottom of the package so scorers, packet and planner can share them without impo
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-UPLINK_FORMAT = "1"
+UPLINK_FORMAT = "2"                                   # 2: the packet names its token code ("code", "basis")
+READABLE_FORMATS = ("1", "2")                         # 1: full-channel int8/fp16 tokens, no code named
 N_TOKENS = 49
 TOKEN_DIM = 1280
 MAX_DENSE_ELEMENTS = 2**27                            # N·P·C floats a decoded packet may expand to (512 MiB)
 TOKEN_STATS_PATH = Path(__file__).resolve().parent.parent / "weights" / "token_stats.safetensors"
+TOKEN_BASIS_PATH = TOKEN_STATS_PATH.with_name("token_basis.safetensors")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SAMPLE_SCORER_NAMES = ("confidence", "entropy", "margin", "mc_disagreement", "mc_entropy", "view_consistency")
@@ -61,7 +64,15 @@ class UTSConfig:
         fill: How the cloud fills the dropped slots. ``"mask"`` (default): masked out of its bridge's
             cross-attention; ``"mean"``: the position's clean source mean (needs :class:`TokenStats`);
             ``"zeros"``: zero vectors.
-        token_dtype: ``"int8"`` (per-token absmax scale in fp16, ~1 byte/channel) or ``"fp16"``.
+        token_code: How a kept token travels. ``"pcaK-int8"`` / ``"pcaK-int4"``: its channel mean and std
+            and K coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`),
+            per-token fp16 scale; the cloud reconstructs the 1280 channels. The default, ``"pca128-int4"``,
+            costs 71 B a token (~1.9 KB an upload, 30 KB with ``"full"``) and the cloud teacher answers
+            the uploads as well as from full tokens (``cdcca bench uts``, ``codes``). ``"full"``: every
+            channel at ``token_dtype``. Tokens whose width is not the basis's (tiny test models) always
+            travel ``"full"``; the packet's ``code`` says which was used.
+        token_dtype: Values of the ``"full"`` code: ``"int8"`` (per-token absmax scale in fp16, ~1
+            byte/channel) or ``"fp16"``.
         mc_dropout_passes: T, stochastic passes of the ``mc_dropout`` scorer.
         mc_dropout_p: Dropout probability of the ``mc_dropout`` scorer.
         ood_floor: Variance floor of the ``ood`` scorer, relative to the mean source variance (many
@@ -85,6 +96,7 @@ class UTSConfig:
     keep_ratio: float = 0.5
     direction: str = "most"
     fill: str = "mask"
+    token_code: str = "pca128-int4"
     token_dtype: str = "int8"
     mc_dropout_passes: int = 8
     mc_dropout_p: float = 0.1
@@ -111,6 +123,8 @@ class UTSConfig:
         choice("direction", DIRECTIONS)
         choice("fill", FILLS)
         choice("token_dtype", TOKEN_DTYPES)
+        if self.token_code != "full" and re.fullmatch(r"pca[1-9][0-9]{0,3}-int[48]", str(self.token_code)) is None:
+            raise ValueError(f"UTSConfig.token_code must be full, pca<K>-int8 or pca<K>-int4; got {self.token_code!r}")
         number("temperature", lambda v: v > 0, "a positive number")
         number("threshold", lambda v: True, "a finite number")
         number("budget", lambda v: v >= 0, "an integer ≥ 0", int)

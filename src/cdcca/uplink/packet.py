@@ -1,17 +1,37 @@
-"""The ``uplink`` wire packet: what one device sends the cloud for a round (kept tokens, int8 or
-fp16, plus text), and its strict decoder, since the cloud must not trust a device's bytes."""
+"""The ``uplink`` wire packet: what one device sends the cloud for a round (kept tokens in the code
+the packet names — :mod:`~cdcca.uplink.codec` — plus text), and its strict decoder, since the cloud
+must not trust a device's bytes."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from cdcca import wire
-from cdcca.uplink.config import FILLS, MAX_DENSE_ELEMENTS, PNG_SIGNATURE, TOKEN_DIM, TOKEN_DTYPES, UPLINK_FORMAT, UTSConfig
+from cdcca.uplink.codec import (
+    TokenBasis,
+    TokenCode,
+    _need,
+    _tensor,
+    decode_rows,
+    default_token_basis,
+    encode_rows,
+    packet_code,
+    parse_code,
+)
+from cdcca.uplink.config import (
+    FILLS,
+    MAX_DENSE_ELEMENTS,
+    PNG_SIGNATURE,
+    READABLE_FORMATS,
+    TOKEN_DIM,
+    TOKEN_DTYPES,
+    UPLINK_FORMAT,
+    UTSConfig,
+)
 from cdcca.uplink.tokens import TokenStats, default_token_stats
 from cdcca.wire import PacketError, is_valid_name
 
@@ -19,7 +39,11 @@ from cdcca.wire import PacketError, is_valid_name
 @dataclass
 class UplinkSample:
     """One request the device wants the cloud to see. ``tokens`` (P, C) are the device's visual
-    tokens; only the positions where ``keep`` is True are uploaded (None = all)."""
+    tokens; only the positions where ``keep`` is True are uploaded (None = all).
+
+    Packed form (what the outbox returns, so kept rows never round-trip through a zero-filled grid):
+    ``tokens`` (K, C) holds only the kept rows, ``positions`` (K,) their ascending grid positions and
+    ``grid`` the grid size P; ``keep`` is then None."""
 
     sample_id: str
     tokens: torch.Tensor
@@ -30,6 +54,23 @@ class UplinkSample:
     keep: torch.Tensor | None = None
     mc: str = ""
     image_png: bytes | None = None
+    positions: torch.Tensor | None = None
+    grid: int = 0
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(kept rows (K, C), their grid positions (K,), grid size P), checked, in either form."""
+        if self.tokens.ndim != 2:
+            raise ValueError(f"sample {self.sample_id!r}: tokens must be (P, C) or (K, C), got {tuple(self.tokens.shape)}")
+        if self.positions is None:
+            P = self.tokens.shape[0]
+            pos = _kept(self, P).nonzero().flatten()
+            return self.tokens[pos], pos, P
+        pos, P = torch.as_tensor(self.positions).long().reshape(-1), int(self.grid)
+        if self.keep is not None or len(pos) != len(self.tokens) or not len(pos) or not 1 <= P <= 256 \
+                or bool((pos < 0).any() or (pos >= P).any()) or bool((pos[1:] <= pos[:-1]).any()):
+            raise ValueError(f"sample {self.sample_id!r}: packed tokens need keep=None, one ascending position "
+                             f"in 0..grid-1 per row and at least one row")
+        return self.tokens, pos, P
 
 
 @dataclass
@@ -49,32 +90,13 @@ class UplinkBatch:
     adapter_version: str
     fill: str
     token_dtype: str
+    code: str = "full-int8"
     images: list[bytes | None] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     nbytes: int = 0
 
     def __len__(self) -> int:
         return len(self.sample_ids)
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, C) float → int8 (M, C) and fp16 per-row scales with x ≈ q · scale (symmetric absmax).
-
-    The error per value is at most scale / 2, with scale ≥ absmax / 127 (equal up to fp16 rounding)."""
-    x = x.float()
-    target = x.abs().amax(-1) / 127.0
-    scale = target.half()
-    # round the fp16 scale up, never down, so |x| / scale ≤ 127 and no value is clipped
-    scale = torch.where(scale.float() < target, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
-    if not torch.isfinite(scale).all():
-        raise ValueError("token values are too large for an fp16 int8 scale (|x| > 8.3e6)")
-    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    q = torch.where(scale[:, None] > 0, (x / s).round().clamp(-127, 127), torch.zeros_like(x))
-    return q.to(torch.int8), scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
 
 
 def _text_entry(s: UplinkSample) -> dict[str, str]:
@@ -92,9 +114,10 @@ PACKET_OVERHEAD = 2048   # bytes of header, metadata and alignment a packet adds
 
 
 def sample_cost(n_kept: int, token_dim: int = TOKEN_DIM, token_dtype: str = "int8", text_bytes: int = 64,
-                image_bytes: int = 0) -> int:
-    """Bytes one sample adds to an uplink packet (tokens, scales, positions, numbers, its text)."""
-    per_token = token_dim * (1 if token_dtype == "int8" else 2) + (2 if token_dtype == "int8" else 0) + 1
+                image_bytes: int = 0, code: str | None = None) -> int:
+    """Bytes one sample adds to an uplink packet (tokens, scales, positions, numbers, its text);
+    ``code`` (a :func:`~cdcca.uplink.codec.parse_code` name) overrides the full-channel ``token_dtype``."""
+    per_token = parse_code(code or f"full-{token_dtype}").bytes_per_token(token_dim) + 1
     return n_kept * per_token + 4 + 4 + 4 + text_bytes + 40 + image_bytes + (4 if image_bytes else 0)
 
 
@@ -112,21 +135,22 @@ def _kept(sample: UplinkSample, P: int) -> torch.Tensor:
 def _gather(samples: Sequence[UplinkSample]) -> tuple[int, int, torch.Tensor, torch.Tensor, list[int]]:
     """Check the samples agree on (P, C) and have unique ids; (P, C, kept rows as float32 sample after
     sample, their grid positions, kept tokens per sample)."""
-    P, C = tuple(samples[0].tokens.shape) if samples[0].tokens.ndim == 2 else (None, None)
-    if P is None or not 1 <= P <= 256 or C < 1:
-        raise ValueError(f"sample tokens must be (P, C) with 1 ≤ P ≤ 256; got {tuple(samples[0].tokens.shape)}")
     ids = [s.sample_id for s in samples]
     if any(not isinstance(i, str) or not i for i in ids) or len(set(ids)) != len(ids):
         raise ValueError("sample ids must be unique non-empty strings")
-    rows, positions, counts = [], [], []
+    rows, positions, counts, shapes = [], [], [], set()
     for s in samples:
-        if tuple(s.tokens.shape) != (P, C):
-            raise ValueError(f"sample {s.sample_id!r} has tokens {tuple(s.tokens.shape)}, expected {(P, C)}")
-        keep = _kept(s, P)
-        pos = keep.nonzero().flatten()
-        rows.append(s.tokens[pos].float())
+        kept, pos, P = s.packed()
+        if not 1 <= P <= 256 or kept.shape[1] < 1:
+            raise ValueError(f"sample tokens must be (P, C) with 1 ≤ P ≤ 256; got {tuple(s.tokens.shape)}")
+        shapes.add((P, kept.shape[1]))
+        if len(shapes) > 1:
+            raise ValueError(f"sample {s.sample_id!r} has tokens of grid × width {(P, kept.shape[1])}, "
+                             f"the others {sorted(shapes)}; one packet holds one token shape")
+        rows.append(kept.float())
         positions.append(pos)
         counts.append(len(pos))
+    ((P, C),) = shapes
     flat = torch.cat(rows)
     if not torch.isfinite(flat).all():
         raise ValueError("uplink tokens must be finite")
@@ -146,15 +170,17 @@ def _image_tensors(samples: Sequence[UplinkSample]) -> dict[str, torch.Tensor]:
     }
 
 
-def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: str, adapter_version: str) -> bytes:
-    """Pack the samples' kept tokens, quantized per cfg.token_dtype, into one ``uplink`` packet.
+def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: str, adapter_version: str,
+                 basis: TokenBasis | None = None) -> bytes:
+    """Pack the samples' kept tokens, coded per :func:`packet_code`, into one ``uplink`` packet.
 
-    At the default setting a sample costs ~31 KB, so one packet holds up to ~2,000 samples before the
-    wire's 64 MiB limit; send larger backlogs in several packets (``Outbox.pending(limit)``).
+    At the default code (pca128-int4) a sample costs ~1.9 KB, so one packet holds up to ~30,000 samples
+    before the wire's 64 MiB limit; send larger backlogs in several packets (``Outbox.pending(limit)``).
     """
     if not samples:
         raise ValueError("an uplink packet needs at least one sample")
     P, C, flat, positions, counts = _gather(samples)
+    code, basis = packet_code(cfg, C, basis)
     tensors: dict[str, torch.Tensor] = {
         "positions": positions.to(torch.uint8),
         "counts": torch.tensor(counts, dtype=torch.int32),
@@ -162,30 +188,22 @@ def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: 
         "uncertainty": torch.tensor([float(s.uncertainty) for s in samples], dtype=torch.float32),
         "text": torch.frombuffer(bytearray(_utf8([_text_entry(s) for s in samples])), dtype=torch.uint8),
     }
-    if cfg.token_dtype == "int8":
-        tensors["tokens"], tensors["scales"] = quantize_int8(flat)
-    else:
-        if flat.abs().max() > torch.finfo(torch.float16).max:
-            raise ValueError("token values overflow fp16; use token_dtype='int8'")
-        tensors["tokens"] = flat.half()
+    tensors.update(encode_rows(flat, code, basis))
     if cfg.allow_image:
         tensors.update(_image_tensors(samples))
     meta = {
         "uts.format": UPLINK_FORMAT, "device_id": str(device_id), "adapter_version": str(adapter_version),
         "n_samples": str(len(samples)), "n_tokens": str(P), "token_dim": str(C),
-        "token_dtype": cfg.token_dtype, "fill": cfg.fill, "sample_scorer": cfg.sample_scorer,
+        "token_dtype": code.name.split("-")[1], "code": code.name, "fill": cfg.fill, "sample_scorer": cfg.sample_scorer,
         "token_scorer": cfg.token_scorer, "keep_ratio": repr(float(cfg.keep_ratio)), "direction": cfg.direction,
     }
+    if basis is not None:
+        meta["basis"] = basis.digest
     data = wire.encode("uplink", tensors, meta)
     if len(data) > wire.DEFAULT_LIMITS.max_bytes:
         raise ValueError(f"uplink packet would be {len(data)} bytes, over the wire limit of "
                          f"{wire.DEFAULT_LIMITS.max_bytes}; send the samples in several packets")
     return data
-
-
-def _need(cond: bool, message: str) -> None:
-    if not cond:
-        raise PacketError(f"uplink packet: {message}")
 
 
 def _int_meta(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
@@ -199,54 +217,64 @@ def _int_meta(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
     return value
 
 
-def _tensor(t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    _need(name in t, f"tensor {name!r} is missing")
-    x = t[name]
-    _need(x.dtype == dtype, f"tensor {name!r} is {x.dtype}, expected {dtype}")
-    _need(tuple(x.shape) == shape, f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
-    return x
+def _read_code(meta: dict[str, str], C: int, basis: TokenBasis | None) -> tuple[TokenCode, TokenBasis | None]:
+    """The packet's token code (format 1: full-channel, named by token_dtype) and, for a pca code, this
+    side's basis after checking the packet was coded with the very same one."""
+    token_dtype = meta.get("token_dtype")
+    if meta["uts.format"] == "1":
+        _need("code" not in meta and "basis" not in meta, "a format-1 packet names no code or basis")
+        _need(token_dtype in TOKEN_DTYPES, f"token_dtype {str(token_dtype)[:20]!r} is not one of {TOKEN_DTYPES}")
+        return parse_code(f"full-{token_dtype}"), None
+    try:
+        code = parse_code(meta.get("code", ""))
+    except ValueError:
+        raise PacketError(f"uplink packet: unknown token code {meta.get('code', '')[:40]!r}; this cdcca reads "
+                          "full-int8, full-fp16, pca<K>-int8, pca<K>-int4 (upgrade cdcca on this side)") from None
+    _need(token_dtype == code.name.split("-")[1], f"token_dtype {str(token_dtype)[:20]!r} does not match code {code.name!r}")
+    if not code.k:
+        _need("basis" not in meta, f"code {code.name} names no basis")
+        return code, None
+    basis = basis or default_token_basis()
+    _need(meta.get("basis") == basis.digest,
+          f"coded with token basis {meta.get('basis', '')[:20]!r}, this side has {basis.digest!r}: device and cloud "
+          "need the same token_basis.safetensors (the same cdcca weights)")
+    _need(C == basis.dim and code.k <= basis.k,
+          f"code {code.name} on {C}-channel tokens does not fit the {basis.k} × {basis.dim} basis")
+    return code, basis
 
 
-def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor],
-                 fill: str | None) -> tuple[int, int, int, str, str]:
-    """(N, P, C, token_dtype, fill) from the metadata, once the tensor set matches that layout."""
-    _need(meta.get("uts.format") == UPLINK_FORMAT,
-          f"uts.format {meta.get('uts.format', '')[:20]!r} is not {UPLINK_FORMAT!r}; upgrade cdcca on this side")
+def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor], fill: str | None,
+                 basis: TokenBasis | None) -> tuple[int, int, int, TokenCode, TokenBasis | None, str]:
+    """(N, P, C, code, basis, fill) from the metadata, once the tensor set matches that layout."""
+    _need(meta.get("uts.format") in READABLE_FORMATS,
+          f"uts.format {meta.get('uts.format', '')[:20]!r} is not one of {READABLE_FORMATS}; upgrade cdcca on this side")
     N = _int_meta(meta, "n_samples", 1, 2**20)
     P = _int_meta(meta, "n_tokens", 1, 256)
     C = _int_meta(meta, "token_dim", 1, 2**20)
     _need(N * P * C <= MAX_DENSE_ELEMENTS, f"{N}×{P}×{C} tokens would expand beyond {MAX_DENSE_ELEMENTS} floats")
-    token_dtype = meta.get("token_dtype")
-    _need(token_dtype in TOKEN_DTYPES, f"token_dtype {str(token_dtype)[:20]!r} is not one of {TOKEN_DTYPES}")
+    code, basis = _read_code(meta, C, basis)
     fill = fill or meta.get("fill")
     _need(fill in FILLS, f"fill {str(fill)[:20]!r} is not one of {FILLS}")
     for key in ("device_id", "adapter_version"):
         _need(key in meta, f"metadata lacks {key!r}")
     _need(is_valid_name(meta["device_id"]), f"device_id {meta['device_id'][:40]!r} is not a plain name "
           f"(letters, digits, _ . -; at most 64 characters)")
-    allowed = {"tokens", "positions", "counts", "confidence", "uncertainty", "text"}
-    allowed |= {"scales"} if token_dtype == "int8" else set()
+    allowed = {"codes", "norms"} if code.k else {"tokens"}
+    allowed |= {"positions", "counts", "confidence", "uncertainty", "text"}
+    allowed |= {"scales"} if code.bits < 16 else set()
     allowed |= {"image_png", "image_sizes"} if "image_sizes" in t else set()
     _need(set(t) == allowed, f"tensors {sorted(t)} do not match the layout {sorted(allowed)}")
-    return N, P, C, token_dtype, fill
+    return N, P, C, code, basis, fill
 
 
-def _read_tokens(t: dict[str, torch.Tensor], N: int, P: int, C: int,
-                 token_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _read_tokens(t: dict[str, torch.Tensor], N: int, P: int, C: int, code: TokenCode,
+                 basis: TokenBasis | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(counts, positions, float32 rows) of the kept tokens."""
     counts = _tensor(t, "counts", torch.int32, (N,)).long()
     _need(bool(((counts >= 1) & (counts <= P)).all()), f"every sample must carry 1..{P} tokens")
     M = int(counts.sum())
     positions = _tensor(t, "positions", torch.uint8, (M,)).long()
-    q = _tensor(t, "tokens", torch.int8 if token_dtype == "int8" else torch.float16, (M, C))
-    if token_dtype == "int8":
-        scales = _tensor(t, "scales", torch.float16, (M,))
-        _need(bool(torch.isfinite(scales).all() and (scales >= 0).all()), "scales must be finite and ≥ 0")
-        rows = dequantize_int8(q, scales)
-    else:
-        rows = q.float()
-        _need(bool(torch.isfinite(rows).all()), "tokens must be finite")
-    return counts, positions, rows
+    return counts, positions, decode_rows(t, M, C, code, basis)
 
 
 def _sample_of(counts: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
@@ -308,16 +336,18 @@ def _densify(rows: torch.Tensor, sample_of: torch.Tensor, positions: torch.Tenso
     return dense, keep, sent
 
 
-def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | None = None) -> UplinkBatch:
+def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | None = None,
+                  basis: TokenBasis | None = None) -> UplinkBatch:
     """Validate an uplink packet and rebuild dense (N, P, C) float32 tokens plus the bridge's keep mask.
 
     ``fill`` overrides the packet's fill mode; ``"mean"`` uses ``stats`` (default: the packaged
-    source statistics). Any inconsistency raises :class:`wire.PacketError`.
+    source statistics). A pca-coded packet is reconstructed on ``basis`` (default: the packaged one),
+    refused unless the packet names that basis. Any inconsistency raises :class:`wire.PacketError`.
     """
     pkt = wire.decode(data, expect_kind="uplink")
     meta, t = pkt.meta, pkt.tensors
-    N, P, C, token_dtype, fill = _read_layout(meta, t, fill)
-    counts, positions, rows = _read_tokens(t, N, P, C, token_dtype)
+    N, P, C, code, basis, fill = _read_layout(meta, t, fill, basis)
+    counts, positions, rows = _read_tokens(t, N, P, C, code, basis)
     conf = _tensor(t, "confidence", torch.float32, (N,))
     unc = _tensor(t, "uncertainty", torch.float32, (N,))
     sample_of = _sample_of(counts, positions, P)
@@ -328,4 +358,4 @@ def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | N
         tokens=dense, keep=keep, sent=sent, questions=[e["q"] for e in entries], answers=[e["a"] for e in entries],
         mc=[e["mc"] for e in entries], confidences=conf.tolist(), uncertainties=unc.tolist(),
         sample_ids=[e["id"] for e in entries], device_id=meta["device_id"], adapter_version=meta["adapter_version"],
-        fill=fill, token_dtype=token_dtype, images=images, meta=dict(meta), nbytes=len(data))
+        fill=fill, token_dtype=code.name.split("-")[1], code=code.name, images=images, meta=dict(meta), nbytes=len(data))

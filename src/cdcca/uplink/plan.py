@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cdcca.model.answer import Answer
+from cdcca.uplink.codec import packet_code
 from cdcca.uplink.config import UTSConfig
 from cdcca.uplink.packet import UplinkSample, _utf8, sample_cost
 from cdcca.uplink.samples import sample_uncertainty, select_samples, view_uncertainty
@@ -23,6 +24,18 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def frame_bytes(image: np.ndarray, fmt: str = "JPEG", size: int = 224, quality: int = 90) -> int:
+    """What the frame itself would cost on the link: file bytes of a uint8 (H, W, 3) image as PNG or
+    JPEG (quality 90) at ``size`` px (bilinear), to set next to an upload's coded tokens."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(image))
+    img = img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return len(buf.getvalue())
 
 
 def plan_uplink(tokens: torch.Tensor, questions: Sequence[str], answers: Sequence[Answer],
@@ -54,8 +67,9 @@ def plan_uplink(tokens: torch.Tensor, questions: Sequence[str], answers: Sequenc
     costs = None
     if cfg.selection == "bytes":
         k = n_keep(cfg.keep_ratio, tokens.shape[1])
-        costs = [sample_cost(k, tokens.shape[2], cfg.token_dtype,
-                             len(_utf8({"id": str(i), "q": q, "a": a.text, "mc": a.mc})) + 1)
+        code = packet_code(cfg, tokens.shape[2])[0].name
+        costs = [sample_cost(k, tokens.shape[2], text_bytes=len(_utf8({"id": str(i), "q": q, "a": a.text, "mc": a.mc})) + 1,
+                             code=code)
                  for i, q, a in zip(sample_ids, questions, answers)]
     picked = select_samples(u, cfg, costs=costs)
     if not picked:

@@ -1,0 +1,335 @@
+"""Compact codes for uploaded visual tokens.
+
+Device and cloud share the frozen encoder, so they can also share a fixed linear code for its
+tokens, fitted once on source train images and shipped with the weights
+(``weights/token_basis.safetensors``): a PCA of layer-normalized tokens in the metric of the two
+bridges' token projections (:class:`TokenBasis`). A ``pcaK-int8`` / ``pcaK-int4`` code sends a kept
+token as its channel mean and std (fp16) and K coefficients, quantized with a per-token fp16 scale;
+the cloud reconstructs the token (:meth:`TokenBasis.reconstruct`) before its bridge. ``full-int8`` / ``full-fp16``
+send all channels (the format-1 packets, and the fallback for tokens of another width).
+Every packet names its code and the basis digest, so a cloud with another basis refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from cdcca.uplink.config import TOKEN_BASIS_PATH, TOKEN_DIM, UTSConfig
+from cdcca.wire import PacketError
+
+FULL_CODES = ("full-int8", "full-fp16")
+_PCA = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4)")
+BASIS_COMPONENTS = 128          # components shipped; pcaK uses the first K (PCA components are nested)
+BASIS_FIT_IMAGES = 600          # train images the shipped basis is fitted on, clean and again shifted
+
+
+@dataclass(frozen=True)
+class TokenCode:
+    """A parsed code name: ``k`` components (0 = every channel) at ``bits`` per value."""
+
+    name: str
+    k: int
+    bits: int
+
+    def bytes_per_token(self, token_dim: int) -> int:
+        """Wire bytes of one kept token: its values, its fp16 scale (quantized codes) — not its position."""
+        if self.k == 0:
+            return token_dim * 2 if self.bits == 16 else token_dim + 2
+        return (self.k * self.bits + 7) // 8 + 2 + 4          # codes, scale, (μ, σ)
+
+
+def parse_code(name: str) -> TokenCode:
+    """``full-int8`` | ``full-fp16`` | ``pca<K>-int8`` | ``pca<K>-int4``; ValueError otherwise."""
+    if name in FULL_CODES:
+        return TokenCode(name, 0, 8 if name == "full-int8" else 16)
+    m = _PCA.fullmatch(str(name))
+    if m is None:
+        raise ValueError(f"token code {str(name)[:40]!r} is not one of full-int8, full-fp16, pca<K>-int8, pca<K>-int4")
+    return TokenCode(name, int(m.group(1)), int(m.group(2)[3:]))
+
+
+@dataclass
+class TokenBasis:
+    """A linear code for layer-normalized tokens: ``encoder`` (K, C) and ``decoder`` (K, C) rows per
+    component, ``mean`` (C,) of the normalized tokens; values as stored (fp16).
+
+    A token x travels as its channel mean μ and std σ (fp16) and the coefficients
+    ``c = (x̂ − mean) @ encoder[:k].T`` of x̂ = (x − μ) / σ; it comes back as ``σ · (c @ decoder[:k] + mean) + μ``.
+    Both bridges read a token only through LayerNorm → token_proj, so the code spends its components
+    where those projections look (:func:`fit_token_basis` with ``metric``); components are nested, so
+    pcaK uses the first K of one shipped basis."""
+
+    mean: torch.Tensor
+    encoder: torch.Tensor
+    decoder: torch.Tensor
+    n: int = 0
+    digest: str = field(init=False)
+
+    def __post_init__(self):
+        self.mean, self.encoder, self.decoder = (t.half().float() for t in (self.mean, self.encoder, self.decoder))
+        if self.mean.ndim != 1 or self.encoder.ndim != 2 or self.encoder.shape != self.decoder.shape \
+                or self.encoder.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"TokenBasis needs mean (C,), encoder and decoder (K, C); got {tuple(self.mean.shape)}, "
+                             f"{tuple(self.encoder.shape)} and {tuple(self.decoder.shape)}")
+        if not all(torch.isfinite(t).all() for t in (self.mean, self.encoder, self.decoder)):
+            raise ValueError("TokenBasis tensors must be finite")
+        h = hashlib.sha256(b"cdcca.token_basis/1")
+        for t in (self.mean, self.encoder, self.decoder):
+            h.update(t.half().numpy().tobytes())
+        self.digest = h.hexdigest()[:16]
+
+    @property
+    def k(self) -> int:
+        return self.encoder.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.shape[1]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as fp16 safetensors (~660 KB for 2 × 128 × 1280), atomically."""
+        from cdcca.atomic import write_safetensors
+
+        path = Path(path)
+        write_safetensors(path, {"mean": self.mean.half(), "encoder": self.encoder.half(), "decoder": self.decoder.half()},
+                          metadata={"format": "cdcca.token_basis/1", "n": str(int(self.n))})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TokenBasis:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return cls(f.get_tensor("mean"), f.get_tensor("encoder"), f.get_tensor("decoder"), int(meta.get("n", 0)))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is not a token-basis file ({type(exc).__name__}); rebuild it with "
+                             "cdcca.uplink.build_token_basis()") from None
+
+    def project(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, C) tokens → (M, k) coefficients and (M, 2) fp16 (μ, σ) per token."""
+        x, norms = _normalize(rows)
+        return (x - self.mean) @ self.encoder[:k].T, norms
+
+    def reconstruct(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """(M, k) coefficients and (M, 2) (μ, σ) → (M, C) tokens."""
+        norms = norms.float()
+        return (codes.float() @ self.decoder[:codes.shape[1]] + self.mean) * norms[:, 1:] + norms[:, :1]
+
+
+def _normalize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-normalized rows (no affine) and their fp16 (μ, σ); σ is what fp16 stores, so x̂ · σ + μ ≈ x."""
+    rows = rows.float()
+    norms = torch.stack([rows.mean(-1), rows.std(-1, unbiased=False)], -1).half()
+    if not torch.isfinite(norms).all():
+        raise ValueError("token values are too large for fp16 channel statistics")
+    mu, sd = norms.float().unbind(-1)
+    return (rows - mu[:, None]) / sd.clamp_min(1e-6)[:, None], norms
+
+
+def bridge_metric(*projections: torch.Tensor, ridge: float = 0.1) -> torch.Tensor:
+    """(C, C) metric Σ AᵀA / tr(AᵀA) · C / n + ridge · I for the bridges' token projections A (d, C) =
+    token_proj.weight · token_norm.weight: the error a bridge sees, plus a floor for everything else."""
+    C = projections[0].shape[1]
+    M = ridge * torch.eye(C, dtype=torch.float64)
+    for a in projections:
+        ata = a.double().T @ a.double()
+        M += ata / ata.trace() * C / len(projections)
+    return M
+
+
+@torch.no_grad()
+def fit_token_basis(tokens: torch.Tensor, k: int = BASIS_COMPONENTS, metric: torch.Tensor | None = None) -> TokenBasis:
+    """PCA of layer-normalized (N, P, C) or (M, C) tokens (every position pooled) in the metric M
+    (default: plain PCA): whiten by M^½, take the top k directions U, encode with U^T M^½, decode with
+    U^T M^-½ (so decode ∘ encode is the identity on the kept span)."""
+    x = tokens.reshape(-1, tokens.shape[-1])
+    C = x.shape[1]
+    if len(x) < 2 or not 1 <= k <= C:
+        raise ValueError(f"need ≥ 2 tokens and 1 ≤ k ≤ {C}; got {len(x)} tokens, k={k}")
+    root = inv_root = torch.eye(C, dtype=torch.float64)
+    if metric is not None:
+        lam, Q = torch.linalg.eigh(metric.double())
+        root, inv_root = (Q * lam.sqrt()) @ Q.T, (Q / lam.sqrt()) @ Q.T
+    xs = torch.cat([_normalize(x[s:s + 8192])[0] for s in range(0, len(x), 8192)])
+    mean = xs.double().mean(0)
+    cov = torch.zeros(C, C, dtype=torch.float64)
+    for start in range(0, len(xs), 8192):
+        r = (xs[start:start + 8192].double() - mean) @ root
+        cov += r.T @ r
+    U = torch.linalg.eigh(cov / len(xs))[1].flip(1)[:, :k]
+    return TokenBasis(mean.float(), (root @ U).T.float(), (inv_root @ U).T.float(), len(x))
+
+
+def _cache_basis_path() -> Path:
+    from cdcca.assets import cache_dir
+
+    return cache_dir() / "token_basis.safetensors"
+
+
+def _fit_set(n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
+    """Tokens the shipped basis is fitted on: the first ``n_images`` clean train images (the cached
+    features) and the next ``n_images`` under the cloud's training corruptions (each its own, severity
+    3–5, seed 0) — the shifted tokens the device uploads lie off the clean ones' principal span."""
+    from cdcca.data.corruptions import CORRUPTIONS, corrupt_mixed
+    from cdcca.data.easyvqa import load_split
+    from cdcca.data.features import cached_features
+    from cdcca.model.encoder import encode_images, load_encoder
+
+    clean = cached_features("train", limit=n_images)
+    images = load_split("train").images[n_images:2 * n_images]
+    shifted = encode_images(load_encoder(), corrupt_mixed(images, sorted(CORRUPTIONS), (3, 5), seed=0))
+    return torch.cat([clean.float(), shifted.float()])
+
+
+def _bridge_projections() -> list[torch.Tensor]:
+    """token_proj.weight · token_norm.weight of the shipped cloud and device bridges."""
+    from safetensors import safe_open
+
+    from cdcca.model.pair import weights_file
+
+    out = []
+    for role in ("cloud", "device"):
+        with safe_open(str(weights_file(role)), framework="pt") as f:
+            out.append(f.get_tensor("bridge.token_proj.weight").float() * f.get_tensor("bridge.token_norm.weight").float())
+    return out
+
+
+def build_token_basis(out: str | os.PathLike[str] | None = None) -> Path:
+    """Fit the shipped basis (offline: packaged encoder, images and bridge weights; ~1 min on 2 cores) and
+    write it (default: the packaged ``cdcca/weights/token_basis.safetensors``)."""
+    basis = fit_token_basis(_fit_set(), metric=bridge_metric(*_bridge_projections()))
+    path = basis.save(out or TOKEN_BASIS_PATH)
+    default_token_basis.cache_clear()
+    return path
+
+
+@lru_cache(maxsize=1)
+def default_token_basis() -> TokenBasis:
+    """The packaged basis (128 × 1280); without one (a trimmed install) the one built once under
+    ``$CDCCA_CACHE`` from the packaged encoder and images, so both sides of one install agree."""
+    if TOKEN_BASIS_PATH.is_file():
+        return TokenBasis.load(TOKEN_BASIS_PATH)
+    cached = _cache_basis_path()
+    if not cached.is_file():
+        build_token_basis(cached)
+    return TokenBasis.load(cached)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantization: symmetric per-token absmax, fp16 scales
+# ----------------------------------------------------------------------------------------------
+def quantize_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float → symmetric per-row codes (int8 in ±127, or int4 in ±7 packed two per byte) and fp16
+    scales, x ≈ q · scale. The error per value is at most scale / 2, with scale ≥ absmax / levels (equal
+    up to fp16 rounding: the scale is rounded up, never down, so no value clips)."""
+    levels = 127 if bits == 8 else 7
+    x = x.float()
+    target = x.abs().amax(-1) / levels
+    scale = target.half()
+    scale = torch.where(scale.float() < target, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"token values are too large for an fp16 scale (|x| > {65504 * levels:.2g})")
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    q = torch.where(scale[:, None] > 0, (x / s).round().clamp(-levels, levels), torch.zeros_like(x)).to(torch.int8)
+    return (q if bits == 8 else pack_int4(q)), scale
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) float → int8 (M, C) and fp16 per-row scales with x ≈ q · scale (symmetric absmax)."""
+    return quantize_codes(x, 8)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 (or unpacked int4) codes (M, K) and fp16 scales (M,) → float32 (M, K)."""
+    return q.float() * scale.float()[:, None]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 in −8..7 → (M, ⌈K/2⌉) uint8, two's-complement nibbles, low nibble first."""
+    if q.shape[1] % 2:
+        q = torch.cat([q, torch.zeros(len(q), 1, dtype=q.dtype)], 1)
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: (M, ⌈k/2⌉) uint8 → (M, k) int8 in −8..7."""
+    both = torch.stack([packed & 0xF, packed >> 4], -1).reshape(len(packed), -1)[:, :k].to(torch.int16)
+    return torch.where(both > 7, both - 16, both).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------
+# a packet's token tensors: encode on the device, strict decode on the cloud
+# ----------------------------------------------------------------------------------------------
+def packet_code(cfg: UTSConfig, token_dim: int, basis: TokenBasis | None = None) -> tuple[TokenCode, TokenBasis | None]:
+    """The code a packet of ``token_dim``-wide tokens uses under cfg, and its basis: cfg.token_code when
+    the tokens have the basis's width, else the full-channel ``token_dtype`` (tiny test models)."""
+    full = parse_code(f"full-{cfg.token_dtype}")
+    if cfg.token_code == "full" or (basis is None and token_dim != TOKEN_DIM):
+        return full, None
+    basis = basis or default_token_basis()
+    if token_dim != basis.dim:
+        return full, None
+    code = parse_code(cfg.token_code)
+    if code.k > basis.k:
+        raise ValueError(f"token code {code.name} needs {code.k} components; the basis has {basis.k}")
+    return code, basis
+
+
+def encode_rows(flat: torch.Tensor, code: TokenCode, basis: TokenBasis | None) -> dict[str, torch.Tensor]:
+    """The packet's token tensors for (M, C) kept rows: ``tokens`` (+ ``scales``) for a full code,
+    ``codes`` + ``scales`` + ``norms`` (μ, σ) for a pca code."""
+    if code.k:
+        coeffs, norms = basis.project(flat, code.k)
+        q, scales = quantize_codes(coeffs, code.bits)
+        return {"codes": q, "scales": scales, "norms": norms}
+    if code.bits == 8:
+        q, scales = quantize_int8(flat)
+        return {"tokens": q, "scales": scales}
+    if flat.abs().max() > torch.finfo(torch.float16).max:
+        raise ValueError("token values overflow fp16; use token_dtype='int8'")
+    return {"tokens": flat.half()}
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise PacketError(f"uplink packet: {message}")
+
+
+def _tensor(t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    _need(name in t, f"tensor {name!r} is missing")
+    x = t[name]
+    _need(x.dtype == dtype, f"tensor {name!r} is {x.dtype}, expected {dtype}")
+    _need(tuple(x.shape) == shape, f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
+    return x
+
+
+def decode_rows(t: dict[str, torch.Tensor], M: int, C: int, code: TokenCode, basis: TokenBasis | None) -> torch.Tensor:
+    """(M, C) float32 kept tokens from a packet's tensors: dequantized, and for a pca code reconstructed
+    on the basis (which the caller checked is the one the packet names)."""
+    if code.bits == 16:
+        rows = _tensor(t, "tokens", torch.float16, (M, C)).float()
+        _need(bool(torch.isfinite(rows).all()), "tokens must be finite")
+        return rows
+    scales = _tensor(t, "scales", torch.float16, (M,))
+    _need(bool(torch.isfinite(scales).all() and (scales >= 0).all()), "scales must be finite and ≥ 0")
+    if not code.k:
+        return dequantize_int8(_tensor(t, "tokens", torch.int8, (M, C)), scales)
+    if code.bits == 8:
+        q = _tensor(t, "codes", torch.int8, (M, code.k))
+    else:
+        q = unpack_int4(_tensor(t, "codes", torch.uint8, (M, (code.k + 1) // 2)), code.k)
+    norms = _tensor(t, "norms", torch.float16, (M, 2))
+    _need(bool(torch.isfinite(norms).all() and (norms[:, 1] >= 0).all()), "norms must be finite with σ ≥ 0")
+    return basis.reconstruct(dequantize_int8(q, scales), norms)
