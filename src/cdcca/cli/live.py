@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import typer
@@ -35,6 +36,7 @@ def bench_live(
                          round_every, preset=preset, tiny=tiny, seed=seed)
     except ValueError as exc:
         fail(str(exc))
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` tears the fleet down as Ctrl-C does
     try:
         result = run_live(cfg, out, log=lambda m: console.print(m))
     except DeployError as exc:
@@ -42,6 +44,10 @@ def bench_live(
     if not as_json:
         _print_windows(result)
     print(json.dumps(result))
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _print_windows(result: dict) -> None:

@@ -62,9 +62,9 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: FleetRunConfig, rounds: RoundLog
         trained: dict[int, list[str]] = {}
         downlinks = cloud_rounds(cloud, uplinks, trained)                         # receive → AKD → DWC
     with clock("apply"):
-        resynced = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)      # train.apply (+ resync)
+        resynced, applied = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)   # train.apply (+ resync)
     with clock("status"):
-        statuses = collect_status(grid, rnd, cfg)                                 # evaluate
+        statuses = collect_status(grid, rnd, cfg, applied)                       # evaluate (the others)
     row = check_mirrors(cloud, rnd, uplinks, downlinks, resynced, statuses, trained)
     rounds.append({**row, "trigger": reason, "started": clock.started, "wall_s": clock.total(), "step_s": clock.laps})
     log(INFO, "round %s (%s): %s/%s devices in sync with their cloud mirror (%.1f s)",
@@ -216,29 +216,38 @@ def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage],
 
 
 def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
-                   rnd: int, cfg: FleetRunConfig) -> set[int]:
-    """train.apply to each device alone; a device on a stale base gets a dense resync. Returns resynced nodes."""
+                   rnd: int, cfg: FleetRunConfig) -> tuple[set[int], dict[int, dict[str, Any]]]:
+    """train.apply to each device alone; a device on a stale base gets a dense resync. Returns the resynced
+    nodes and the status each device reported after applying (its version and hash now)."""
     msgs = [_to(nid, "train.apply", rnd, downlink=ConfigRecord({"acked": d.acked, "packets": d.packets}))
             for nid, d in downlinks.items() if d.acked or d.packets]
-    stale = []
+    stale, statuses = [], {}
     for msg, reply in exchange(grid, msgs, cfg):
-        if usable(msg, reply, "status") and "resync" in reply.content:
-            stale.append(msg.metadata.dst_node_id)
-            log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
+        if usable(msg, reply, "status"):
+            if "resync" in reply.content:
+                stale.append(msg.metadata.dst_node_id)
+                log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
+            else:
+                statuses[msg.metadata.dst_node_id] = _dict(reply.content["status"])
     from cdcca.runtime.protocol import cloud_resync
 
     resync = [_to(nid, "train.apply", rnd, downlink=ConfigRecord(
         {"acked": [], "packets": cloud_resync(cloud, uplinks[nid].device_id).packets})) for nid in stale]
     for msg, reply in exchange(grid, resync, cfg):
-        usable(msg, reply, "status")
-    return set(stale)
+        if usable(msg, reply, "status"):
+            statuses[msg.metadata.dst_node_id] = _dict(reply.content["status"])
+    return set(stale), statuses
 
 
-def collect_status(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, dict[str, Any]]:
-    """evaluate on every connected node: each device reports version, hash, outbox and byte counters."""
-    msgs = [_to(nid, "evaluate", rnd, config=ConfigRecord({"round": rnd})) for nid in grid.get_node_ids()]
-    return {msg.metadata.dst_node_id: _dict(reply.content["status"])
-            for msg, reply in exchange(grid, msgs, cfg) if usable(msg, reply, "status")}
+def collect_status(grid: Grid, rnd: int, cfg: FleetRunConfig, known: dict[int, dict[str, Any]] | None = None
+                   ) -> dict[int, dict[str, Any]]:
+    """evaluate on every connected node not in ``known`` (the statuses the apply step already returned: one
+    process start per device saved): each reports version, hash, outbox and byte counters."""
+    known = dict(known or {})
+    msgs = [_to(nid, "evaluate", rnd, config=ConfigRecord({"round": rnd})) for nid in grid.get_node_ids()
+            if nid not in known]
+    return {**known, **{msg.metadata.dst_node_id: _dict(reply.content["status"])
+                        for msg, reply in exchange(grid, msgs, cfg) if usable(msg, reply, "status")}}
 
 
 def check_mirrors(cloud, rnd: int, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],

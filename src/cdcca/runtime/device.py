@@ -32,7 +32,7 @@ from cdcca.runtime.evaluate import domain_tokens
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
 from cdcca.uplink import UTSConfig, build_uplink, plan_uplink, sample_uncertainty
-from cdcca.wire import PacketError, decode, require_plain_name
+from cdcca.wire import decode, require_plain_name
 
 CONFIG = "device.json"
 
@@ -274,14 +274,8 @@ class DeviceRuntime:
 
     # -- downlink ----------------------------------------------------------------------------
     def apply(self, packet: bytes) -> dict:
-        """Verify and apply an update or resync packet atomically; the model follows the store."""
-        kind = decode(packet).kind
-        if kind == "update":
-            report = self.store.apply_update(packet)
-        elif kind == "resync":
-            report = self.store.apply_resync(packet)
-        else:
-            raise PacketError(f"device got a {kind!r} packet; it applies only 'update' or 'resync' packets")
+        """Verify and apply an update or resync packet atomically (decoded once); the model follows the store."""
+        report = self.store.apply(decode(packet), nbytes=len(packet))
         if self._model is not None:
             load_adapter_state(self._model, self.store.current()[1])
         if report.get("status") != "already_applied":
