@@ -27,6 +27,7 @@ Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P =
     codes        int8 (M, K) | uint8 (M, K/2)   [pcaK-int8 | pcaK-int4] coefficients on the shared basis
     tokens       int8 (M, C) | float16 (M, C)   [full-int8 | full-fp16] every channel
                                                 (kept tokens, sample after sample, positions ascending)
+    norms        float16 (M, 2)                 [pca codes] each token's channel mean and std
     scales       float16 (M,)                   per-token absmax / 127 (int8) or / 7 (int4); not for fp16
     positions    uint8 (M,)                     grid position 0..P-1 of every kept token
     counts       int32 (N,)                     kept tokens per sample (1..P, sums to M)
