@@ -62,8 +62,6 @@ def test_a_damaged_device_config_is_a_one_line_error(tmp_path, edit, field):
     assert "\n" not in str(err.value) and "re-create" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="known: the device passes neither its model nor its "
-                   "prompter to plan_uplink, so view_consistency fails on the first request instead of when configured")
 def test_a_device_with_the_view_consistency_scorer_serves_or_is_refused_when_created(tmp_path):
     uts = UTSConfig(selection="budget", budget=4, token_scorer="energy", sample_scorer="view_consistency")
     try:

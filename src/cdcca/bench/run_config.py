@@ -13,21 +13,12 @@ from typing import Any
 from cdcca.fleet.local import FleetConfig
 from cdcca.presets import apply_config, config_toml, load_preset, read_config
 
-__all__ = ["apply_config", "check_device_uts", "config_toml", "fleet_config", "resolve_run_config"]
+__all__ = ["apply_config", "config_toml", "fleet_config", "resolve_run_config"]
 
 
 def fleet_config(settings: dict[str, Any]) -> FleetConfig:
     """The embedded fleet's run config of a preset's or a file's settings (unnamed knobs keep their defaults)."""
-    return check_device_uts(apply_config(FleetConfig(), settings))
-
-
-def check_device_uts(cfg: FleetConfig) -> FleetConfig:
-    """Refuse now what a device runtime would refuse on its first request: the two-view scorer needs the
-    device model inside the UTS plan, which the runtime does not pass (``cdcca bench uts`` measures it)."""
-    if cfg.uts.sample_scorer == "view_consistency":
-        raise ValueError("uts.sample_scorer 'view_consistency' does not run on a device runtime yet (only in "
-                         "`cdcca bench uts`); choose mc_disagreement, mc_entropy, confidence, entropy or margin")
-    return cfg
+    return apply_config(FleetConfig(), settings)
 
 
 def resolve_run_config(preset: str | None = None, config: str | Path | None = None,
@@ -39,5 +30,5 @@ def resolve_run_config(preset: str | None = None, config: str | Path | None = No
     settings = read_config(config) if config is not None else load_preset(preset or "quick")
     cfg = fleet_config(settings)
     if overrides:
-        cfg = check_device_uts(apply_config(cfg, overrides))
+        cfg = apply_config(cfg, overrides)
     return cfg, str(config) if config is not None else (preset or "quick")

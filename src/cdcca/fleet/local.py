@@ -14,6 +14,7 @@ from cdcca.akd.distill import AKDConfig
 from cdcca.data.scenario import STREAM_BUDGET, Scenario, Slot, stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.downlink import DWCConfig
+from cdcca.presets import apply_config, load_preset
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
@@ -55,21 +56,9 @@ class FleetConfig:
         return len(self.schedule())
 
 
-FLEET_PRESETS = {
-    # the default persistent stream: 4 domains × 4 rounds × 80 requests per device, the STREAM_BUDGET
-    # most uncertain of each round uploaded; held-out accuracy after each domain (the last on 200 questions)
-    "quick": dict(heldout_n=200, curve_n=100),
-    # twice the requests per round, 1,000 held-out questions per domain
-    "paper": dict(round_size=160, heldout_n=1000, uts=UTSConfig(selection="budget", budget=2 * STREAM_BUDGET)),
-    "tiny": dict(rounds_per_domain=1, heldout_n=16, tiny=True, uts=UTSConfig(selection="budget", budget=4, token_scorer="energy")),
-}
-
-
 def preset_config(name: str) -> FleetConfig:
-    """The embedded fleet's settings of a named preset (what ``cdcca demo --preset NAME`` runs)."""
-    if name not in FLEET_PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(FLEET_PRESETS)}")
-    return FleetConfig(**FLEET_PRESETS[name])
+    """The embedded fleet's settings of a named preset: ``configs/NAME.toml`` (what ``cdcca demo --preset NAME`` runs)."""
+    return apply_config(FleetConfig(), load_preset(name))
 
 
 class LocalFleet:

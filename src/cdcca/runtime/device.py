@@ -31,7 +31,7 @@ from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.evaluate import domain_tokens
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
-from cdcca.uplink import UTSConfig, build_uplink, plan_uplink, sample_uncertainty
+from cdcca.uplink import UTSConfig, build_uplink, collect_token_stats, plan_uplink, sample_uncertainty, view_uncertainty
 from cdcca.wire import decode, require_plain_name
 
 CONFIG = "device.json"
@@ -191,8 +191,14 @@ class DeviceRuntime:
         come a batch at a time, not as a round, so the round's budget is spread over them (:class:`RequestBudget`)."""
         answers = answer_all(self.model, self._prompter(), tokens, questions, batch_size, self.uts.temperature)
         uts, uncertainty = self.uts, None
-        if per_request:
+        if self.uts.sample_scorer == "view_consistency":       # the second view needs the device model
+            # the tiny device's random token width has no clean-source statistics: the batch's own stand in
+            stats = collect_token_stats(tokens) if self.config.get("tiny") else None
+            uncertainty = view_uncertainty(self.model, self._prompter(), tokens, questions, answers, stats=stats,
+                                           keep_ratio=self.uts.keep_ratio, floor=self.uts.ood_floor)
+        elif per_request:
             uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
+        if per_request:
             uts = self.request_budget.uts_for(uncertainty)
         samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge, uncertainty=uncertainty)
         self.outbox.add_many(samples)
