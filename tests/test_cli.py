@@ -38,7 +38,7 @@ def test_the_teacher_recipes_refuse_the_device_and_a_missing_init_in_one_line(tm
 
 
 @pytest.mark.parametrize("recipe, flag, value", [
-    ("readout", "--steps", "5"), ("readout", "--torch-device", "cuda"), ("consistency", "--aug-share", "0.5"),
+    ("readout", "--steps", "5"), ("readout", "--aug-family", "fog"), ("consistency", "--aug-share", "0.5"),
     ("targets", "--aug-family", "fog"), ("end-to-end", "--split-layer", "20"), ("consistency", "--target-images", "8"),
 ])
 def test_pretrain_refuses_in_one_line_a_flag_the_recipe_does_not_use(tmp_path, recipe, flag, value):

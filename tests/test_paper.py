@@ -107,7 +107,7 @@ def test_run_paper_resumes_from_finished_cells(tmp_path, monkeypatch):
         return rows[cell]
 
     monkeypatch.setattr(paper, "run_cell", fake_run)
-    monkeypatch.setattr(paper.BenchModels, "load", classmethod(lambda cls: None))
+    monkeypatch.setattr(paper.BenchModels, "load", classmethod(lambda cls, *a, **k: None))
     monkeypatch.setattr(paper, "reference_sizes", lambda models: SIZES)
     with pytest.raises(RuntimeError, match="stopped"):
         paper.run_paper("quick", [0], tmp_path)

@@ -27,6 +27,7 @@ the loss in :mod:`cdcca.akd.losses`; their names are re-exported here for earlie
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -41,6 +42,7 @@ from cdcca.akd.prefix import PrefixTeacher, train_prefix
 from cdcca.akd.records import ReplayBuffer, TeacherRecord, with_true_labels
 from cdcca.akd.source_set import SourceSet
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
+from cdcca.model.placement import text_to
 from cdcca.model.prompt import Prompter
 
 __all__ = ["AKD", "AKDConfig", "Aligner", "DistillStats", "ReplayBuffer", "StudentState", "TeacherRecord",
@@ -81,9 +83,12 @@ class AKD:
     """The cloud's distiller: a teacher, one student network, and per-device aligner + replay state."""
 
     def __init__(self, teacher: MLLM, student: MLLM, prompter: Prompter, cfg: AKDConfig | None = None,
-                 source: SourceSet | None = None):
-        self.teacher = teacher.eval()
-        self.student = student
+                 source: SourceSet | None = None, device: str = "cpu"):
+        # ``device``: where the teacher, the student and their training run (cdcca.model.placement);
+        # records, replay buffers and the adapters handed back stay on the CPU
+        self.device = torch.device(device)
+        self.teacher = teacher.to(self.device).eval()
+        self.student = student.to(self.device)
         self.prompter = prompter
         self.cfg = cfg or AKDConfig()
         if self.cfg.replay.source > 0 and source is None:
@@ -94,7 +99,8 @@ class AKD:
             if source is None:
                 raise ValueError("AKDConfig.prefix_epochs > 0 needs the clean source set (AKD(..., source=load_source_set()))")
             # the student holds the source device's adapters now: the map and the anchors are the source model's
-            self.prefix_teacher = PrefixTeacher.fit(self.teacher.bridge, student.bridge, source.tokens, self.cfg.prefix.ridge)
+            self.prefix_teacher = PrefixTeacher.fit(self.teacher.bridge, student.bridge, source.tokens.to(self.device),
+                                                    self.cfg.prefix.ridge)
         self.teacher_forward_calls = 0
         self.teacher_samples = 0
         self.students: dict[str, StudentState] = {}
@@ -103,7 +109,7 @@ class AKD:
         """A device's state before its first round: a seeded aligner and empty replay buffers."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
-            aligner = Aligner(self.student.cfg.bridge.d_lm, self.teacher.cfg.bridge.d_lm)
+            aligner = Aligner(self.student.cfg.bridge.d_lm, self.teacher.cfg.bridge.d_lm).to(self.device)
         return StudentState(aligner, ReplayBuffer(self.cfg.replay.capacity, self.cfg.seed),
                             ReplayBuffer(self.cfg.replay.capacity, self.cfg.seed + 1))
 
@@ -124,29 +130,33 @@ class AKD:
             return self._prefix_records(tokens, keep, questions, sample_ids, batch_size)
         records = []
         cand = self.prompter.candidate_first_ids
+        dev = self.device
         for s in range(0, len(questions), batch_size):
             qs = questions[s:s + batch_size]
             text = self.prompter.batch(qs)
-            fwd = self.teacher(tokens[s:s + batch_size], keep[s:s + batch_size], text.input_ids, text.attention_mask)
+            fwd = self.teacher(tokens[s:s + batch_size].to(dev), keep[s:s + batch_size].to(dev),
+                               text.input_ids.to(dev), text.attention_mask.to(dev))
             self.teacher_forward_calls += 1
             self.teacher_samples += len(qs)
-            logits = self.teacher.logits(fwd.normed[:, -1]).float()            # (b, V)
+            logits = self.teacher.logits(fwd.normed[:, -1]).float().cpu()      # (b, V); records live on the CPU
             probs = logits[:, cand].softmax(-1)
             conf, pick = probs.max(-1)
             Q, T = fwd.n_visual, text.input_ids.shape[1]
+            hidden, visual = fwd.hidden.cpu(), fwd.visual.cpu()
             for i in range(len(qs)):
                 n_text = int(text.attention_mask[i].sum())
-                h = torch.cat([fwd.hidden[i, :Q], fwd.hidden[i, Q + T - n_text:]])   # drop padding
+                h = torch.cat([hidden[i, :Q], hidden[i, Q + T - n_text:]])   # drop padding
                 records.append(TeacherRecord(
                     sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
                     self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone(),
-                    fwd.visual[i].half()))
+                    visual[i].half()))
         return records
 
     def _prefix_records(self, tokens: torch.Tensor, keep: torch.Tensor, questions: list[str], sample_ids: list[str],
                         batch_size: int) -> list[TeacherRecord]:
-        prefix = torch.cat([self.teacher.bridge(tokens[s:s + batch_size], keep[s:s + batch_size])    # as in its forward
-                            for s in range(0, len(questions), batch_size)])
+        dev = self.device
+        prefix = torch.cat([self.teacher.bridge(tokens[s:s + batch_size].to(dev), keep[s:s + batch_size].to(dev)).cpu()
+                            for s in range(0, len(questions), batch_size)])     # as in its forward
         self.teacher_samples += len(questions)
         d_t = prefix.shape[-1]
         return [TeacherRecord(sid, tokens[i].half(), keep[i].clone(), q, "", 0.0, torch.zeros(0, d_t, dtype=torch.float16),
@@ -170,7 +180,9 @@ class AKD:
         # dropout draws from a generator seeded by the device's history, so a restarted cloud repeats them
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + replay.seen * 1009 + state.prefix_replay.seen)
-            return self._distill(state, base, records, new, device_answers, t0)
+            # off the CPU, tensors the losses create land on the device too (on the CPU: nothing changes)
+            with contextlib.nullcontext() if self.device.type == "cpu" else self.device:
+                return self._distill(state, base, records, new, device_answers, t0)
 
     def _distill(self, state: StudentState, base: AdapterState, records: list[TeacherRecord],
                  new: list[TeacherRecord], device_answers: list[str] | None, t0: float) -> tuple[AdapterState, DistillStats]:
@@ -233,9 +245,10 @@ class AKD:
         label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.akd.prefix`."""
         cfg = self.cfg
         data = records + replay.sample(int(len(records) * cfg.replay.per_round))
-        targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]))
-        stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]),
-                             torch.stack([r.keep for r in data]), targets, epochs=cfg.prefix.epochs,
+        dev = self.device
+        targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]).to(dev))
+        stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]).to(dev),
+                             torch.stack([r.keep for r in data]).to(dev), targets, epochs=cfg.prefix.epochs,
                              batch_size=cfg.prefix.batch_size, lr=cfg.prefix.lr, source_ratio=cfg.replay.source,
                              grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params)
         replay.add(records)
@@ -244,8 +257,8 @@ class AKD:
     def source_loss(self, n: int, rng: random.Random) -> torch.Tensor:
         """CE on the true answers of ``n`` clean source samples (rehearsal against forgetting)."""
         tokens, questions, answers = self.source.sample(n, rng)
-        text = self.prompter.batch(questions, answers)
-        fwd = self.student(tokens, None, text.input_ids, text.attention_mask)
+        text = text_to(self.prompter.batch(questions, answers), self.device)
+        fwd = self.student(tokens.to(self.device), None, text.input_ids, text.attention_mask)
         return self.cfg.labels.w_source * answer_loss(self.student, fwd, text.labels)
 
     def loss_terms(self, batch: list[TeacherRecord], aligner: Aligner) -> dict[str, torch.Tensor]:
@@ -254,7 +267,7 @@ class AKD:
 
     def _batch_terms(self, batch: list[TeacherRecord], loss_fn: AKDLoss) -> dict[str, torch.Tensor]:
         """The student's forward pass on a batch of records (their pseudo-labels as answers), then the loss."""
-        text = self.prompter.batch([r.question for r in batch], [r.pseudo_label for r in batch])
-        tokens = torch.stack([r.tokens for r in batch]).float()
-        keep = torch.stack([r.keep for r in batch])
+        text = text_to(self.prompter.batch([r.question for r in batch], [r.pseudo_label for r in batch]), self.device)
+        tokens = torch.stack([r.tokens for r in batch]).float().to(self.device)
+        keep = torch.stack([r.keep for r in batch]).to(self.device)
         return loss_fn(self.student, self.student(tokens, keep, text.input_ids, text.attention_mask), text, batch)

@@ -30,7 +30,7 @@ def answer_loss_per_sample(model: MLLM, fwd, labels: torch.Tensor) -> torch.Tens
     sel = target != -100                                          # (B, T-1); lm_head only where labelled
     ce = F.cross_entropy(model.logits(text[:, :-1][sel]).float(), target[sel], reduction="none")
     owner = sel.nonzero()[:, 0]
-    total = torch.zeros(len(labels), dtype=ce.dtype).index_add(0, owner, ce)
+    total = torch.zeros(len(labels), dtype=ce.dtype, device=ce.device).index_add(0, owner, ce)
     return total / sel.sum(1).clamp_min(1)
 
 
@@ -84,7 +84,7 @@ class AKDLoss(nn.Module):
             terms["ce"] = cfg.w_ce * (weights * self._ce(student, fwd, text, batch)).mean()
         if cfg.w_kl:
             s_logits = student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
-            t_logits = torch.stack([r.logits for r in batch]).float()
+            t_logits = torch.stack([r.logits for r in batch]).float().to(s_logits.device)
             T = cfg.temperature
             kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
                           log_target=True, reduction="none").sum(-1)
@@ -112,7 +112,7 @@ class AKDLoss(nn.Module):
             B = len(batch)
             s_logits = student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
             log_p = s_logits[:, self.candidate_ids].log_softmax(-1)
-            return -(torch.stack([r.probs for r in batch]).float() * log_p).sum(-1)
+            return -(torch.stack([r.probs for r in batch]).float().to(log_p.device) * log_p).sum(-1)
         return answer_loss_per_sample(student, fwd, text.labels)
 
 
@@ -124,8 +124,8 @@ def aligned_hidden(fwd, text, batch: list[TeacherRecord]) -> tuple[torch.Tensor,
     L = max(lengths)
     B, d_s = len(batch), fwd.hidden.shape[-1]
     h_s = fwd.hidden.new_zeros(B, L, d_s)
-    h_t = torch.zeros(B, L, batch[0].hidden.shape[-1])
-    mask = torch.zeros(B, L, 1)
+    h_t = fwd.hidden.new_zeros(B, L, batch[0].hidden.shape[-1], dtype=torch.float32)
+    mask = fwd.hidden.new_zeros(B, L, 1, dtype=torch.float32)
     for i, r in enumerate(batch):
         n_prompt = lengths[i] - Q
         start = int(text.answer_start[i]) - n_prompt + 1          # first prompt token in the text

@@ -33,13 +33,13 @@ class PrefixMap:
         """Ridge regression over every (image, query) pair; one map shared by the query positions."""
         x = teacher_prefix.reshape(-1, teacher_prefix.shape[-1]).double()
         y = device_prefix.reshape(-1, device_prefix.shape[-1]).double()
-        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype)
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype, device=x.device)
         return cls(torch.linalg.solve(gram, xa.T @ y).float())
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         x = prefix.float()
-        return torch.cat([x, torch.ones(*x.shape[:-1], 1)], -1) @ self.weight
+        return torch.cat([x, torch.ones(*x.shape[:-1], 1, device=x.device)], -1) @ self.weight
 
 
 @torch.no_grad()

@@ -90,9 +90,10 @@ class BenchModels:
     teacher: object
     pretrained: dict
     source: object = None
+    torch_device: str = "cpu"        # where the teacher and AKD's student compute; the device model stays on the CPU
 
     @classmethod
-    def load(cls) -> BenchModels:
+    def load(cls, torch_device: str = "cpu") -> BenchModels:
         from cdcca.assets import load_tokenizer
         from cdcca.data.easyvqa import load_split
         from cdcca.model.mllm import adapter_state
@@ -102,7 +103,7 @@ class BenchModels:
         data = load_split("test")
         device = load_pretrained("device")
         return cls(data, Prompter(load_tokenizer(), data.candidates), device, load_pretrained("device"),
-                   load_pretrained("cloud"), adapter_state(device))
+                   load_pretrained("cloud").to(torch_device), adapter_state(device), torch_device=torch_device)
 
     def source_set(self):
         """The labelled clean source set, loaded on first need."""
@@ -152,13 +153,13 @@ def run_variant(models: BenchModels, name: str, seed: int, base: dict | None = N
     t0 = time.perf_counter()
     data, prompter = models.for_stream(cfg.stream)
     akd = AKD(models.teacher, models.student, prompter, cfg.akd,
-              source=models.source_set() if cfg.akd.needs_source else None)
+              source=models.source_set() if cfg.akd.needs_source else None, device=models.torch_device)
     res = run_loop(cfg, models.fresh_device(), akd, prompter, data)
     return summarize(name, seed, res, time.perf_counter() - t0)
 
 
 def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None,
-        settings: list[str] | None = None) -> list[dict]:
+        settings: list[str] | None = None, torch_device: str = "cpu") -> list[dict]:
     """One row per (variant, seed): held-out MC over the shifted domains and clean, what was trained on, time."""
     unknown = set(names or []) - set(variants())
     if unknown:
@@ -168,7 +169,7 @@ def run(names: list[str] | None = None, on_result=None, base: dict | None = None
     for name in names or list(variants()):
         cfg = loop_config(name, 0, base, settings)      # a bad --set, domain or JSONL row fails before any model loads
         stream_data(resolve_sequence(cfg.stream))
-    models = BenchModels.load()
+    models = BenchModels.load(torch_device)
     results = []
     for seed in seeds or [0]:
         for name in names or list(variants()):

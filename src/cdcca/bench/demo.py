@@ -99,7 +99,8 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     source = load_source_set() if cfg.akd.needs_source else None
-    res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source), prompter, data)
+    res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source, device=cfg.torch_device),
+                   prompter, data)
     acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"],
            "online": [r["online_mc"] for r in res["rounds"]]}
     write_json(path, acc)

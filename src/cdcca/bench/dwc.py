@@ -81,7 +81,8 @@ def device_model_bytes(model) -> int:
     return 2 * n
 
 
-def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, on_result=None) -> dict:
+def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, on_result=None,
+        torch_device: str = "cpu") -> dict:
     from cdcca.assets import load_tokenizer
     from cdcca.bench.loop import heldout_mc
     from cdcca.data.easyvqa import load_split
@@ -99,6 +100,7 @@ def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, 
     prompter = Prompter(load_tokenizer(), data.candidates)
     device = load_pretrained("device")
     base = adapter_state(device)
+    device.to(torch_device)           # evaluation only: states are loaded into it, tokens follow it (model/answer.py)
     domains = resolve_sequence("default")
 
     def accuracy(state) -> float:

@@ -232,7 +232,8 @@ class CellStore:
 
 
 def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[str], None] | None = None,
-              link_mbps: float = 10.0, methods: list[str] | None = None, stream: dict | None = None) -> dict:
+              link_mbps: float = 10.0, methods: list[str] | None = None, stream: dict | None = None,
+              torch_device: str = "cpu") -> dict:
     """Run (or resume) every cell of the preset (or of ``methods``), then build the tables, plots and report
     in ``out_dir``. ``stream``: LoopConfig stream settings (scenario, rounds_per_domain, round_size, visits,
     update_delay) over the default persistent stream."""
@@ -243,7 +244,7 @@ def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[
     todo = [c for c in cells if store.get(c) is None]
     if log:
         log(f"{len(cells)} cells, {len(cells) - len(todo)} already done in {store.dir}")
-    models = BenchModels.load()
+    models = BenchModels.load(torch_device)
     t_start = time.perf_counter()
     for i, cell in enumerate(todo, 1):
         t0 = time.perf_counter()

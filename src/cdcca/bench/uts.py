@@ -123,9 +123,9 @@ class _Bench:
     stats: Any
 
 
-def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool) -> _Bench:
+def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool, torch_device: str = "cpu") -> _Bench:
     """Fill in the defaults: the pretrained device, the cloud as fidelity model when its weights exist,
-    the packaged token statistics for the real encoder's 1280-dim tokens, cached test features."""
+    the packaged token statistics, cached test features; the cloud on ``torch_device``, the device on the CPU."""
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
     from cdcca.model.pair import load_pretrained, weights_file
@@ -141,7 +141,7 @@ def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool) ->
     fid_name = "device"
     if fidelity and fidelity_model is None:
         if which == "pretrained device" and weights_file("cloud").is_file():
-            fidelity_model, fid_name = load_pretrained("cloud"), "pretrained cloud"
+            fidelity_model, fid_name = load_pretrained("cloud").to(torch_device), "pretrained cloud"
         else:
             fidelity_model = model
     elif fidelity_model is not None:
@@ -368,7 +368,7 @@ def _notes(images: dict[str, int], n_req: int, per_uploaded: float, fid_name: st
 def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, tokens_for=None, stats=None,
               cfg: UTSConfig | None = None, repeats: int = 5, batch_size: int = 32,
               keep_ratios=KEEP_RATIOS, fidelity: bool = True, log: Callable[[str], None] | None = None,
-              codes=CODES) -> dict:
+              codes=CODES, torch_device: str = "cpu") -> dict:
     """Run the UTS benchmark; returns a JSON-ready dict (see the module docstring).
 
     Defaults load the real pretrained device, the packaged token statistics and cached features;
@@ -378,7 +378,7 @@ def run_bench(n: int = 400, *, model=None, prompter=None, fidelity_model=None, t
     """
     log = log or (lambda _msg: None)
     cfg = cfg or UTSConfig()
-    bench = _load(model, prompter, fidelity_model, tokens_for, stats, fidelity)
+    bench = _load(model, prompter, fidelity_model, tokens_for, stats, fidelity, torch_device)
     rounds = _stream_rounds(bench, n, cfg, log)
     packets, samples = _upload(rounds, cfg, bench)
     per_scorer_bytes, per_scorer_acc = _token_keep_rows(bench, rounds, cfg, keep_ratios, fidelity, log)

@@ -12,12 +12,14 @@ from cdcca.cli.common import (
     RoundSizeOpt,
     RoundsPerDomainOpt,
     ScenarioOpt,
+    TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
     console,
     fail,
     one_line_errors,
     scenario_overrides,
+    torch_device_or_fail,
     use_threads,
 )
 from cdcca.cli.live import bench_live
@@ -34,11 +36,13 @@ def bench_uts(
     threads: int | None = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
     codes: str | None = typer.Option(None, help="Comma-separated token codes to compare on the uploads, e.g. "
                                      "full-int8,pca64-int8,pca128-int4 (default: full-int8 and six pca variants)."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
     from cdcca.assets import AssetError
     from cdcca.bench.uts import run_bench
 
+    torch_device = torch_device_or_fail(torch_device)
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
     from cdcca.uplink import parse_code
@@ -49,7 +53,7 @@ def bench_uts(
         fail(f"--codes: {exc}")
     use_threads(threads)
     try:
-        res = run_bench(n, repeats=repeats, log=None if as_json else console.print,
+        res = run_bench(n, repeats=repeats, log=None if as_json else console.print, torch_device=torch_device,
                         **({} if code_list is None else {"codes": code_list}))
     except AssetError as exc:
         fail(str(exc))
@@ -100,10 +104,12 @@ def bench_akd(
     weights: Path | None = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """AKD ablations on the continual stream: online MC and recovery, final held-out MC over shifted domains, source MC, cloud time."""
     from cdcca.bench import akd
 
+    torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
     if label_study:
         try:
@@ -132,7 +138,7 @@ def bench_akd(
         base.update(scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay))
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,
-                       settings=set_ or [])
+                       settings=set_ or [], torch_device=torch_device)
     except ValueError as exc:
         fail(str(exc))
     if not as_json:
@@ -180,14 +186,17 @@ def bench_dwc(
     n: int = typer.Option(200, help="Held-out questions per domain."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """Downlink bytes vs accuracy on real AKD deltas, for several budgets and bit widths, with and without error feedback."""
     from cdcca.bench import dwc
 
+    torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
     names = [v.strip() for v in settings.split(",")] if settings else None
     try:
-        result = dwc.run(states, heldout_n=n, names=names, on_result=None if as_json else lambda r: console.print(r))
+        result = dwc.run(states, heldout_n=n, names=names, on_result=None if as_json else lambda r: console.print(r),
+                         torch_device=torch_device)
     except (FileNotFoundError, KeyError) as exc:
         fail(str(exc))
     if not as_json:
@@ -302,11 +311,13 @@ def bench_paper(
     results_page: Path | None = typer.Option(None, help="Also write the tables into this page's bench-paper block (e.g. docs/RESULTS.md)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (progress still goes to stderr)."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """The paper's Tables 1, 3, 4, 5 on this benchmark: baselines, CDCCA, teacher and oracle over seeds; resumable."""
     from cdcca.bench.paper import plan, run_paper
     from cdcca.bench.paper_report import markdown, update_results_page
 
+    torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
     if link_mbps <= 0:
         fail(f"--link-mbps must be positive, got {link_mbps}")
@@ -317,7 +328,7 @@ def bench_paper(
         preset = str(config) if config is not None else preset
         plan(preset, seed_list, method_list)          # bad preset, seeds or methods fail before any model loads
         result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps,
-                           methods=method_list, stream=stream)
+                           methods=method_list, stream=stream, torch_device=torch_device)
         if results_page:
             update_results_page(results_page, markdown(result))
     if not as_json:

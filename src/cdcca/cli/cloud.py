@@ -7,16 +7,16 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import fail, one_line_errors
+from cdcca.cli.common import TorchDeviceOpt, fail, one_line_errors, torch_device_or_fail
 
 cloud_app = typer.Typer(no_args_is_help=True, help="Cloud runtime: inbox, per-device mirrors, AKD → DWC rounds, fleet groups.")
 STATE_HELP = "State directory of the cloud runtime."
 
 
-def _cloud(state: Path, tiny: bool | None):
+def _cloud(state: Path, tiny: bool | None, torch_device: str = "cpu"):
     from cdcca.runtime.cloud import CloudRuntime
 
-    return CloudRuntime.open(state, tiny=tiny)
+    return CloudRuntime.open(state, tiny=tiny, torch_device=torch_device)
 
 
 @cloud_app.command("receive")
@@ -32,12 +32,14 @@ def cloud_receive(packet: Path, state: Path = typer.Option(..., help=STATE_HELP)
 
 @cloud_app.command("round")
 def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
-                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
+                out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after)."),
+                torch_device: TorchDeviceOpt = None):
     """AKD → DWC for one device's new uploads; the update packet is stored before it is written to --out."""
     from cdcca.wire import write_packet
 
+    torch_device = torch_device_or_fail(torch_device)
     with one_line_errors():
-        cloud = _cloud(state, tiny)
+        cloud = _cloud(state, tiny, torch_device)
         packet = cloud.run_round(device_id)
     if packet is None:
         fail(f"no new uploads from {device_id}: nothing to distil")

@@ -36,6 +36,22 @@ def use_threads(n: int | None) -> None:
     torch.set_num_threads(n or max(1, os.cpu_count() or 1))
 
 
+TORCH_DEVICE_HELP = ("torch device the cloud's models compute on: cpu (the default), cuda, cuda:N or mps; the "
+                     "name is checked before anything loads.")
+TorchDeviceOpt = Annotated[str | None, typer.Option("--torch-device", help=TORCH_DEVICE_HELP)]
+
+
+def torch_device_or_fail(name: str | None) -> str:
+    """The checked ``--torch-device`` (None → cpu), or :func:`fail`'s one line before any model loads."""
+    from cdcca.model.placement import check_torch_device
+
+    try:
+        return check_torch_device(name)
+    except ValueError as exc:
+        fail(str(exc))
+        raise   # unreachable: fail raises
+
+
 def fail(message: str) -> None:
     """One-line error and exit 2: the message names the problem and the fix."""
     console.print(f"[red]error:[/red] {message}")

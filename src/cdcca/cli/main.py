@@ -27,6 +27,7 @@ from cdcca.cli.common import (
     RoundSizeOpt,
     RoundsPerDomainOpt,
     ScenarioOpt,
+    TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
     console,
@@ -35,6 +36,7 @@ from cdcca.cli.common import (
     one_line_errors,
     open_device,
     summary_line,
+    torch_device_or_fail,
     use_threads,
 )
 from cdcca.cli.export import device_export
@@ -100,6 +102,7 @@ def eval_cmd(
     direct: bool = typer.Option(True, help="Also generate direct answers (DA); --no-direct scores MC only (faster)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """Held-out accuracy (direct answer and multiple choice, 0–1) of a model, clean or under shift."""
     from cdcca.assets import AssetError, load_tokenizer
@@ -107,12 +110,13 @@ def eval_cmd(
     from cdcca.model.pair import load_pretrained
     from cdcca.model.prompt import Prompter
 
+    torch_device = torch_device_or_fail(torch_device)   # the model moves there; tokens follow it (model/answer.py)
     use_threads(threads)
     if data_file is not None:
         from cdcca.runtime.evaluate import evaluate_file
 
         with one_line_errors():
-            result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights), load_tokenizer(),
+            result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights).to(torch_device), load_tokenizer(),
                                                            data_file, n, direct)}
         if not as_json:
             da = "-" if result["da"] is None else f"{result['da']:.3f}"
@@ -121,7 +125,7 @@ def eval_cmd(
         return
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
-        net = load_pretrained(role.value, weights)
+        net = load_pretrained(role.value, weights).to(torch_device)
         data = stream_data(domains)
         prompter = Prompter(load_tokenizer(), data.candidates)
     except (ValueError, AssetError, FileNotFoundError) as exc:
@@ -205,18 +209,21 @@ def demo(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
+    torch_device: TorchDeviceOpt = None,
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report."""
     from cdcca.assets import AssetError
     from cdcca.bench.demo import run_demo
 
+    torch_device = None if torch_device is None else torch_device_or_fail(torch_device)
     use_threads(threads)
     if devices is not None and devices < 1:
         fail(f"--devices must be ≥ 1, got {devices}")
     if update_delay is not None and update_delay < 0:
         fail(f"--update-delay must be ≥ 0 rounds, got {update_delay}")
     flags = {"devices": devices, "stream": stream, "scenario": scenario, "rounds_per_domain": rounds_per_domain,
-             "round_size": round_size, "visits": visits, "update_delay": update_delay, "group": group}
+             "round_size": round_size, "visits": visits, "update_delay": update_delay, "group": group,
+             "torch_device": torch_device}
     overrides = {k: v for k, v in flags.items() if v is not None}      # a flag left out keeps the config's value
     try:
         if print_config:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import Recipe, Role, console, fail, use_threads
+from cdcca.cli.common import Recipe, Role, console, fail, torch_device_or_fail, use_threads
 
 # the options each recipe reads (besides --role, --init, --seed, --out, --force, --threads); any other is refused
 RECIPE_OPTIONS = {
     "end-to-end": ("steps", "batch_size", "lr", "aug_share", "aug_family", "torch_device"),
     "consistency": ("steps", "batch_size", "lr", "torch_device"),
     "targets": ("steps", "batch_size", "lr", "torch_device", "target_images"),
-    "readout": ("batch_size", "lr", "aug_share", "readout_samples", "split_layer"),
+    "readout": ("batch_size", "lr", "aug_share", "readout_samples", "split_layer", "torch_device"),
 }
 
 
@@ -38,8 +38,8 @@ def pretrain(
     force: bool = typer.Option(False, help="Retrain even if weights with the same config exist (overwrites ROLE.safetensors and ROLE.json in --out)."),
     aug_family: str | None = typer.Option(None, help="end-to-end: the corruptions of the corrupted copies, "
                                           "comma-separated (default: cloud all, device none)."),
-    torch_device: str | None = typer.Option(None, "--torch-device", help="torch device to train on: cpu (the default) "
-                                            "or cuda; not for readout."),
+    torch_device: str | None = typer.Option(None, "--torch-device", help="torch device to train on: cpu (the default), "
+                                            "cuda, cuda:N or mps (every recipe; checked before anything loads)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     recipe: Recipe = typer.Option(Recipe.end_to_end, help="end-to-end (bridge + LoRA through the LLM), consistency "
                                "(cloud only: its bridge learns to map corrupted, partly dropped tokens to its clean "
@@ -59,14 +59,14 @@ def pretrain(
     refuse_unused(recipe, steps=steps, batch_size=batch_size, lr=lr, aug_share=aug_share, aug_family=aug_family,
                   torch_device=torch_device, target_images=target_images, readout_samples=readout_samples,
                   split_layer=split_layer)
-    torch_device = torch_device or "cpu"
+    torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
     if recipe in ("consistency", "targets", "readout"):
         if role != "cloud":
             fail(f"--recipe {recipe} trains the cloud teacher; use it with --role cloud")
         if recipe == "readout":
             _pretrain_readout(readout_samples, split_layer, batch_size, lr, aug_share, init, seed,
-                              out or cache_dir() / "pretrained", force)
+                              out or cache_dir() / "pretrained", force, torch_device)
             return
         from cdcca.recipes.prefix_targets import TargetConfig
 
@@ -161,7 +161,7 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
         targets = None
         if targets_cfg is not None:
             with _loss_bar("prefix targets (images)", targets_cfg.images) as progress:
-                targets = targets_for(init, targets_cfg, out, clean, progress)
+                targets = targets_for(init, targets_cfg, out, clean, progress, device=torch_device)
         with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
             record = train_consistency(init, cfg, out, clean, views, device=torch_device, progress=progress,
                                        log=console.print, targets=None if targets is None else targets[:2])
@@ -196,7 +196,7 @@ def _write_stage(record: dict, init: Path, out: Path) -> None:
 
 
 def _pretrain_readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int, out: Path,
-                      force: bool) -> None:
+                      force: bool, torch_device: str = "cpu") -> None:
     from cdcca.assets import AssetError
     from cdcca.recipes.consistency import ConsistencyConfig, training_views
     from cdcca.recipes.readout import ReadoutConfig, train_readout
@@ -212,7 +212,7 @@ def _pretrain_readout(samples: int | None, split_layer: int | None, batch_size, 
     try:
         clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
         with _loss_bar("read-out (cloud top layers)", cfg.epochs * cfg.batches) as progress:
-            record = train_readout(init, cfg, out, clean, views, progress)
+            record = train_readout(init, cfg, out, clean, views, progress, device=torch_device)
     except (AssetError, ValueError) as exc:
         fail(str(exc))
     _write_stage(record, init, out)

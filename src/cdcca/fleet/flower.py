@@ -69,6 +69,7 @@ class FleetRunConfig:
     rounds_per_domain: int = field(default=0, metadata={"help": "0: the scenario's default"})
     round_size: int = field(default=0, metadata={"help": "requests per round per device; 0: the scenario's default"})
     visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
+    torch_device: str = field(default="cpu", metadata={"help": "torch device of the ServerApp's teacher and student (cpu, cuda, cuda:N); checked when the cloud opens"})
 
     def __post_init__(self):
         if self.traffic not in TRAFFIC:

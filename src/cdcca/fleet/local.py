@@ -39,6 +39,7 @@ class FleetConfig:
     tiny: bool = field(default=False, metadata={"help": "tiny random models and random tokens: transport checks only"})
     seed: int = field(default=0, metadata={"help": "which requests the stream draws, and training randomness"})
     group: str | None = field(default=None, metadata={"help": "'all': every device in one fleet group sharing one student"})
+    torch_device: str = field(default="cpu", metadata={"help": "torch device of the cloud's teacher and student (cpu, cuda, cuda:N); devices stay on the CPU"})
 
     def __post_init__(self):
         if not isinstance(self.update_delay, int) or self.update_delay < 0:
@@ -72,9 +73,11 @@ class LocalFleet:
     def setup(cls, cfg: FleetConfig, out_dir: Path) -> LocalFleet:
         out_dir = Path(out_dir)
         from cdcca.data.stream import stream_candidates
+        from cdcca.model.placement import check_torch_device
 
         cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc,
-                                  candidates=None if cfg.tiny else stream_candidates(cfg.stream))
+                                  candidates=None if cfg.tiny else stream_candidates(cfg.stream),
+                                  torch_device=check_torch_device(cfg.torch_device))
         if cfg.group not in (None, "all"):
             raise ValueError(f"group must be 'all' (one fleet group) or unset (a student per device), got {cfg.group!r}")
         devices = []

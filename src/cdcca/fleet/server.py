@@ -108,10 +108,11 @@ def queued_uploads(grid: Grid, rnd: int, cfg: FleetRunConfig) -> int:
 
 def open_cloud(cfg: FleetRunConfig):
     from cdcca.data.stream import stream_candidates
+    from cdcca.model.placement import check_torch_device
     from cdcca.runtime.cloud import CloudRuntime
 
     return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny, candidates=None if cfg.tiny else stream_candidates(cfg.stream),
-                             akd=cfg.akd_config(), dwc=cfg.dwc_config())
+                             akd=cfg.akd_config(), dwc=cfg.dwc_config(), torch_device=check_torch_device(cfg.torch_device))
 
 
 def wait_for_nodes(grid: Grid, cfg: FleetRunConfig) -> None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.model.mllm import MLLM, answer_loss
+from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256
 
@@ -62,7 +63,7 @@ def _mc_right(model: MLLM, prompter: Prompter, normed: torch.Tensor, labels: tor
               n_visual: int) -> torch.Tensor:
     """Per row: whether the candidate scored highest at the answer position is the gold one."""
     first = (labels[:, 1:] != -100).float().argmax(1)             # position that predicts the answer's first token
-    h = normed[:, n_visual:][torch.arange(len(first)), first]
+    h = normed[:, n_visual:][torch.arange(len(first), device=first.device), first]
     return model.logits(h)[:, prompter.candidate_first_ids].argmax(-1) == gold
 
 
@@ -72,8 +73,10 @@ def optimise_batch(model: MLLM, prompter: Prompter, prefix: torch.Tensor, questi
 
     Returns the optimised prefixes and the share of questions answered right before and after.
     """
-    text = prompter.batch(questions, answers)
-    gold = torch.tensor([prompter.candidates.index(a) for a in answers])
+    dev = prefix.device                         # the model's (optimise_prefixes puts the start there)
+    text = text_to(prompter.batch(questions, answers), dev)
+    gold = torch.tensor([prompter.candidates.index(a) for a in answers], device=dev)
+    owner = owner.to(dev)
     p = prefix.detach().clone().requires_grad_(True)
     right = []
     for step in range(cfg.inner_steps + 1):
@@ -85,7 +88,7 @@ def optimise_batch(model: MLLM, prompter: Prompter, prefix: torch.Tensor, questi
         (grad,) = torch.autograd.grad(answer_loss(model, fwd, text.labels), p)
         with torch.no_grad():   # normalised steepest descent: the change goes where the LLM is sensitive
             p -= cfg.step_norm * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-    return p.detach(), right[0], right[-1]
+    return p.detach().cpu(), right[0], right[-1]
 
 
 def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tensor, cfg: TargetConfig,
@@ -112,7 +115,7 @@ def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tenso
             owner = torch.tensor([k for k, qs in enumerate(picked) for _ in qs])
             flat = [q for qs in picked for q in qs]
             with torch.no_grad():
-                start = model.bridge(tokens[batch].float())
+                start = model.bridge(tokens[batch].float().to(model_device(model)))
             p, b, a = optimise_batch(model, prompter, start, [data.questions[q] for q in flat],
                                      [data.answers[q] for q in flat], owner, cfg)
             targets.append(p)
@@ -186,7 +189,7 @@ def load_targets(path: Path, key: str) -> tuple[np.ndarray, torch.Tensor, dict] 
 
 
 def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tensor,
-                progress=None) -> tuple[np.ndarray, torch.Tensor, dict]:
+                progress=None, device: str = "cpu") -> tuple[np.ndarray, torch.Tensor, dict]:
     """The bridge targets of the cloud adapters in ``init`` for every train image with a class.
 
     The optimised prefixes (the costly part) are read from ``out_dir`` when a run with the same key
@@ -197,7 +200,7 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tens
     from cdcca.model.pair import load_adapters_file
 
     key, path = targets_key(init, cfg), out_dir / "cloud.targets.safetensors"
-    model = load_adapters_file("cloud", init)
+    model = load_adapters_file("cloud", init).to(device)     # the prefixes' optimisation runs there
     data = load_split("train")
     saved = load_targets(path, key)
     if saved is None:
@@ -206,6 +209,6 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tens
         save_targets(path, *saved[:2], key, saved[2])
     images, targets, stats = saved
     with torch.no_grad():
-        start = torch.cat([model.bridge(tokens[s:s + 256].float()) for s in range(0, len(tokens), 256)])
+        start = torch.cat([model.bridge(tokens[s:s + 256].float().to(device)).cpu() for s in range(0, len(tokens), 256)])
     ids, class_targets = class_mean_targets(images, targets, start, image_classes(data.answers, data.image_ids))
     return ids, class_targets, {**stats, "optimised_images": len(images), "target_images": len(ids)}

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from cdcca.atomic import write_safetensors
 from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
+from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter, TextBatch
 from cdcca.recipes.checkpoint import config_digest, file_sha256
 
@@ -106,14 +107,14 @@ def cache_lower(split: SplitLLM, data, prompter: Prompter, clean: torch.Tensor, 
     """Lower-layer hidden states of ``cfg.samples`` random train questions, in batches; a share
     ``cfg.aug_share`` of them through a random corrupted copy of their image."""
     rng = np.random.default_rng(cfg.seed)
-    batches = []
+    batches, dev = [], model_device(split.model)       # the cache lives where the model computes
     for _ in range(cfg.batches):
         rows = rng.integers(0, len(data.questions), cfg.batch_size)
         images = data.image_ids[rows]
         corrupted = (rng.random(cfg.batch_size) < cfg.aug_share) & (len(variants) > 0)
         tokens = torch.stack([variants[rng.integers(len(variants))][i] if c else clean[i]
-                              for i, c in zip(images, corrupted)]).float()
-        text = prompter.batch([data.questions[r] for r in rows], [data.answers[r] for r in rows])
+                              for i, c in zip(images, corrupted)]).float().to(dev)
+        text = text_to(prompter.batch([data.questions[r] for r in rows], [data.answers[r] for r in rows]), dev)
         batches.append((*split.lower_pass(tokens, text), text))
     return batches
 
@@ -159,14 +160,14 @@ def tune_readout(model: MLLM, cfg: ReadoutConfig, data, prompter: Prompter, clea
 
 
 def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, clean: torch.Tensor, variants: list[torch.Tensor],
-                  progress=None) -> dict:
+                  progress=None, device: str = "cpu") -> dict:
     """Read-out tuning of the cloud adapters in ``init``; writes ``out_dir/cloud.safetensors`` and
     returns its record (config, hashes, loss, times)."""
     from cdcca.assets import load_tokenizer
     from cdcca.data.easyvqa import load_split
     from cdcca.model.pair import load_adapters_file
 
-    model = load_adapters_file("cloud", init)
+    model = load_adapters_file("cloud", init).to(device)
     data = load_split("train")
     stats = tune_readout(model, cfg, data, Prompter(load_tokenizer(), data.candidates), clean, variants, progress)
     path = out_dir / "cloud.safetensors"

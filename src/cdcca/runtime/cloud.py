@@ -107,14 +107,16 @@ class CloudRuntime:
 
     @classmethod
     def open(cls, state_dir, *, tiny: bool | None = None, akd: AKDConfig | None = None,
-             dwc: DWCConfig | None = None, candidates: list[str] | None = None) -> CloudRuntime:
+             dwc: DWCConfig | None = None, candidates: list[str] | None = None,
+             torch_device: str = "cpu") -> CloudRuntime:
         """Open (or create) a cloud state dir with the teacher and a student network loaded;
-        ``candidates``: the devices' multiple-choice set when their stream has file domains.
+        ``candidates``: the devices' multiple-choice set when their stream has file domains;
+        ``torch_device``: where the teacher and the student compute (the state dir is the same).
 
         ``tiny`` (random tiny models) is recorded in ``cloud.json`` when the state is created and
         read back afterwards; asking for the other kind of model on an existing state is an error."""
         tiny = remembered_tiny(Path(state_dir), tiny)
-        return cls(state_dir, None, None, dwc, models=lambda: _build_models(tiny, akd or AKDConfig(), candidates))
+        return cls(state_dir, None, None, dwc, models=lambda: _build_models(tiny, akd or AKDConfig(), candidates, torch_device))
 
     # -- devices, groups and their mirrors -----------------------------------------------------
     def _home(self, owner: str) -> Path:
@@ -363,7 +365,8 @@ def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
     return tiny
 
 
-def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None) -> tuple[AKD, AdapterState]:
+def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,
+                  torch_device: str = "cpu") -> tuple[AKD, AdapterState]:
     """The teacher, a student network and the prompter behind AKD, and the student's shipped adapters."""
     # the model stack stays unloaded until a round needs it (``cdcca cloud receive`` never does)
     from cdcca.assets import load_tokenizer
@@ -379,7 +382,8 @@ def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None) -> t
     source = None
     if akd.needs_source:
         source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
-    return AKD(teacher, student, prompter, akd, source=source), adapter_state(student)
+    initial = adapter_state(student)
+    return AKD(teacher, student, prompter, akd, source=source, device=torch_device), initial
 
 
 def _with_budget(cfg: DWCConfig, budget: int) -> DWCConfig:
