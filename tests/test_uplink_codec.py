@@ -29,6 +29,8 @@ from cdcca.wire import PacketError
 torch.set_num_threads(2)
 OLD = Path(__file__).parent / "data" / "uplink"
 
+COMPACT = UTSConfig(token_code="pca128-int4")     # the opt-in compact code (the default sends full tokens)
+
 
 @pytest.fixture(scope="module")
 def basis() -> TokenBasis:
@@ -128,12 +130,12 @@ def test_pca_codes_round_trip_within_the_quantization_bound(basis, code):
 
 def test_the_packet_names_its_code_and_basis_and_full_packets_name_no_basis(basis):
     samples = _samples(2)
-    meta = _meta(build_uplink(samples, UTSConfig(), device_id="d", adapter_version="v", basis=basis))
+    meta = _meta(build_uplink(samples, COMPACT, device_id="d", adapter_version="v", basis=basis))
     assert (meta["code"], meta["basis"], meta["uts.format"]) == ("pca128-int4", basis.digest, "2")
     meta = _meta(build_uplink(samples, UTSConfig(token_code="full"), device_id="d", adapter_version="v", basis=basis))
     assert meta["code"] == "full-int8" and "basis" not in meta
     narrow = [UplinkSample("n", torch.rand(49, 16), "q", "a", 0.5)]          # another width: full channels
-    assert _meta(build_uplink(narrow, UTSConfig(), device_id="d", adapter_version="v"))["code"] == "full-int8"
+    assert _meta(build_uplink(narrow, COMPACT, device_id="d", adapter_version="v"))["code"] == "full-int8"
 
 
 def _recoded(packet: bytes, **meta: str) -> bytes:
@@ -142,7 +144,7 @@ def _recoded(packet: bytes, **meta: str) -> bytes:
 
 
 def test_a_packet_coded_on_another_basis_or_with_an_unknown_code_is_refused_in_one_line(basis):
-    packet = build_uplink(_samples(2), UTSConfig(), device_id="d", adapter_version="v", basis=basis)
+    packet = build_uplink(_samples(2), COMPACT, device_id="d", adapter_version="v", basis=basis)
     other = _random_basis(9)
     for bad, match in [(packet, "token basis"), (_recoded(packet, code="pca64-int9"), "unknown token code"),
                        (_recoded(packet, code="vq256-int8"), "unknown token code"),
@@ -171,8 +173,8 @@ def test_format1_packets_written_by_the_previous_cdcca_still_decode(dtype):
     assert ((batch.tokens[keep] - x[keep]).abs() <= (tol[keep] if dtype == "int8" else tol)).all()
 
 
-def test_an_uploaded_sample_costs_at_most_2_kib_at_the_defaults_on_the_real_token_width(basis):
-    cfg = UTSConfig()
+def test_an_uploaded_sample_costs_at_most_2_kib_with_the_compact_code_on_the_real_token_width(basis):
+    cfg = UTSConfig(token_code="pca128-int4")
     samples = _samples(16)
     packet = build_uplink(samples, cfg, device_id="dev-1", adapter_version="12", basis=basis)
     assert len(packet) / len(samples) <= 2048
@@ -185,9 +187,9 @@ def test_packed_samples_make_the_same_packet_as_dense_ones(basis):
     dense = _samples(3)
     packed = [UplinkSample(s.sample_id, s.tokens[s.keep].clone(), s.question, s.answer, s.confidence, s.uncertainty,
                            None, s.mc, positions=s.keep.nonzero().flatten(), grid=49) for s in dense]
-    a, b = (decode_uplink(build_uplink(x, UTSConfig(), device_id="d", adapter_version="v", basis=basis), basis=basis)
+    a, b = (decode_uplink(build_uplink(x, COMPACT, device_id="d", adapter_version="v", basis=basis), basis=basis)
             for x in (dense, packed))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.sent, b.sent)
     bad = UplinkSample("x", torch.rand(3, 1280), "q", "a", 0.5, positions=torch.tensor([4, 2, 9]), grid=49)
     with pytest.raises(ValueError, match="ascending"):
-        build_uplink([bad], UTSConfig(), device_id="d", adapter_version="v", basis=basis)
+        build_uplink([bad], COMPACT, device_id="d", adapter_version="v", basis=basis)

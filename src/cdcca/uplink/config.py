@@ -66,12 +66,13 @@ class UTSConfig:
             ``"zeros"``: zero vectors.
         token_code: How a kept token travels. ``"pcaK-int8"`` / ``"pcaK-int4"``: its channel mean and std
             and K coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`),
-            per-token fp16 scale; the cloud reconstructs the 1280 channels. The default, ``"pca128-int4"``,
-            costs 71 B a token (~1.8 KB an upload, 30 KB with ``"full"``) and the cloud teacher answers
-            the uploads as well as from full tokens (``cdcca bench uts``, ``codes``); the student learns
+            per-token fp16 scale; the cloud reconstructs the 1280 channels. ``"pca128-int4"`` costs 71 B a
+            token (~1.8 KB an upload, against 30 KB with ``"full"``) and the cloud teacher answers the
+            uploads as well as from full tokens (``cdcca bench uts``, ``codes``), but the student learns
             less from them: the quick demo's gain is +7.2 online / +8.1 held-out against +7.9 / +10.5
-            with ``"full"`` (seed 0). ``"full"``: every
-            channel at ``token_dtype``. Tokens whose width is not the basis's (tiny test models) always
+            with ``"full"`` (seed 0) — more than the 0.5 point a default may cost, so it is opt-in until
+            the bridges are trained on reconstructed tokens. ``"full"`` (default): every channel at
+            ``token_dtype``. Tokens whose width is not the basis's (tiny test models) always
             travel ``"full"``; the packet's ``code`` says which was used.
         token_dtype: Values of the ``"full"`` code: ``"int8"`` (per-token absmax scale in fp16, ~1
             byte/channel) or ``"fp16"``.
@@ -98,7 +99,7 @@ class UTSConfig:
     keep_ratio: float = 0.5
     direction: str = "most"
     fill: str = "mask"
-    token_code: str = "pca128-int4"
+    token_code: str = "full"
     token_dtype: str = "int8"
     mc_dropout_passes: int = 8
     mc_dropout_p: float = 0.1
