@@ -240,6 +240,44 @@ def bench_fleet(
     print(json.dumps(res))
 
 
+@bench_app.command("cost")
+def bench_cost(
+    uploads: str = typer.Option("64,128,256,512", help="Uploads of one device per round, comma-separated."),
+    devices: str = typer.Option("1,8,32", help="Devices per round, comma-separated (each with and without one group)."),
+    per_device: int = typer.Option(16, help="Uploads per device in the devices rows."),
+    requests: int = typer.Option(64, help="Requests timed one at a time on the device."),
+    batch: int = typer.Option(16, help="Requests per batch in the batched timing."),
+    tiny: bool = typer.Option(False, help="Tiny random models: the table's shape in seconds, not its numbers."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+    threads: int | None = typer.Option(None, help="torch CPU threads."),
+    torch_device: TorchDeviceOpt = None,
+):
+    """One cost table: device latency, memory and size against the cloud's; cloud s per round by uploads and devices; bytes."""
+    from cdcca.bench.cost import run_cost
+
+    torch_device = torch_device_or_fail(torch_device)
+    use_threads(threads)
+    with one_line_errors():
+        up = [int(x) for x in uploads.split(",") if x.strip()]
+        devs = [int(x) for x in devices.split(",") if x.strip()]
+        if not up or not devs or min(up + devs + [per_device, requests, batch]) < 1:
+            raise ValueError("--uploads, --devices, --per-device, --requests and --batch must be ≥ 1")
+        res = run_cost(tiny, up, devs, per_device, requests, batch, torch_device, log=None if as_json else console.print)
+    if not as_json:
+        table = Table(title=f"cost ({'tiny models' if tiny else 'real weights'}; cloud on {torch_device})")
+        for col in ("row", "uploads", "cloud s", "bytes up", "bytes down"):
+            table.add_column(col)
+        for r in res["cloud"]["by_uploads"] + res["cloud"]["by_devices"]:
+            table.add_row(f"{r['devices']} device(s){' one group' if r['group'] else ''}", str(r["uploads"]),
+                          str(r["cloud_s"]), str(r["bytes_up"]), str(r["bytes_down"]))
+        console.print(table)
+        d = res["device"]
+        console.print(f"device: {d['per_request']} per request, {d['per_batch']} per batch, peak RSS {d['peak_rss_mib']} MiB, "
+                      f"{d['params']['total']:,} params (cloud {res['cloud']['params']['total']:,}); "
+                      f"fit by uploads {res['cloud']['fit_uploads']}")
+    print(json.dumps(res))
+
+
 @bench_app.command("api")
 def bench_api(
     state: Path = typer.Option(..., help="Device state dir (from `cdcca device init`, real models)."),

@@ -1,0 +1,151 @@
+"""``cdcca bench cost``: one cost table, measured in one run.
+
+The device: answer latency per request (one image at a time) and per batch, through the path the API
+takes (``DeviceRuntime.serve``: image → tokens → answer → UTS → outbox); its peak RSS, measured before
+the cloud's models load; its parameters against the cloud's. The cloud: seconds per round against the
+uploads of one device (64 … 512) and against the devices of a round (1, 8, 32; one student each, or one
+fleet group sharing one student), with a linear fit (seconds per upload and the constant); the bytes of
+each round up and down. Devices share one model object (every device serves round 0 from version 0).
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUESTION = "What color is the shape?"
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.array(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def _rss_mib() -> float:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _params(model) -> dict[str, int]:
+    from cdcca.model.mllm import is_adapter_key
+
+    named = list(model.named_parameters())
+    return {"total": sum(p.numel() for _, p in named), "adapters": sum(p.numel() for n, p in named if is_adapter_key(n))}
+
+
+def _images(n: int) -> np.ndarray:
+    from cdcca.data.easyvqa import load_split
+
+    images = load_split("test").images
+    return images[np.arange(n) % len(images)]
+
+
+def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dict, object]:
+    """Answer latency per request and per batch on a fresh device; its RSS and parameters; its model."""
+    import torch
+
+    from cdcca.runtime.device import DeviceRuntime
+
+    dev = DeviceRuntime.create(root / "latency", "latency", tiny=tiny)
+    images = _images(max(requests, batch))
+    with torch.no_grad():
+        dev.serve(images[:1], [QUESTION])                         # warm-up: the encoder loads on first use
+        one = []
+        for i in range(requests):
+            t0 = time.perf_counter()
+            dev.serve(images[i:i + 1], [QUESTION])
+            one.append(time.perf_counter() - t0)
+        many = []
+        for _ in range(max(3, requests // batch)):
+            t0 = time.perf_counter()
+            dev.serve(images[:batch], [QUESTION] * batch)
+            many.append(time.perf_counter() - t0)
+    model = dev.model
+    dev.close()
+    out = {"per_request": _percentiles(one), "per_batch": {"batch": batch, **_percentiles(many),
+                                                           "per_request_ms": round(float(np.median(many)) * 1000 / batch, 2)},
+           "peak_rss_mib": _rss_mib(), "params": _params(model)}
+    return out, model
+
+
+def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, group: str | None, device_model) -> dict:
+    """One round: ``devices`` devices upload ``per_device`` samples each; the cloud's seconds and bytes."""
+    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.runtime.device import DeviceRuntime
+    from cdcca.uplink import UTSConfig
+
+    cloud = CloudRuntime(root / "cloud", models[0], models[1])
+    uts = UTSConfig(selection="budget", budget=per_device, token_scorer="energy" if tiny else "ood")
+    devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=tiny, uts=uts, model=device_model,
+                                 stream={"index": i, "n_devices": devices, "per_round": per_device})
+            for i in range(devices)]
+    up = down = uploads = 0
+    try:
+        for dev in devs:
+            cloud.set_group(dev.device_id, group)
+            dev.serve_round(0)
+            packet = dev.collect_uplink(max_samples=per_device)
+            if packet is not None:
+                up += len(packet)
+                uploads += len(cloud.receive(packet))
+        t0 = time.perf_counter()
+        for dev in devs:
+            update = cloud.run_round(dev.device_id)
+            down += len(update or b"")
+        seconds = time.perf_counter() - t0
+    finally:
+        for dev in devs:
+            dev.close()
+        cloud.close()
+    return {"devices": devices, "group": group, "uploads": uploads, "cloud_s": round(seconds, 3),
+            "bytes_up": up, "bytes_down": down}
+
+
+def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
+    """``y ≈ slope·x + constant`` by least squares, and R² (how linear it is)."""
+    slope, const = np.polyfit(x, y, 1)
+    pred = slope * np.array(x) + const
+    ss = float(np.sum((np.array(y) - np.mean(y)) ** 2))
+    r2 = 1.0 - float(np.sum((np.array(y) - pred) ** 2)) / ss if ss > 0 else 1.0
+    return {"slope": round(float(slope), 5), "constant": round(float(const), 3), "r2": round(r2, 4)}
+
+
+def run_cost(tiny: bool = False, uploads=(64, 128, 256, 512), devices=(1, 8, 32), per_device: int = 16,
+             requests: int = 64, batch: int = 16, torch_device: str = "cpu", log=None) -> dict:
+    """The whole table (see the module docstring); ``tiny``: random tiny models (the keys, not the numbers)."""
+    from cdcca.runtime.cloud import CloudRuntime
+
+    log = log or (lambda _m: None)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cdcca-cost-") as tmp:
+        root = Path(tmp)
+        log("device: answer latency and memory …")
+        device, device_model = device_costs(root, tiny, requests, batch)
+        first = CloudRuntime.open(root / "models", tiny=tiny, torch_device=torch_device)   # the models, loaded once
+        models = (first.akd, first.initial_state)
+        by_uploads = []
+        for n in uploads:
+            log(f"cloud: one device, {n} uploads …")
+            by_uploads.append(cloud_round(root / f"u{n}", models, tiny, 1, n, None, device_model))
+        by_devices = []
+        for d in devices:
+            for group in (None, "all"):
+                log(f"cloud: {d} devices × {per_device} uploads, {'one group' if group else 'a student each'} …")
+                by_devices.append(cloud_round(root / f"d{d}-{group}", models, tiny, d, per_device, group, device_model))
+        first.close()
+    cloud = {"params": _params(models[0].teacher), "torch_device": torch_device, "peak_rss_mib": _rss_mib(),
+             "by_uploads": by_uploads, "by_devices": by_devices,
+             "fit_uploads": linear_fit([r["uploads"] for r in by_uploads], [r["cloud_s"] for r in by_uploads])}
+    for group in (None, "all"):
+        rows = [r for r in by_devices if r["group"] == group]
+        cloud[f"fit_devices_{'group' if group else 'each'}"] = linear_fit([r["devices"] for r in rows], [r["cloud_s"] for r in rows])
+    return {"tiny": tiny, "device": device, "cloud": cloud,
+            "param_ratio_cloud_to_device": round(cloud["params"]["total"] / device["params"]["total"], 2),
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "notes": ["device peak RSS: the process before any cloud model loaded (encoder, device model, data); "
+                      "cloud peak RSS: the whole process after the cloud rounds (device included)",
+                      "cloud_s: run_round of every device of the round (teacher pass, AKD, DWC), uploads already received"]}
