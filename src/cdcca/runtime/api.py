@@ -152,7 +152,7 @@ class DeviceService:
 
         self.runtime = DeviceRuntime.open(state_dir)
         self.lock = threading.Lock()
-        self.runtime.encode(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # load now, not on the first request
+        self.runtime.warm_up()                 # load and run everything now, not on the first request
 
     def answer(self, queries: list[Query]) -> list[dict]:
         with self.lock:

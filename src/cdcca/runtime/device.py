@@ -217,6 +217,14 @@ class DeviceRuntime:
         return [{"answer": a.mc, "direct_answer": a.text, "confidence": max(a.mc_probs), "sample_id": i,
                  "queued_for_upload": i in queued, "adapter_version": self.store.version} for a, i in zip(answers, ids)]
 
+    def warm_up(self) -> None:
+        """Load and run the encoder, the model and the tokenizer once on a blank frame (nothing is queued),
+        so a server's first request does not pay for them."""
+        from cdcca.data.jsonl import IMAGE_SIZE
+
+        tokens = self.encode(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+        answer_all(self.model, self._prompter(), tokens, ["what shape is in the image?"], 1, self.uts.temperature)
+
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """Visual tokens of uint8 images (N, H, W, 3): the shared frozen encoder (loaded on first use), or the
         tiny device's fixed projection."""
