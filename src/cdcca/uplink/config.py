@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 UPLINK_FORMAT = "2"                                   # 2: the packet names its token code ("code", "basis")
@@ -28,85 +28,80 @@ TOKEN_DTYPES = ("int8", "fp16")
 
 @dataclass
 class UTSConfig:
-    """How the device decides what to upload. Every field is validated in ``__post_init__``.
+    """How the device decides what to upload; every field is validated in ``__post_init__``."""
 
-    Attributes:
-        sample_scorer: Uncertainty of one answer (higher = upload sooner). ``"confidence"``: 1 − Π_t
-            max_v p_t(v), the authors' rule; ``"entropy"``: mean per-step token entropy (nats);
-            ``"margin"``: 1 − (p(top1) − p(top2)) at the first step; ``"mc_disagreement"`` (default):
-            1 − max candidate probability — the device's own probability that its multiple-choice
-            answer is wrong, which is exactly the event the cloud can correct; ``"mc_entropy"``: the
-            candidate distribution's entropy normalized by log(#candidates); ``"view_consistency"``
-            (opt-in, needs the device ``model`` and ``prompter`` in :func:`plan_uplink`): a second MC
-            view with the most out-of-distribution half of the tokens dropped, combined with
-            ``mc_disagreement`` (:func:`view_uncertainty`). It catches confidently wrong answers the
-            answer-only scorers miss, at the price of one extra LLM prefill per request.
-        temperature: Softmax temperature the caller passes to ``answer_batch`` when it computes the
-            answers that are scored. The authors use 0.1, which pushes Π max-prob towards 1 for
-            almost every answer (the ``confidence`` scorer then barely separates); 1.0 keeps it
-            informative. It does not change the greedy answer or ``mc_probs``.
-        selection: Which samples leave the device in a round. ``"threshold"``: every sample whose
-            uncertainty exceeds ``threshold``; ``"budget"``: the ``budget`` most uncertain;
-            ``"bytes"``: the most uncertain samples, in order, while the packet fits ``byte_budget``.
-        threshold: Uncertainty above which a sample is uploaded (``selection="threshold"``). The
-            device's candidate softmax is sharp: on the default shift stream 0.01 uploads about a
-            quarter of the requests and catches about half of the wrong answers (0.5 uploads < 1 %).
-        budget: Samples uploaded per round (``selection="budget"``).
-        byte_budget: Packet bytes per round (``selection="bytes"``).
-        token_scorer: Per-token uncertainty over the 49 visual tokens. ``"ood"``: diagonal
-            Mahalanobis distance to the position's clean source statistics (:class:`TokenStats`);
-            ``"mc_dropout"``: disagreement of T dropout passes through the bridge's token pathway;
-            ``"energy"``: the token's L2 norm (what the authors' code effectively ranks by);
-            ``"random"``: seeded uniform.
-        keep_ratio: Fraction of the 49 tokens uploaded per sample (0.5 was the paper's best); at
-            least one token is always kept.
-        direction: ``"most"`` keeps the highest-scoring (most uncertain) tokens, ``"least"`` the lowest.
-        fill: How the cloud fills the dropped slots. ``"mask"`` (default): masked out of its bridge's
-            cross-attention; ``"mean"``: the position's clean source mean (needs :class:`TokenStats`);
-            ``"zeros"``: zero vectors.
-        token_code: How a kept token travels. ``"pcaK-int8"`` / ``"pcaK-int4"``: its channel mean and std
-            and K coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`),
-            per-token fp16 scale; the cloud reconstructs the 1280 channels. ``"pca128-int4"`` costs 71 B a
-            token (~1.8 KB an upload, against 30 KB with ``"full"``) and the cloud teacher answers the
-            uploads as well as from full tokens (``cdcca bench uts``, ``codes``), but the student learns
-            less from them: the quick demo's gain is +7.2 online / +8.1 held-out against +7.9 / +10.5
-            with ``"full"`` (seed 0) — more than the 0.5 point a default may cost, so it is opt-in until
-            the bridges are trained on reconstructed tokens. ``"full"`` (default): every channel at
-            ``token_dtype``. Tokens whose width is not the basis's (tiny test models) always
-            travel ``"full"``; the packet's ``code`` says which was used.
-        token_dtype: Values of the ``"full"`` code: ``"int8"`` (per-token absmax scale in fp16, ~1
-            byte/channel) or ``"fp16"``.
-        mc_dropout_passes: T, stochastic passes of the ``mc_dropout`` scorer.
-        mc_dropout_p: Dropout probability of the ``mc_dropout`` scorer.
-        ood_floor: Variance floor of the ``ood`` scorer, relative to the mean source variance (many
-            channels of the ReLU6 feature map never fire on clean data; without a floor one stray
-            activation would dominate a token's score).
-        seed: Seed of the ``random`` and ``mc_dropout`` scorers (deterministic uploads).
-        allow_image: Also upload each sample's PNG. Off by default: the raw image never leaves the
-            device unless this is set explicitly.
-        skip_top: Share of a round's requests, the most uncertain ones, that are never uploaded
-            (0 = the paper's policy: upload the most uncertain). CEMA (ICLR 2024) skips the samples
-            so uncertain that neither model can answer them; > 0 makes UTS upload a band below them.
-    """
-
-    sample_scorer: str = "mc_disagreement"
-    temperature: float = 1.0
-    selection: str = "threshold"
-    threshold: float = 0.01
-    budget: int = 8
-    byte_budget: int = 256 * 1024
-    token_scorer: str = "ood"
-    keep_ratio: float = 0.5
-    direction: str = "most"
-    fill: str = "mask"
-    token_code: str = "full"
-    token_dtype: str = "int8"
-    mc_dropout_passes: int = 8
-    mc_dropout_p: float = 0.1
-    ood_floor: float = 0.01
-    seed: int = 0
-    allow_image: bool = False
-    skip_top: float = 0.0
+    sample_scorer: str = field(default="mc_disagreement", metadata={"help": (
+        "Uncertainty of one answer (higher = upload sooner). ``\"confidence\"``: 1 − Π_t max_v p_t(v), the "
+        "authors' rule; ``\"entropy\"``: mean per-step token entropy (nats); ``\"margin\"``: 1 − (p(top1) − "
+        "p(top2)) at the first step; ``\"mc_disagreement\"`` (default): 1 − max candidate probability — the "
+        "device's own probability that its multiple-choice answer is wrong, which is exactly the event the "
+        "cloud can correct; ``\"mc_entropy\"``: the candidate distribution's entropy normalized by "
+        "log(#candidates); ``\"view_consistency\"`` (opt-in, needs the device ``model`` and ``prompter`` in "
+        ":func:`plan_uplink`): a second MC view with the most out-of-distribution half of the tokens dropped,"
+        " combined with ``mc_disagreement`` (:func:`view_uncertainty`). It catches confidently wrong answers "
+        "the answer-only scorers miss, at the price of one extra LLM prefill per request.")})
+    temperature: float = field(default=1.0, metadata={"help": (
+        "Softmax temperature the caller passes to ``answer_batch`` when it computes the answers that are "
+        "scored. The authors use 0.1, which pushes Π max-prob towards 1 for almost every answer (the "
+        "``confidence`` scorer then barely separates); 1.0 keeps it informative. It does not change the "
+        "greedy answer or ``mc_probs``.")})
+    selection: str = field(default="threshold", metadata={"help": (
+        "Which samples leave the device in a round. ``\"threshold\"``: every sample whose uncertainty exceeds"
+        " ``threshold``; ``\"budget\"``: the ``budget`` most uncertain; ``\"bytes\"``: the most uncertain "
+        "samples, in order, while the packet fits ``byte_budget``.")})
+    threshold: float = field(default=0.01, metadata={"help": (
+        "Uncertainty above which a sample is uploaded (``selection=\"threshold\"``). The device's candidate "
+        "softmax is sharp: on the default shift stream 0.01 uploads about a quarter of the requests and "
+        "catches about half of the wrong answers (0.5 uploads < 1 %).")})
+    budget: int = field(default=8, metadata={"help": (
+        "Samples uploaded per round (``selection=\"budget\"``).")})
+    byte_budget: int = field(default=256 * 1024, metadata={"help": (
+        "Packet bytes per round (``selection=\"bytes\"``).")})
+    token_scorer: str = field(default="ood", metadata={"help": (
+        "Per-token uncertainty over the 49 visual tokens. ``\"ood\"``: diagonal Mahalanobis distance to the "
+        "position's clean source statistics (:class:`TokenStats`); ``\"mc_dropout\"``: disagreement of T "
+        "dropout passes through the bridge's token pathway; ``\"energy\"``: the token's L2 norm (what the "
+        "authors' code effectively ranks by); ``\"random\"``: seeded uniform.")})
+    keep_ratio: float = field(default=0.5, metadata={"help": (
+        "Fraction of the 49 tokens uploaded per sample (0.5 was the paper's best); at least one token is "
+        "always kept.")})
+    direction: str = field(default="most", metadata={"help": (
+        "``\"most\"`` keeps the highest-scoring (most uncertain) tokens, ``\"least\"`` the lowest.")})
+    fill: str = field(default="mask", metadata={"help": (
+        "How the cloud fills the dropped slots. ``\"mask\"`` (default): masked out of its bridge's "
+        "cross-attention; ``\"mean\"``: the position's clean source mean (needs :class:`TokenStats`); "
+        "``\"zeros\"``: zero vectors.")})
+    token_code: str = field(default="full", metadata={"help": (
+        "How a kept token travels. ``\"pcaK-int8\"`` / ``\"pcaK-int4\"``: its channel mean and std and K "
+        "coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`), per-token fp16 "
+        "scale; the cloud reconstructs the 1280 channels. ``\"pca128-int4\"`` costs 71 B a token (~1.8 KB an "
+        "upload, against 30 KB with ``\"full\"``) and the cloud teacher answers the uploads as well as from "
+        "full tokens (``cdcca bench uts``, ``codes``), but the student learns less from them: the quick "
+        "demo's gain is +7.2 online / +8.1 held-out against +7.9 / +10.5 with ``\"full\"`` (seed 0) — more "
+        "than the 0.5 point a default may cost, so it is opt-in until the bridges are trained on "
+        "reconstructed tokens. ``\"full\"`` (default): every channel at ``token_dtype``. Tokens whose width "
+        "is not the basis's (tiny test models) always travel ``\"full\"``; the packet's ``code`` says which "
+        "was used.")})
+    token_dtype: str = field(default="int8", metadata={"help": (
+        "Values of the ``\"full\"`` code: ``\"int8\"`` (per-token absmax scale in fp16, ~1 byte/channel) or "
+        "``\"fp16\"``.")})
+    mc_dropout_passes: int = field(default=8, metadata={"help": (
+        "T, stochastic passes of the ``mc_dropout`` scorer.")})
+    mc_dropout_p: float = field(default=0.1, metadata={"help": (
+        "Dropout probability of the ``mc_dropout`` scorer.")})
+    ood_floor: float = field(default=0.01, metadata={"help": (
+        "Variance floor of the ``ood`` scorer, relative to the mean source variance (many channels of the "
+        "ReLU6 feature map never fire on clean data; without a floor one stray activation would dominate a "
+        "token's score).")})
+    seed: int = field(default=0, metadata={"help": (
+        "Seed of the ``random`` and ``mc_dropout`` scorers (deterministic uploads).")})
+    allow_image: bool = field(default=False, metadata={"help": (
+        "Also upload each sample's PNG. Off by default: the raw image never leaves the device unless this is "
+        "set explicitly.")})
+    skip_top: float = field(default=0.0, metadata={"help": (
+        "Share of a round's requests, the most uncertain ones, that are never uploaded (0 = the paper's "
+        "policy: upload the most uncertain). CEMA (ICLR 2024) skips the samples so uncertain that neither "
+        "model can answer them; > 0 makes UTS upload a band below them.")})
 
     def __post_init__(self):
         def choice(name: str, options: Sequence[str]) -> None:
