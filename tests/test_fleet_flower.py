@@ -265,3 +265,16 @@ def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(flee
             meta = wire.describe((f := (cloud.dir / "devices" / name / f"update-v{v}.pkt")).read_bytes())["meta"]
             assert meta["device_id"] == name, f
     cloud.close()
+
+
+def test_a_preset_sets_the_cloud_and_named_keys_override_it():
+    from cdcca.fleet.local import preset_config
+
+    quick = preset_config("quick")
+    cfg = FleetRunConfig.from_flower({"preset": "quick"})
+    assert cfg.akd_config() == quick.akd and cfg.dwc_config() == quick.dwc
+    tuned = FleetRunConfig.from_flower({"preset": "quick", "akd-prefix-epochs": 3, "dwc-budget-kb": 64})
+    assert tuned.akd_config().prefix.epochs == 3 and tuned.dwc_config().budget_bytes == 64 * 1024
+    assert tuned.akd_config().prefix.lr == quick.akd.prefix.lr          # what was not named stays the preset's
+    with pytest.raises(ValueError, match="unknown preset"):
+        FleetRunConfig.from_flower({"preset": "fast"}).akd_config()

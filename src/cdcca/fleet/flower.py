@@ -77,6 +77,10 @@ class FleetRunConfig:
         if min(self.rounds, self.min_uploads) < 0 or min(self.round_every_s, self.status_every_s) < 0:
             raise ValueError("run config rounds, min-uploads, round-every-s and status-every-s must be ≥ 0")
         self.stream_spec(0, 1)
+        if self.preset:                          # a preset that does not exist fails before any round
+            from cdcca.presets import load_preset
+
+            load_preset(self.preset)
 
     @property
     def triggered(self) -> bool:
@@ -118,7 +122,7 @@ class FleetRunConfig:
         from dataclasses import replace
 
         named = {"akd_prefix_epochs": "prefix_epochs", "akd_epochs": "epochs", "akd_batch_size": "batch_size"}
-        given = getattr(self, "given", frozenset(named)) if self.preset else frozenset(named)
+        given = getattr(self, "given", frozenset()) if self.preset else frozenset(named)   # a preset: only named keys
         return replace(self.fleet_config().akd, **{v: getattr(self, k) for k, v in named.items() if k in given})
 
     def dwc_config(self):
