@@ -278,3 +278,23 @@ def test_a_preset_sets_the_cloud_and_named_keys_override_it():
     assert tuned.akd_config().prefix.lr == quick.akd.prefix.lr          # what was not named stays the preset's
     with pytest.raises(ValueError, match="unknown preset"):
         FleetRunConfig.from_flower({"preset": "fast"}).akd_config()
+
+
+def test_a_round_starts_on_queued_uploads_or_on_time_and_never_with_nothing_queued(tmp_path):
+    from cdcca.fleet.server import RoundTrigger
+
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    queue = iter([0, 3, 12])                      # the outboxes fill up between two asks
+    trigger = RoundTrigger(FleetRunConfig(min_uploads=10, status_every_s=5.0), lambda: next(queue),
+                           tmp_path / "stop", sleep=sleep, clock=lambda: now[0])
+    assert trigger.wait() == "uploads" and now[0] == 10.0
+    timer = RoundTrigger(FleetRunConfig(round_every_s=60.0, status_every_s=5.0), lambda: 0 if now[0] < 100 else 1,
+                         tmp_path / "stop", sleep=sleep, clock=lambda: now[0])
+    assert timer.wait() == "time" and now[0] == 100.0          # due at 70 s, but nothing was queued until 100 s
+    assert RoundTrigger(FleetRunConfig(), lambda: 0, tmp_path / "stop").wait() == "next"
+    (tmp_path / "stop").touch()
+    assert timer.wait() is None                                 # asked to stop: no more rounds

@@ -18,8 +18,6 @@ import base64
 import io
 import json
 import shutil
-import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -32,9 +30,10 @@ import numpy as np
 from cdcca.data.scenario import Scenario, scenario_chunks
 from cdcca.data.stream import domain_images, resolve_sequence, stream_data
 from cdcca.fleet import deploy
-from cdcca.fleet.devices import cdcca_bin, start_apis
+from cdcca.fleet.devices import init_devices, start_apis
 from cdcca.fleet.flower import ROUND_LOG
 from cdcca.fleet.processes import Pids
+from cdcca.runtime.cloud_db import stored_sample_ids
 from cdcca.runtime.queue_status import outbox_ids
 
 
@@ -137,13 +136,9 @@ def send_all(base_url: str, requests: list[Request], rate: float | None, concurr
 
 def start_reference(spec: deploy.FleetSpec, timeout: float, log: Callable[[str], None]) -> str:
     """A never-updated device API beside the fleet (same shipped adapters, its own state, in no round)."""
-    state = Path(spec.state) / "reference"
-    cmd = [cdcca_bin(), "device", "init", "--state", str(state), "--device", "reference",
-           *(["--tiny"] if spec.tiny else [])]
-    res = subprocess.run(cmd, env=deploy.flower_env(), capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise deploy.DeployError(f"creating the reference device failed: {' '.join(res.stdout.split())[-300:]}")
-    ports = start_apis(Path(spec.state), {"reference": state}, Pids(Path(spec.state)), 0, timeout, log)
+    dirs = {"reference": Path(spec.state) / "reference"}
+    init_devices(dirs, spec.tiny, timeout)
+    ports = start_apis(Path(spec.state), dirs, Pids(Path(spec.state)), 0, timeout, log)
     return f"http://127.0.0.1:{ports['reference']}/v1"
 
 
@@ -250,27 +245,30 @@ def summarize(cfg: LiveConfig, spec: deploy.FleetSpec, live: list[dict], referen
 
 
 def window_rows(cfg: LiveConfig, live: list[dict], ref: dict) -> dict[int, dict]:
+    by_window: dict[int, list[dict]] = {}
+    answered: dict[tuple[int, int], list[dict]] = {}      # (device, window) → its answers, in request order
+    for r in sorted(live, key=lambda r: r["index"]):
+        by_window.setdefault(r["window"], []).append(r)
+        if r["ok"]:
+            answered.setdefault((r["device"], r["window"]), []).append(r)
     rows = {}
-    for w in sorted({r["window"] for r in live}):
-        mine = [r for r in live if r["window"] == w]
+    for w, mine in sorted(by_window.items()):
         ok = [r for r in mine if r["ok"]]
         rows[w] = {"window": w, "domain": mine[0]["domain"], "requests": len(mine), "online_mc": _mc(ok),
                    "source_only_mc": _mc([ref[(r["device"], r["index"])] for r in mine
                                           if ref.get((r["device"], r["index"]), {}).get("ok")]),
                    "p50_ms": _pct([r["latency_ms"] for r in ok], 50), "p99_ms": _pct([r["latency_ms"] for r in ok], 99),
-                   "versions": sorted({r["version"] for r in ok}), "failed": len(mine) - len(ok)}
-    for w, row in rows.items():
-        row["update_applied"] = any(update_landed(live, d, w) for d in range(cfg.devices))
+                   "versions": sorted({r["version"] for r in ok}), "failed": len(mine) - len(ok),
+                   "update_applied": any(update_landed(answered, d, w) for d in range(cfg.devices))}
     return rows
 
 
-def update_landed(live: list[dict], device: int, window: int) -> bool:
+def update_landed(answered: dict[tuple[int, int], list[dict]], device: int, window: int) -> bool:
     """An update landed on ``device`` during ``window``: its answers there came from more than one adapter
     version, counting the version its previous window ended on."""
-    seen = {r["version"] for r in live if r["ok"] and r["device"] == device and r["window"] == window}
-    mine = [r for r in live if r["ok"] and r["device"] == device and r["window"] == window - 1]
-    if mine:
-        seen.add(max(mine, key=lambda r: r["index"])["version"])
+    seen = {r["version"] for r in answered.get((device, window), [])}
+    if before := answered.get((device, window - 1)):
+        seen.add(before[-1]["version"])
     return len(seen) > 1
 
 
@@ -279,8 +277,7 @@ def upload_accounting(spec: deploy.FleetSpec, ok: list[dict], rounds: list[dict]
     lost); no round's AKD trains a sample an earlier round trained (else duplicated; from the round log)."""
     queued = {r["sample_id"] for r in ok if r["queued"]}
     waiting = set().union(*(outbox_ids(Path(spec.state) / "devices" / d) for d in spec.devices))
-    with sqlite3.connect(f"file:{Path(spec.state) / 'cloud' / 'cloud.sqlite'}?mode=ro", uri=True) as db:
-        delivered = {s for (s,) in db.execute("SELECT sample_id FROM samples")} & queued
+    delivered = stored_sample_ids(Path(spec.state) / "cloud") & queued
     trained = [sid for r in rounds for d in r["devices"].values() for sid in d.get("trained_ids", [])]
     return {"uploads_queued": len(queued), "uploads_delivered": len(delivered),
             "uploads_acknowledged": len(delivered - waiting), "uploads_waiting": len(queued & waiting - delivered),

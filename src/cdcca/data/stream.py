@@ -108,6 +108,11 @@ def stream_candidates(stream: str) -> list[str] | None:
     return stream_data(domains).candidates if any(d.path for d in domains) else None
 
 
+def builtin_images(data: VQASet) -> int:
+    """How many of ``data``'s images are easy-VQA's own (they come first; file domains' images follow)."""
+    return min((start for start, _ in data.sources.values()), default=len(data.images))
+
+
 def domain_split(data: VQASet, domain: Domain | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(stream images, held-out images) of a domain: a seeded halving of its source's images —
     easy-VQA's test images for a built-in domain, the file's own for a file domain."""
@@ -117,8 +122,7 @@ def domain_split(data: VQASet, domain: Domain | None, seed: int = 0) -> tuple[np
         start, end = data.sources[domain.path]
         stream_imgs, held = split_images(end - start, seed)
         return stream_imgs + start, held + start
-    base_n = min((start for start, _ in data.sources.values()), default=len(data.images))
-    return split_images(base_n, seed)
+    return split_images(builtin_images(data), seed)
 
 
 def heldout_questions(data: VQASet, n: int, seed: int = 0, domain: Domain | None = None) -> np.ndarray:
@@ -163,7 +167,7 @@ def domain_images(domain: Domain, data: VQASet) -> np.ndarray:
 
     if domain.path is not None:
         return data.images
-    base_n = min((start for start, _ in data.sources.values()), default=len(data.images))
+    base_n = builtin_images(data)
     out = data.images.copy()
     out[:base_n] = corrupt(data.images[:base_n], domain.corruption, domain.severity, 0)
     return out

@@ -164,7 +164,7 @@ def _up(state: Path, pids: Pids, devices: int, host: str, port: int, insecure: b
     if keys:
         spec.node_ids = register(spec, {n: k.public for n, k in keys.items()}, timeout)
     spec.save()
-    init_devices(state, names, tiny, timeout)
+    init_devices({n: state / "devices" / n for n in names}, tiny, timeout)
     start_nodes(spec, names, pids, timeout, log)
     log(f"{devices} SuperNode(s) {'online' if spec.node_ids else 'started'}: {', '.join(names)}; state in {state}")
     return spec

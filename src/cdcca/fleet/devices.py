@@ -22,12 +22,12 @@ def cdcca_bin() -> str:
     return str(path)
 
 
-def init_devices(state: Path, names: list[str], tiny: bool, timeout: float) -> None:
-    """Create each device's state under ``state/devices`` (the shipped adapters as version 0) before anything
-    serves it; all at once, each in its own process."""
-    n, procs = len(names), {}
-    for i, name in enumerate(names):
-        d = state / "devices" / name
+def init_devices(dirs: dict[str, Path], tiny: bool, timeout: float) -> None:
+    """Create each device's state (name → state dir; the shipped adapters as version 0) where none exists
+    yet, before anything serves it; all at once, each in its own process. Device i of n gets slice i of
+    the request stream."""
+    n, procs = len(dirs), {}
+    for i, (name, d) in enumerate(dirs.items()):
         if not (d / "device.json").is_file():
             cmd = [cdcca_bin(), "device", "init", "--state", str(d), "--device", name, "--index", str(i),
                    "--n-devices", str(n), *(["--tiny"] if tiny else [])]

@@ -177,11 +177,11 @@ def device_home(node_config: dict[str, Any], cfg: FleetRunConfig) -> tuple[Path,
                      "--node-config 'data-dir=\"/path/to/device\" device-name=\"dev-1\"'")
 
 
-def open_device(context: Context):
+def open_device(context: Context, cfg: FleetRunConfig | None = None):
     """This node's device runtime, created on first use (version 0: the shipped device adapters)."""
     from cdcca.runtime.device import CONFIG, DeviceRuntime
 
-    cfg = FleetRunConfig.from_flower(context.run_config)
+    cfg = cfg or FleetRunConfig.from_flower(context.run_config)
     data_dir, name, index, n = device_home(context.node_config, cfg)
     if (data_dir / CONFIG).is_file():
         return DeviceRuntime.open(data_dir)
@@ -189,10 +189,10 @@ def open_device(context: Context):
     return DeviceRuntime.create(data_dir, name, tiny=cfg.tiny, uts=uts, stream=cfg.stream_spec(index, n))
 
 
-def replays_stream(context: Context) -> bool:
+def replays_stream(context: Context, cfg: FleetRunConfig) -> bool:
     """Whether this node answers a simulated stream before its uplink: a simulation's node always, a
     deployed one only when the run asks for ``traffic="stream"`` (its API fills the outbox otherwise)."""
-    return "partition-id" in context.node_config or FleetRunConfig.from_flower(context.run_config).traffic == "stream"
+    return "partition-id" in context.node_config or cfg.traffic == "stream"
 
 
 @client_app.query("status")
@@ -208,11 +208,11 @@ def queue_status(msg: Message, context: Context) -> Message:
 def uplink(msg: Message, context: Context) -> Message:
     from cdcca.runtime.protocol import device_uplink
 
-    cfg = msg.content["config"]
-    rnd = int(cfg["round"])
-    with closing(open_device(context)) as device:
-        served = device.serve_round(rnd) if replays_stream(context) else None
-        up = device_uplink(device, rnd, int(cfg["max-samples"]), served)
+    ask, run = msg.content["config"], FleetRunConfig.from_flower(context.run_config)
+    rnd = int(ask["round"])
+    with closing(open_device(context, run)) as device:
+        served = device.serve_round(rnd) if replays_stream(context, run) else None
+        up = device_uplink(device, rnd, int(ask["max-samples"]), served)
         record = {"device-id": up.device_id, **({"packet": up.packet} if up.packet is not None else {})}
         return Message(RecordDict({"uplink": ConfigRecord(record), "served": _record(up.served),
                                    "status": _record(up.status)}), reply_to=msg)

@@ -267,8 +267,7 @@ def check_mirrors(cloud, rnd: int, uplinks: dict[int, UplinkMessage], downlinks:
         devices[device_id] = {
             "node_id": nid, "version": st.get("version"), "hash": st.get("hash"), "in_sync": in_sync,
             "reported": bool(st),
-            "uploaded": len(down.acked) if down else 0, "trained": len(trained.get(nid, [])),
-            "trained_ids": trained.get(nid, []),
+            "uploaded": len(down.acked) if down else 0, "trained_ids": trained.get(nid, []),
             "update_bytes": sum(map(len, down.packets)) if down else 0,
             "caught_up": bool(down and down.caught_up), "resynced": nid in resynced,
             "outbox": st.get("outbox"), "bytes_up": st.get("bytes_up"), "bytes_down": st.get("bytes_down"),

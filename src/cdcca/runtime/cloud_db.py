@@ -8,6 +8,7 @@ groups. :class:`cdcca.runtime.cloud.CloudRuntime` owns the transactions; this mo
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 from cdcca.wire import require_plain_name
@@ -32,6 +33,15 @@ def open_db(state_dir: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(SCHEMA)
     return db
+
+
+def stored_sample_ids(state_dir: Path) -> set[str]:
+    """Every sample id the cloud has committed, read-only: safe beside a running cloud (and none before it ran)."""
+    path = Path(state_dir) / "cloud.sqlite"
+    if not path.is_file():
+        return set()
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        return {sid for (sid,) in db.execute("SELECT sample_id FROM samples")}
 
 
 class GroupRegistry:

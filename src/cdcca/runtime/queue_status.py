@@ -9,6 +9,7 @@ read-only; :class:`cdcca.runtime.outbox.Outbox` owns the schema and writes it.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 OUTBOX_FILE = "outbox.sqlite"
@@ -19,7 +20,7 @@ def _read(state_dir: str | Path, sql: str) -> list[tuple]:
     if not path.is_file():
         return []
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
             return db.execute(sql).fetchall()
     except sqlite3.Error as exc:
         raise RuntimeError(f"cannot read the outbox {path} ({exc}); is it a cdcca device state?") from None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cdcca.uplink.config import TOKEN_BASIS_PATH, TOKEN_DIM, UTSConfig
+from cdcca.uplink.tokens import read_tensor_file
 from cdcca.wire import PacketError
 
 FULL_CODES = ("full-int8", "full-fp16")
@@ -104,17 +105,9 @@ class TokenBasis:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenBasis:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                return cls(f.get_tensor("mean"), f.get_tensor("encoder"), f.get_tensor("decoder"), int(meta.get("n", 0)))
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"{path} is not a token-basis file ({type(exc).__name__}); rebuild it with "
-                             "cdcca.uplink.build_token_basis()") from None
+        (mean, encoder, decoder), n = read_tensor_file(path, ("mean", "encoder", "decoder"), "token-basis",
+                                                       "cdcca.uplink.build_token_basis()")
+        return cls(mean, encoder, decoder, n)
 
     def project(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, C) tokens → (M, k) coefficients and (M, 2) fp16 (μ, σ) per token."""

@@ -50,19 +50,25 @@ class TokenStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenStats:
-        from safetensors import safe_open
+        (mean, var), n = read_tensor_file(path, ("mean", "var"), "token-statistics", "cdcca.uplink.build_token_stats()")
+        return cls(mean, var, n)
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                mean, var = f.get_tensor("mean"), f.get_tensor("var")
-            return cls(mean, var, int(meta.get("n", 0)))
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"{path} is not a token-statistics file ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild it with "
-                             f"cdcca.uplink.build_token_stats()") from None
+
+def read_tensor_file(path: str | os.PathLike[str], names: tuple[str, ...], what: str,
+                     rebuild: str) -> tuple[list[torch.Tensor], int]:
+    """The named tensors and the ``n`` metadata of a shipped safetensors file (token statistics, the token
+    basis); a missing file raises FileNotFoundError, a damaged one a one-line ValueError naming the fix."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return [f.get_tensor(name) for name in names], int(meta.get("n", 0))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path} is not a {what} file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild it with {rebuild}") from None
 
 
 @torch.no_grad()
