@@ -23,7 +23,7 @@ from cdcca.uplink import (
     select_tokens,
     unpack_int4,
 )
-from cdcca.uplink.codec import bridge_metric, dequantize_int8
+from cdcca.uplink.codec import EC_STEP, bridge_metric, dequantize_int8, entropy_decode, entropy_encode
 from cdcca.wire import PacketError
 
 torch.set_num_threads(2)
@@ -193,3 +193,42 @@ def test_packed_samples_make_the_same_packet_as_dense_ones(basis):
     bad = UplinkSample("x", torch.rand(3, 1280), "q", "a", 0.5, positions=torch.tensor([4, 2, 9]), grid=49)
     with pytest.raises(ValueError, match="ascending"):
         build_uplink([bad], COMPACT, device_id="d", adapter_version="v", basis=basis)
+
+
+EC = UTSConfig(token_code="pca128-ec")
+
+
+def test_the_entropy_code_rounds_every_coefficient_on_one_step_and_names_itself(basis):
+    assert parse_code("pca256-ec").entropy and parse_code("pca256-ec").k == 256 and not parse_code("pca64-int8").entropy
+    samples = _samples(6)
+    packet = build_uplink(samples, EC, device_id="d", adapter_version="v", basis=basis)
+    meta, tensors = _meta(packet), wire.decode(packet).tensors
+    assert (meta["code"], meta["basis"]) == ("pca128-ec", basis.digest) and "scales" not in tensors
+    batch = decode_uplink(packet, basis=basis)
+    for i, s in enumerate(samples):
+        coeffs, norms = basis.project(s.tokens[s.keep], 128)
+        assert torch.equal(batch.tokens[i][s.keep], basis.reconstruct((coeffs / EC_STEP).round() * EC_STEP, norms))
+
+
+def test_the_entropy_code_spends_fewer_bytes_on_narrow_components_than_a_per_token_scale(basis):
+    """Coefficients of real tokens fall off with the component (a PCA); the LZMA stream, laid out one
+    component after another, costs far less than int8 codes of the same step would."""
+    g = torch.Generator().manual_seed(3)
+    coeffs = torch.randn(1200, 128, generator=g) * torch.logspace(1.4, -0.3, 128)   # std 25 → 0.5
+    stream = entropy_encode(coeffs)
+    assert stream.numel() < 0.6 * coeffs.numel()                # int8 codes: 1 byte each
+    assert torch.equal(entropy_decode(stream, 1200, 128), (coeffs / EC_STEP).round().clamp(-127, 127) * EC_STEP)
+
+
+def test_a_damaged_or_oversized_entropy_stream_is_refused_in_one_line(basis):
+    packet = build_uplink(_samples(3), EC, device_id="d", adapter_version="v", basis=basis)
+    p = wire.decode(packet)
+    stream = p.tensors["codes"]
+    bomb = entropy_encode(torch.zeros(4096, 128))                 # expands far beyond what the layout allows
+    for codes, match in [(stream[: len(stream) // 2], "codes"), (torch.cat([stream, stream[:5]]), "codes"),
+                         (bomb, "exactly"), (torch.full((40,), 7, dtype=torch.uint8), "codes"),
+                         (stream.to(torch.int16), "uint8")]:
+        bad = wire.encode("uplink", {**p.tensors, "codes": codes}, p.meta)
+        with pytest.raises(PacketError, match=match) as err:
+            decode_uplink(bad, basis=basis)
+        assert "\n" not in str(err.value)

@@ -5,14 +5,19 @@ tokens, fitted once on source train images and shipped with the weights
 (``weights/token_basis.safetensors``): a PCA of layer-normalized tokens in the metric of the two
 bridges' token projections (:class:`TokenBasis`). A ``pcaK-int8`` / ``pcaK-int4`` code sends a kept
 token as its channel mean and std (fp16) and K coefficients, quantized with a per-token fp16 scale;
-the cloud reconstructs the token (:meth:`TokenBasis.reconstruct`) before its bridge. ``full-int8`` / ``full-fp16``
-send all channels (the format-1 packets, and the fallback for tokens of another width).
+a ``pcaK-ec`` code (the default, ``pca256-ec``) rounds the K coefficients on one fixed step
+(:data:`EC_STEP`) and entropy-codes them, component after component, with LZMA — the leading
+components are wide and cost ~7 bits, the trailing ones narrow and cost ~1, where a per-token absmax
+scale would spend 4 bits on each and still lose the small ones. The cloud reconstructs the token
+(:meth:`TokenBasis.reconstruct`) before its bridge. ``full-int8`` / ``full-fp16`` send all channels
+(the format-1 packets, and the fallback for tokens of another width).
 Every packet names its code and the basis digest, so a cloud with another basis refuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,34 +31,47 @@ from cdcca.uplink.tokens import read_tensor_file
 from cdcca.wire import PacketError
 
 FULL_CODES = ("full-int8", "full-fp16")
-_PCA = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4)")
-BASIS_COMPONENTS = 128          # components shipped; pcaK uses the first K (PCA components are nested)
+_PCA = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4|ec)")
+BASIS_COMPONENTS = 256          # components shipped; pcaK uses the first K (PCA components are nested)
+EC_STEP = 1.0                   # pcaK-ec: the one rounding step of every coefficient (normalized-token units)
+EC_BITS_ESTIMATE = 2.3          # pcaK-ec: bits a coefficient costs after LZMA (measured 1.9–2.2 at step 1.0)
+_EC_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]   # raw LZMA2: no container header on the wire
 BASIS_FIT_IMAGES = 600          # train images the shipped basis is fitted on, clean and again shifted
 
 
 @dataclass(frozen=True)
 class TokenCode:
-    """A parsed code name: ``k`` components (0 = every channel) at ``bits`` per value."""
+    """A parsed code name: ``k`` components (0 = every channel) at ``bits`` per value; ``entropy``:
+    int8 codes on the fixed step :data:`EC_STEP`, LZMA-coded (their size depends on the tokens)."""
 
     name: str
     k: int
     bits: int
+    entropy: bool = False
 
     def bytes_per_token(self, token_dim: int) -> int:
-        """Wire bytes of one kept token: its values, its fp16 scale (quantized codes) — not its position."""
+        """Wire bytes of one kept token: its values, its fp16 scale (quantized codes) — not its position.
+        For an entropy code an estimate (:data:`EC_BITS_ESTIMATE`); the packet says the real size."""
         if self.k == 0:
             return token_dim * 2 if self.bits == 16 else token_dim + 2
+        if self.entropy:
+            return round(self.k * EC_BITS_ESTIMATE / 8) + 4    # codes, (μ, σ)
         return (self.k * self.bits + 7) // 8 + 2 + 4          # codes, scale, (μ, σ)
 
 
 def parse_code(name: str) -> TokenCode:
-    """``full-int8`` | ``full-fp16`` | ``pca<K>-int8`` | ``pca<K>-int4``; ValueError otherwise."""
+    """``full-int8`` | ``full-fp16`` | ``pca<K>-int8`` | ``pca<K>-int4`` | ``pca<K>-ec``; ValueError otherwise."""
     if name in FULL_CODES:
         return TokenCode(name, 0, 8 if name == "full-int8" else 16)
     m = _PCA.fullmatch(str(name))
     if m is None:
-        raise ValueError(f"token code {str(name)[:40]!r} is not one of full-int8, full-fp16, pca<K>-int8, pca<K>-int4")
+        raise ValueError(f"token code {str(name)[:40]!r} is not one of {CODE_NAMES}")
+    if m.group(2) == "ec":
+        return TokenCode(name, int(m.group(1)), 8, entropy=True)
     return TokenCode(name, int(m.group(1)), int(m.group(2)[3:]))
+
+
+CODE_NAMES = "full-int8, full-fp16, pca<K>-int8, pca<K>-int4, pca<K>-ec"
 
 
 @dataclass
@@ -95,7 +113,7 @@ class TokenBasis:
         return self.encoder.shape[1]
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write as fp16 safetensors (~660 KB for 2 × 128 × 1280), atomically."""
+        """Write as fp16 safetensors (~1.3 MB for 2 × 256 × 1280), atomically."""
         from cdcca.atomic import write_safetensors
 
         path = Path(path)
@@ -209,7 +227,7 @@ def build_token_basis(out: str | os.PathLike[str] | None = None) -> Path:
 
 @lru_cache(maxsize=1)
 def default_token_basis() -> TokenBasis:
-    """The packaged basis (128 × 1280); without one (a trimmed install) the one built once under
+    """The packaged basis (256 × 1280); without one (a trimmed install) the one built once under
     ``$CDCCA_CACHE`` from the packaged encoder and images, so both sides of one install agree."""
     if TOKEN_BASIS_PATH.is_file():
         return TokenBasis.load(TOKEN_BASIS_PATH)
@@ -283,6 +301,9 @@ def packet_code(cfg: UTSConfig, token_dim: int, basis: TokenBasis | None = None)
 def encode_rows(flat: torch.Tensor, code: TokenCode, basis: TokenBasis | None) -> dict[str, torch.Tensor]:
     """The packet's token tensors for (M, C) kept rows: ``tokens`` (+ ``scales``) for a full code,
     ``codes`` + ``scales`` + ``norms`` (μ, σ) for a pca code."""
+    if code.entropy:
+        coeffs, norms = basis.project(flat, code.k)
+        return {"codes": entropy_encode(coeffs), "norms": norms}
     if code.k:
         coeffs, norms = basis.project(flat, code.k)
         q, scales = quantize_codes(coeffs, code.bits)
@@ -293,6 +314,30 @@ def encode_rows(flat: torch.Tensor, code: TokenCode, basis: TokenBasis | None) -
     if flat.abs().max() > torch.finfo(torch.float16).max:
         raise ValueError("token values overflow fp16; use token_dtype='int8'")
     return {"tokens": flat.half()}
+
+
+def entropy_encode(coeffs: torch.Tensor) -> torch.Tensor:
+    """(M, K) coefficients → uint8 raw-LZMA2 stream of their int8 codes round(c / EC_STEP), component-major
+    (one component's values side by side, so the coder learns each one's narrow range). Coefficients of
+    a layer-normalized token stay far inside ±127 steps (|c| < 100 measured); beyond, they clip."""
+    q = (coeffs.float() / EC_STEP).round().clamp(-127, 127).to(torch.int8)
+    stream = lzma.compress(q.T.contiguous().numpy().tobytes(), format=lzma.FORMAT_RAW, filters=_EC_FILTERS)
+    return torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+
+
+def entropy_decode(stream: torch.Tensor, M: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`entropy_encode`: (M, k) float32, reading at most M·k bytes out of the stream
+    (a stream that would expand further, stops early or carries trailing bytes is refused)."""
+    _need(stream.dtype == torch.uint8 and stream.ndim == 1, "tensor 'codes' must be a 1-D uint8 stream")
+    dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_EC_FILTERS)
+    try:
+        raw = dec.decompress(stream.numpy().tobytes(), max_length=M * k)
+    except lzma.LZMAError as exc:
+        raise PacketError(f"uplink packet: tensor 'codes' is not a valid LZMA2 stream ({exc})") from None
+    _need(len(raw) == M * k and dec.eof and not dec.unused_data,
+          f"tensor 'codes' must expand to exactly {M}×{k} codes and end there")
+    q = torch.frombuffer(bytearray(raw), dtype=torch.int8).reshape(k, M)
+    return q.T.float() * EC_STEP
 
 
 def _need(cond: bool, message: str) -> None:
@@ -311,6 +356,9 @@ def _tensor(t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tu
 def decode_rows(t: dict[str, torch.Tensor], M: int, C: int, code: TokenCode, basis: TokenBasis | None) -> torch.Tensor:
     """(M, C) float32 kept tokens from a packet's tensors: dequantized, and for a pca code reconstructed
     on the basis (which the caller checked is the one the packet names)."""
+    if code.entropy:
+        _need("codes" in t, "tensor 'codes' is missing")
+        return basis.reconstruct(entropy_decode(t["codes"], M, code.k), _norms(t, M))
     if code.bits == 16:
         rows = _tensor(t, "tokens", torch.float16, (M, C)).float()
         _need(bool(torch.isfinite(rows).all()), "tokens must be finite")
@@ -323,6 +371,10 @@ def decode_rows(t: dict[str, torch.Tensor], M: int, C: int, code: TokenCode, bas
         q = _tensor(t, "codes", torch.int8, (M, code.k))
     else:
         q = unpack_int4(_tensor(t, "codes", torch.uint8, (M, (code.k + 1) // 2)), code.k)
+    return basis.reconstruct(dequantize_int8(q, scales), _norms(t, M))
+
+
+def _norms(t: dict[str, torch.Tensor], M: int) -> torch.Tensor:
     norms = _tensor(t, "norms", torch.float16, (M, 2))
     _need(bool(torch.isfinite(norms).all() and (norms[:, 1] >= 0).all()), "norms must be finite with σ ≥ 0")
-    return basis.reconstruct(dequantize_int8(q, scales), norms)
+    return norms

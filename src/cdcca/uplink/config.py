@@ -121,8 +121,8 @@ class UTSConfig:
         choice("direction", DIRECTIONS)
         choice("fill", FILLS)
         choice("token_dtype", TOKEN_DTYPES)
-        if self.token_code != "full" and re.fullmatch(r"pca[1-9][0-9]{0,3}-int[48]", str(self.token_code)) is None:
-            raise ValueError(f"UTSConfig.token_code must be full, pca<K>-int8 or pca<K>-int4; got {self.token_code!r}")
+        if self.token_code != "full" and re.fullmatch(r"pca[1-9][0-9]{0,3}-(int[48]|ec)", str(self.token_code)) is None:
+            raise ValueError(f"UTSConfig.token_code must be full, pca<K>-ec, pca<K>-int8 or pca<K>-int4; got {self.token_code!r}")
         number("temperature", lambda v: v > 0, "a positive number")
         number("threshold", lambda v: True, "a finite number")
         number("budget", lambda v: v >= 0, "an integer ≥ 0", int)

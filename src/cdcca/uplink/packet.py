@@ -12,6 +12,7 @@ import torch
 
 from cdcca import wire
 from cdcca.uplink.codec import (
+    CODE_NAMES,
     TokenBasis,
     TokenCode,
     _need,
@@ -229,7 +230,7 @@ def _read_code(meta: dict[str, str], C: int, basis: TokenBasis | None) -> tuple[
         code = parse_code(meta.get("code", ""))
     except ValueError:
         raise PacketError(f"uplink packet: unknown token code {meta.get('code', '')[:40]!r}; this cdcca reads "
-                          "full-int8, full-fp16, pca<K>-int8, pca<K>-int4 (upgrade cdcca on this side)") from None
+                          f"{CODE_NAMES} (upgrade cdcca on this side)") from None
     _need(token_dtype == code.name.split("-")[1], f"token_dtype {str(token_dtype)[:20]!r} does not match code {code.name!r}")
     if not code.k:
         _need("basis" not in meta, f"code {code.name} names no basis")
@@ -261,7 +262,7 @@ def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor], fill: str | N
           f"(letters, digits, _ . -; at most 64 characters)")
     allowed = {"codes", "norms"} if code.k else {"tokens"}
     allowed |= {"positions", "counts", "confidence", "uncertainty", "text"}
-    allowed |= {"scales"} if code.bits < 16 else set()
+    allowed |= {"scales"} if code.bits < 16 and not code.entropy else set()
     allowed |= {"image_png", "image_sizes"} if "image_sizes" in t else set()
     _need(set(t) == allowed, f"tensors {sorted(t)} do not match the layout {sorted(allowed)}")
     return N, P, C, code, basis, fill
