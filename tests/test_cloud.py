@@ -74,10 +74,11 @@ def test_receive_builds_no_model(tmp_path, device, monkeypatch):
 
 def test_an_uplink_is_decoded_once_by_a_cloud_that_receives_and_trains_it(device, cloud, monkeypatch):
     calls = []
-    decode = cloud_mod.decode_uplink
-    monkeypatch.setattr(cloud_mod, "decode_uplink", lambda data: calls.append(1) or decode(data))
+    for name in ("check_uplink", "decode_uplink"):       # receive checks (then builds), a restarted round decodes
+        real = getattr(cloud_mod, name)
+        monkeypatch.setattr(cloud_mod, name, lambda data, _real=real, _name=name, **kw: calls.append(_name) or _real(data, **kw))
     assert one_round(device, cloud) is not None
-    assert len(calls) == 1
+    assert calls == ["check_uplink"]
 
 
 def test_a_moved_state_dir_keeps_working(tmp_path, monkeypatch):

@@ -21,13 +21,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import safetensors.torch
-import torch
-from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
+from typing import TYPE_CHECKING, Any
 
 from cdcca.atomic import atomic_write
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 FORMAT_VERSION = 1
 KINDS = ("uplink", "update", "resync")
@@ -36,13 +36,14 @@ _PREFIX = "cdcca."
 _K_VERSION, _K_KIND = _PREFIX + "format_version", _PREFIX + "kind"
 _K_CREATED, _K_SHA = _PREFIX + "created", _PREFIX + "body_sha256"
 _RESERVED = (_K_VERSION, _K_KIND, _K_CREATED, _K_SHA)
-# safetensors dtype code -> (torch dtype, bytes per element)
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4), "I64": (torch.int64, 8), "BOOL": (torch.bool, 1),
+# safetensors dtype code -> (dtype name, as torch and numpy spell it, bytes per element); names, not torch
+# dtypes, so that the torch-free numpy decoder (the cloud's inbox) never imports torch
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I8": ("int8", 1), "U8": ("uint8", 1), "I16": ("int16", 2),
+    "I32": ("int32", 4), "I64": ("int64", 8), "BOOL": ("bool", 1),
 }
-_ALLOWED = {dt for dt, _ in _DTYPES.values()}
+_DTYPE_NAMES = {name for name, _ in _DTYPES.values()}
 
 
 class PacketError(ValueError):
@@ -95,6 +96,19 @@ class Packet:
     nbytes: int | None = None  # encoded size in bytes, when known
 
 
+@dataclass(frozen=True, eq=False)
+class ArrayPacket:
+    """A decoded, verified packet as numpy arrays (:func:`decode_arrays`): what a torch-free reader
+    (the cloud's inbox) checks. ``meta`` holds only the caller's keys."""
+
+    kind: str
+    meta: dict[str, str]
+    arrays: dict[str, np.ndarray]
+    created: str
+    body_sha256: str
+    nbytes: int
+
+
 def _short(s: Any, n: int = 60) -> str:
     r = repr(s)
     return r if len(r) <= n else r[: n - 3] + "..."
@@ -122,6 +136,9 @@ def _is_text(x: Any, limit: int = sys.maxsize) -> bool:
 
 def _encode(kind: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None,
             *, version: int = FORMAT_VERSION, created: str | None = None) -> bytes:
+    import safetensors.torch  # lazily: only encoders need torch, the numpy decoder must not pull it in
+    import torch
+
     if kind not in KINDS:
         raise ValueError(f"unknown packet kind {_short(kind)}; expected one of {KINDS}")
     user = dict(meta or {})
@@ -136,7 +153,7 @@ def _encode(kind: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
             raise ValueError(f"tensor name {_short(name)} must be a UTF-8 str other than '__metadata__'")
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensor {_short(name)} is a {type(t).__name__}, not a torch.Tensor")
-        if t.dtype not in _ALLOWED:
+        if str(t.dtype).removeprefix("torch.") not in _DTYPE_NAMES:
             raise ValueError(f"tensor {_short(name)} has dtype {t.dtype}, not allowed in packets")
         flat[name] = t.detach().cpu().contiguous().clone()  # clone: safetensors rejects shared storage
     stamp = created or datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -283,19 +300,44 @@ def _check(data: Any, expect_kind: str | None, limits: Limits) -> _Checked:
     return _Checked(data, header, user, kind, md[_K_CREATED], actual, 8 + n)
 
 
-def decode(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Packet:
-    """Validate and decode a packet; raises PacketError on any problem."""
-    c = _check(data, expect_kind, limits)
+def _loaded(c: _Checked, load: Any) -> dict[str, Any]:
+    """The tensors safetensors' own parser builds from checked bytes (second line of defence), each
+    matching the header's index; a refusal is a PacketError."""
     try:
-        loaded = load_safetensors(c.data)
+        loaded = load(c.data)
     except Exception as e:
         first = (str(e).splitlines() or [repr(e)])[0]
         raise PacketError(f"safetensors rejected the packet: {first}") from None
     want = {k: (_DTYPES[e["dtype"]][0], tuple(e["shape"])) for k, e in c.header.items() if k != "__metadata__"}
-    if {k: (t.dtype, tuple(t.shape)) for k, t in loaded.items()} != want:
+    got = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in loaded.items()}
+    if got != want:
         raise PacketError("safetensors returned tensors that differ from the header's index")
+    return loaded
+
+
+def decode(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Packet:
+    """Validate and decode a packet; raises PacketError on any problem."""
+    # lazily: torch costs ~1.5 s to import, and the cloud's inbox reads packets with decode_arrays instead
+    from safetensors.torch import load as load_safetensors  # safetensors bytes: no code execution, unlike pickle
+
+    c = _check(data, expect_kind, limits)
+    loaded = _loaded(c, load_safetensors)
     tensors = {k: loaded[k].clone() for k in sorted(loaded)}  # own the memory, not the input buffer
     return Packet(c.kind, c.meta, tensors, FORMAT_VERSION, c.created, c.sha, len(c.data))
+
+
+def decode_arrays(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFAULT_LIMITS) -> ArrayPacket:
+    """:func:`decode` with numpy arrays instead of torch tensors (the same checks, no torch import);
+    numpy has no bfloat16, so a packet carrying one is refused here."""
+    from safetensors.numpy import load as load_arrays  # safetensors bytes: no code execution, unlike pickle
+
+    c = _check(data, expect_kind, limits)
+    for name, e in c.header.items():
+        if name != "__metadata__" and e["dtype"] == "BF16":
+            raise PacketError(f"tensor {_short(name)} is bfloat16, which this numpy reader cannot hold")
+    loaded = _loaded(c, load_arrays)
+    arrays = {k: loaded[k] for k in sorted(loaded)}   # safetensors.numpy copies: the arrays own their memory
+    return ArrayPacket(c.kind, c.meta, arrays, c.created, c.sha, len(c.data))
 
 
 def describe(packet_bytes: bytes) -> dict[str, Any]:
@@ -305,7 +347,7 @@ def describe(packet_bytes: bytes) -> dict[str, Any]:
     for name, e in c.header.items():
         if name != "__metadata__":
             lo, hi = e["data_offsets"]
-            tensors.append({"name": name, "dtype": str(_DTYPES[e["dtype"]][0]).removeprefix("torch."),
+            tensors.append({"name": name, "dtype": _DTYPES[e["dtype"]][0],
                             "shape": list(e["shape"]), "bytes": hi - lo})
     return {"kind": c.kind, "version": FORMAT_VERSION, "created": c.created, "meta": c.meta,
             "tensors": sorted(tensors, key=lambda t: t["name"]), "header_bytes": c.body_start,

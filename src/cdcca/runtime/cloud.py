@@ -27,7 +27,6 @@ exactly where it stopped (its next update is bit-identical to an uninterrupted r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -41,13 +40,15 @@ from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.akd.source_set import load_source_set, random_source_set
-from cdcca.atomic import link_or_copy, write_json, write_safetensors
+from cdcca.atomic import link_or_copy, write_safetensors
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
-from cdcca.runtime.cloud_db import GroupRegistry, open_db
+from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
 from cdcca.uplink import UplinkBatch, decode_uplink
+from cdcca.uplink.check import check_uplink
+from cdcca.uplink.packet import uplink_batch
 from cdcca.wire import require_plain_name, write_packet
 
 GROUP_PREFIX = "@"       # a group's student is kept like a device's under the owner id "@<group>"
@@ -164,25 +165,14 @@ class CloudRuntime:
 
     # -- uplink ------------------------------------------------------------------------------
     def receive(self, uplink: bytes) -> list[str]:
-        """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device."""
-        batch = decode_uplink(uplink)          # validates the packet (and its device id) before anything is stored
-        sha = hashlib.sha256(uplink).hexdigest()
-        path = self.dir / "uplinks" / f"{sha}.pkt"
-        path.parent.mkdir(exist_ok=True)
-        if not path.exists():
-            write_packet(path, uplink)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute("INSERT OR IGNORE INTO packets VALUES (?,?,?,?)", (sha, batch.device_id, len(uplink), time.time()))
-            new = self.db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
-                                      [(sid, batch.device_id, sha) for sid in batch.sample_ids]).rowcount
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        if new > 0:   # kept for this process's next round (a restarted cloud decodes the stored packet instead)
-            self._decoded[sha] = batch
-        return list(batch.sample_ids)
+        """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device.
+        The commit is :func:`~cdcca.runtime.cloud_db.commit_uplink`'s, the one ``cdcca cloud receive`` runs."""
+        checked = check_uplink(uplink)        # validates the packet (and its device id) before anything is stored
+        batch = uplink_batch(checked)         # built before storing too: a packet it cannot build is never stored
+        receipt = commit_uplink(self.db, self.dir, uplink, checked)
+        if receipt.new > 0:   # kept for this process's next round (a restarted cloud decodes the stored packet instead)
+            self._decoded[receipt.sha] = batch
+        return receipt.sample_ids
 
     def pending_samples(self, *device_ids: str) -> int:
         marks = ",".join("?" * len(device_ids))
@@ -349,20 +339,6 @@ class CloudRuntime:
 
     def close(self) -> None:
         self.db.close()
-
-
-def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
-    """Whether the state dir's models are tiny: as recorded at creation (recorded now if new)."""
-    record = state_dir / "cloud.json"
-    if record.is_file():
-        created = bool(json.loads(record.read_text()).get("tiny", False))
-        if tiny is not None and tiny != created:
-            raise ValueError(f"the cloud state at {state_dir} was created with {'tiny' if created else 'the real'} models; "
-                             f"open it without --tiny/--no-tiny, or use a new state dir")
-        return created
-    tiny = bool(tiny)
-    write_json(record, {"tiny": tiny, "created": time.time()})
-    return tiny
 
 
 def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,

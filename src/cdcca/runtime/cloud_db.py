@@ -2,16 +2,23 @@
 
 Tables: packets (uplinks as received), samples (id → packet, round processed), devices (mirror version,
 hash, rounds, DWC budget), updates (stored update packets, paths relative to the state dir), metrics,
-groups. :class:`cdcca.runtime.cloud.CloudRuntime` owns the transactions; this module opens the file.
+groups. :class:`cdcca.runtime.cloud.CloudRuntime` owns the rounds' transactions; this module opens the file
+and commits uplinks to the inbox (:func:`commit_uplink`), without torch, so ``cdcca cloud receive`` stays fast.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
+import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
-from cdcca.wire import require_plain_name
+from cdcca.atomic import write_json
+from cdcca.uplink.check import CheckedUplink, check_uplink
+from cdcca.wire import require_plain_name, write_packet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packets (sha TEXT PRIMARY KEY, device_id TEXT NOT NULL, nbytes INTEGER, received REAL);
@@ -33,6 +40,53 @@ def open_db(state_dir: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.executescript(SCHEMA)
     return db
+
+
+def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
+    """Whether the state dir's models are tiny: as recorded at creation (recorded now if new)."""
+    record = state_dir / "cloud.json"
+    if record.is_file():
+        created = bool(json.loads(record.read_text()).get("tiny", False))
+        if tiny is not None and tiny != created:
+            raise ValueError(f"the cloud state at {state_dir} was created with {'tiny' if created else 'the real'} models; "
+                             f"open it without --tiny/--no-tiny, or use a new state dir")
+        return created
+    tiny = bool(tiny)
+    write_json(record, {"tiny": tiny, "created": time.time()})
+    return tiny
+
+
+@dataclass(frozen=True)
+class InboxReceipt:
+    """What committing one uplink did: the packet's SHA-256, its sample ids (now safe to drop on the
+    device) and how many of them were new to the inbox."""
+
+    sha: str
+    sample_ids: list[str]
+    new: int
+
+
+def commit_uplink(db: sqlite3.Connection, state_dir: Path, uplink: bytes,
+                  checked: CheckedUplink | None = None) -> InboxReceipt:
+    """The one inbox write: check the packet (unless ``checked`` is its :func:`check_uplink`), store it as
+    ``uplinks/<sha>.pkt`` (atomically) and record it and its samples in one transaction. Idempotent."""
+    checked = checked or check_uplink(uplink)
+    sha = hashlib.sha256(uplink).hexdigest()
+    path = Path(state_dir) / "uplinks" / f"{sha}.pkt"
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists():
+        write_packet(path, uplink)
+    device_id = checked.device_id
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("INSERT OR IGNORE INTO packets VALUES (?,?,?,?)", (sha, device_id, len(uplink), time.time()))
+        new = db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
+                             [(sid, device_id, sha) for sid in checked.sample_ids]).rowcount
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return InboxReceipt(sha, checked.sample_ids, new)
 
 
 def stored_sample_ids(state_dir: Path) -> set[str]:

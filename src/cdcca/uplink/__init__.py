@@ -41,83 +41,53 @@ Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P =
           fill, sample_scorer, token_scorer, keep_ratio, direction
 """
 
-from cdcca.metrics import auroc
-from cdcca.uplink.codec import (
-    FULL_CODES,
-    TokenBasis,
-    TokenCode,
-    build_token_basis,
-    default_token_basis,
-    dequantize_int8,
-    fit_token_basis,
-    pack_int4,
-    parse_code,
-    quantize_codes,
-    quantize_int8,
-    unpack_int4,
-)
-from cdcca.uplink.config import (
-    DIRECTIONS,
-    FILLS,
-    MAX_DENSE_ELEMENTS,
-    N_TOKENS,
-    PNG_SIGNATURE,
-    READABLE_FORMATS,
-    SAMPLE_SCORER_NAMES,
-    SELECTIONS,
-    TOKEN_BASIS_PATH,
-    TOKEN_DIM,
-    TOKEN_DTYPES,
-    TOKEN_SCORER_NAMES,
-    TOKEN_STATS_PATH,
-    UPLINK_FORMAT,
-    UTSConfig,
-)
-from cdcca.uplink.packet import (
-    PACKET_OVERHEAD,
-    UplinkBatch,
-    UplinkSample,
-    build_uplink,
-    decode_uplink,
-    packet_code,
-    sample_cost,
-)
-from cdcca.uplink.plan import frame_bytes, plan_uplink, png_bytes
-from cdcca.uplink.samples import (
-    SAMPLE_SCORERS,
-    sample_uncertainty,
-    score_confidence,
-    score_entropy,
-    score_margin,
-    score_mc_disagreement,
-    score_mc_entropy,
-    select_samples,
-    view_uncertainty,
-)
-from cdcca.uplink.tokens import (
-    TOKEN_SCORERS,
-    TokenStats,
-    build_token_stats,
-    collect_token_stats,
-    default_token_stats,
-    n_keep,
-    score_energy,
-    score_mc_dropout,
-    score_ood,
-    score_random,
-    score_tokens,
-    select_tokens,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DIRECTIONS", "FILLS", "FULL_CODES", "MAX_DENSE_ELEMENTS", "N_TOKENS", "PACKET_OVERHEAD", "PNG_SIGNATURE",
-    "READABLE_FORMATS", "SAMPLE_SCORERS", "SAMPLE_SCORER_NAMES", "SELECTIONS", "TOKEN_BASIS_PATH", "TOKEN_DIM",
-    "TOKEN_DTYPES", "TOKEN_SCORERS", "TOKEN_SCORER_NAMES", "TOKEN_STATS_PATH", "UPLINK_FORMAT", "TokenBasis",
-    "TokenCode", "TokenStats", "UTSConfig", "UplinkBatch", "UplinkSample", "auroc", "build_token_basis",
-    "build_token_stats", "build_uplink", "collect_token_stats", "decode_uplink", "default_token_basis",
-    "default_token_stats", "dequantize_int8", "fit_token_basis", "frame_bytes", "n_keep", "pack_int4", "packet_code", "parse_code",
-    "plan_uplink", "png_bytes", "quantize_codes", "quantize_int8", "sample_cost", "sample_uncertainty",
-    "score_confidence", "score_energy", "score_entropy", "score_margin", "score_mc_disagreement", "score_mc_dropout",
-    "score_mc_entropy", "score_ood", "score_random", "score_tokens", "select_samples", "select_tokens", "unpack_int4",
-    "view_uncertainty",
-]
+# name -> the module that defines it; loaded on first use (PEP 562), so that importing one submodule
+# (the torch-free packet check of the cloud's inbox) does not import torch through the others
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "cdcca.metrics": (
+        "auroc",
+    ),
+    "cdcca.uplink.codec": (
+        "FULL_CODES", "TokenBasis", "TokenCode", "build_token_basis", "default_token_basis", "dequantize_int8",
+        "fit_token_basis", "pack_int4", "parse_code", "quantize_codes", "quantize_int8", "unpack_int4",
+    ),
+    "cdcca.uplink.config": (
+        "DIRECTIONS", "FILLS", "MAX_DENSE_ELEMENTS", "N_TOKENS", "PNG_SIGNATURE", "READABLE_FORMATS",
+        "SAMPLE_SCORER_NAMES", "SELECTIONS", "TOKEN_BASIS_PATH", "TOKEN_DIM", "TOKEN_DTYPES", "TOKEN_SCORER_NAMES",
+        "TOKEN_STATS_PATH", "UPLINK_FORMAT", "UTSConfig",
+    ),
+    "cdcca.uplink.packet": (
+        "PACKET_OVERHEAD", "UplinkBatch", "UplinkSample", "build_uplink", "decode_uplink", "packet_code",
+        "sample_cost",
+    ),
+    "cdcca.uplink.plan": (
+        "frame_bytes", "plan_uplink", "png_bytes",
+    ),
+    "cdcca.uplink.samples": (
+        "SAMPLE_SCORERS", "sample_uncertainty", "score_confidence", "score_entropy", "score_margin",
+        "score_mc_disagreement", "score_mc_entropy", "select_samples", "view_uncertainty",
+    ),
+    "cdcca.uplink.tokens": (
+        "TOKEN_SCORERS", "TokenStats", "build_token_stats", "collect_token_stats", "default_token_stats", "n_keep",
+        "score_energy", "score_mc_dropout", "score_ood", "score_random", "score_tokens", "select_tokens",
+    ),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """Load an export from its module on first use and keep it here."""
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,62 +16,30 @@ Every packet names its code and the basis digest, so a cloud with another basis 
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import os
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from cdcca.uplink.codes import (  # noqa: F401  (re-exported: the code names' historical home)
+    CODE_NAMES,
+    EC_BITS_ESTIMATE,
+    EC_FILTERS,
+    EC_STEP,
+    FULL_CODES,
+    TokenCode,
+    basis_digest,
+    expand_ec_stream,
+    parse_code,
+)
 from cdcca.uplink.config import TOKEN_BASIS_PATH, TOKEN_DIM, UTSConfig
 from cdcca.uplink.tokens import read_tensor_file
-from cdcca.wire import PacketError
 
-FULL_CODES = ("full-int8", "full-fp16")
-_PCA = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4|ec)")
 BASIS_COMPONENTS = 256          # components shipped; pcaK uses the first K (PCA components are nested)
-EC_STEP = 1.0                   # pcaK-ec: the one rounding step of every coefficient (normalized-token units)
-EC_BITS_ESTIMATE = 2.3          # pcaK-ec: bits a coefficient costs after LZMA (measured 1.9–2.2 at step 1.0)
-_EC_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]   # raw LZMA2: no container header on the wire
 BASIS_FIT_IMAGES = 600          # train images the shipped basis is fitted on, clean and again shifted
-
-
-@dataclass(frozen=True)
-class TokenCode:
-    """A parsed code name: ``k`` components (0 = every channel) at ``bits`` per value; ``entropy``:
-    int8 codes on the fixed step :data:`EC_STEP`, LZMA-coded (their size depends on the tokens)."""
-
-    name: str
-    k: int
-    bits: int
-    entropy: bool = False
-
-    def bytes_per_token(self, token_dim: int) -> int:
-        """Wire bytes of one kept token: its values, its fp16 scale (quantized codes) — not its position.
-        For an entropy code an estimate (:data:`EC_BITS_ESTIMATE`); the packet says the real size."""
-        if self.k == 0:
-            return token_dim * 2 if self.bits == 16 else token_dim + 2
-        if self.entropy:
-            return round(self.k * EC_BITS_ESTIMATE / 8) + 4    # codes, (μ, σ)
-        return (self.k * self.bits + 7) // 8 + 2 + 4          # codes, scale, (μ, σ)
-
-
-def parse_code(name: str) -> TokenCode:
-    """``full-int8`` | ``full-fp16`` | ``pca<K>-int8`` | ``pca<K>-int4`` | ``pca<K>-ec``; ValueError otherwise."""
-    if name in FULL_CODES:
-        return TokenCode(name, 0, 8 if name == "full-int8" else 16)
-    m = _PCA.fullmatch(str(name))
-    if m is None:
-        raise ValueError(f"token code {str(name)[:40]!r} is not one of {CODE_NAMES}")
-    if m.group(2) == "ec":
-        return TokenCode(name, int(m.group(1)), 8, entropy=True)
-    return TokenCode(name, int(m.group(1)), int(m.group(2)[3:]))
-
-
-CODE_NAMES = "full-int8, full-fp16, pca<K>-int8, pca<K>-int4, pca<K>-ec"
 
 
 @dataclass
@@ -99,10 +67,7 @@ class TokenBasis:
                              f"{tuple(self.encoder.shape)} and {tuple(self.decoder.shape)}")
         if not all(torch.isfinite(t).all() for t in (self.mean, self.encoder, self.decoder)):
             raise ValueError("TokenBasis tensors must be finite")
-        h = hashlib.sha256(b"cdcca.token_basis/1")
-        for t in (self.mean, self.encoder, self.decoder):
-            h.update(t.half().numpy().tobytes())
-        self.digest = h.hexdigest()[:16]
+        self.digest = basis_digest(*(t.half().numpy() for t in (self.mean, self.encoder, self.decoder)))
 
     @property
     def k(self) -> int:
@@ -321,60 +286,32 @@ def entropy_encode(coeffs: torch.Tensor) -> torch.Tensor:
     (one component's values side by side, so the coder learns each one's narrow range). Coefficients of
     a layer-normalized token stay far inside ±127 steps (|c| < 100 measured); beyond, they clip."""
     q = (coeffs.float() / EC_STEP).round().clamp(-127, 127).to(torch.int8)
-    stream = lzma.compress(q.T.contiguous().numpy().tobytes(), format=lzma.FORMAT_RAW, filters=_EC_FILTERS)
+    stream = lzma.compress(q.T.contiguous().numpy().tobytes(), format=lzma.FORMAT_RAW, filters=EC_FILTERS)
     return torch.frombuffer(bytearray(stream), dtype=torch.uint8)
 
 
 def entropy_decode(stream: torch.Tensor, M: int, k: int) -> torch.Tensor:
     """Inverse of :func:`entropy_encode`: (M, k) float32, reading at most M·k bytes out of the stream
     (a stream that would expand further, stops early or carries trailing bytes is refused)."""
-    _need(stream.dtype == torch.uint8 and stream.ndim == 1, "tensor 'codes' must be a 1-D uint8 stream")
-    dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_EC_FILTERS)
-    try:
-        raw = dec.decompress(stream.numpy().tobytes(), max_length=M * k)
-    except lzma.LZMAError as exc:
-        raise PacketError(f"uplink packet: tensor 'codes' is not a valid LZMA2 stream ({exc})") from None
-    _need(len(raw) == M * k and dec.eof and not dec.unused_data,
-          f"tensor 'codes' must expand to exactly {M}×{k} codes and end there")
+    return _ec_coefficients(expand_ec_stream(stream.numpy(), M, k), M, k)
+
+
+def _ec_coefficients(raw: bytes, M: int, k: int) -> torch.Tensor:
+    """(M, k) float32 coefficients from the checked component-major int8 codes of a pcaK-ec stream."""
     q = torch.frombuffer(bytearray(raw), dtype=torch.int8).reshape(k, M)
     return q.T.float() * EC_STEP
 
 
-def _need(cond: bool, message: str) -> None:
-    if not cond:
-        raise PacketError(f"uplink packet: {message}")
-
-
-def _tensor(t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    _need(name in t, f"tensor {name!r} is missing")
-    x = t[name]
-    _need(x.dtype == dtype, f"tensor {name!r} is {x.dtype}, expected {dtype}")
-    _need(tuple(x.shape) == shape, f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
-    return x
-
-
-def decode_rows(t: dict[str, torch.Tensor], M: int, C: int, code: TokenCode, basis: TokenBasis | None) -> torch.Tensor:
-    """(M, C) float32 kept tokens from a packet's tensors: dequantized, and for a pca code reconstructed
-    on the basis (which the caller checked is the one the packet names)."""
+def decode_rows(t: dict[str, torch.Tensor], M: int, code: TokenCode, basis: TokenBasis | None,
+                ec_codes: bytes = b"") -> torch.Tensor:
+    """(M, C) float32 kept tokens from a packet's tensors that :func:`~cdcca.uplink.check.check_uplink`
+    passed: dequantized, and for a pca code reconstructed on the basis the packet names (``ec_codes``:
+    the checked expansion of a pcaK-ec stream)."""
     if code.entropy:
-        _need("codes" in t, "tensor 'codes' is missing")
-        return basis.reconstruct(entropy_decode(t["codes"], M, code.k), _norms(t, M))
+        return basis.reconstruct(_ec_coefficients(ec_codes, M, code.k), t["norms"])
     if code.bits == 16:
-        rows = _tensor(t, "tokens", torch.float16, (M, C)).float()
-        _need(bool(torch.isfinite(rows).all()), "tokens must be finite")
-        return rows
-    scales = _tensor(t, "scales", torch.float16, (M,))
-    _need(bool(torch.isfinite(scales).all() and (scales >= 0).all()), "scales must be finite and ≥ 0")
+        return t["tokens"].float()
     if not code.k:
-        return dequantize_int8(_tensor(t, "tokens", torch.int8, (M, C)), scales)
-    if code.bits == 8:
-        q = _tensor(t, "codes", torch.int8, (M, code.k))
-    else:
-        q = unpack_int4(_tensor(t, "codes", torch.uint8, (M, (code.k + 1) // 2)), code.k)
-    return basis.reconstruct(dequantize_int8(q, scales), _norms(t, M))
-
-
-def _norms(t: dict[str, torch.Tensor], M: int) -> torch.Tensor:
-    norms = _tensor(t, "norms", torch.float16, (M, 2))
-    _need(bool(torch.isfinite(norms).all() and (norms[:, 1] >= 0).all()), "norms must be finite with σ ≥ 0")
-    return norms
+        return dequantize_int8(t["tokens"], t["scales"])
+    q = t["codes"] if code.bits == 8 else unpack_int4(t["codes"], code.k)
+    return basis.reconstruct(dequantize_int8(q, t["scales"]), t["norms"])

@@ -11,30 +11,17 @@ from dataclasses import dataclass, field
 import torch
 
 from cdcca import wire
+from cdcca.uplink.check import CheckedUplink, check_uplink
 from cdcca.uplink.codec import (
-    CODE_NAMES,
     TokenBasis,
-    TokenCode,
-    _need,
-    _tensor,
     decode_rows,
     default_token_basis,
     encode_rows,
     packet_code,
     parse_code,
 )
-from cdcca.uplink.config import (
-    FILLS,
-    MAX_DENSE_ELEMENTS,
-    PNG_SIGNATURE,
-    READABLE_FORMATS,
-    TOKEN_DIM,
-    TOKEN_DTYPES,
-    UPLINK_FORMAT,
-    UTSConfig,
-)
+from cdcca.uplink.config import PNG_SIGNATURE, TOKEN_DIM, UPLINK_FORMAT, UTSConfig
 from cdcca.uplink.tokens import TokenStats, default_token_stats
-from cdcca.wire import PacketError, is_valid_name
 
 
 @dataclass
@@ -207,118 +194,6 @@ def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: 
     return data
 
 
-def _int_meta(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
-    raw = meta.get(key)
-    _need(raw is not None, f"metadata lacks {key!r}")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    _need(value is not None and str(value) == raw and lo <= value <= hi, f"{key}={raw[:40]!r} must be an integer in {lo}..{hi}")
-    return value
-
-
-def _read_code(meta: dict[str, str], C: int, basis: TokenBasis | None) -> tuple[TokenCode, TokenBasis | None]:
-    """The packet's token code (format 1: full-channel, named by token_dtype) and, for a pca code, this
-    side's basis after checking the packet was coded with the very same one."""
-    token_dtype = meta.get("token_dtype")
-    if meta["uts.format"] == "1":
-        _need("code" not in meta and "basis" not in meta, "a format-1 packet names no code or basis")
-        _need(token_dtype in TOKEN_DTYPES, f"token_dtype {str(token_dtype)[:20]!r} is not one of {TOKEN_DTYPES}")
-        return parse_code(f"full-{token_dtype}"), None
-    try:
-        code = parse_code(meta.get("code", ""))
-    except ValueError:
-        raise PacketError(f"uplink packet: unknown token code {meta.get('code', '')[:40]!r}; this cdcca reads "
-                          f"{CODE_NAMES} (upgrade cdcca on this side)") from None
-    _need(token_dtype == code.name.split("-")[1], f"token_dtype {str(token_dtype)[:20]!r} does not match code {code.name!r}")
-    if not code.k:
-        _need("basis" not in meta, f"code {code.name} names no basis")
-        return code, None
-    basis = basis or default_token_basis()
-    _need(meta.get("basis") == basis.digest,
-          f"coded with token basis {meta.get('basis', '')[:20]!r}, this side has {basis.digest!r}: device and cloud "
-          "need the same token_basis.safetensors (the same cdcca weights)")
-    _need(C == basis.dim and code.k <= basis.k,
-          f"code {code.name} on {C}-channel tokens does not fit the {basis.k} × {basis.dim} basis")
-    return code, basis
-
-
-def _read_layout(meta: dict[str, str], t: dict[str, torch.Tensor], fill: str | None,
-                 basis: TokenBasis | None) -> tuple[int, int, int, TokenCode, TokenBasis | None, str]:
-    """(N, P, C, code, basis, fill) from the metadata, once the tensor set matches that layout."""
-    _need(meta.get("uts.format") in READABLE_FORMATS,
-          f"uts.format {meta.get('uts.format', '')[:20]!r} is not one of {READABLE_FORMATS}; upgrade cdcca on this side")
-    N = _int_meta(meta, "n_samples", 1, 2**20)
-    P = _int_meta(meta, "n_tokens", 1, 256)
-    C = _int_meta(meta, "token_dim", 1, 2**20)
-    _need(N * P * C <= MAX_DENSE_ELEMENTS, f"{N}×{P}×{C} tokens would expand beyond {MAX_DENSE_ELEMENTS} floats")
-    code, basis = _read_code(meta, C, basis)
-    fill = fill or meta.get("fill")
-    _need(fill in FILLS, f"fill {str(fill)[:20]!r} is not one of {FILLS}")
-    for key in ("device_id", "adapter_version"):
-        _need(key in meta, f"metadata lacks {key!r}")
-    _need(is_valid_name(meta["device_id"]), f"device_id {meta['device_id'][:40]!r} is not a plain name "
-          f"(letters, digits, _ . -; at most 64 characters)")
-    allowed = {"codes", "norms"} if code.k else {"tokens"}
-    allowed |= {"positions", "counts", "confidence", "uncertainty", "text"}
-    allowed |= {"scales"} if code.bits < 16 and not code.entropy else set()
-    allowed |= {"image_png", "image_sizes"} if "image_sizes" in t else set()
-    _need(set(t) == allowed, f"tensors {sorted(t)} do not match the layout {sorted(allowed)}")
-    return N, P, C, code, basis, fill
-
-
-def _read_tokens(t: dict[str, torch.Tensor], N: int, P: int, C: int, code: TokenCode,
-                 basis: TokenBasis | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(counts, positions, float32 rows) of the kept tokens."""
-    counts = _tensor(t, "counts", torch.int32, (N,)).long()
-    _need(bool(((counts >= 1) & (counts <= P)).all()), f"every sample must carry 1..{P} tokens")
-    M = int(counts.sum())
-    positions = _tensor(t, "positions", torch.uint8, (M,)).long()
-    return counts, positions, decode_rows(t, M, C, code, basis)
-
-
-def _sample_of(counts: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
-    """The sample index of every kept token, after checking positions lie on the grid and ascend."""
-    _need(bool((positions < P).all()), f"a token position is ≥ n_tokens={P}")
-    sample_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    if len(positions) > 1:   # within a sample, positions strictly ascending (hence distinct)
-        step = positions[1:] - positions[:-1]
-        same = sample_of[1:] == sample_of[:-1]
-        _need(bool((step[same] > 0).all()), "positions within a sample must be strictly ascending")
-    return sample_of
-
-
-def _read_text(t: dict[str, torch.Tensor], N: int) -> list[dict[str, str]]:
-    """The N ``{id, q, a, mc}`` entries, ids unique and non-empty."""
-    try:
-        entries = json.loads(bytes(t["text"].numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PacketError(f"uplink packet: text is not UTF-8 JSON ({exc})") from None
-    _need(isinstance(entries, list) and len(entries) == N, f"text must be a JSON list of {N} entries")
-    for e in entries:
-        _need(isinstance(e, dict) and set(e) == {"id", "q", "a", "mc"} and all(isinstance(v, str) for v in e.values()),
-              "each text entry must be {id, q, a, mc} strings")
-    ids = [e["id"] for e in entries]
-    _need(all(ids) and len(set(ids)) == N, "sample ids must be unique and non-empty")
-    return entries
-
-
-def _read_images(t: dict[str, torch.Tensor], N: int) -> list[bytes | None]:
-    images: list[bytes | None] = [None] * N
-    if "image_sizes" in t:
-        sizes = _tensor(t, "image_sizes", torch.int32, (N,)).long()
-        _need(bool((sizes >= 0).all()), "image sizes must be ≥ 0")
-        blob = _tensor(t, "image_png", torch.uint8, (int(sizes.sum()),)).numpy().tobytes()
-        off = 0
-        for i, n in enumerate(sizes.tolist()):
-            if n:
-                images[i] = blob[off:off + n]
-                _need(images[i].startswith(PNG_SIGNATURE), f"image of sample {i} is not a PNG")
-            off += n
-    return images
-
-
 def _densify(rows: torch.Tensor, sample_of: torch.Tensor, positions: torch.Tensor, shape: tuple[int, int, int],
              fill: str, stats: TokenStats | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens (N, P, C) with dropped slots filled, the bridge's keep mask, the sent mask)."""
@@ -343,20 +218,26 @@ def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | N
 
     ``fill`` overrides the packet's fill mode; ``"mean"`` uses ``stats`` (default: the packaged
     source statistics). A pca-coded packet is reconstructed on ``basis`` (default: the packaged one),
-    refused unless the packet names that basis. Any inconsistency raises :class:`wire.PacketError`.
+    refused unless the packet names that basis. Any inconsistency raises :class:`wire.PacketError`
+    (every check is :func:`~cdcca.uplink.check.check_uplink`'s).
     """
-    pkt = wire.decode(data, expect_kind="uplink")
-    meta, t = pkt.meta, pkt.tensors
-    N, P, C, code, basis, fill = _read_layout(meta, t, fill, basis)
-    counts, positions, rows = _read_tokens(t, N, P, C, code, basis)
-    conf = _tensor(t, "confidence", torch.float32, (N,))
-    unc = _tensor(t, "uncertainty", torch.float32, (N,))
-    sample_of = _sample_of(counts, positions, P)
-    entries = _read_text(t, N)
-    images = _read_images(t, N)
-    dense, keep, sent = _densify(rows, sample_of, positions, (N, P, C), fill, stats)
+    return uplink_batch(check_uplink(data, fill=fill, basis=basis), stats=stats, basis=basis)
+
+
+def uplink_batch(checked: CheckedUplink, *, stats: TokenStats | None = None,
+                 basis: TokenBasis | None = None) -> UplinkBatch:
+    """The tensors of a packet :func:`~cdcca.uplink.check.check_uplink` passed (with the same ``basis``):
+    this only builds, it checks nothing again."""
+    code, (N, P, C) = checked.code, checked.shape
+    t = {k: torch.from_numpy(v) for k, v in checked.arrays.items() if k in ("tokens", "scales", "codes", "norms")}
+    basis = (basis or default_token_basis()) if code.k else None
+    rows = decode_rows(t, len(checked.positions), code, basis, checked.ec_codes)
+    sample_of, positions = torch.from_numpy(checked.sample_of), torch.from_numpy(checked.positions)
+    dense, keep, sent = _densify(rows, sample_of, positions, (N, P, C), checked.fill, stats)
+    entries, meta, arrays = checked.entries, checked.meta, checked.arrays
     return UplinkBatch(
         tokens=dense, keep=keep, sent=sent, questions=[e["q"] for e in entries], answers=[e["a"] for e in entries],
-        mc=[e["mc"] for e in entries], confidences=conf.tolist(), uncertainties=unc.tolist(),
-        sample_ids=[e["id"] for e in entries], device_id=meta["device_id"], adapter_version=meta["adapter_version"],
-        fill=fill, token_dtype=code.name.split("-")[1], code=code.name, images=images, meta=dict(meta), nbytes=len(data))
+        mc=[e["mc"] for e in entries], confidences=arrays["confidence"].tolist(),
+        uncertainties=arrays["uncertainty"].tolist(), sample_ids=checked.sample_ids, device_id=meta["device_id"],
+        adapter_version=meta["adapter_version"], fill=checked.fill, token_dtype=code.name.split("-")[1],
+        code=code.name, images=checked.images, meta=dict(meta), nbytes=checked.nbytes)
