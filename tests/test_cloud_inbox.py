@@ -97,3 +97,16 @@ def test_a_checked_uplink_builds_the_batch_decode_uplink_builds():
     checked = check_uplink(packet)
     assert (checked.sample_ids, checked.device_id, checked.shape) == (batch.sample_ids, batch.device_id, (3, 49, 16))
     assert torch.equal(torch.from_numpy(checked.positions), batch.sent.nonzero()[:, 1])
+
+
+def test_a_mean_filled_packet_must_match_the_token_statistics_before_it_is_stored():
+    """A 'mean' fill draws the dropped slots from the cloud's token statistics: a packet of another grid
+    or width is refused by the check itself, so the torch-free inbox never stores a packet its round
+    could not build."""
+    from cdcca.wire import PacketError
+
+    packet = _packet()                                     # 49 × 16 tokens; the packaged statistics are 49 × 1280
+    with pytest.raises(PacketError, match="fill 'mean' needs token statistics of shape \\(49, 16\\)"):
+        check_uplink(packet, fill="mean")
+    assert check_uplink(packet, fill="mean", stats_shape=(49, 16)).fill == "mean"
+    assert check_uplink(packet).fill == "mask"

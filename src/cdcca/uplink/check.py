@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
 
 from cdcca import wire
 from cdcca.uplink.codes import CODE_NAMES, TokenCode, default_basis_info, expand_ec_stream, need, parse_code
-from cdcca.uplink.config import FILLS, MAX_DENSE_ELEMENTS, PNG_SIGNATURE, READABLE_FORMATS, TOKEN_DTYPES
+from cdcca.uplink.config import (
+    FILLS,
+    MAX_DENSE_ELEMENTS,
+    PNG_SIGNATURE,
+    READABLE_FORMATS,
+    TOKEN_DTYPES,
+    TOKEN_STATS_PATH,
+)
 from cdcca.wire import PacketError, is_valid_name
+
+
+@lru_cache(maxsize=1)
+def default_stats_shape() -> tuple[int, int]:
+    """(P, C) of the packaged token statistics, from the file's header (no torch)."""
+    from safetensors import safe_open
+
+    with safe_open(str(TOKEN_STATS_PATH), framework="np") as f:
+        return tuple(f.get_slice("mean").get_shape())
 
 
 class Basis(Protocol):
@@ -58,12 +75,17 @@ class CheckedUplink:
         return [e["id"] for e in self.entries]
 
 
-def check_uplink(data: bytes, *, fill: str | None = None, basis: Basis | None = None) -> CheckedUplink:
+def check_uplink(data: bytes, *, fill: str | None = None, basis: Basis | None = None,
+                 stats_shape: tuple[int, int] | None = None) -> CheckedUplink:
     """Check an uplink packet completely; ``fill`` overrides the packet's fill mode, ``basis`` (default:
-    the packaged one, read without torch) is the one a pca-coded packet must name."""
+    the packaged one, read without torch) is the one a pca-coded packet must name, ``stats_shape`` (P, C)
+    of the token statistics a ``"mean"`` fill draws on (default: the packaged ones')."""
     pkt = wire.decode_arrays(data, expect_kind="uplink")
     meta, t = pkt.meta, pkt.arrays
     N, P, C, code, fill = _read_layout(meta, t, fill, basis)
+    if fill == "mean":      # the dropped slots get the statistics' means: they must have the packet's grid
+        shape = stats_shape or default_stats_shape()
+        need(tuple(shape) == (P, C), f"fill 'mean' needs token statistics of shape {(P, C)}; this side has {tuple(shape)}")
     counts = _array(t, "counts", "int32", (N,)).astype(np.int64)
     need(bool(((counts >= 1) & (counts <= P)).all()), f"every sample must carry 1..{P} tokens")
     M = int(counts.sum())

@@ -221,7 +221,8 @@ def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | N
     refused unless the packet names that basis. Any inconsistency raises :class:`wire.PacketError`
     (every check is :func:`~cdcca.uplink.check.check_uplink`'s).
     """
-    return uplink_batch(check_uplink(data, fill=fill, basis=basis), stats=stats, basis=basis)
+    checked = check_uplink(data, fill=fill, basis=basis, stats_shape=stats.shape if stats is not None else None)
+    return uplink_batch(checked, stats=stats, basis=basis)
 
 
 def uplink_batch(checked: CheckedUplink, *, stats: TokenStats | None = None,
