@@ -23,7 +23,14 @@ from cdcca.uplink import (
     select_tokens,
     unpack_int4,
 )
-from cdcca.uplink.codec import EC_STEP, bridge_metric, dequantize_int8, entropy_decode, entropy_encode
+from cdcca.uplink.codec import (
+    EC_STEP,
+    bridge_metric,
+    dequantize_int8,
+    entropy_decode,
+    entropy_encode,
+    update_on_code_span,
+)
 from cdcca.wire import PacketError
 
 torch.set_num_threads(2)
@@ -232,3 +239,19 @@ def test_a_damaged_or_oversized_entropy_stream_is_refused_in_one_line(basis):
         with pytest.raises(PacketError, match=match) as err:
             decode_uplink(bad, basis=basis)
         assert "\n" not in str(err.value)
+
+
+
+def test_a_projection_update_learnt_on_rebuilt_tokens_acts_on_real_tokens_as_on_the_rebuilt_ones(basis):
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randn(32, 1280, generator=g) / 40
+    gamma, beta = 1 + 0.2 * torch.rand(1280, generator=g), 0.1 * torch.randn(1280, generator=g)
+    tokens = torch.rand(20, 1280, generator=g) * 6
+    coeffs, norms = basis.project(tokens, 128)
+    real = torch.nn.functional.layer_norm(tokens, (1280,))
+    rebuilt = (basis.reconstruct(coeffs, norms) - norms[:, :1].float()) / norms[:, 1:].float()   # r̂, before any LN
+    projected, shift = update_on_code_span(delta, gamma, beta, parse_code("pca128-ec"), basis)
+    trained = (gamma * rebuilt + beta) @ delta.T
+    assert torch.allclose((gamma * real + beta) @ projected.T + shift, trained, atol=1e-3 * trained.abs().max())
+    plain = (gamma * real + beta) @ delta.T
+    assert (plain - trained).norm() > 0.05 * trained.norm()      # as trained, the change reads the rest of the token too

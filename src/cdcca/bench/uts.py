@@ -46,7 +46,7 @@ from cdcca.uplink import (
 )
 
 KEEP_RATIOS = (0.25, 0.5, 0.75, 1.0)
-CODES = ("full-int8", "pca32-int8", "pca64-int8", "pca128-int8", "pca64-int4", "pca128-int4")
+CODES = ("full-int8", "pca64-int8", "pca128-int8", "pca128-int4", "pca128-ec", "pca256-ec")
 _FRAMES = {"png_64": ("PNG", 64), "jpeg_64": ("JPEG", 64), "png_224": ("PNG", 224), "jpeg_224": ("JPEG", 224)}
 
 
@@ -355,8 +355,8 @@ def _notes(images: dict[str, int], n_req: int, per_uploaded: float, fid_name: st
         f"sample's coded tokens cost {per_uploaded:.0f} B ({per_uploaded / png_per_req:.1f}x the shifted PNG); "
         "the raw image never leaves the device and the cloud consumes encoder tokens directly; the per-request "
         "ratios include that only uncertain samples are uploaded.",
-        "bytes_per_uploaded_sample does not depend on the token scorer (no entropy coding; each keeps the same "
-        f"number of tokens); uploaded_mc_accuracy (what the kept tokens carry) is measured with the {fid_name} "
+        "bytes_per_uploaded_sample depends on the token scorer only through the entropy code (each keeps the "
+        f"same number of tokens; a pcaK-ec code costs what its tokens' coefficients need); uploaded_mc_accuracy (what the kept tokens carry) is measured with the {fid_name} "
         "model" + (" (no cloud weights yet: a device-side proxy)" if fid_name == "device" else "") + ".",
         "auroc.view_consistency needs one extra MC forward per request (timing.view_consistency_overhead), "
         "so it is opt-in; the answer-only scorers cost nothing beyond the answer.",

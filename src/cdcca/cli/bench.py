@@ -35,7 +35,7 @@ def bench_uts(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
     codes: str | None = typer.Option(None, help="Comma-separated token codes to compare on the uploads, e.g. "
-                                     "full-int8,pca64-int8,pca128-int4 (default: full-int8 and six pca variants)."),
+                                     "full-int8,pca128-int4,pca256-ec (default: full-int8 and five pca variants)."),
     torch_device: TorchDeviceOpt = None,
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,8 +47,9 @@ from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
 from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
-from cdcca.uplink import UplinkBatch, decode_uplink
+from cdcca.uplink import UplinkBatch, decode_uplink, default_token_basis, parse_code
 from cdcca.uplink.check import check_uplink
+from cdcca.uplink.codec import update_on_code_span
 from cdcca.uplink.packet import uplink_batch
 from cdcca.wire import require_plain_name, write_packet
 
@@ -186,7 +188,7 @@ class CloudRuntime:
         wanted: dict[str, set[str]] = {}
         for sid, sha in rows:
             wanted.setdefault(sha, set()).add(sid)
-        tokens, keep, questions, ids, device_answers = [], [], [], [], []
+        tokens, keep, questions, ids, device_answers, codes = [], [], [], [], [], Counter()
         for sha, sids in wanted.items():
             up = self._decoded.pop(sha, None) or decode_uplink((self.dir / "uplinks" / f"{sha}.pkt").read_bytes())
             for i, sid in enumerate(up.sample_ids):
@@ -197,9 +199,10 @@ class CloudRuntime:
                     questions.append(up.questions[i])
                     ids.append(sid)
                     device_answers.append(up.mc[i])
+                    codes[up.code] += 1
         if not ids:
             return None
-        return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers
+        return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers, codes.most_common(1)[0][0]
 
     # -- a round: AKD → DWC ------------------------------------------------------------------
     def run_round(self, device_id: str) -> bytes | None:
@@ -222,7 +225,7 @@ class CloudRuntime:
         pending = self._load_pending(sources)
         if pending is None:
             return None
-        tokens, keep, questions, ids, device_answers = pending
+        tokens, keep, questions, ids, device_answers, code = pending
         version, base = self.mirror(owner)
         rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (owner,)).fetchone()[0] + 1
         d = self._home(owner)
@@ -233,6 +236,7 @@ class CloudRuntime:
         teacher_s = time.perf_counter() - t0
         records = self.label_override(teacher_records) if self.label_override else teacher_records
         target, st = self.akd.distill(owner, base, records, device_answers)
+        target = onto_code_span(base, target, code)
         self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
         new = version + 1
@@ -339,6 +343,20 @@ class CloudRuntime:
 
     def close(self) -> None:
         self.db.close()
+
+
+def onto_code_span(base: AdapterState, target: AdapterState, code_name: str) -> AdapterState:
+    """``target`` with the round's change of the bridge's token projection rewritten to act on real tokens
+    as it acted on the rebuilt uploads it was learnt from (:func:`~cdcca.uplink.codec.update_on_code_span`),
+    when the round's uploads (most of them) came in a pca code; a full code needs nothing."""
+    code = parse_code(code_name)
+    if not code.k:
+        return target
+    weight, bias = "bridge.token_proj.weight", "bridge.token_proj.bias"
+    delta, shift = update_on_code_span(target[weight].float() - base[weight].float(), target["bridge.token_norm.weight"].float(),
+                                       target["bridge.token_norm.bias"].float(), code, default_token_basis())
+    return {**target, weight: (base[weight].float() + delta).to(target[weight].dtype),
+            bias: (target[bias].float() + shift).to(target[bias].dtype)}
 
 
 def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,

@@ -8,11 +8,12 @@ The device answers every request itself. For a round of requests, UTS
    as fit a byte budget);
 2. scores each uploaded sample's 49 visual tokens (:data:`TOKEN_SCORERS`, ``(B, 49, C) -> (B, 49)``)
    and keeps a fraction of them (:func:`select_tokens`);
-3. codes the kept tokens (default ``pca128-int4``: 128 coefficients of a linear code both sides share,
-   :mod:`~cdcca.uplink.codec`, int4 with a per-token fp16 absmax scale; or every channel as int8 or
-   fp16) and packs them, with the question, the device's answer and its confidence, into one ``wire``
-   packet of kind ``"uplink"`` (:func:`build_uplink`). The cloud rebuilds exactly what its bridge
-   needs with :func:`decode_uplink`.
+3. codes the kept tokens (default ``pca256-ec``: 256 coefficients of a linear code both sides share,
+   :mod:`~cdcca.uplink.codec`, rounded on one step and LZMA-coded, ~1.7 KiB an upload; or int8 / int4
+   coefficients with a per-token scale, or every channel as int8 or fp16) and packs them, with the
+   question, the device's answer and its confidence, into one ``wire`` packet of kind ``"uplink"``
+   (:func:`build_uplink`). The cloud checks it (:func:`~cdcca.uplink.check.check_uplink`, no torch) and
+   rebuilds exactly what its bridge needs with :func:`decode_uplink`.
 
 The raw image never leaves the device unless :attr:`UTSConfig.allow_image` is set.
 Everything here is a pure function over tensors and dataclasses: no SQLite, no network.
@@ -25,10 +26,12 @@ The package owns that whole device-to-cloud path: :mod:`~cdcca.uplink.config` (c
 Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P = 49, C = 1280)::
 
     codes        int8 (M, K) | uint8 (M, K/2)   [pcaK-int8 | pcaK-int4] coefficients on the shared basis
+                 | uint8 (B,)                   [pcaK-ec] raw LZMA2 stream of the (K, M) int8 codes
+                                                round(c / EC_STEP), component-major
     tokens       int8 (M, C) | float16 (M, C)   [full-int8 | full-fp16] every channel
                                                 (kept tokens, sample after sample, positions ascending)
     norms        float16 (M, 2)                 [pca codes] each token's channel mean and std
-    scales       float16 (M,)                   per-token absmax / 127 (int8) or / 7 (int4); not for fp16
+    scales       float16 (M,)                   per-token absmax / 127 (int8) or / 7 (int4); not for fp16, ec
     positions    uint8 (M,)                     grid position 0..P-1 of every kept token
     counts       int32 (N,)                     kept tokens per sample (1..P, sums to M)
     confidence   float32 (N,)                   the device's Π max-prob confidence

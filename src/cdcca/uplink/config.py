@@ -71,17 +71,15 @@ class UTSConfig:
         "How the cloud fills the dropped slots. ``\"mask\"`` (default): masked out of its bridge's "
         "cross-attention; ``\"mean\"``: the position's clean source mean (needs :class:`TokenStats`); "
         "``\"zeros\"``: zero vectors.")})
-    token_code: str = field(default="full", metadata={"help": (
-        "How a kept token travels. ``\"pcaK-int8\"`` / ``\"pcaK-int4\"``: its channel mean and std and K "
-        "coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`), per-token fp16 "
-        "scale; the cloud reconstructs the 1280 channels. ``\"pca128-int4\"`` costs 71 B a token (~1.8 KB an "
-        "upload, against 30 KB with ``\"full\"``) and the cloud teacher answers the uploads as well as from "
-        "full tokens (``cdcca bench uts``, ``codes``), but the student learns less from them: the quick "
-        "demo's gain is +7.2 online / +8.1 held-out against +7.9 / +10.5 with ``\"full\"`` (seed 0) — more "
-        "than the 0.5 point a default may cost, so it is opt-in until the bridges are trained on "
-        "reconstructed tokens. ``\"full\"`` (default): every channel at ``token_dtype``. Tokens whose width "
-        "is not the basis's (tiny test models) always travel ``\"full\"``; the packet's ``code`` says which "
-        "was used.")})
+    token_code: str = field(default="pca256-ec", metadata={"help": (
+        "How a kept token travels. ``\"pcaK-ec\"`` (default ``\"pca256-ec\"``): its channel mean and std and "
+        "K coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`), rounded on one "
+        "fixed step and LZMA-coded, ~60–75 B a token, ~1.7 KiB an upload against ~30 KiB with ``\"full\"``; "
+        "the cloud rebuilds the 1280 channels, and the round's update is rewritten to act on real tokens as "
+        "on the rebuilt ones it was learnt from (:func:`~cdcca.uplink.codec.update_on_code_span`). "
+        "``\"pcaK-int8\"`` / ``\"pcaK-int4\"``: the same coefficients with a per-token fp16 absmax scale "
+        "(fixed size, coarser). ``\"full\"``: every channel at ``token_dtype``. Tokens whose width is not "
+        "the basis's (tiny test models) always travel ``\"full\"``; the packet's ``code`` says which was used.")})
     token_dtype: str = field(default="int8", metadata={"help": (
         "Values of the ``\"full\"`` code: ``\"int8\"`` (per-token absmax scale in fp16, ~1 byte/channel) or "
         "``\"fp16\"``.")})

@@ -162,7 +162,7 @@ def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: 
                  basis: TokenBasis | None = None) -> bytes:
     """Pack the samples' kept tokens, coded per :func:`packet_code`, into one ``uplink`` packet.
 
-    At the default code (pca128-int4) a sample costs ~1.9 KB, so one packet holds up to ~30,000 samples
+    At the default code (pca256-ec) a sample costs ~1.7 KiB, so one packet holds up to ~35,000 samples
     before the wire's 64 MiB limit; send larger backlogs in several packets (``Outbox.pending(limit)``).
     """
     if not samples:
