@@ -169,7 +169,7 @@ class CloudRuntime:
     def receive(self, uplink: bytes) -> list[str]:
         """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device.
         The commit is :func:`~cdcca.runtime.cloud_db.commit_uplink`'s, the one ``cdcca cloud receive`` runs."""
-        checked = check_uplink(uplink)        # validates the packet (and its device id) before anything is stored
+        checked = check_uplink(uplink, basis=default_token_basis())   # validates everything before anything is stored
         batch = uplink_batch(checked)         # built before storing too: a packet it cannot build is never stored
         receipt = commit_uplink(self.db, self.dir, uplink, checked)
         if receipt.new > 0:   # kept for this process's next round (a restarted cloud decodes the stored packet instead)

@@ -32,6 +32,7 @@ from cdcca.uplink.codes import (  # noqa: F401  (re-exported: the code names' hi
     FULL_CODES,
     TokenCode,
     basis_digest,
+    basis_file,
     expand_ec_stream,
     parse_code,
 )
@@ -147,12 +148,6 @@ def fit_token_basis(tokens: torch.Tensor, k: int = BASIS_COMPONENTS, metric: tor
     return TokenBasis(mean.float(), (root @ U).T.float(), (inv_root @ U).T.float(), len(x))
 
 
-def _cache_basis_path() -> Path:
-    from cdcca.assets import cache_dir
-
-    return cache_dir() / "token_basis.safetensors"
-
-
 def _fit_set(n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
     """Tokens the shipped basis is fitted on: the first ``n_images`` clean train images (the cached
     features) and the next ``n_images`` under the cloud's training corruptions (each its own, severity
@@ -194,12 +189,10 @@ def build_token_basis(out: str | os.PathLike[str] | None = None) -> Path:
 def default_token_basis() -> TokenBasis:
     """The packaged basis (256 × 1280); without one (a trimmed install) the one built once under
     ``$CDCCA_CACHE`` from the packaged encoder and images, so both sides of one install agree."""
-    if TOKEN_BASIS_PATH.is_file():
-        return TokenBasis.load(TOKEN_BASIS_PATH)
-    cached = _cache_basis_path()
-    if not cached.is_file():
-        build_token_basis(cached)
-    return TokenBasis.load(cached)
+    path = basis_file()
+    if not path.is_file():
+        build_token_basis(path)
+    return TokenBasis.load(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -116,13 +117,25 @@ def read_basis_info(path: str | os.PathLike[str]) -> BasisInfo:
     return BasisInfo(basis_digest(mean, encoder, decoder), encoder.shape[0], encoder.shape[1])
 
 
-@lru_cache(maxsize=1)
-def default_basis_info() -> BasisInfo:
-    """The packaged basis's digest and size without torch; a trimmed install (no packaged file) falls back
-    to :func:`~cdcca.uplink.codec.default_token_basis`, which finds or builds the cached one."""
+def basis_file() -> Path:
+    """Where this install's basis is: the packaged file, or on a trimmed install (none packaged) the one
+    :func:`~cdcca.uplink.codec.default_token_basis` builds once under ``$CDCCA_CACHE`` (maybe not yet)."""
     if TOKEN_BASIS_PATH.is_file():
-        return read_basis_info(TOKEN_BASIS_PATH)
-    from cdcca.uplink.codec import default_token_basis  # torch: only where no basis file ships
+        return TOKEN_BASIS_PATH
+    from cdcca.assets import cache_dir
 
-    basis = default_token_basis()
-    return BasisInfo(basis.digest, basis.k, basis.dim)
+    return cache_dir() / "token_basis.safetensors"
+
+
+def default_basis_info() -> BasisInfo:
+    """This install's basis digest and size, read without torch (cached per file)."""
+    path = basis_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"no token basis at {TOKEN_BASIS_PATH} or {path}: build it once with "
+                                "python -c 'import cdcca.uplink as u; u.default_token_basis()'")
+    return _basis_info_of(path)
+
+
+@lru_cache(maxsize=4)
+def _basis_info_of(path: Path) -> BasisInfo:
+    return read_basis_info(path)

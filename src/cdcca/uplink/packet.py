@@ -221,6 +221,7 @@ def decode_uplink(data: bytes, *, fill: str | None = None, stats: TokenStats | N
     refused unless the packet names that basis. Any inconsistency raises :class:`wire.PacketError`
     (every check is :func:`~cdcca.uplink.check.check_uplink`'s).
     """
+    basis = basis or default_token_basis()      # built once on a trimmed install; the check reads only files
     checked = check_uplink(data, fill=fill, basis=basis, stats_shape=stats.shape if stats is not None else None)
     return uplink_batch(checked, stats=stats, basis=basis)
 
