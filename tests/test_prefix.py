@@ -72,3 +72,22 @@ def test_the_input_group_moves_only_the_bridge_input_side(tiny_device, tiny_clou
                  epochs=2, batch_size=2, lr=1e-3, source_ratio=0.0, grad_clip=2.0, rng=random.Random(0), group="input")
     changed = {k for k, v in tiny_device.bridge.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"token_norm.weight", "token_norm.bias", "token_proj.weight", "token_proj.bias", "pos"}
+
+
+def test_a_span_confines_the_token_projection_change_and_leaves_a_plain_weight(tiny_device, tiny_cloud):
+    """Uploads that reached the cloud in a code: the round's change of the token projection stays in the
+    code's span (W₀ + ΔW·A·B, so A·B leaves it unchanged) and the bridge keeps an ordinary weight."""
+    from cdcca.uplink.codec import code_span_factors, fit_token_basis, parse_code
+
+    source = torch.randn(16, 49, 32).half()
+    teacher = PrefixTeacher.fit(tiny_cloud.bridge, tiny_device.bridge, source, ridge=1.0)
+    basis = fit_token_basis(torch.rand(400, 32) * 6, k=8)
+    a, b = code_span_factors(tiny_device.bridge.token_norm.weight.detach(), parse_code("pca8-ec"), basis)
+    tokens, keep = torch.randn(8, 49, 32), torch.ones(8, 49, dtype=torch.bool)
+    targets = teacher.map(bridge_prefix(tiny_cloud.bridge, tokens, keep))
+    before = tiny_device.bridge.token_proj.weight.detach().clone()
+    train_prefix(tiny_device.bridge, teacher, tokens, keep, targets, epochs=3, batch_size=4, lr=1e-3,
+                 source_ratio=1.0, grad_clip=2.0, rng=random.Random(0), span=(a, b))
+    change = tiny_device.bridge.token_proj.weight.detach() - before
+    assert change.abs().max() > 0 and torch.allclose(change @ a @ b, change, atol=1e-5)
+    assert "weight" in dict(tiny_device.bridge.token_proj.named_parameters())     # no parametrization left behind

@@ -170,8 +170,11 @@ class AKD:
 
     # -- step 2: distil into the device's adapters --------------------------------------------
     def distill(self, device_id: str, base: AdapterState, records: list[TeacherRecord],
-                device_answers: list[str] | None = None) -> tuple[AdapterState, DistillStats]:
-        """Train a copy of ``base`` (the device's current adapters) on ``records`` + replay; return new adapters."""
+                device_answers: list[str] | None = None,
+                span: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[AdapterState, DistillStats]:
+        """Train a copy of ``base`` (the device's current adapters) on ``records`` + replay; return new adapters.
+        ``span``: where prefix distillation may change the bridge's token projection (uploads that came in
+        a code: :func:`~cdcca.akd.prefix.train_prefix`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         new = [r for r in records if r.answered and r.confidence >= cfg.labels.min_teacher_confidence]
@@ -182,17 +185,18 @@ class AKD:
             torch.manual_seed(cfg.seed * 1_000_003 + replay.seen * 1009 + state.prefix_replay.seen)
             # off the CPU, tensors the losses create land on the device too (on the CPU: nothing changes)
             with contextlib.nullcontext() if self.device.type == "cpu" else self.device:
-                return self._distill(state, base, records, new, device_answers, t0)
+                return self._distill(state, base, records, new, device_answers, t0, span)
 
     def _distill(self, state: StudentState, base: AdapterState, records: list[TeacherRecord],
-                 new: list[TeacherRecord], device_answers: list[str] | None, t0: float) -> tuple[AdapterState, DistillStats]:
+                 new: list[TeacherRecord], device_answers: list[str] | None, t0: float,
+                 span: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[AdapterState, DistillStats]:
         cfg = self.cfg
         replay = state.replay
         old = replay.sample(int(len(new) * cfg.replay.per_round)) if cfg.labels.epochs > 0 else []
         data = new + old
         load_adapter_state(self.student, base)
         rng = random.Random(cfg.seed + replay.seen)
-        prefix_stats = self.distill_prefix(state.prefix_replay, records, rng) if self.prefix_teacher and records else {}
+        prefix_stats = self.distill_prefix(state.prefix_replay, records, rng, span) if self.prefix_teacher and records else {}
         steps, totals = self._train_labels(state.aligner, data, rng) if data else (0, {})
         replay.add(new)
         agree = float("nan")
@@ -240,7 +244,8 @@ class AKD:
             p.requires_grad_(is_adapter_key(name))
         return step, totals
 
-    def distill_prefix(self, replay: ReplayBuffer, records: list[TeacherRecord], rng: random.Random) -> dict[str, float]:
+    def distill_prefix(self, replay: ReplayBuffer, records: list[TeacherRecord], rng: random.Random,
+                       span: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Prefix distillation of the student's bridge on every record (no gate: the target is not a
         label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.akd.prefix`."""
         cfg = self.cfg
@@ -250,7 +255,7 @@ class AKD:
         stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]).to(dev),
                              torch.stack([r.keep for r in data]).to(dev), targets, epochs=cfg.prefix.epochs,
                              batch_size=cfg.prefix.batch_size, lr=cfg.prefix.lr, source_ratio=cfg.replay.source,
-                             grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params)
+                             grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params, span=span)
         replay.add(records)
         return stats
 

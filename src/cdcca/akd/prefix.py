@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from cdcca.model.bridge import Bridge
 
@@ -85,15 +88,53 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torc
     return (pred - target.float()).pow(2).mean() / scale
 
 
+class _ChangeOnSpan(nn.Module):
+    """token_proj.weight = W₀ + (W − W₀)·A·B: the round's change acts through the span A·B only."""
+
+    def __init__(self, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base, self.a, self.b = base, a, b
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.base + ((weight - self.base) @ self.a) @ self.b
+
+
+@contextmanager
+def change_on_span(bridge: Bridge, span: tuple[torch.Tensor, torch.Tensor] | None):
+    """While training, confine the change of ``bridge.token_proj.weight`` to ``span`` = (A, B); on exit the
+    weight keeps its confined value. None: a free change."""
+    if span is None:
+        yield
+        return
+    base = bridge.token_proj.weight.detach().clone()
+    a, b = (t.to(base) for t in span)
+    parametrize.register_parametrization(bridge.token_proj, "weight", _ChangeOnSpan(base, a, b))
+    try:
+        yield
+    finally:
+        parametrize.remove_parametrizations(bridge.token_proj, "weight", leave_parametrized=True)
+
+
 def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
                  targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
-                 grad_clip: float, rng: random.Random, group: str = "all") -> dict[str, float]:
+                 grad_clip: float, rng: random.Random, group: str = "all",
+                 span: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """Fit ``bridge`` so that bridge(tokens, keep) ≈ targets, anchored on clean source images.
 
     ``targets`` are translated teacher prefixes (N, Q, d_s). Each step also draws ``source_ratio``
     clean source images per sample and pulls their prefix towards the source device's own. Only
-    the bridge's parameters of ``group`` (:data:`PREFIX_GROUPS`) move; returns the mean of each loss
-    term and the number of steps."""
+    the bridge's parameters of ``group`` (:data:`PREFIX_GROUPS`) move; ``span`` (A, B) confines the change
+    of its token projection to W₀ + ΔW·A·B (:func:`change_on_span`: uploads that reached the cloud in a
+    code, see :func:`~cdcca.uplink.codec.code_span_factors`). Returns the mean of each loss term and the
+    number of steps."""
+    with change_on_span(bridge, span):
+        return _train(bridge, teacher, tokens, keep, targets, epochs=epochs, batch_size=batch_size, lr=lr,
+                      source_ratio=source_ratio, grad_clip=grad_clip, rng=rng, group=group)
+
+
+def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
+           targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
+           grad_clip: float, rng: random.Random, group: str) -> dict[str, float]:
     named = list(bridge.named_parameters())
     flags = [p.requires_grad for _, p in named]
     for name, p in named:

@@ -49,7 +49,7 @@ from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, rememb
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
 from cdcca.uplink import UplinkBatch, decode_uplink, default_token_basis, parse_code
 from cdcca.uplink.check import check_uplink
-from cdcca.uplink.codec import update_on_code_span
+from cdcca.uplink.codec import code_span_factors
 from cdcca.uplink.packet import uplink_batch
 from cdcca.wire import require_plain_name, write_packet
 
@@ -235,8 +235,7 @@ class CloudRuntime:
         teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids, answers=answers)
         teacher_s = time.perf_counter() - t0
         records = self.label_override(teacher_records) if self.label_override else teacher_records
-        target, st = self.akd.distill(owner, base, records, device_answers)
-        target = onto_code_span(base, target, code)
+        target, st = self.akd.distill(owner, base, records, device_answers, span=code_span(base, code))
         self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
         new = version + 1
@@ -345,18 +344,14 @@ class CloudRuntime:
         self.db.close()
 
 
-def onto_code_span(base: AdapterState, target: AdapterState, code_name: str) -> AdapterState:
-    """``target`` with the round's change of the bridge's token projection rewritten to act on real tokens
-    as it acted on the rebuilt uploads it was learnt from (:func:`~cdcca.uplink.codec.update_on_code_span`),
-    when the round's uploads (most of them) came in a pca code; a full code needs nothing."""
+def code_span(base: AdapterState, code_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where a round may change the bridge's token projection when the round's uploads (most of them)
+    came in a pca code (:func:`~cdcca.uplink.codec.code_span_factors`, at the device's current γ); a
+    full code: anywhere (None)."""
     code = parse_code(code_name)
     if not code.k:
-        return target
-    weight, bias = "bridge.token_proj.weight", "bridge.token_proj.bias"
-    delta, shift = update_on_code_span(target[weight].float() - base[weight].float(), target["bridge.token_norm.weight"].float(),
-                                       target["bridge.token_norm.bias"].float(), code, default_token_basis())
-    return {**target, weight: (base[weight].float() + delta).to(target[weight].dtype),
-            bias: (target[bias].float() + shift).to(target[bias].dtype)}
+        return None
+    return code_span_factors(base["bridge.token_norm.weight"].float(), code, default_token_basis())
 
 
 def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,

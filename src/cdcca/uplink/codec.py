@@ -315,23 +315,18 @@ def decode_rows(t: dict[str, torch.Tensor], M: int, code: TokenCode, basis: Toke
 
 
 
-def update_on_code_span(delta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, code: TokenCode,
-                        basis: TokenBasis) -> tuple[torch.Tensor, torch.Tensor]:
-    """A change ``delta`` (d, C) of a bridge's token projection, learnt on tokens rebuilt from ``code``,
-    rewritten to act on a real token exactly as it acted on the rebuilt one: returns (Δ', shift) with
-    Δ'(γ ⊙ x̂ + β) + shift = Δ(γ ⊙ r̂ + β) for every layer-normalized token x̂, where r̂ = mean + P(x̂ − mean)
-    is its rebuilt form (P = decoderᵀ · encoder over the code's k components; rounding aside).
 
-    Why: the student trains on rebuilt uploads but the device serves real tokens. Left as trained, the
-    change also answers the part of a real token the code does not carry (measured: 22 % of its effect,
-    and ~1 point of online accuracy); rewritten, it answers only what it was trained on, and the rest of
-    the token reaches the bridge as the source model reads it. γ is kept away from 0 (|γ| ≥ 1e-3)."""
+def code_span_factors(gamma: torch.Tensor, code: TokenCode, basis: TokenBasis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (C, k), B (k, C)) with A·B = diag(γ)·P·diag(γ)⁻¹, P = decoderᵀ·encoder the code's projection of a
+    layer-normalized token: a change Δ of a bridge's token projection (which reads γ ⊙ x̂ + β) written as
+    Δ·A·B reads a real token x̂ exactly as Δ reads its rebuilt form r̂ = mean + P(x̂ − mean), up to a
+    constant the bias absorbs (rounding aside).
+
+    Why: the student trains on rebuilt uploads but the device serves real tokens. A free change also
+    answers the part of a real token the code does not carry (measured: 22 % of its effect, ~1 point of
+    online accuracy); confined to the span, it answers only what it can have been trained on, and the
+    rest of the token reaches the bridge as the source model reads it. γ is kept away from 0 (≥ 1e-3)."""
     k = code.k
-    E, D, mean = basis.encoder[:k].double(), basis.decoder[:k].double(), basis.mean.double()
-    g = gamma.double()
+    g = gamma.float()
     g = torch.where(g.abs() < 1e-3, torch.where(g < 0, -1e-3, 1e-3).to(g), g)
-    d = delta.double()
-    projected = ((d * g) @ D.T) @ (E / g)                        # Δ · diag(γ) · P · diag(γ)⁻¹
-    off_span = mean - D.T @ (E @ mean)                          # (I − P) · mean
-    shift = d @ beta.double() - projected @ beta.double() + (d * g) @ off_span
-    return projected.to(delta.dtype), shift.to(delta.dtype)
+    return g[:, None] * basis.decoder[:k].T, basis.encoder[:k] / g[None, :]

@@ -75,8 +75,9 @@ class UTSConfig:
         "How a kept token travels. ``\"pcaK-ec\"`` (default ``\"pca256-ec\"``): its channel mean and std and "
         "K coefficients on the shared basis (:func:`~cdcca.uplink.codec.default_token_basis`), rounded on one "
         "fixed step and LZMA-coded, ~60–75 B a token, ~1.7 KiB an upload against ~30 KiB with ``\"full\"``; "
-        "the cloud rebuilds the 1280 channels, and the round's update is rewritten to act on real tokens as "
-        "on the rebuilt ones it was learnt from (:func:`~cdcca.uplink.codec.update_on_code_span`). "
+        "the cloud rebuilds the 1280 channels, and a round changes the device bridge's token projection only "
+        "within the code's span, so the change reads real tokens as it read the rebuilt ones "
+        "(:func:`~cdcca.uplink.codec.code_span_factors`). "
         "``\"pcaK-int8\"`` / ``\"pcaK-int4\"``: the same coefficients with a per-token fp16 absmax scale "
         "(fixed size, coarser). ``\"full\"``: every channel at ``token_dtype``. Tokens whose width is not "
         "the basis's (tiny test models) always travel ``\"full\"``; the packet's ``code`` says which was used.")})
