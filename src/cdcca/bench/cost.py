@@ -72,6 +72,9 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
     return out, model
 
 
+MAX_SERVED_ROUNDS = 16          # the persistent stream's length: enough for 16 × 80 = 1,280 uploads
+
+
 def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, group: str | None, device_model) -> dict:
     """One round: ``devices`` devices upload ``per_device`` samples each; the cloud's seconds and bytes."""
     from cdcca.runtime.cloud import CloudRuntime
@@ -87,7 +90,10 @@ def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, g
     try:
         for dev in devs:
             cloud.set_group(dev.device_id, group)
-            dev.serve_round(0)
+            for rnd in range(MAX_SERVED_ROUNDS):          # a round of the stream has 80 requests: serve rounds
+                dev.serve_round(rnd)                      # until the outbox holds this row's uploads
+                if dev.outbox.size() >= per_device:
+                    break
             packet = dev.collect_uplink(max_samples=per_device)
             if packet is not None:
                 up += len(packet)
