@@ -4,7 +4,7 @@
 # the cloud model, each with --torch-device, each timed; timings.json says where the time went.
 #
 #   benchmarks/accelerator_check.sh [DEVICE]            # DEVICE: cuda (default), cuda:N, mps, cpu
-#   CDCCA_TINY=1 benchmarks/accelerator_check.sh cpu    # tiny settings: ~2-3 min on 2 CPU cores
+#   CDCCA_TINY=1 benchmarks/accelerator_check.sh cpu    # tiny settings: ~35 s on 2 CPU cores (warm caches)
 #
 # Full settings fit in 10 minutes on one GPU (the device's own model stays on the CPU, as a device's
 # would: held-out evaluation of the device and its answering run there). Needs cdcca installed with its
