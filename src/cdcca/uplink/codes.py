@@ -8,18 +8,16 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from cdcca.uplink.config import TOKEN_BASIS_PATH
+from cdcca.uplink.config import PCA_CODE, TOKEN_BASIS_PATH
 from cdcca.wire import PacketError
 
 FULL_CODES = ("full-int8", "full-fp16")
-_PCA = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4|ec)")
 EC_STEP = 1.0                   # pcaK-ec: the one rounding step of every coefficient (normalized-token units)
 EC_BITS_ESTIMATE = 2.3          # pcaK-ec: bits a coefficient costs after LZMA (measured 1.9–2.2 at step 1.0)
 EC_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]   # raw LZMA2: no container header on the wire
@@ -51,7 +49,7 @@ def parse_code(name: str) -> TokenCode:
     """``full-int8`` | ``full-fp16`` | ``pca<K>-int8`` | ``pca<K>-int4`` | ``pca<K>-ec``; ValueError otherwise."""
     if name in FULL_CODES:
         return TokenCode(name, 0, 8 if name == "full-int8" else 16)
-    m = _PCA.fullmatch(str(name))
+    m = PCA_CODE.fullmatch(str(name))
     if m is None:
         raise ValueError(f"token code {str(name)[:40]!r} is not one of {CODE_NAMES}")
     if m.group(2) == "ec":

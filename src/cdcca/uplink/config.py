@@ -16,6 +16,7 @@ TOKEN_DIM = 1280
 MAX_DENSE_ELEMENTS = 2**27                            # N·P·C floats a decoded packet may expand to (512 MiB)
 TOKEN_STATS_PATH = Path(__file__).resolve().parent.parent / "weights" / "token_stats.safetensors"
 TOKEN_BASIS_PATH = TOKEN_STATS_PATH.with_name("token_basis.safetensors")
+PCA_CODE = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4|ec)")   # a basis code's name: components, then values
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 SAMPLE_SCORER_NAMES = ("confidence", "entropy", "margin", "mc_disagreement", "mc_entropy", "view_consistency")
@@ -120,7 +121,7 @@ class UTSConfig:
         choice("direction", DIRECTIONS)
         choice("fill", FILLS)
         choice("token_dtype", TOKEN_DTYPES)
-        if self.token_code != "full" and re.fullmatch(r"pca[1-9][0-9]{0,3}-(int[48]|ec)", str(self.token_code)) is None:
+        if self.token_code != "full" and PCA_CODE.fullmatch(str(self.token_code)) is None:
             raise ValueError(f"UTSConfig.token_code must be full, pca<K>-ec, pca<K>-int8 or pca<K>-int4; got {self.token_code!r}")
         number("temperature", lambda v: v > 0, "a positive number")
         number("threshold", lambda v: True, "a finite number")
