@@ -23,8 +23,11 @@ rm -rf "$OUT/paper"                                  # cells are resumable: a ch
 
 if [ "$TINY" = "1" ]; then
     cat > "$OUT/tiny-preset.toml" <<'EOF'
+[uts]
 budget = 8                # uploads per round
+[eval]
 heldout_n = 8             # held-out questions per domain
+heldout_da = true
 ablation_seeds = 1
 EOF
     PAPER=(--config "$OUT/tiny-preset.toml" --rounds-per-domain 1 --round-size 16)

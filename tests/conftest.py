@@ -1,3 +1,5 @@
+from cdcca.akd.config import LabelPhase
+
 """Shared fixtures: tiny random-initialised models of the real architecture, the real tokenizer."""
 
 import os
@@ -58,7 +60,7 @@ def cloud(tmp_path):
     from cdcca.downlink import DWCConfig
     from cdcca.runtime.cloud import CloudRuntime
 
-    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(epochs=1, batch_size=4),
+    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4)),
                           dwc=DWCConfig(budget_bytes=16 * 1024))
     yield c
     c.close()

@@ -1,3 +1,4 @@
+
 """The device's OpenAI-compatible API on a tiny device: answers, the outbox, following an update
 applied by another process, and a clear JSON error with the right status for every bad input."""
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from tests.conftest import CANDIDATES
+
+from cdcca.akd.config import LabelPhase
 
 
 def png_data_url(seed=0, size=64) -> str:
@@ -75,7 +78,7 @@ def test_an_update_applied_by_another_process_answers_the_next_request(client, s
     from cdcca.runtime.device import DeviceRuntime
 
     client.post("/v1/chat/completions", json=chat())
-    cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(epochs=1, batch_size=4),
+    cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4)),
                               dwc=DWCConfig(budget_bytes=16 * 1024))
     dev = DeviceRuntime.open(state)                 # a second handle, as `cdcca device apply` would open
     try:

@@ -1,3 +1,4 @@
+
 """`cdcca device api` as a real process on 127.0.0.1: the official openai client asks about an image,
 an uncertain request lands in the outbox (`cdcca device status`), an update applied with `cdcca device
 apply` answers the next request; and a bounded schemathesis run over the served schema finds no 5xx."""
@@ -13,6 +14,8 @@ import urllib.request
 import pytest
 from tests.conftest import CANDIDATES
 from tests.test_api import png_data_url
+
+from cdcca.akd.config import LabelPhase
 
 
 def cdcca(*args: str, env=None) -> str:
@@ -73,7 +76,7 @@ def test_openai_client_outbox_and_update(server):
         sum(e["queued_for_upload"] for e in ext)
 
     # the cloud trains on the uploads; the update is applied by a separate `cdcca device apply` process
-    cloud = CloudRuntime.open(server["root"] / "cloud", tiny=True, akd=AKDConfig(epochs=1, batch_size=4),
+    cloud = CloudRuntime.open(server["root"] / "cloud", tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4)),
                               dwc=DWCConfig(budget_bytes=16 * 1024))
     dev = DeviceRuntime.open(server["state"])
     try:

@@ -2,34 +2,33 @@
 
 import pytest
 
-from cdcca.bench.akd import apply_settings, pool_label_study, variants
-from cdcca.bench.loop import LoopConfig
+from cdcca.bench.akd import loop_config, pool_label_study, variants
+from cdcca.config import RunConfig, apply
 
 
 @pytest.mark.parametrize(("oracle", "teacher"), [("oracle", "prefix+labels"), ("oracle-labels-only", "labels-only")])
 def test_each_oracle_differs_from_its_teacher_run_in_the_labels_alone(oracle, teacher):
     table = variants()
-    with_truth, with_teacher = dict(table[oracle]), dict(table[teacher])
-    assert with_truth.pop("labels") == "oracle" and "labels" not in with_teacher
-    assert with_truth == with_teacher                         # same uploads, AKD recipe, dense downlink
-    assert with_truth["akd"].epochs > 0                       # the label phase is on: the labels are used
+    with_truth, with_teacher = table[oracle], table[teacher]
+    assert (with_truth.how.labels, with_teacher.how.labels) == ("oracle", "teacher")
+    assert with_truth.settings == with_teacher.settings and with_truth.how.downlink == with_teacher.how.downlink == "dense"
+    assert apply(RunConfig(), with_truth.settings).akd.labels.epochs > 0     # the label phase is on: the labels are used
 
 
 def test_the_shipped_pipeline_is_every_default():
     table = variants()
-    assert table["cdcca"] == {"downlink": "dwc"}              # the shipped pipeline: every default, DWC on
-    assert table["source-only"] == {"downlink": "none"}
+    assert (table["cdcca"].how.downlink, table["cdcca"].how.labels, table["cdcca"].settings) == ("dwc", "teacher", {})
+    assert (table["source-only"].how.downlink, table["source-only"].settings) == ("none", {})
 
 
-def test_settings_override_nested_fields_and_are_validated():
-    cfg = apply_settings(LoopConfig(), ["akd.source_replay=0.5", "uts.budget=320", "round_size=640", "labels=oracle"])
-    assert (cfg.akd.source_replay, cfg.uts.budget, cfg.round_size, cfg.labels) == (0.5, 320, 640, "oracle")
+def test_a_variants_settings_then_set_then_the_seed_make_its_run_config():
+    cfg, how = loop_config("labels-only", 3, RunConfig(), ["akd.replay.source=0.5", "uts.budget=320", "stream.round_size=640"])
+    assert (cfg.akd.replay.source, cfg.uts.budget, cfg.stream.round_size, how.downlink) == (0.5, 320, 640, "dense")
+    assert (cfg.akd.labels.epochs, cfg.akd.prefix.epochs, cfg.seed, cfg.akd.seed) == (3, 0, 3, 3)
     with pytest.raises(ValueError, match=r"akd\.nope"):
-        apply_settings(LoopConfig(), ["akd.nope=1"])
-    with pytest.raises(ValueError, match="FIELD=VALUE"):
-        apply_settings(LoopConfig(), ["uts.budget"])
-    with pytest.raises(ValueError, match="skip_top"):          # the config's own validation still runs
-        apply_settings(LoopConfig(), ["uts.skip_top=1.5"])
+        loop_config("cdcca", 0, RunConfig(), ["akd.nope=1"])
+    with pytest.raises(ValueError, match="unknown AKD bench variant"):
+        loop_config("cdcca-turbo", 0, RunConfig())
 
 
 def test_label_study_pools_domains_weighted_by_kept_uploads():

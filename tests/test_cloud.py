@@ -6,13 +6,14 @@ import shutil
 
 import pytest
 
+from cdcca.akd.config import LabelPhase, Replay
 from cdcca.akd.distill import AKDConfig
 from cdcca.runtime import cloud as cloud_mod
 from cdcca.runtime.adapter_store import StaleBaseError
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 
-FAST_AKD = AKDConfig(epochs=1, batch_size=4)
+FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
 
 
 def one_round(device, cloud, rnd=0):
@@ -109,7 +110,7 @@ def test_an_update_row_written_with_the_old_cwd_relative_path_is_still_found(dev
 
 def test_records_are_pruned_to_what_a_restore_needs(tmp_path, device):
     """After each round only the records files the current replay buffers name stay on disk."""
-    akd = AKDConfig(epochs=1, batch_size=4, replay_capacity=1)
+    akd = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), replay=Replay(capacity=1))
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=akd)
     for rnd in range(4):
         device.apply(one_round(device, cloud, rnd))

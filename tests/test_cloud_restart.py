@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from cdcca.adapter_state import state_hash
+from cdcca.akd.config import LabelPhase, PrefixPhase, Replay
 from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import decode_update
 from cdcca.runtime.cloud import CloudRuntime
@@ -18,7 +19,7 @@ from test_crash import run_until_paused
 
 pytestmark = pytest.mark.integration
 # both phases on, replay on: every piece of per-device state shapes the next update
-AKD = AKDConfig(epochs=1, batch_size=4, prefix_epochs=2, prefix_batch=4, replay_per_round=1.0)
+AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), prefix=PrefixPhase(epochs=2, batch_size=4), replay=Replay(per_round=1.0))
 
 
 def one_round(device: DeviceRuntime, cloud: CloudRuntime, rnd: int) -> tuple[str, str]:
@@ -49,7 +50,7 @@ def killed_after_two_rounds(root) -> None:
         from cdcca.runtime.cloud import CloudRuntime
         from cdcca.runtime.device import DeviceRuntime
         from cdcca.akd.distill import AKDConfig
-        akd = AKDConfig(epochs=1, batch_size=4, prefix_epochs=2, prefix_batch=4, replay_per_round=1.0)
+        akd = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), prefix=PrefixPhase(epochs=2, batch_size=4), replay=Replay(per_round=1.0))
         device = DeviceRuntime.create({str(root / "dev")!r}, "dev-0", tiny=True)
         cloud = CloudRuntime.open({str(root / "cloud")!r}, tiny=True, akd=akd)
         for r in range(2):

@@ -1,47 +1,126 @@
-"""Run configs as data: the presets are the TOML files in configs/, and a run's printed config runs again."""
+"""One run config: each knob declared once, presets as files of it, one override grammar everywhere
+(TOML, --set, the Flower run config), and a printed config that runs again."""
 
 import tomllib
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+from flwr.common.config import flatten_dict, parse_config_args
 from typer.testing import CliRunner
 
 from cdcca.bench import paper
-from cdcca.bench.run_config import config_toml, fleet_config, resolve_run_config
 from cdcca.cli.main import app
-from cdcca.data.scenario import STREAM_BUDGET
-from cdcca.presets import CONFIG_DIR, load_preset, preset_names
+from cdcca.config import (
+    CONFIG_DIR,
+    RunConfig,
+    apply,
+    flat_toml,
+    flatten,
+    from_flat,
+    knobs,
+    preset_names,
+    resolve,
+    to_toml,
+)
+from cdcca.uplink import UTSConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"      # what a fresh clone shows at its root
+APP_TOML = Path(__file__).resolve().parents[1] / "src" / "cdcca" / "fleet" / "app" / "pyproject.toml"
 
 
-def test_a_preset_file_resolves_to_exactly_the_presets_run_config():
-    for name in ("quick", "paper", "tiny"):
-        by_file, _ = resolve_run_config(config=CONFIGS / f"{name}.toml")
-        by_name, label = resolve_run_config(preset=name)
-        assert by_file == by_name and label == name
+def _sections(cls: type, seen: dict) -> None:
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            seen.setdefault(type(default).__name__, []).append(f.name)
+            _sections(type(default), seen)
+
+
+def test_each_knob_has_one_declaration_and_one_default_for_every_preset_of_every_command():
+    """Every section class appears once in the tree, so a knob has one place and one default; every preset
+    resolves to the same tree and changes only values (no preset knob is unknown)."""
+    seen: dict[str, list[str]] = {}
+    _sections(RunConfig, seen)
+    assert {name: where for name, where in seen.items() if len(where) > 1} == {}
+    keys = [key for key, _, _ in knobs(RunConfig())]
+    assert len(keys) == len(set(keys)) and "akd.prefix.epochs" in keys and "akd.prefix_epochs" not in keys
+    for kind in ("run", "bench-paper"):
+        for name in preset_names(kind):
+            assert [k for k, _, _ in knobs(resolve(name, kind=kind))] == keys
 
 
 def test_the_quick_preset_keeps_the_recipe_the_results_were_measured_with():
     """The numbers in docs/RESULTS.md were measured with these settings: a file edit that changes them
     changes what `make demo` measures."""
-    from cdcca.fleet.local import preset_config
-
-    quick = preset_config("quick")
-    assert (quick.uts.budget, quick.akd.prefix.epochs, quick.akd.prefix.lr, quick.dwc.budget_bytes) == \
-        (STREAM_BUDGET, 15, 1e-3, 256 * 1024)
-    assert preset_config("paper").uts.budget == 2 * STREAM_BUDGET and preset_config("tiny").tiny
-    assert {p["budget"] for p in paper.PRESETS.values()} == {STREAM_BUDGET}
+    quick = resolve("quick")
+    assert (quick.uts.selection, quick.uts.budget, quick.akd.prefix.epochs, quick.akd.prefix.lr, quick.dwc.budget_bytes,
+            quick.eval.heldout_n, quick.eval.curve_n) == ("budget", 48, 15, 1e-3, 256 * 1024, 200, 100)
+    assert resolve("paper").uts.budget == 96 and resolve("tiny").model.tiny
+    assert resolve("quick", kind="bench-paper").eval.heldout_n == 100
 
 
-def test_the_printed_config_of_a_run_is_a_config_that_runs_again():
-    cfg, _ = resolve_run_config(preset="quick", overrides={
-        "devices": 3, "group": "all", "akd": {"labels": {"epochs": 3, "betas": [0.8, 0.9]}}, "dwc": {"energy": 0.9}})
-    assert (cfg.akd.labels.epochs, cfg.akd.prefix.epochs, cfg.uts.budget) == (3, 15, STREAM_BUDGET)
-    assert fleet_config(tomllib.loads(config_toml(cfg))) == cfg
-    for name in preset_names():
-        cfg = fleet_config(load_preset(name))
-        assert fleet_config(tomllib.loads(config_toml(cfg))) == cfg
+def test_the_printed_config_round_trips_for_every_preset():
+    for kind in ("run", "bench-paper"):
+        for name in preset_names(kind):
+            cfg = resolve(name, kind=kind)
+            assert apply(RunConfig(), tomllib.loads(to_toml(cfg))) == cfg
+    cfg = resolve("quick", sets=["fleet.devices=3", "fleet.group=all", "akd.labels.epochs=3", "dwc.energy=0.9",
+                                 "stream.round_size=40"])
+    assert apply(RunConfig(), tomllib.loads(to_toml(cfg))) == cfg
+
+
+def test_config_show_prints_a_file_that_runs_again(tmp_path):
+    run = CliRunner().invoke
+    shown = run(app, ["config", "show", "--preset", "quick", "--set", "uts.budget=32"])
+    assert shown.exit_code == 0, shown.output
+    (tmp_path / "run.toml").write_text(shown.output)
+    again = run(app, ["config", "show", "--config", str(tmp_path / "run.toml")])
+    assert again.output.split("\n", 1)[1] == shown.output.split("\n", 1)[1]        # all but the header line
+    assert resolve(file=tmp_path / "run.toml").uts.budget == 32
+
+
+def test_set_the_flower_run_config_and_a_toml_file_reach_the_same_field(tmp_path):
+    by_set = resolve(sets=["akd.prefix.epochs=3", "fleet.min_uploads=64", 'data.domains="pixelate:5"'])
+    (tmp_path / "c.toml").write_text('[akd.prefix]\nepochs = 3\n[fleet]\nmin_uploads = 64\n[data]\ndomains = "pixelate:5"\n')
+    by_file = resolve(file=tmp_path / "c.toml")
+    flower = parse_config_args(["akd.prefix.epochs=3 fleet.min_uploads=64 data.domains='pixelate:5'"])
+    by_flower = from_flat(flower)
+    assert by_set == by_file == by_flower
+    assert (by_set.akd.prefix.epochs, by_set.fleet.min_uploads, by_set.data.domains) == (3, 64, "pixelate:5")
+    assert from_flat(flatten(by_set)) == by_set
+
+
+def test_the_flower_app_declares_the_flat_form_of_the_defaults():
+    """The app's [tool.flwr.app.config] is written from RunConfig (`cdcca config show --flower`), not a second list."""
+    declared = flatten_dict(tomllib.loads(APP_TOML.read_text())["tool"]["flwr"]["app"]["config"])
+    assert declared == flatten(RunConfig())
+    assert tomllib.loads(flat_toml(RunConfig())) == tomllib.loads(flat_toml(from_flat(declared)))
+    shown = CliRunner().invoke(app, ["config", "show", "--flower"])
+    assert flatten_dict(tomllib.loads(shown.output)) == declared
+
+
+@pytest.mark.parametrize("item, message", [
+    ("uts.budgt=3", "unknown setting 'uts.budgt'"),
+    ("uts.budget=abc", "'uts.budget' must be an integer"),
+    ("uts.budget", "write SECTION.KEY=VALUE"),
+    ("akd.prefix=3", "'akd.prefix' is a section"),
+    ("uts.skip_top=1.5", "skip_top"),
+    ("stream.scenario=weekly", "unknown scenario"),
+    ("akd.prefix_epochs=3", "unknown setting 'akd.prefix_epochs'"),      # the flat aliases are gone
+])
+def test_a_bad_override_is_refused_in_one_line_naming_it(item, message):
+    with pytest.raises(ValueError, match=message) as err:
+        resolve("quick", sets=[item])
+    assert "\n" not in str(err.value)
+    shown = CliRunner().invoke(app, ["config", "show", "--set", item])
+    assert shown.exit_code == 2 and "error" in shown.output
+
+
+def test_an_unset_knob_is_written_as_a_comment_and_as_empty_in_the_flat_form():
+    cfg = resolve(sets=["stream.round_size=40"])
+    assert "round_size = 40" in to_toml(cfg) and "# rounds_per_domain = (unset)" in to_toml(cfg)
+    assert flatten(cfg)["stream.rounds_per_domain"] == "" and resolve(sets=["stream.round_size="]).stream.round_size is None
 
 
 def test_demo_takes_a_config_file_and_prints_the_resolved_settings_without_running():
@@ -50,23 +129,16 @@ def test_demo_takes_a_config_file_and_prints_the_resolved_settings_without_runni
     by_name = run(app, ["demo", "--preset", "quick", "--print-config"])
     assert by_file.exit_code == 0 and by_file.output == by_name.output
     assert 'scenario = "recurring"' in run(app, ["demo", "--scenario", "recurring", "--print-config"]).output
+    assert "budget = 7" in run(app, ["demo", "--set", "uts.budget=7", "--print-config"]).output
     both = run(app, ["demo", "--preset", "quick", "--config", str(CONFIGS / "quick.toml"), "--print-config"])
     assert both.exit_code != 0 and "not both" in both.output
 
 
-def test_an_unknown_setting_is_named(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[akd.prefix]\nepoch = 3\n")
-    with pytest.raises(ValueError, match=r"'akd\.prefix\.epoch'"):
-        resolve_run_config(config=bad)
-
-
-def test_the_paper_benchmark_takes_its_preset_from_a_file(tmp_path):
-    assert paper.paper_preset(str(CONFIGS / "bench-paper" / "full.toml")) == paper.PRESETS["full"]
-    assert paper.plan(str(CONFIGS / "bench-paper" / "quick.toml"), [0, 1]).table3 == paper.plan("quick", [0, 1]).table3
-    (tmp_path / "odd.toml").write_text("budget = 48\n")
-    with pytest.raises(ValueError, match="must set exactly"):
-        paper.paper_preset(str(tmp_path / "odd.toml"))
+def test_the_paper_benchmark_takes_its_preset_from_a_file():
+    by_file = resolve(file=CONFIGS / "bench-paper" / "quick.toml")
+    assert by_file == resolve("quick", kind="bench-paper")
+    assert paper.plan("f", by_file, [0, 1]).table3 == paper.plan("quick", resolve("quick", kind="bench-paper"), [0, 1]).table3
+    assert len(paper.plan("quick", by_file, [0, 1]).table3["CE + MSE"]) == 1        # ablation_seeds = 1
 
 
 def test_the_preset_files_ship_inside_the_package():
@@ -76,14 +148,17 @@ def test_the_preset_files_ship_inside_the_package():
     assert CONFIGS.resolve() == CONFIG_DIR.resolve()
 
 
+def test_the_uts_defaults_are_the_runs():
+    assert (UTSConfig().selection, UTSConfig().budget) == (RunConfig().uts.selection, RunConfig().uts.budget) == ("budget", 48)
+
+
 def test_a_run_config_with_the_two_view_scorer_resolves_and_a_bad_scorer_is_refused_in_one_line(tmp_path):
     """The device runtime serves the two-view scorer (it passes its model), so a run may choose it; an
     unknown scorer is refused before anything loads."""
     config = tmp_path / "view.toml"
     config.write_text('[uts]\nsample_scorer = "view_consistency"\n')
-    assert resolve_run_config(config=config)[0].uts.sample_scorer == "view_consistency"
+    assert resolve(file=config).uts.sample_scorer == "view_consistency"
     config.write_text('[uts]\nsample_scorer = "vibes"\n')
     with pytest.raises(ValueError, match="vibes") as err:
-        resolve_run_config(config=config)
+        resolve(file=config)
     assert "\n" not in str(err.value)
-

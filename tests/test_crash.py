@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from cdcca.akd.config import LabelPhase
 from cdcca.akd.distill import AKDConfig
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 
 pytestmark = pytest.mark.integration
-FAST_AKD = AKDConfig(epochs=1, batch_size=4)
+FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -59,7 +60,7 @@ def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp
             open({str(marker)!r}, "w").close()          # files written, transaction not committed
             time.sleep(600)
         c.write_packet = pause_after_update_file
-        c.CloudRuntime.open({str(tmp_path / "cloud")!r}, tiny=True, akd=AKDConfig(epochs=1, batch_size=4)).run_round("dev-0")
+        c.CloudRuntime.open({str(tmp_path / "cloud")!r}, tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))).run_round("dev-0")
     """, marker)
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
     assert cloud.pending_samples("dev-0") == len(acked)           # nothing acknowledged was lost

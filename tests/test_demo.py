@@ -5,12 +5,13 @@ import json
 import pytest
 
 from cdcca.bench.demo import run_demo
+from cdcca.config import resolve
 
 pytestmark = pytest.mark.integration
 
 
 def test_tiny_demo_writes_metrics_plots_and_report(tmp_path):
-    metrics = run_demo("tiny", tmp_path, devices=2)
+    metrics = run_demo(resolve("tiny", sets=["fleet.devices=2"]), tmp_path, "tiny")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["summary"]["rounds"] == metrics["summary"]["rounds"] == 4
     row = saved["rounds"][0]
@@ -24,7 +25,7 @@ def test_tiny_demo_writes_metrics_plots_and_report(tmp_path):
 
 
 def test_a_grouped_tiny_demo_trains_one_student_per_round_and_says_where_the_time_went(tmp_path):
-    metrics = run_demo("tiny", tmp_path, devices=3, group="all")
+    metrics = run_demo(resolve("tiny", sets=["fleet.devices=3", "fleet.group=all"]), tmp_path, "tiny")
     s = metrics["summary"]
     assert s["group"] == "all" and s["settings"]["fleet group"] == "all devices share one student"
     rounds = metrics["rounds"]

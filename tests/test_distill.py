@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cdcca.adapter_state import state_hash
+from cdcca.akd.config import LabelPhase, PrefixPhase, Replay
 from cdcca.akd.distill import AKD as _AKD
 from cdcca.akd.distill import AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
 from cdcca.akd.source_set import random_source_set
@@ -27,7 +28,7 @@ def uplink(n=5):
 
 
 def test_teacher_runs_once_per_sample_however_many_epochs(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=3, batch_size=2, min_teacher_confidence=0.0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=3, batch_size=2, min_teacher_confidence=0.0)))
     records = akd.teacher_pass(*uplink(5), batch_size=2)
     assert akd.teacher_forward_calls == 3 and akd.teacher_samples == 5
     akd.distill("d0", adapter_state(tiny_device), records)
@@ -35,7 +36,7 @@ def test_teacher_runs_once_per_sample_however_many_epochs(tiny_device, tiny_clou
 
 
 def test_prefix_distillation_alone_runs_only_the_teachers_bridge_and_trains_the_same(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=0, prefix_epochs=2))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=0), prefix=PrefixPhase(epochs=2)))
     assert not akd.needs_answers
     batch = uplink(5)
     full = akd.teacher_pass(*batch)
@@ -48,7 +49,7 @@ def test_prefix_distillation_alone_runs_only_the_teachers_bridge_and_trains_the_
     with_answers, _ = akd.distill("a", base, full)
     without, stats = akd.distill("b", base, bare)
     assert state_hash(with_answers) == state_hash(without) and stats.samples == 0
-    assert AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1)).needs_answers
+    assert AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=1))).needs_answers
 
 
 def test_gradients_reach_student_adapters_only(tiny_device, tiny_cloud, prompter):
@@ -67,7 +68,7 @@ def test_gradients_reach_student_adapters_only(tiny_device, tiny_cloud, prompter
 
 
 def test_distill_starts_from_the_given_adapters_and_changes_them(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=4, min_teacher_confidence=0.0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=1, batch_size=4, min_teacher_confidence=0.0)))
     base = {k: v + 0.01 for k, v in adapter_state(tiny_device).items()}
     new, stats = akd.distill("d0", base, akd.teacher_pass(*uplink(4)))
     assert stats.steps == 1 and stats.samples == 4
@@ -78,7 +79,10 @@ def test_distill_starts_from_the_given_adapters_and_changes_them(tiny_device, ti
 @pytest.mark.parametrize("ablation,terms", [("ce", {"ce"}), ("ce+mse", {"ce", "mse"}),
                                             ("ce+mse+wave", {"ce", "mse", "wave"}), ("full", {"ce", "mse", "wave", "kl"})])
 def test_each_loss_term_can_be_switched_off(tiny_device, tiny_cloud, prompter, ablation, terms):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig.ablation(ablation))
+    from cdcca.akd.config import LOSS_ABLATIONS
+
+    cfg = AKDConfig(labels=LabelPhase(epochs=3, **LOSS_ABLATIONS[ablation]), prefix=PrefixPhase(epochs=0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, cfg)
     assert set(akd.loss_terms(akd.teacher_pass(*uplink(2)), Aligner(32, 32))) == terms
 
 
@@ -118,7 +122,7 @@ def test_entropy_weighting_scales_each_sample_by_cema_factor(tiny_device, tiny_c
 
     from cdcca.akd.distill import answer_loss_per_sample
 
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="entropy"))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(w_mse=0, w_wave=0, w_kl=0, weighting="entropy")))
     records = akd.teacher_pass(*uplink(4))
     records[0].probs = torch.full((13,), 1 / 13)              # the teacher knows nothing about sample 0
     records[1].probs = torch.nn.functional.one_hot(torch.tensor(4), 13).float()   # and is sure about sample 1
@@ -149,7 +153,7 @@ def test_per_sample_answer_loss_averages_to_the_batch_loss(tiny_device, prompter
 
 
 def test_soft_targets_train_on_the_teacher_distribution(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(w_mse=0, w_wave=0, w_kl=0, targets="soft"))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(w_mse=0, w_wave=0, w_kl=0, targets="soft")))
     records = akd.teacher_pass(*uplink(2))
     tiny_device.eval()
     soft = akd.loss_terms(records, Aligner(32, 32))["ce"]
@@ -168,14 +172,14 @@ def tiny_source(n_images=6):
 
 def test_source_rehearsal_adds_a_true_label_term_and_needs_the_source_set(tiny_device, tiny_cloud, prompter):
     with pytest.raises(ValueError, match="source set"):
-        _AKD(tiny_cloud, tiny_device, prompter, AKDConfig(source_replay=1.0))
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, batch_size=2, source_replay=1.0, min_teacher_confidence=0.0), source=tiny_source())
+        _AKD(tiny_cloud, tiny_device, prompter, AKDConfig(replay=Replay(source=1.0)))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=1, batch_size=2, min_teacher_confidence=0.0), replay=Replay(source=1.0)), source=tiny_source())
     _new, stats = akd.distill("d0", adapter_state(tiny_device), akd.teacher_pass(*uplink(4)))
     assert "source" in stats.losses and stats.losses["source"] > 0
 
 
 def test_confidence_gate_drops_doubtful_pseudo_labels(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, min_teacher_confidence=0.5))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=1, min_teacher_confidence=0.5)))
     records = akd.teacher_pass(*uplink(4))
     for r, c in zip(records, (0.9, 0.2, 0.6, 0.1)):
         r.confidence = c
@@ -183,24 +187,16 @@ def test_confidence_gate_drops_doubtful_pseudo_labels(tiny_device, tiny_cloud, p
     assert stats.samples == 2
 
 
-def test_akd_config_is_split_by_concern_and_the_flat_keywords_still_build_it():
-    """Which parameters / prefix distillation / label phase / replay; the earlier flat names map onto them."""
-    from dataclasses import replace
-
-    from cdcca.akd.config import LabelPhase, PrefixPhase
-
-    nested = AKDConfig(prefix=PrefixPhase(epochs=4), labels=LabelPhase(epochs=2, batch_size=8))
-    flat = AKDConfig(prefix_epochs=4, epochs=2, batch_size=8)
-    assert nested == flat and (flat.prefix.epochs, flat.labels.epochs, flat.labels.batch_size) == (4, 2, 8)
-    assert (flat.prefix_epochs, flat.epochs, flat.source_replay) == (4, 2, flat.replay.source)
-    gated_off = replace(flat, min_teacher_confidence=0.0, source_replay=0.5)
-    assert (gated_off.labels.min_teacher_confidence, gated_off.replay.source) == (0.0, 0.5)
-    assert flat.labels.min_teacher_confidence == 0.8                     # replace copied, never shared a part
-    assert set(AKDConfig().flat()) >= {"prefix_epochs", "epochs", "replay_capacity", "train", "seed"}
-    with pytest.raises(TypeError, match="prefix_epoch"):
-        AKDConfig(prefix_epoch=3)
+def test_akd_config_is_split_by_concern_and_each_knob_has_one_name():
+    """Which parameters / prefix distillation / label phase / replay: a knob lives in its part only."""
+    cfg = AKDConfig(prefix=PrefixPhase(epochs=4), labels=LabelPhase(epochs=2, batch_size=8))
+    assert (cfg.prefix.epochs, cfg.labels.epochs, cfg.labels.batch_size) == (4, 2, 8)
+    for alias in ("prefix_epochs", "epochs", "source_replay", "min_teacher_confidence"):
+        assert not hasattr(cfg, alias)
+    with pytest.raises(TypeError, match="prefix_epochs"):
+        AKDConfig(prefix_epochs=3)
     with pytest.raises(ValueError, match="both 0"):
-        AKDConfig(epochs=0, prefix_epochs=0)
+        AKDConfig(labels=LabelPhase(epochs=0), prefix=PrefixPhase(epochs=0))
 
 
 def test_the_configs_parameter_names_are_the_groups_training_knows():
@@ -218,6 +214,6 @@ def test_the_label_phase_loss_is_a_module_whose_parameters_are_the_aligners(tiny
     aligner = Aligner(32, 32)
     loss = AKDLoss(LabelPhase(), aligner, prompter.candidate_first_ids)
     assert [id(p) for p in loss.parameters()] == [id(p) for p in aligner.parameters()]
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=1, min_teacher_confidence=0.0))
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=1, min_teacher_confidence=0.0)))
     tiny_device.eval()
     assert set(akd.loss_terms(akd.teacher_pass(*uplink(2)), aligner)) == {"ce", "kl", "mse", "wave"}

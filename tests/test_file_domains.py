@@ -88,8 +88,11 @@ def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
 
     a = write_domain(tmp_path / "a", "a")
     b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))
-    metrics = run_demo("quick", tmp_path / "run", stream=f"{a},{b}", rounds_per_domain=1, round_size=8, heldout_n=8,
-                       uts=__import__("cdcca.uplink", fromlist=["UTSConfig"]).UTSConfig(selection="budget", budget=4))
+    from cdcca.config import resolve
+
+    cfg = resolve("quick", sets=[f'data.domains="{a},{b}"', "stream.rounds_per_domain=1", "stream.round_size=8",
+                                 "eval.heldout_n=8", "eval.curve_n=8", "uts.budget=4"])
+    metrics = run_demo(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "report.html").is_file()
     assert metrics["summary"]["domains"] == [a, b]
     assert len(metrics["rounds"]) == 2 and all(r["uploads"] > 0 for r in metrics["rounds"])

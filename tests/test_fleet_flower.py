@@ -22,8 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from cdcca.config import RunConfig, apply, from_flat, resolve
 from cdcca.fleet import certs, deploy
-from cdcca.fleet.flower import ROUND_LOG, FleetRunConfig, _record, device_home
+from cdcca.fleet.flower import ROUND_LOG, _record, device_home
 from cdcca.fleet.server import RoundLog, claims_own_name, cloud_rounds, join_group
 from cdcca.runtime.protocol import UplinkMessage
 
@@ -149,15 +150,17 @@ def test_a_run_with_a_group_puts_every_device_of_the_round_in_it():
 
 
 def test_run_config_defaults_are_the_app_pyproject_defaults():
+    from flwr.common.config import flatten_dict
+
     with open(deploy.APP_DIR / "pyproject.toml", "rb") as f:
-        app_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    assert FleetRunConfig.from_flower(app_config) == FleetRunConfig() == FleetRunConfig.from_flower({})
-    with pytest.raises(ValueError, match="unknown run config key 'round'"):
-        FleetRunConfig.from_flower({"round": 3})
+        app_config = flatten_dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+    assert from_flat(app_config) == RunConfig() == from_flat({})
+    with pytest.raises(ValueError, match=r"unknown setting 'fleet\.round'"):
+        from_flat({"fleet.round": 3})
 
 
 def test_a_node_finds_its_device_state_deployed_or_simulated(tmp_path):
-    cfg = FleetRunConfig(devices_dir=str(tmp_path))
+    cfg = apply(RunConfig(), {"fleet.devices_dir": str(tmp_path)})
     deployed = {"data-dir": "/srv/dev", "device-name": "dev-3", "device-index": 2, "num-devices": 4}
     assert device_home(deployed, cfg) == (Path("/srv/dev"), "dev-3", 2, 4)
     assert device_home({"partition-id": 4, "num-partitions": 50}, cfg) == (tmp_path / "dev-5", "dev-5", 4, 50)
@@ -244,8 +247,9 @@ def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(flee
     from cdcca.runtime.adapter_store import AdapterStore
     from cdcca.runtime.cloud import CloudRuntime
 
-    result = deploy.run(fleet.state, 2, config={"traffic": "stream", "akd-prefix-epochs": 2, "akd-epochs": 1,
-                                                "akd-batch-size": 4}, timeout=400, echo=None)
+    cfg = resolve("tiny", sets=["fleet.rounds=2", 'fleet.traffic="stream"', "akd.prefix.epochs=2", "akd.labels.epochs=1",
+                                "akd.labels.batch_size=4"])
+    result = deploy.run(fleet.state, cfg, timeout=400, echo=None)
     assert result.ok, f"{result.status}; log: {result.log_path}"
     assert [r["round"] for r in result.rounds] == [0, 1]
     for row in result.rounds:
@@ -267,17 +271,17 @@ def test_each_device_gets_its_own_update_and_matches_its_mirror_every_round(flee
     cloud.close()
 
 
-def test_a_preset_sets_the_cloud_and_named_keys_override_it():
-    from cdcca.fleet.local import preset_config
+def test_the_serverapp_reads_the_whole_run_config_it_was_given(tmp_path):
+    """`cdcca fleet run --preset quick --set ...` writes the resolved config flat; the ServerApp reads it back."""
+    from cdcca.config import flat_toml
 
-    quick = preset_config("quick")
-    cfg = FleetRunConfig.from_flower({"preset": "quick"})
-    assert cfg.akd_config() == quick.akd and cfg.dwc_config() == quick.dwc
-    tuned = FleetRunConfig.from_flower({"preset": "quick", "akd-prefix-epochs": 3, "dwc-budget-kb": 64})
-    assert tuned.akd_config().prefix.epochs == 3 and tuned.dwc_config().budget_bytes == 64 * 1024
-    assert tuned.akd_config().prefix.lr == quick.akd.prefix.lr          # what was not named stays the preset's
-    with pytest.raises(ValueError, match="unknown preset"):
-        FleetRunConfig.from_flower({"preset": "fast"}).akd_config()
+    tuned = resolve("quick", sets=["akd.prefix.epochs=3", "dwc.budget_bytes=65536"])
+    (tmp_path / "run.toml").write_text(flat_toml(tuned))
+    from flwr.common.config import parse_config_args
+
+    read = from_flat(parse_config_args([str(tmp_path / "run.toml")]))
+    assert read == tuned and read.akd.prefix.epochs == 3 and read.dwc.budget_bytes == 64 * 1024
+    assert read.akd.prefix.lr == resolve("quick").akd.prefix.lr          # what was not named stays the preset's
 
 
 def test_a_round_starts_on_queued_uploads_or_on_time_and_never_with_nothing_queued(tmp_path):
@@ -289,12 +293,12 @@ def test_a_round_starts_on_queued_uploads_or_on_time_and_never_with_nothing_queu
         now[0] += s
 
     queue = iter([0, 3, 12])                      # the outboxes fill up between two asks
-    trigger = RoundTrigger(FleetRunConfig(min_uploads=10, status_every_s=5.0), lambda: next(queue),
+    trigger = RoundTrigger(resolve(sets=["fleet.min_uploads=10"]), lambda: next(queue),
                            tmp_path / "stop", sleep=sleep, clock=lambda: now[0])
     assert trigger.wait() == "uploads" and now[0] == 10.0
-    timer = RoundTrigger(FleetRunConfig(round_every_s=60.0, status_every_s=5.0), lambda: 0 if now[0] < 100 else 1,
+    timer = RoundTrigger(resolve(sets=["fleet.round_every_s=60.0"]), lambda: 0 if now[0] < 100 else 1,
                          tmp_path / "stop", sleep=sleep, clock=lambda: now[0])
     assert timer.wait() == "time" and now[0] == 100.0          # due at 70 s, but nothing was queued until 100 s
-    assert RoundTrigger(FleetRunConfig(), lambda: 0, tmp_path / "stop").wait() == "next"
+    assert RoundTrigger(RunConfig(), lambda: 0, tmp_path / "stop").wait() == "next"
     (tmp_path / "stop").touch()
     assert timer.wait() is None                                 # asked to stop: no more rounds

@@ -2,19 +2,23 @@
 uploads, trains once per round, and sends every member the same compressed update against its own
 mirror; a member that joined late or missed a round is brought to the group's mirror by a resync."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cdcca import wire
+from cdcca.akd.config import LabelPhase
 from cdcca.akd.distill import AKDConfig
+from cdcca.config import resolve
 from cdcca.downlink import DWCConfig
-from cdcca.fleet.local import FleetConfig, LocalFleet
+from cdcca.fleet.local import LocalFleet
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig, decode_uplink
 
-FAST_AKD = AKDConfig(epochs=1, batch_size=4)
+FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
 STREAM = {"stream": "default", "scenario": "persistent", "rounds_per_domain": 1, "seed": 0, "per_round": 8}
 
 
@@ -115,8 +119,7 @@ def test_names_that_are_not_plain_are_refused_before_anything_is_written(tmp_pat
 
 
 def test_the_embedded_fleet_with_one_group_trains_once_per_round(tmp_path):
-    cfg = FleetConfig(devices=3, rounds_per_domain=1, heldout_n=8, tiny=True, group="all",
-                      uts=UTSConfig(selection="budget", budget=4, token_scorer="energy"), akd=FAST_AKD)
+    cfg = replace(resolve("tiny", sets=["fleet.devices=3", "fleet.group=all", "uts.budget=4"]), akd=FAST_AKD)
     fleet = LocalFleet.setup(cfg, tmp_path)
     rows = fleet.run_round(0) + fleet.run_round(1)
     assert [r["version"] for r in rows] == [1, 1, 1, 2, 2, 2]
@@ -125,12 +128,11 @@ def test_the_embedded_fleet_with_one_group_trains_once_per_round(tmp_path):
     assert sum(r["uploads"] for r in rows) == 2 * 3 * 4 and trained
     fleet.close()
     with pytest.raises(ValueError, match="group must be 'all'"):
-        LocalFleet.setup(FleetConfig(devices=1, tiny=True, group="site"), tmp_path / "other")
+        LocalFleet.setup(resolve("tiny", sets=["fleet.group=site"]), tmp_path / "other")
 
 
 def test_the_upload_budget_is_per_device_like_the_round_size(tmp_path):
-    cfg = FleetConfig(devices=2, rounds_per_domain=1, tiny=True, akd=FAST_AKD,
-                      uts=UTSConfig(selection="budget", budget=3, token_scorer="energy"))
+    cfg = replace(resolve("tiny", sets=["fleet.devices=2", "uts.budget=3"]), akd=FAST_AKD)
     fleet = LocalFleet.setup(cfg, tmp_path)
     rows = fleet.run_round(0)
     fleet.close()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cdcca.bench.live import LiveConfig, Runner, run_live, scenario_requests, send_all, upload_accounting
+from cdcca.bench.live import Runner, run_live, scenario_requests, send_all, upload_accounting
+from cdcca.config import resolve
 from cdcca.fleet import deploy
 from cdcca.fleet.processes import Pids
 
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_live_answers_every_request_and_loses_no_upload(tmp_path):
-    cfg = LiveConfig(devices=2, requests_per_device=24, window=8, rate=6.0, min_uploads=8, round_every_s=10,
-                     status_every_s=1.0, tiny=True)
+    cfg = resolve("tiny", sets=["fleet.devices=2", "traffic.requests_per_device=24", "stream.round_size=8", "traffic.rate=6.0",
+                                "fleet.min_uploads=8", "fleet.round_every_s=10", "fleet.status_every_s=1.0"])
     res = run_live(cfg, tmp_path, log=lambda _: None, timeout=600)
     assert res["failed_requests"] == 0 and res["requests"] == 48
     assert res["lost_uploads"] == 0 and res["duplicated_uploads"] == 0
@@ -91,8 +92,10 @@ def test_a_supernode_then_the_cloud_killed_mid_round_under_traffic_lose_nothing(
     from cdcca.fleet.processes import pids_with_args
 
     state = tmp_path / "fleet"
-    requests = scenario_requests(LiveConfig(devices=2, requests_per_device=2000, window=80, tiny=True))
-    config = {"traffic": "api", "min-uploads": 8, "status-every-s": 1.0, "reply-timeout-s": 15.0, "preset": "tiny"}
+    requests = scenario_requests(resolve("tiny", sets=["fleet.devices=2", "traffic.requests_per_device=2000",
+                                                       "stream.round_size=80"]))
+    config = resolve("tiny", sets=["fleet.rounds=0", "fleet.min_uploads=8", "fleet.status_every_s=1.0",
+                                   "fleet.reply_timeout_s=15.0"])
     try:
         spec = deploy.up(state, 2, port=deploy.free_port(), tiny=True, log=lambda _: None)
         first = Runner(state, config, timeout=900)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cdcca.bench import paper, paper_report
+from cdcca.config import resolve
 
 DOMAINS = ["pixelate:5", "jpeg:5"]
 
@@ -32,11 +33,12 @@ def _fake_rows(p):
     return rows
 
 
+QUICK, FULL = resolve("quick", kind="bench-paper"), resolve("full", kind="bench-paper")
 SIZES = {"png_bytes": 3000.0, "jpeg224_bytes": 5000.0, "adapter_entries": 2_000_000, "device_params": 60_000_000}
 
 
 def test_quick_plan_covers_the_issue_methods_and_shares_cells():
-    p = paper.plan("quick", [0, 1, 2])
+    p = paper.plan("quick", QUICK, [0, 1, 2])
     assert {"source-only", "tent", "cotta", "eata", "pseudo-label", "cdcca-dense", "cdcca", "teacher",
             "oracle"} <= set(p.table1)
     assert [c.seed for c in p.table1["cdcca"]] == [0, 1, 2]
@@ -44,7 +46,7 @@ def test_quick_plan_covers_the_issue_methods_and_shares_cells():
     assert all(len(cells) == 1 for cells in p.table3.values())   # quick: ablations on the first seed
     assert p.table4[0.5][0] in p.table1["cdcca"]                 # keep 0.5 is the shipped cdcca cell
     assert len(p.cells()) == len(set(p.cells()))
-    full = paper.plan("full", [0, 1])
+    full = paper.plan("full", FULL, [0, 1])
     assert all(len(cells) == 2 for cells in full.table4.values())
 
 
@@ -52,11 +54,11 @@ def test_plan_rejects_an_unknown_preset_and_no_seeds():
     with pytest.raises(ValueError, match="unknown preset 'huge'; choose full or quick"):
         paper.plan("huge", [0])
     with pytest.raises(ValueError, match="seed"):
-        paper.plan("quick", [])
+        paper.plan("quick", QUICK, [])
 
 
 def test_cell_keys_change_with_everything_that_determines_a_run():
-    quick, full = paper.PRESETS["quick"], paper.PRESETS["full"]
+    quick, full = QUICK, FULL
     a = paper.Cell("cdcca", "loop", 0)
     assert a.key(quick) == paper.Cell("cdcca", "loop", 0).key(quick)
     assert len({a.key(quick), a.key(full), paper.Cell("cdcca", "loop", 1).key(quick),
@@ -64,8 +66,8 @@ def test_cell_keys_change_with_everything_that_determines_a_run():
 
 
 def test_tables_are_means_and_spreads_over_seeds_with_generated_claims():
-    p = paper.plan("quick", [0, 1, 2])
-    result = paper_report.build_tables(p, _fake_rows(p), paper.PRESETS["quick"], 10.0, SIZES)
+    p = paper.plan("quick", QUICK, [0, 1, 2])
+    result = paper_report.build_tables(p, _fake_rows(p), QUICK, 10.0, SIZES)
     mean = {r["method"]: r for r in result["table1"] if r["domain"] == "mean"}
     assert mean["cdcca"]["mc_mean"] == pytest.approx(0.78) and mean["cdcca"]["mc_std"] == pytest.approx(0.00816, abs=1e-4)
     assert mean["teacher"]["n_seeds"] == 1
@@ -86,17 +88,17 @@ def test_tables_are_means_and_spreads_over_seeds_with_generated_claims():
 
 
 def test_methods_run_a_subset_of_table1_without_the_ablations():
-    p = paper.plan("quick", [0, 1], ["source-only", "tent", "cdcca"])
+    p = paper.plan("quick", QUICK, [0, 1], ["source-only", "tent", "cdcca"])
     assert list(p.table1) == ["source-only", "tent", "cdcca"] and not p.table3 and not p.table4
-    result = paper_report.build_tables(p, _fake_rows(p), paper.PRESETS["quick"], 10.0, SIZES)
+    result = paper_report.build_tables(p, _fake_rows(p), QUICK, 10.0, SIZES)
     assert {r["method"] for r in result["table1"]} == {"source-only", "tent", "cdcca"} and result["table5"] == []
     assert "online jpeg:5" in paper_report.markdown(result)
     with pytest.raises(ValueError, match="unknown method"):
-        paper.plan("quick", [0], ["cdcca", "magic"])
+        paper.plan("quick", QUICK, [0], ["cdcca", "magic"])
 
 
 def test_run_paper_resumes_from_finished_cells(tmp_path, monkeypatch):
-    p = paper.plan("quick", [0])
+    p = paper.plan("quick", QUICK, [0])
     rows = _fake_rows(p)
     ran, stop_at = [], [3]
 
@@ -110,11 +112,11 @@ def test_run_paper_resumes_from_finished_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(paper.BenchModels, "load", classmethod(lambda cls, *a, **k: None))
     monkeypatch.setattr(paper, "reference_sizes", lambda models: SIZES)
     with pytest.raises(RuntimeError, match="stopped"):
-        paper.run_paper("quick", [0], tmp_path)
+        paper.run_paper("quick", QUICK, [0], tmp_path)
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2
     ran.clear()
     stop_at[0] = 0
-    result = paper.run_paper("quick", [0], tmp_path)
+    result = paper.run_paper("quick", QUICK, [0], tmp_path)
     assert len(ran) == len(p.cells()) - 2                         # only the unfinished cells ran again
     assert (tmp_path / "report.html").read_text().count("<table>") == 6      # Tables 1, 3, 4, 5, recovery, claims
     assert "| cdcca |" in (tmp_path / "tables.md").read_text()
@@ -134,7 +136,7 @@ def test_results_page_block_is_replaced_and_a_page_without_markers_is_refused(tm
 def test_a_cell_run_with_other_settings_is_stale(tmp_path, monkeypatch):
     from cdcca.bench import baselines
 
-    preset = paper.PRESETS["quick"]
+    preset = QUICK
     store = paper.CellStore(tmp_path, preset)
     cell = paper.Cell("tent", "device", 0)
     store.put(cell, {"adapted_mc": 0.7})

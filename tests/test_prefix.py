@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from cdcca.akd.config import LabelPhase, PrefixPhase, Replay
 from cdcca.akd.distill import AKD, AKDConfig
 from cdcca.akd.prefix import PrefixMap, PrefixTeacher, bridge_prefix, relative_mse, train_prefix
 from cdcca.akd.source_set import random_source_set
@@ -44,7 +45,7 @@ def test_training_pulls_the_bridge_to_its_targets_and_keeps_the_anchor(tiny_devi
 
 
 def test_prefix_only_distillation_changes_the_bridge_and_nothing_else(tiny_device, tiny_cloud, prompter):
-    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(epochs=0, prefix_epochs=3, min_teacher_confidence=0.0),
+    akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=0, min_teacher_confidence=0.0), prefix=PrefixPhase(epochs=3)),
               source=random_source_set(32, prompter.candidates))
     tokens, keep = torch.randn(4, 49, 32), torch.ones(4, 49, dtype=torch.bool)
     records = akd.teacher_pass(tokens, keep, ["what shape is it?"] * 4, [f"s{i}" for i in range(4)])
@@ -58,9 +59,9 @@ def test_prefix_only_distillation_changes_the_bridge_and_nothing_else(tiny_devic
 
 def test_prefix_distillation_needs_the_source_set_and_something_to_train(tiny_device, tiny_cloud, prompter):
     with pytest.raises(ValueError, match="source set"):
-        AKD(tiny_cloud, tiny_device, prompter, AKDConfig(prefix_epochs=2, source_replay=0.0))
+        AKD(tiny_cloud, tiny_device, prompter, AKDConfig(prefix=PrefixPhase(epochs=2), replay=Replay(source=0.0)))
     with pytest.raises(ValueError, match="nothing would be trained"):
-        AKDConfig(epochs=0, prefix_epochs=0)
+        AKDConfig(labels=LabelPhase(epochs=0), prefix=PrefixPhase(epochs=0))
 
 
 def test_the_input_group_moves_only_the_bridge_input_side(tiny_device, tiny_cloud):

@@ -1,14 +1,18 @@
 """Scenarios: the documented domain sequences, requests that never touch held-out images, online
 figures that count only answers served before an update landed, and update delay in rounds."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from cdcca.akd.config import LabelPhase
 from cdcca.akd.distill import AKDConfig
+from cdcca.config import resolve
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import Scenario, Slot, recovery_curve, revisit_first_rounds, scenario_chunks
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, split_images
-from cdcca.fleet.local import FleetConfig, LocalFleet
+from cdcca.fleet.local import LocalFleet
 from cdcca.runtime import protocol
 from cdcca.runtime.device import DeviceRuntime, RequestStream
 from cdcca.uplink import UTSConfig
@@ -96,7 +100,7 @@ def test_recovery_curve_averages_each_round_of_a_domain_over_domains():
     assert revisit_first_rounds(rows) == pytest.approx(0.51)
 
 
-FAST_AKD = AKDConfig(epochs=1, batch_size=4)
+FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
 
 
 def served_versions(monkeypatch) -> list[int]:
@@ -115,8 +119,8 @@ def served_versions(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("delay", [0, 1, 2])
 def test_each_round_is_answered_with_the_adapters_live_then_and_delay_shifts_the_apply(tmp_path, monkeypatch, delay):
     seen = served_versions(monkeypatch)
-    cfg = FleetConfig(rounds_per_domain=2, tiny=True, update_delay=delay, akd=FAST_AKD,
-                      uts=UTSConfig(selection="budget", budget=4, token_scorer="energy"))
+    cfg = replace(resolve("tiny", sets=["stream.rounds_per_domain=2", f"stream.update_delay={delay}", "uts.budget=4"]),
+                  akd=FAST_AKD)
     fleet = LocalFleet.setup(cfg, tmp_path)
     rows = [fleet.run_round(rnd)[0] for rnd in range(5)]
     fleet.close()
@@ -157,8 +161,7 @@ def test_the_source_only_reference_answers_exactly_the_requests_the_device_serve
         return original(self, tokens, questions, sample_ids, batch_size)
 
     monkeypatch.setattr(DeviceRuntime, "answer", answer)
-    cfg = FleetConfig(devices=2, rounds_per_domain=2, tiny=True, akd=FAST_AKD,
-                      uts=UTSConfig(selection="budget", budget=2, token_scorer="energy"))
+    cfg = replace(resolve("tiny", sets=["fleet.devices=2", "stream.rounds_per_domain=2", "uts.budget=2"]), akd=FAST_AKD)
     fleet = LocalFleet.setup(cfg, tmp_path)
     fleet.run_round(0)
     fleet.run_round(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdcca.akd.config import AKDConfig
+from cdcca.akd.config import AKDConfig, LabelPhase, PrefixPhase, Replay
 from cdcca.cli.main import app
 from cdcca.model.placement import check_torch_device
 from cdcca.runtime.cloud import CloudRuntime
@@ -56,7 +56,7 @@ def test_a_bad_device_name_fails_in_one_line_before_anything_loads(tmp_path, mon
 def test_the_device_name_reaches_the_teacher_and_the_student_not_the_stored_state(tmp_path):
     """``meta`` stands in for an accelerator: parameters move there, the shipped state stays on the CPU."""
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, torch_device="meta",
-                              akd=AKDConfig(epochs=1, batch_size=4, prefix_epochs=0, source_replay=0.0))
+                              akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), prefix=PrefixPhase(epochs=0), replay=Replay(source=0.0)))
     assert next(cloud.akd.teacher.parameters()).device.type == "meta"
     assert next(cloud.akd.student.parameters()).device.type == "meta"
     assert cloud.akd.device == torch.device("meta")
@@ -101,7 +101,9 @@ def test_the_embedded_fleet_on_cpu_equals_the_default_run(tmp_path):
     from cdcca.bench.demo import run_demo
 
     runs = []
-    for name, extra in (("default", {}), ("cpu", {"torch_device": "cpu"})):
-        metrics = run_demo("tiny", tmp_path / name, **extra)
+    from cdcca.config import resolve
+
+    for name, extra in (("default", []), ("cpu", ['torch_device="cpu"'])):
+        metrics = run_demo(resolve("tiny", sets=extra), tmp_path / name, "tiny")
         runs.append([{k: v for k, v in row.items() if not k.endswith("_s") and k != "timing"} for row in metrics["rounds"]])
     assert runs[0] == runs[1]

@@ -110,7 +110,7 @@ def test_cotta_stochastic_restore_resets_the_expected_share(tiny_device, prompte
 def test_a_baseline_never_sees_a_stream_answer(tiny_device, prompter, monkeypatch):
     """Whatever answers the stream holds, the device adapts to the same weights and answers the same."""
     import cdcca.bench.baselines as bl
-    from cdcca.bench.loop import LoopConfig
+    from cdcca.config import resolve
 
     class Stream:
         def __init__(self, spec):
@@ -129,7 +129,7 @@ def test_a_baseline_never_sees_a_stream_answer(tiny_device, prompter, monkeypatc
     for answers in ("true", "garbage"):
         monkeypatch.setattr(bl, "RequestStream", lambda spec, a=answers: Stream({**spec, "answers": a}))
         model = __import__("cdcca.model.pair", fromlist=["tiny_model"]).tiny_model("device", seed=0)
-        cfg = LoopConfig(stream="pixelate:5", rounds_per_domain=2, eval_every_round=False)
+        cfg = resolve(sets=['data.domains="pixelate:5"', "stream.rounds_per_domain=2"])
         for method in ("tent", "eata", "cotta"):
             base = bl.BaselineConfig(method=method, batch=4, eata=EATAConfig(e_margin_coeff=10.0, fisher_alpha=0.0))
             res = bl.run_device_only(cfg, base, model, prompter, data=None)

@@ -7,16 +7,16 @@
       replay:  Replay          rehearsal against forgetting: earlier uploads and labelled source samples
       grad_clip, seed          shared by both phases
 
-The flat keywords of earlier versions (``AKDConfig(prefix_epochs=15, epochs=3, batch_size=16)``,
-``cfg.min_teacher_confidence``, ``replace(cfg, source_replay=0.0)``) still work: :data:`FLAT` maps each
-one to its place. No torch here: a config is read by the command line before any model loads.
+No torch here: a config is read by the command line before any model loads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
 
+# the paper's loss ablation (its Table 3): the label phase's terms switched off, by name
+LOSS_ABLATIONS = {"ce": {"w_mse": 0.0, "w_wave": 0.0, "w_kl": 0.0}, "ce+mse": {"w_wave": 0.0, "w_kl": 0.0},
+                  "ce+mse+wave": {"w_kl": 0.0}, "full": {}}
 TRAIN_PARAMS = ("all", "bridge", "lora")        # akd.distill.TRAIN_GROUPS
 PREFIX_PARAMS = ("all", "input")                # akd.prefix.PREFIX_GROUPS
 
@@ -37,9 +37,9 @@ class TrainedParams:
 
     def __post_init__(self):
         if self.train not in TRAIN_PARAMS:
-            raise ValueError(f"AKDConfig.train must be one of {', '.join(TRAIN_PARAMS)}; got {self.train!r}")
+            raise ValueError(f"akd.params.train must be one of {', '.join(TRAIN_PARAMS)}; got {self.train!r}")
         if self.prefix_params not in PREFIX_PARAMS:
-            raise ValueError(f"AKDConfig.prefix_params must be one of {', '.join(PREFIX_PARAMS)}; got {self.prefix_params!r}")
+            raise ValueError(f"akd.params.prefix_params must be one of {', '.join(PREFIX_PARAMS)}; got {self.prefix_params!r}")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PrefixPhase:
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("AKDConfig.prefix_epochs must be ≥ 0 and prefix_batch ≥ 1")
+            raise ValueError("akd.prefix.epochs must be ≥ 0 and akd.prefix.batch_size ≥ 1")
 
 
 @dataclass
@@ -69,7 +69,8 @@ class LabelPhase:
         "paper 3e-5 (7B LLM); 3e-4 here made the device forget clean data (-10 points)"))
     lr_final: float = field(default=1.7e-5, metadata=_help("cosine decay target (paper 5e-6: the same 1/6 ratio)"))
     weight_decay: float = field(default=0.02, metadata=_help("AdamW weight decay (paper)"))
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=_help("AdamW betas (paper)"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW β₁ (paper)"))
+    beta2: float = field(default=0.95, metadata=_help("AdamW β₂ (paper)"))
     w_ce: float = field(default=1.0, metadata=_help("CE on the teacher's pseudo-labels"))
     w_mse: float = field(default=0.5, metadata=_help("hidden-state MSE (on states scaled by the teacher's RMS)"))
     w_wave: float = field(default=0.5, metadata=_help("L1 on the wavelet high bands of the hidden states"))
@@ -89,14 +90,13 @@ class LabelPhase:
     def __post_init__(self):
         for name in ("w_ce", "w_mse", "w_wave", "w_kl", "lr", "lr_final", "temperature", "w_source"):
             if getattr(self, name) < 0:
-                raise ValueError(f"AKDConfig.{name} must be ≥ 0, got {getattr(self, name)}")
+                raise ValueError(f"akd.labels.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.weighting not in ("none", "entropy"):
-            raise ValueError(f"AKDConfig.weighting must be 'none' or 'entropy'; got {self.weighting!r}")
+            raise ValueError(f"akd.labels.weighting must be 'none' or 'entropy'; got {self.weighting!r}")
         if self.targets not in ("hard", "soft"):
-            raise ValueError(f"AKDConfig.targets must be 'hard' or 'soft'; got {self.targets!r}")
+            raise ValueError(f"akd.labels.targets must be 'hard' or 'soft'; got {self.targets!r}")
         if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("AKDConfig.epochs must be ≥ 0 and batch_size ≥ 1")
-        self.betas = tuple(self.betas)
+            raise ValueError("akd.labels.epochs must be ≥ 0 and akd.labels.batch_size ≥ 1")
 
 
 @dataclass
@@ -110,21 +110,10 @@ class Replay:
 
     def __post_init__(self):
         if self.source < 0 or self.capacity < 0 or self.per_round < 0:
-            raise ValueError("AKDConfig.source_replay, replay_capacity and replay_per_round must be ≥ 0")
+            raise ValueError("akd.replay.source, capacity and per_round must be ≥ 0")
 
 
-# earlier flat keyword → (part, field)
-FLAT: dict[str, tuple[str, str]] = {
-    "train": ("params", "train"), "prefix_params": ("params", "prefix_params"),
-    "prefix_epochs": ("prefix", "epochs"), "prefix_lr": ("prefix", "lr"), "prefix_batch": ("prefix", "batch_size"),
-    "prefix_ridge": ("prefix", "ridge"),
-    **{f.name: ("labels", f.name) for f in fields(LabelPhase)},
-    "replay_capacity": ("replay", "capacity"), "replay_per_round": ("replay", "per_round"),
-    "source_replay": ("replay", "source"),
-}
-
-
-@dataclass(init=False)
+@dataclass
 class AKDConfig:
     """How the cloud distils; the defaults follow the authors' released settings where they fit."""
 
@@ -135,52 +124,11 @@ class AKDConfig:
     grad_clip: float = field(default=2.0, metadata=_help("gradient norm clip of both phases (paper)"))
     seed: int = field(default=0, metadata=_help("seeds the aligner, the replay buffers and the batch order"))
 
-    def __init__(self, params: TrainedParams | None = None, prefix: PrefixPhase | None = None,
-                 labels: LabelPhase | None = None, replay: Replay | None = None, grad_clip: float = 2.0,
-                 seed: int = 0, **flat: Any):
-        parts = {"params": params or TrainedParams(), "prefix": prefix or PrefixPhase(),
-                 "labels": labels or LabelPhase(), "replay": replay or Replay()}
-        changes: dict[str, dict[str, Any]] = {part: {} for part in parts}
-        for name, value in flat.items():
-            if name not in FLAT:
-                raise TypeError(f"AKDConfig got an unexpected keyword {name!r}")
-            part, sub = FLAT[name]
-            changes[part][sub] = value
-        for name, value in parts.items():    # copies: a config never shares a part with another one
-            object.__setattr__(self, name, replace(value, **changes[name]))
-        self.grad_clip, self.seed = grad_clip, seed
+    def __post_init__(self):
         if self.labels.epochs == 0 and self.prefix.epochs == 0:
-            raise ValueError("AKDConfig: epochs and prefix_epochs are both 0, so nothing would be trained")
-
-    def __getattr__(self, name: str) -> Any:
-        """The flat names of earlier versions read through to their part (``cfg.epochs`` → ``cfg.labels.epochs``)."""
-        if name in FLAT:
-            part, sub = FLAT[name]
-            return getattr(getattr(self, part), sub)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in FLAT:
-            part, sub = FLAT[name]
-            setattr(getattr(self, part), sub, value)
-        else:
-            object.__setattr__(self, name, value)
-
-    def flat(self) -> dict[str, Any]:
-        """Every setting under its flat name (the layout results recorded before the split)."""
-        out = {name: getattr(self, name) for name in FLAT}
-        return {**out, "grad_clip": self.grad_clip, "seed": self.seed}
+            raise ValueError("akd.labels.epochs and akd.prefix.epochs are both 0, so nothing would be trained")
 
     @property
     def needs_source(self) -> bool:
         """Whether the distiller needs the labelled clean source set (rehearsal or prefix anchors)."""
         return self.replay.source > 0 or self.prefix.epochs > 0
-
-    @classmethod
-    def ablation(cls, name: str, **kw) -> AKDConfig:
-        """Named loss ablations: ce, ce+mse, ce+mse+wave, full (ce+mse+wave+kl)."""
-        terms = {"ce": dict(w_mse=0, w_wave=0, w_kl=0), "ce+mse": dict(w_wave=0, w_kl=0),
-                 "ce+mse+wave": dict(w_kl=0), "full": {}}
-        if name not in terms:
-            raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(terms)}")
-        return cls(**{**terms[name], **kw})

@@ -215,7 +215,7 @@ class AKD:
             p.requires_grad_(is_adapter_key(name) and chosen(name))
         loss_fn = AKDLoss(lab, aligner, self.prompter.candidate_first_ids)
         params = [p for p in self.student.parameters() if p.requires_grad] + list(loss_fn.parameters())
-        opt = torch.optim.AdamW(params, lr=lab.lr, betas=lab.betas, weight_decay=lab.weight_decay)
+        opt = torch.optim.AdamW(params, lr=lab.lr, betas=(lab.beta1, lab.beta2), weight_decay=lab.weight_decay)
         steps = lab.epochs * math.ceil(len(data) / lab.batch_size)
         totals: dict[str, float] = {}
         step = 0

@@ -8,22 +8,30 @@ reports the device's final held-out MC accuracy averaged over the shifted domain
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from cdcca.akd.config import FLAT as AKD_FLAT
-from cdcca.akd.config import AKDConfig
-from cdcca.bench.loop import LoopConfig, run_loop
-from cdcca.data.scenario import STREAM_BUDGET
+from cdcca.akd.config import LOSS_ABLATIONS
+from cdcca.bench.loop import Comparison, run_loop
+from cdcca.config import RunConfig, apply, parse_sets
 from cdcca.uplink import UTSConfig
 
-BENCH_LOOP = dict(heldout_n=200, eval_every_round=False)
-UTS_DEFAULT = UTSConfig(selection="budget", budget=STREAM_BUDGET)
+# the paper's AKD alone: its label phase (3 epochs), no prefix distillation
+LABELS_ONLY = {"akd.labels.epochs": 3, "akd.prefix.epochs": 0}
+LOSS_TERMS = {name: {f"akd.labels.{k}": v for k, v in off.items()} for name, off in LOSS_ABLATIONS.items()}
 
 
-def variants() -> dict[str, dict]:
-    """name → LoopConfig overrides.
+@dataclass(frozen=True)
+class Variant:
+    """A bench row's way of running the loop: what it changes in the run config, and for comparison."""
+
+    how: Comparison
+    settings: dict = field(default_factory=dict)      # dotted keys of the run config
+
+
+def variants() -> dict[str, Variant]:
+    """name → how the variant runs.
 
     ``cdcca`` is the shipped pipeline end to end (UTS uplink, AKD with its defaults, DWC at its default
     budget). ``oracle`` adds the label phase on the uploads' true answers to the shipped AKD (dense
@@ -32,51 +40,28 @@ def variants() -> dict[str, dict]:
     ``akd-v1`` rows ablate the paper's label-phase AKD on its own (prefix distillation off), as
     ``labels-only`` does in full; ``prefix+labels`` runs both phases.
     """
-    labels = dict(epochs=3, prefix_epochs=0)           # the paper's AKD alone: the label phase, no prefix phase
-    out: dict[str, dict] = {
-        "source-only": dict(downlink="none"),
-        "cdcca": dict(downlink="dwc"),
-        "cdcca-dense": dict(downlink="dense"),
-        "oracle": dict(downlink="dense", labels="oracle", akd=AKDConfig(epochs=3)),
-        "oracle-labels-only": dict(downlink="dense", labels="oracle", akd=AKDConfig(**labels)),
-        "labels-only": dict(downlink="dense", akd=AKDConfig(**labels)),
-        "prefix+labels": dict(downlink="dense", akd=AKDConfig(epochs=3)),
-        "pseudo-label": dict(downlink="dense", akd=AKDConfig(w_mse=0, w_wave=0, w_kl=0, weighting="none", **labels)),
-        "no-gate": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", **labels)),
-        "no-source-replay": dict(downlink="dense", akd=AKDConfig(source_replay=0.0, **labels)),
-        "soft-targets": dict(downlink="dense", akd=AKDConfig(targets="soft", **labels)),
-        "akd-v1": dict(downlink="dense", akd=AKDConfig(min_teacher_confidence=0.0, weighting="none", source_replay=0.0, **labels)),
+    dense, oracle = Comparison("dense"), Comparison("dense", "oracle")
+    no_gate = {"akd.labels.min_teacher_confidence": 0.0, "akd.labels.weighting": "none"}
+    out: dict[str, Variant] = {
+        "source-only": Variant(Comparison("none")),
+        "cdcca": Variant(Comparison("dwc")),
+        "cdcca-dense": Variant(dense),
+        "oracle": Variant(oracle, {"akd.labels.epochs": 3}),
+        "oracle-labels-only": Variant(oracle, LABELS_ONLY),
+        "labels-only": Variant(dense, LABELS_ONLY),
+        "prefix+labels": Variant(dense, {"akd.labels.epochs": 3}),
+        "pseudo-label": Variant(dense, {**LOSS_TERMS["ce"], "akd.labels.weighting": "none", **LABELS_ONLY}),
+        "no-gate": Variant(dense, {**no_gate, **LABELS_ONLY}),
+        "no-source-replay": Variant(dense, {"akd.replay.source": 0.0, **LABELS_ONLY}),
+        "soft-targets": Variant(dense, {"akd.labels.targets": "soft", **LABELS_ONLY}),
+        "akd-v1": Variant(dense, {**no_gate, "akd.replay.source": 0.0, **LABELS_ONLY}),
     }
-    for name in ("ce", "ce+mse", "ce+mse+wave", "full"):
-        out[f"loss:{name}"] = dict(downlink="dense", akd=AKDConfig.ablation(name, **labels))
+    for name, terms in LOSS_TERMS.items():
+        out[f"loss:{name}"] = Variant(dense, {**terms, **LABELS_ONLY})
     for scorer in ("ood", "energy"):
         for keep in (0.25, 0.5, 0.75, 1.0):
-            out[f"keep:{keep}:{scorer}"] = dict(downlink="dense", uts=replace(UTS_DEFAULT, token_scorer=scorer, keep_ratio=keep))
+            out[f"keep:{keep}:{scorer}"] = Variant(dense, {"uts.token_scorer": scorer, "uts.keep_ratio": keep})
     return out
-
-
-def apply_settings(cfg: LoopConfig, settings: list[str]) -> LoopConfig:
-    """``cfg`` with ``FIELD=VALUE`` overrides applied after the variant's own: ``per_domain=640``,
-    ``akd.source_replay=0.5``, ``uts.budget=320``, ``dwc.budget_bytes=524288`` (values parsed as JSON
-    where they parse, else taken as strings). Unknown fields raise with the field named."""
-    import json
-    from dataclasses import fields
-
-    for item in settings:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. akd.source_replay=0.5")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        part, _, name = key.rpartition(".")
-        target = getattr(cfg, part) if part else cfg
-        known = {f.name for f in fields(target)} | (set(AKD_FLAT) if part == "akd" else set())   # akd.source_replay, …
-        if part not in ("", "akd", "uts", "dwc") or name not in known:
-            raise ValueError(f"--set {item!r}: unknown field {key!r}; use a LoopConfig field or akd.*, uts.*, dwc.*")
-        cfg = replace(cfg, **{part: replace(target, **{name: value})}) if part else replace(cfg, **{name: value})
-    return cfg
 
 
 @dataclass
@@ -131,49 +116,50 @@ class BenchModels:
         return self.device
 
 
-def loop_config(name: str, seed: int, base: dict | None = None, settings: list[str] | None = None) -> LoopConfig:
-    """The LoopConfig of a variant: bench defaults, then ``base``, the variant's own, ``--set`` overrides, seed."""
+def loop_config(name: str, seed: int, base: RunConfig, sets: list[str] | None = None) -> tuple[RunConfig, Comparison]:
+    """The run config and comparison of a variant: ``base``, the variant's own settings, ``--set`` on top, the seed
+    (the stream's and the distiller's)."""
     table = variants()
     if name not in table:
         raise ValueError(f"unknown AKD bench variant {name!r}; choose from {', '.join(table)}")
-    cfg = LoopConfig(**{**BENCH_LOOP, "uts": UTS_DEFAULT, **(base or {}), **table[name]})
-    cfg = apply_settings(cfg, settings or [])
-    return replace(cfg, seed=seed, akd=replace(cfg.akd, seed=seed))
+    cfg = apply(apply(base, table[name].settings), parse_sets(sets or []))
+    return apply(cfg, {"seed": seed, "akd.seed": seed}), table[name].how
 
 
-def run_variant(models: BenchModels, name: str, seed: int, base: dict | None = None,
-                settings: list[str] | None = None) -> dict:
+def run_variant(models: BenchModels, name: str, seed: int, base: RunConfig, sets: list[str] | None = None,
+                save_states: str | None = None) -> dict:
     """One bench row: a variant of the collaborative loop from the pretrained pair, on one seed."""
     import torch
 
     from cdcca.akd.distill import AKD
 
-    cfg = loop_config(name, seed, base, settings)
+    cfg, how = loop_config(name, seed, base, sets)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    data, prompter = models.for_stream(cfg.stream)
+    data, prompter = models.for_stream(cfg.data.domains)
     akd = AKD(models.teacher, models.student, prompter, cfg.akd,
               source=models.source_set() if cfg.akd.needs_source else None, device=models.torch_device)
-    res = run_loop(cfg, models.fresh_device(), akd, prompter, data)
+    res = run_loop(cfg, models.fresh_device(), akd, prompter, data, replace(how, save_states=save_states))
     return summarize(name, seed, res, time.perf_counter() - t0)
 
 
-def run(names: list[str] | None = None, on_result=None, base: dict | None = None, seeds: list[int] | None = None,
-        settings: list[str] | None = None, torch_device: str = "cpu") -> list[dict]:
+def run(names: list[str] | None = None, on_result=None, base: RunConfig | None = None, seeds: list[int] | None = None,
+        sets: list[str] | None = None, save_states: str | None = None) -> list[dict]:
     """One row per (variant, seed): held-out MC over the shifted domains and clean, what was trained on, time."""
     unknown = set(names or []) - set(variants())
     if unknown:
         raise ValueError(f"unknown AKD bench variants {sorted(unknown)}; choose from {', '.join(variants())}")
     from cdcca.data.stream import resolve_sequence, stream_data
 
+    base = base or RunConfig()
     for name in names or list(variants()):
-        cfg = loop_config(name, 0, base, settings)      # a bad --set, domain or JSONL row fails before any model loads
-        stream_data(resolve_sequence(cfg.stream))
-    models = BenchModels.load(torch_device)
+        cfg, _ = loop_config(name, 0, base, sets)      # a bad --set, domain or JSONL row fails before any model loads
+        stream_data(resolve_sequence(cfg.data.domains))
+    models = BenchModels.load(base.torch_device)
     results = []
     for seed in seeds or [0]:
         for name in names or list(variants()):
-            results.append(run_variant(models, name, seed, base, settings))
+            results.append(run_variant(models, name, seed, base, sets, save_states))
             if on_result:
                 on_result(results[-1])
     return results
@@ -245,12 +231,12 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     rows = []
     ids = [str(i) for i in range(len(qids))]
     for name, view in TOKEN_VIEWS.items():
-        uts = replace(UTS_DEFAULT, budget=uploads, **view)
+        uts = UTSConfig(budget=uploads, **view)
         batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
                                            device_id="study", adapter_version="0"))
         rows.append({"view": name, "selection": "uncertain", "n": len(batch), "teacher_mc": teacher_acc(batch),
                      "device_mc": float(np.mean([answers[int(i)].mc == gold[int(i)] for i in batch.sample_ids]))})
-    everything = replace(UTS_DEFAULT, budget=len(qids), keep_ratio=1.0)
+    everything = UTSConfig(budget=len(qids), keep_ratio=1.0)
     batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, everything), everything,
                                        device_id="study", adapter_version="0"))
     rows.append({"view": "all-tokens", "selection": "all requests", "n": len(batch), "teacher_mc": teacher_acc(batch),
@@ -293,7 +279,7 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
         answers = answer_all(device, prompter, tokens, questions)
         ids = [str(i) for i in range(len(qids))]
         for skip, budget in [(k, b) for k in bands for b in budgets if k == 0 or b < len(qids)]:
-            uts = replace(UTS_DEFAULT, budget=min(budget, len(qids)), skip_top=skip)
+            uts = UTSConfig(budget=min(budget, len(qids)), skip_top=skip)
             batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
                                                device_id="study", adapter_version="0"))
             probs = torch.cat([mc_predict(cloud, prompter, batch.tokens[s:s + 64], batch.questions[s:s + 64],

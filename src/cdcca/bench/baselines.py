@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from cdcca.bench.loop import LoopConfig, loop_summary, measure_heldout
+from cdcca.bench.loop import loop_summary, measure_heldout
+from cdcca.config import RunConfig, apply
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import stream_spec
 from cdcca.data.stream import Domain, resolve_sequence
@@ -104,12 +105,12 @@ class EncodedStream:
         return lambda domain: self.tokens_for(domain, images)
 
 
-def run_device_only(cfg: LoopConfig, base: BaselineConfig, model: MLLM, prompter: Prompter, data: VQASet,
+def run_device_only(cfg: RunConfig, base: BaselineConfig, model: MLLM, prompter: Prompter, data: VQASet,
                     source=None, on_round=None) -> dict:
     """Serve the stream with a device-only method; rows and summary as :func:`cdcca.bench.loop.run_loop` returns."""
-    domains = resolve_sequence(cfg.stream)
-    scenario = cfg.scenario_spec()
-    spec = {**stream_spec(cfg.stream, scenario, cfg.seed), "device_id": "device-0"}
+    domains = resolve_sequence(cfg.data.domains)
+    scenario = cfg.scenario
+    spec = {**stream_spec(cfg.data.domains, scenario, cfg.seed), "device_id": "device-0"}
     slots = scenario.schedule(domains)
     torch.manual_seed(cfg.seed)
     method = build_method(base, model, prompter, source)
@@ -127,10 +128,11 @@ def run_device_only(cfg: LoopConfig, base: BaselineConfig, model: MLLM, prompter
         row = {"round": rnd, "device": "device-0", "domain": domain, "uploads": 0, "bytes_up": 0, "bytes_down": 0,
                "online_mc": float(np.mean([prompter.candidates[p] == g for p, g in zip(picks, gold)])),
                "adapted_samples": getattr(method, "updates", 0), "visit": slot.visit, "step": slot.step}
-        if cfg.eval_every_round or rnd == n_rounds - 1:
-            tokens_of = encoded.heldout_tokens(cfg.heldout_n) if encoded is not None else None
+        n = cfg.eval.heldout_n if rnd == n_rounds - 1 else cfg.eval.curve_n
+        if n:
+            tokens_of = encoded.heldout_tokens(n) if encoded is not None else None
             measure_heldout(row, getattr(method, "predictor", model), prompter, data, scenario.domains(domains),
-                            cfg.heldout_n, cfg.heldout_da,
+                            n, cfg.eval.heldout_da,
                             **({"tokens_of": tokens_of} if tokens_of else {}))
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         rounds.append(row)
@@ -161,8 +163,8 @@ def tune_rate(method: str, rates: list[float], models, per_domain: int = 320, he
     of the unadapted model's (entropy minimisation on data it already knows must not hurt it). No
     shifted image and no stream answer is involved in the choice."""
     with_rate(method, rates[0])                      # fails before any run for a method without a rate
-    cfg = LoopConfig(stream="clean", scenario="one-round", round_size=per_domain, heldout_n=heldout_n,
-                     eval_every_round=False, seed=0)
+    cfg = apply(RunConfig(), {"data.domains": "clean", "stream.scenario": "one-round", "stream.round_size": per_domain,
+                              "eval.heldout_n": heldout_n})
     reference = measure_clean(models.fresh_device(), models.prompter, models.data, heldout_n)
     rows = []
     for lr in rates:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ from rich.live import Live
 from rich.table import Table
 
 from cdcca.bench.report import write_report
-from cdcca.bench.run_config import config_toml, resolve_run_config
+from cdcca.config import RunConfig, to_toml
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain
-from cdcca.fleet.local import FleetConfig, LocalFleet, domains_of
+from cdcca.fleet.local import LocalFleet, domains_of, schedule
 
 
 def _heldout_evaluator():
@@ -70,7 +71,7 @@ def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
                              lambda: _heldout_evaluator()(load_pretrained("cloud"), domains, n))
 
 
-def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
+def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     """Held-out MC after the same stream trained on the true labels of the same uploads (dense updates):
     what any teacher could pass on with this data. Cached by the weights' hashes and the settings."""
     import hashlib
@@ -80,34 +81,32 @@ def _oracle_reference(cfg: FleetConfig) -> dict[str, float]:
     from cdcca.akd.source_set import load_source_set
     from cdcca.assets import cache_dir, load_tokenizer
     from cdcca.atomic import write_json
-    from cdcca.bench.loop import LoopConfig, run_loop
+    from cdcca.bench.loop import Comparison, run_loop
+    from cdcca.config import flatten
     from cdcca.data.stream import resolve_sequence, stream_data
     from cdcca.model.pair import load_pretrained, pretrain_record
     from cdcca.model.prompt import Prompter
 
-    loop = LoopConfig(stream=cfg.stream, scenario=cfg.scenario, rounds_per_domain=cfg.rounds_per_domain,
-                      round_size=cfg.round_size, visits=cfg.visits, update_delay=cfg.update_delay,
-                      heldout_n=cfg.heldout_n, downlink="dense", labels="oracle", uts=cfg.uts, akd=cfg.akd,
-                      eval_every_round=False, seed=cfg.seed)
-    files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.stream) if d.path]
+    loop = replace(cfg, eval=replace(cfg.eval, curve_n=0))       # the last round's held-out accuracy only
+    files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.data.domains) if d.path]
     key = json.dumps([pretrain_record("cloud").get("sha256"), pretrain_record("device").get("sha256"),
-                      repr(loop), files], sort_keys=True)
+                      flatten(loop), "oracle", files], sort_keys=True)
     path = cache_dir() / "reference" / f"oracle-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    data = stream_data(resolve_sequence(cfg.stream))
+    data = stream_data(resolve_sequence(cfg.data.domains))
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     source = load_source_set() if cfg.akd.needs_source else None
     res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source, device=cfg.torch_device),
-                   prompter, data)
+                   prompter, data, Comparison(downlink="dense", labels="oracle"))
     acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"],
            "online": [r["online_mc"] for r in res["rounds"]]}
     write_json(path, acc)
     return acc
 
 
-def _source_only_online(cfg: FleetConfig, device) -> list[float]:
+def _source_only_online(cfg: RunConfig, device) -> list[float]:
     """Online MC per round of the never-updated device on exactly the requests the first device serves
     (run before any update, so the device still holds its pretrained adapters)."""
     from cdcca.model.answer import mc_predict
@@ -115,7 +114,7 @@ def _source_only_online(cfg: FleetConfig, device) -> list[float]:
 
     prompter = device._prompter()
     out = []
-    for rnd in range(cfg.rounds):
+    for rnd in range(len(schedule(cfg))):
         tokens, questions, gold, _, _ = RequestStream(device.config["stream"]).chunk(rnd)
         right = 0
         for s in range(0, len(questions), 64):
@@ -125,17 +124,17 @@ def _source_only_online(cfg: FleetConfig, device) -> list[float]:
     return out
 
 
-def settings_of(cfg: FleetConfig, preset: str) -> dict:
+def settings_of(cfg: RunConfig, preset: str) -> dict:
     """The knobs a reader needs to judge the run, in words and rounded numbers."""
-    a, u, w = cfg.akd, cfg.uts, cfg.dwc
+    a, u, w, ev = cfg.akd, cfg.uts, cfg.dwc, cfg.eval
     return {
-        "preset": preset, "stream": cfg.stream, "devices": cfg.devices,
-        "fleet group": "all devices share one student" if cfg.group else "one student per device",
-        "scenario": _scenario_in_words(cfg), "update delay (rounds)": cfg.update_delay,
-        "held-out questions per domain": cfg.heldout_n if cfg.curve_n in (None, cfg.heldout_n)
-        else f"{cfg.heldout_n} after the last round ({cfg.curve_n} for the curves of earlier rounds)",
+        "preset": preset, "stream": cfg.data.domains, "devices": cfg.fleet.devices,
+        "fleet group": "all devices share one student" if cfg.fleet.group else "one student per device",
+        "scenario": _scenario_in_words(cfg), "update delay (rounds)": cfg.stream.update_delay,
+        "held-out questions per domain": ev.heldout_n if ev.curve_n in (0, ev.heldout_n)
+        else f"{ev.heldout_n} after the last round ({ev.curve_n} for the curves of earlier rounds)",
         "uplink (UTS)": f"{u.selection} {u.budget if u.selection == 'budget' else u.threshold} most uncertain"
-                        f"{' per device' if cfg.devices > 1 else ''} by "
+                        f"{' per device' if cfg.fleet.devices > 1 else ''} by "
                         f"{u.sample_scorer}; {u.keep_ratio:.0%} of tokens by {u.token_scorer}, {u.token_dtype}",
         "distillation (AKD)": _akd_in_words(a),
         "downlink (DWC)": f"{w.quantizer}, budget {w.budget_bytes / 1024 if w.budget_bytes else 0:.0f} KiB, "
@@ -144,8 +143,8 @@ def settings_of(cfg: FleetConfig, preset: str) -> dict:
     }
 
 
-def _scenario_in_words(cfg: FleetConfig) -> str:
-    sc = cfg.scenario_spec()
+def _scenario_in_words(cfg: RunConfig) -> str:
+    sc = cfg.scenario
     visits = f", {sc.visits} visits" if sc.name == "recurring" else ""
     return f"{sc.name}: {sc.per_domain} rounds per domain{visits}, {sc.size} requests per round per device"
 
@@ -187,33 +186,32 @@ def _table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def _references(cfg: FleetConfig, fleet: LocalFleet, domains: list[Domain],
+def _references(cfg: RunConfig, fleet: LocalFleet, domains: list[Domain],
                 console: Console) -> tuple[Callable[[Any], dict], dict[str, dict]]:
     """The per-round evaluator and what the summary compares with: the never-updated device (held-out
     per domain and online) and the cloud teacher. Tiny models have neither: no held-out evaluation."""
-    if cfg.tiny:
+    if cfg.model.tiny:
         return (lambda dev, rnd: {"heldout_mc": None, "source_mc": None}), {"source_only": {}, "online": {}, "teacher": {}}
     clean = Domain("clean", 0)
     heldout = _heldout_evaluator()
     console.print("source-only baseline: held-out and online accuracy of the pretrained device (cached per weights) …")
-    first = fleet.devices[0]
-    base = _cached_reference("device", f"held-out {[str(d) for d in domains]} n={cfg.heldout_n}", domains,
-                             lambda: heldout(first.model, domains + [clean], cfg.heldout_n))
-    online_base = _cached_reference("device", f"online per round {sorted(first.config['stream'].items())} rounds={cfg.rounds}",
+    first, slots, n_last = fleet.devices[0], schedule(cfg), cfg.eval.heldout_n
+    base = _cached_reference("device", f"held-out {[str(d) for d in domains]} n={n_last}", domains,
+                             lambda: heldout(first.model, domains + [clean], n_last))
+    online_base = _cached_reference("device", f"online per round {sorted(first.config['stream'].items())} rounds={len(slots)}",
                                     domains, lambda: {"rounds": _source_only_online(cfg, first)})["rounds"]
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
-    teacher = _teacher_reference(domains + [clean], cfg.heldout_n)
-
-    slots = cfg.schedule()
+    teacher = _teacher_reference(domains + [clean], n_last)
+    last = len(slots) - 1
 
     def evaluate(dev, rnd: int):
         # held-out evaluation on the first device only, when the stream leaves a domain (and at the end)
         if dev is not fleet.devices[0]:
             return {"heldout_mc": None, "source_mc": None}
         reference = {"source_only_online_mc": online_base[rnd]}
-        if rnd != cfg.rounds - 1 and not leaves_domain(slots, rnd):
+        n = n_last if rnd == last else cfg.eval.curve_n if leaves_domain(slots, rnd) else 0
+        if n == 0:                        # no curve point this round (or none asked for)
             return {**reference, "heldout_mc": None, "source_mc": None}
-        n = cfg.heldout_n if rnd == cfg.rounds - 1 or cfg.curve_n is None else cfg.curve_n
         acc = heldout(dev.model, domains + [clean], n)
         return {**reference, "heldout": {str(d): acc[str(d)] for d in domains},
                 "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
@@ -226,37 +224,38 @@ def leaves_domain(slots: list[Slot], rnd: int) -> bool:
     return rnd == len(slots) - 1 or slots[rnd + 1].step == 0
 
 
-def _run_rounds(fleet: LocalFleet, cfg: FleetConfig, evaluate: Callable[[Any], dict], console: Console) -> list[dict]:
+def _run_rounds(fleet: LocalFleet, evaluate: Callable[[Any], dict], console: Console) -> list[dict]:
     """Every round on every device, with a live table of the rows so far."""
     rows: list[dict] = []
     with Live(_table(rows, "cdcca demo"), console=console, refresh_per_second=2) as live:
-        for rnd in range(cfg.rounds):
+        for rnd in range(len(fleet.slots)):
             rows += fleet.run_round(rnd, evaluate)
-            live.update(_table(rows, f"cdcca demo — round {rnd + 1}/{cfg.rounds}"))
+            live.update(_table(rows, f"cdcca demo — round {rnd + 1}/{len(fleet.slots)}"))
     return rows
 
 
-def _summary(cfg: FleetConfig, preset: str, domains: list[Domain], rows: list[dict], refs: dict[str, dict],
+def _summary(cfg: RunConfig, preset: str, domains: list[Domain], rows: list[dict], refs: dict[str, dict],
              oracle_acc: dict[str, float], t0: float) -> dict:
     """The run in a few numbers: adapted vs source-only held-out MC, the teacher and oracle references, traffic."""
-    last = [r for r in rows if r["round"] == cfg.rounds - 1 and r.get("heldout_mc") is not None]
+    n_rounds, tiny = len(schedule(cfg)), cfg.model.tiny
+    last = [r for r in rows if r["round"] == n_rounds - 1 and r.get("heldout_mc") is not None]
     base, teacher = refs["source_only"], refs["teacher"]
     return {
         **online_figures(rows, refs["online"]),
-        "source_only_mc": float("nan") if cfg.tiny else float(np.mean([base[str(d)] for d in domains])),
+        "source_only_mc": float("nan") if tiny else float(np.mean([base[str(d)] for d in domains])),
         "adapted_mc": float(np.mean([r["heldout_mc"] for r in last])) if last else float("nan"),
-        "source_mc_before": None if cfg.tiny else base["clean"],
+        "source_mc_before": None if tiny else base["clean"],
         "source_mc_after": last[0]["source_mc"] if last else None,
         "source_only": base,
         "adapted": {**last[0]["heldout"], "clean": last[0]["source_mc"]} if last else {},
         "teacher": teacher,
-        "teacher_mc": None if cfg.tiny else float(np.mean([teacher[str(d)] for d in domains])),
+        "teacher_mc": None if tiny else float(np.mean([teacher[str(d)] for d in domains])),
         "oracle": oracle_acc,
         "oracle_mc": float(np.mean([oracle_acc[str(d)] for d in domains])) if oracle_acc else None,
         "bytes_up_total": sum(r["bytes_up"] for r in rows), "bytes_down_total": sum(r["bytes_down"] for r in rows),
-        "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.devices, "rounds": cfg.rounds,
-        "cloud_s_total": round(sum(r["cloud_s"] for r in rows), 1), "group": cfg.group,
-        "stream": cfg.stream, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
+        "uploads_total": sum(r["uploads"] for r in rows), "devices": cfg.fleet.devices, "rounds": n_rounds,
+        "cloud_s_total": round(sum(r["cloud_s"] for r in rows), 1), "group": cfg.fleet.group,
+        "stream": cfg.data.domains, "domains": [str(d) for d in domains], "preset": preset, "settings": settings_of(cfg, preset),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
 
@@ -286,15 +285,14 @@ def online_figures(rows: list[dict], source_only_online: list[float]) -> dict:
     return out
 
 
-def run_demo(preset: str | None, out: Path, devices: int | None = None, console: Console | None = None,
-             oracle: bool = False, config: str | Path | None = None, **overrides) -> dict:
-    """Run ``preset`` (or the ``config`` file) from the pretrained pair on ``devices`` device runtimes, with
-    ``overrides`` of its settings; write metrics, plots, the report and the run's ``config.toml`` to ``out``."""
+def run_demo(cfg: RunConfig, out: Path, preset: str = "quick", console: Console | None = None,
+             oracle: bool = False) -> dict:
+    """Run ``cfg`` (named ``preset`` in the report) from the pretrained pair; write metrics, plots, the
+    report and the run's ``config.toml`` to ``out``."""
     console = console or Console()
-    cfg, preset = resolve_run_config(preset, config, {**overrides, **({"devices": devices} if devices else {})})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config_toml(cfg, f"cdcca demo --config {out / 'config.toml'}   (the settings of a run of {preset})"))
+    (out / "config.toml").write_text(to_toml(cfg, f"cdcca demo --config {out / 'config.toml'}   (the settings of a run of {preset})"))
     import torch
 
     torch.manual_seed(cfg.seed)                  # dropout in the student's bridge: same seed, same run
@@ -307,11 +305,11 @@ def run_demo(preset: str | None, out: Path, devices: int | None = None, console:
     laps["setup_s"] = time.perf_counter() - t0
     evaluate, refs = _references(cfg, fleet, domains, console)
     laps["references_s"] = time.perf_counter() - t0 - sum(laps.values())
-    rows = _run_rounds(fleet, cfg, evaluate, console)
+    rows = _run_rounds(fleet, evaluate, console)
     fleet.close()
     laps["rounds_s"] = time.perf_counter() - t0 - sum(laps.values())
     oracle_acc = {}
-    if oracle and not cfg.tiny:
+    if oracle and not cfg.model.tiny:
         console.print("oracle: the same stream trained on the true labels of the same uploads (cached per settings) …")
         oracle_acc = _oracle_reference(cfg)
     laps["oracle_s"] = time.perf_counter() - t0 - sum(laps.values())

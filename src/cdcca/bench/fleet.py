@@ -28,7 +28,7 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None =
 
     with tempfile.TemporaryDirectory(prefix="cdcca-fleet-bench-") as tmp:
         root = Path(tmp)
-        cloud = CloudRuntime.open(root / "cloud", tiny=True, akd=AKDConfig(batch_size=8), dwc=DWCConfig(budget_bytes=16 * 1024))
+        cloud = CloudRuntime.open(root / "cloud", tiny=True, akd=AKDConfig(), dwc=DWCConfig(budget_bytes=16 * 1024))
         devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=True,
                                      stream={"index": i, "n_devices": devices, "per_round": per_round})
                 for i in range(devices)]

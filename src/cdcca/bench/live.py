@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cdcca.data.scenario import Scenario, scenario_chunks
+from cdcca.config import RunConfig, apply, flatten
+from cdcca.data.scenario import scenario_chunks
 from cdcca.data.stream import domain_images, resolve_sequence, stream_data
 from cdcca.fleet import deploy
 from cdcca.fleet.devices import init_devices, start_apis
@@ -35,28 +36,6 @@ from cdcca.fleet.flower import ROUND_LOG
 from cdcca.fleet.processes import Pids
 from cdcca.runtime.cloud_db import stored_sample_ids
 from cdcca.runtime.queue_status import outbox_ids
-
-
-@dataclass
-class LiveConfig:
-    devices: int = field(default=2, metadata={"help": "devices in the live fleet: a SuperNode and an API each"})
-    stream: str = field(default="default", metadata={"help": "domains the requests come from: built-in names, NAME:SEVERITY, .jsonl files"})
-    scenario: str = field(default="persistent", metadata={"help": "how long each domain lasts: persistent | recurring | gradual | one-round"})
-    requests_per_device: int = field(default=640, metadata={"help": "requests each device's clients send"})
-    window: int = field(default=80, metadata={"help": "requests per device per window (the scenario's round size)"})
-    rate: float = field(default=1.0, metadata={"help": "requests per second per device, open loop"})
-    concurrency: int = field(default=4, metadata={"help": "requests in flight per device at most"})
-    min_uploads: int = field(default=64, metadata={"help": "a round when the outboxes hold this many samples ..."})
-    round_every_s: float = field(default=120.0, metadata={"help": "... or this long after the last round began (when anything is queued)"})
-    status_every_s: float = field(default=3.0, metadata={"help": "how often the cloud asks the outboxes while waiting for a trigger"})
-    preset: str = field(default="quick", metadata={"help": "the cloud's AKD and DWC settings"})
-    tiny: bool = field(default=False, metadata={"help": "tiny random models: a plumbing check that needs no weights"})
-    seed: int = field(default=0, metadata={"help": "which requests the scenario draws"})
-
-    def __post_init__(self):
-        if min(self.devices, self.requests_per_device, self.window, self.concurrency) < 1 or self.rate <= 0:
-            raise ValueError("devices, requests per device, window and concurrency must be ≥ 1 and rate > 0")
-        Scenario(self.scenario, None, self.window)
 
 
 @dataclass
@@ -78,23 +57,24 @@ def png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def scenario_requests(cfg: LiveConfig) -> list[list[Request]]:
-    """Each device's requests in order: the scenario's rounds of ``window`` requests per device, as PNG frames."""
-    domains = resolve_sequence(cfg.stream)
+def scenario_requests(cfg: RunConfig) -> list[list[Request]]:
+    """Each device's requests in order: the scenario's rounds (a window each) per device, as PNG frames."""
+    domains = resolve_sequence(cfg.data.domains)
     data = stream_data(domains)
-    chunks = scenario_chunks(data, domains, Scenario(cfg.scenario, None, cfg.window), cfg.devices, cfg.seed)
+    n_devices, per_device, window = cfg.fleet.devices, cfg.traffic.requests_per_device, cfg.scenario.size
+    chunks = scenario_chunks(data, domains, cfg.scenario, n_devices, cfg.seed)
     frames: dict[str, np.ndarray] = {}
-    out: list[list[Request]] = [[] for _ in range(cfg.devices)]
+    out: list[list[Request]] = [[] for _ in range(n_devices)]
     for chunk in chunks:
-        if all(len(reqs) >= cfg.requests_per_device for reqs in out):
+        if all(len(reqs) >= per_device for reqs in out):
             break
         key = str(chunk.domain)
         if key not in frames:
             frames[key] = domain_images(chunk.domain, data)
-        for i in range(cfg.devices):
-            for q in chunk.question_ids[i::cfg.devices]:
-                if len(out[i]) < cfg.requests_per_device:
-                    out[i].append(Request(i, len(out[i]), len(out[i]) // cfg.window, key, data.questions[q],
+        for i in range(n_devices):
+            for q in chunk.question_ids[i::n_devices]:
+                if len(out[i]) < per_device:
+                    out[i].append(Request(i, len(out[i]), len(out[i]) // window, key, data.questions[q],
                                           data.answers[q], png_data_url(frames[key][data.image_ids[q]])))
     return out
 
@@ -142,7 +122,7 @@ def start_reference(spec: deploy.FleetSpec, timeout: float, log: Callable[[str],
     return f"http://127.0.0.1:{ports['reference']}/v1"
 
 
-def run_live(cfg: LiveConfig, out: Path, log: Callable[[str], None] = print, timeout: float = 3600) -> dict:
+def run_live(cfg: RunConfig, out: Path, log: Callable[[str], None] = print, timeout: float = 3600) -> dict:
     """The whole live benchmark; ``out/fleet`` holds the fleet's state and logs, ``out/live.json`` the result."""
     out = Path(out)
     state = out / "fleet"
@@ -152,13 +132,12 @@ def run_live(cfg: LiveConfig, out: Path, log: Callable[[str], None] = print, tim
     requests = scenario_requests(cfg)
     t_start = time.perf_counter()
     try:
-        spec = deploy.up(state, cfg.devices, port=deploy.free_port(), tiny=cfg.tiny, apis=True, log=log)
+        spec = deploy.up(state, cfg.fleet.devices, port=deploy.free_port(), tiny=cfg.model.tiny, apis=True, log=log)
         reference_url = start_reference(spec, 300, log)
-        run_config = {"traffic": "api", "min-uploads": cfg.min_uploads, "round-every-s": cfg.round_every_s,
-                      "status-every-s": cfg.status_every_s, "preset": "tiny" if cfg.tiny else cfg.preset}
-        runner = Runner(state, run_config, timeout)
+        runner = Runner(state, apply(cfg, {"fleet.traffic": "api", "fleet.rounds": 0}), timeout)
         runner.wait_started()
-        log(f"replaying {cfg.requests_per_device} requests per device at {cfg.rate}/s to {cfg.devices} device APIs")
+        log(f"replaying {cfg.traffic.requests_per_device} requests per device at {cfg.traffic.rate}/s to "
+            f"{cfg.fleet.devices} device APIs")
         t_traffic = time.perf_counter()
         per_device = replay(spec, requests, cfg)
         traffic_s = time.perf_counter() - t_traffic
@@ -168,7 +147,7 @@ def run_live(cfg: LiveConfig, out: Path, log: Callable[[str], None] = print, tim
         log("the same requests to the never-updated device (source-only)")
         reference = send_all(reference_url, [r for reqs in requests for r in reqs], None, 8)
         result = summarize(cfg, spec, [r for rows in per_device for r in rows], reference, runner)
-        result.update(traffic_s=round(traffic_s, 1), wall_s=round(time.perf_counter() - t_start, 1), config=asdict(cfg))
+        result.update(traffic_s=round(traffic_s, 1), wall_s=round(time.perf_counter() - t_start, 1), config=flatten(cfg))
     finally:
         deploy.down(state)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,12 +155,13 @@ def run_live(cfg: LiveConfig, out: Path, log: Callable[[str], None] = print, tim
     return result
 
 
-def replay(spec: deploy.FleetSpec, requests: list[list[Request]], cfg: LiveConfig) -> list[list[dict]]:
+def replay(spec: deploy.FleetSpec, requests: list[list[Request]], cfg: RunConfig) -> list[list[dict]]:
     """Every device's clients at once; Ctrl-C or a failure stops them all before it propagates."""
     stop = threading.Event()
-    pool = ThreadPoolExecutor(cfg.devices)
+    pool = ThreadPoolExecutor(cfg.fleet.devices)
     try:
-        futures = [pool.submit(send_all, f"http://127.0.0.1:{spec.apis[name]}/v1", reqs, cfg.rate, cfg.concurrency, stop)
+        futures = [pool.submit(send_all, f"http://127.0.0.1:{spec.apis[name]}/v1", reqs, cfg.traffic.rate,
+                               cfg.traffic.concurrency, stop)
                    for name, reqs in zip(spec.devices, requests)]
         return [f.result() for f in futures]
     except BaseException:
@@ -194,14 +174,14 @@ def replay(spec: deploy.FleetSpec, requests: list[list[Request]], cfg: LiveConfi
 class Runner:
     """``cdcca fleet run --rounds 0`` in a thread: the ServerApp runs until asked to stop."""
 
-    def __init__(self, state: Path, config: dict, timeout: float):
+    def __init__(self, state: Path, config: RunConfig, timeout: float):
         self.state, self.result, self.error = state, None, None
         self.thread = threading.Thread(target=self._run, args=(config, timeout), daemon=True)
         self.thread.start()
 
-    def _run(self, config: dict, timeout: float) -> None:
+    def _run(self, config: RunConfig, timeout: float) -> None:
         try:
-            self.result = deploy.run(self.state, 0, config=config, timeout=timeout, echo=None)
+            self.result = deploy.run(self.state, config, timeout=timeout, echo=None)
         except Exception as exc:                          # reported in the summary, not lost in the thread
             self.error = str(exc)
 
@@ -224,7 +204,7 @@ class Runner:
         return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
-def summarize(cfg: LiveConfig, spec: deploy.FleetSpec, live: list[dict], reference: list[dict], runner: Runner) -> dict:
+def summarize(cfg: RunConfig, spec: deploy.FleetSpec, live: list[dict], reference: list[dict], runner: Runner) -> dict:
     """Online vs source-only accuracy, latency per window, and the upload accounting of the whole run."""
     ref = {(r["device"], r["index"]): r for r in reference}
     windows = window_rows(cfg, live, ref)
@@ -244,7 +224,7 @@ def summarize(cfg: LiveConfig, spec: deploy.FleetSpec, live: list[dict], referen
     }
 
 
-def window_rows(cfg: LiveConfig, live: list[dict], ref: dict) -> dict[int, dict]:
+def window_rows(cfg: RunConfig, live: list[dict], ref: dict) -> dict[int, dict]:
     by_window: dict[int, list[dict]] = {}
     answered: dict[tuple[int, int], list[dict]] = {}      # (device, window) → its answers, in request order
     for r in sorted(live, key=lambda r: r["index"]):
@@ -259,7 +239,7 @@ def window_rows(cfg: LiveConfig, live: list[dict], ref: dict) -> dict[int, dict]
                                           if ref.get((r["device"], r["index"]), {}).get("ok")]),
                    "p50_ms": _pct([r["latency_ms"] for r in ok], 50), "p99_ms": _pct([r["latency_ms"] for r in ok], 99),
                    "versions": sorted({r["version"] for r in ok}), "failed": len(mine) - len(ok),
-                   "update_applied": any(update_landed(answered, d, w) for d in range(cfg.devices))}
+                   "update_applied": any(update_landed(answered, d, w) for d in range(cfg.fleet.devices))}
     return rows
 
 

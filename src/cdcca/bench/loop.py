@@ -2,67 +2,36 @@
 
 It runs exactly what ships — the device and cloud runtimes on scratch state dirs and the steps of
 :mod:`cdcca.runtime.protocol` — and adds only measurement: held-out accuracy per domain after each round,
-what the teacher and the device knew about the trained samples, timings. Three knobs exist for
-comparison runs: ``downlink`` ("dwc" as shipped, "dense" full fp32 state, "none" = source-only),
-``labels`` ("oracle": the uploads' true answers replace the teacher's) and ``save_states``.
+what the teacher and the device knew about the trained samples, timings. What a comparison run changes
+is a :class:`Comparison`, apart from the run config: ``downlink`` ("dwc" as shipped, "dense" full fp32
+state, "none" = source-only), ``labels`` ("oracle": the uploads' true answers replace the teacher's) and
+``save_states``.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import save_file
 
-from cdcca.akd.distill import AKD, AKDConfig, with_true_labels
+from cdcca.akd.distill import AKD, with_true_labels
+from cdcca.config import RunConfig, flatten
 from cdcca.data.easyvqa import VQASet
-from cdcca.data.scenario import STREAM_BUDGET, Scenario, recovery_curve, revisit_first_rounds, stream_spec
+from cdcca.data.scenario import recovery_curve, revisit_first_rounds, stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
-from cdcca.downlink import DWCConfig
 from cdcca.model.mllm import MLLM, adapter_state
 from cdcca.model.prompt import Prompter
 from cdcca.runtime import protocol
-from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.cloud import CloudRuntime, RoundStudy
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.runtime.evaluate import accuracy, domain_tokens
-from cdcca.uplink import UTSConfig
 
-
-@dataclass
-class LoopConfig:
-    """One continual-adaptation run over a shift stream."""
-
-    stream: str = field(default="default", metadata={"help": "the shift stream: built-in names, NAME:SEVERITY, .jsonl files"})
-    scenario: str = field(default="persistent", metadata={"help": "how long each domain lasts: persistent | recurring | gradual | one-round"})
-    rounds_per_domain: int | None = field(default=None, metadata={"help": "None: the scenario's default (persistent: 4)"})
-    round_size: int | None = field(default=None, metadata={"help": "requests per round; None: the scenario's default (persistent: 80)"})
-    visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
-    update_delay: int = field(default=0, metadata={"help": "rounds an update spends in transit (0: live from the next round)"})
-    heldout_n: int = field(default=300, metadata={"help": "held-out questions per domain for per-round accuracy"})
-    downlink: str = field(default="dense", metadata={"help": "'dense' (fp32 state) | 'dwc' (compressed update) | 'none' (source-only)"})
-    labels: str = field(default="teacher", metadata={"help": "'teacher' (pseudo-labels) | 'oracle' (the true answers of the same uploads)"})
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET), metadata={"help": "the device's UTS: which requests and tokens it uploads per round"})
-    akd: AKDConfig = field(default_factory=AKDConfig, metadata={"help": "the cloud's distillation into the device's adapters"})
-    dwc: DWCConfig = field(default_factory=DWCConfig, metadata={"help": "the compressed downlink (downlink='dwc')"})
-    eval_every_round: bool = field(default=True, metadata={"help": "held-out accuracy after every round (else after the last only)"})
-    heldout_da: bool = field(default=False, metadata={"help": "also direct-answer accuracy (greedy generation) at held-out evaluations"})
-    save_states: str | None = field(default=None, metadata={"help": "folder to save the device's adapter state after each round"})
-    seed: int = field(default=0, metadata={"help": "which requests the stream draws, and training randomness"})
-
-    def __post_init__(self):
-        if self.downlink not in ("dense", "dwc", "none"):
-            raise ValueError(f"LoopConfig.downlink must be dense, dwc or none; got {self.downlink!r}")
-        if self.labels not in ("teacher", "oracle"):
-            raise ValueError(f"LoopConfig.labels must be teacher or oracle; got {self.labels!r}")
-        if not isinstance(self.update_delay, int) or self.update_delay < 0:
-            raise ValueError(f"LoopConfig.update_delay must be a whole number of rounds ≥ 0; got {self.update_delay!r}")
-        self.scenario_spec()                      # a bad scenario fails here, before any model loads
-
-    def scenario_spec(self) -> Scenario:
-        return Scenario(self.scenario, self.rounds_per_domain, self.round_size, self.visits)
+DOWNLINKS = ("dense", "dwc", "none")      # the full fp32 state | the compressed update as shipped | source-only
+LABELS = ("teacher", "oracle")            # pseudo-labels | the true answers of the same uploads
 
 
 def heldout_mc(model: MLLM, prompter: Prompter, data: VQASet, domains: list[Domain], n: int) -> dict[str, float]:
@@ -92,49 +61,65 @@ def measure_heldout(row: dict, model: MLLM, prompter: Prompter, data: VQASet, do
         row["source_da"] = clean["da"]
 
 
-def run_loop(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet,
+@dataclass(frozen=True)
+class Comparison:
+    """What a benchmark run changes against the shipped loop, for comparison only."""
+
+    downlink: str = "dense"          # see DOWNLINKS
+    labels: str = "teacher"          # see LABELS
+    save_states: str | None = None   # a folder for the device's adapter state after each round
+
+    def __post_init__(self):
+        if self.downlink not in DOWNLINKS:
+            raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}; got {self.downlink!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {', '.join(LABELS)}; got {self.labels!r}")
+
+
+def run_loop(cfg: RunConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet, how: Comparison = Comparison(),
              on_round=None, device_id: str = "device-0", workdir: str | Path | None = None) -> dict:
-    """Run every round of ``cfg.stream`` through the runtimes and :mod:`cdcca.runtime.protocol`, as the
+    """Run every round of ``cfg``'s stream through the runtimes and :mod:`cdcca.runtime.protocol`, as the
     demo and a deployment do, in a scratch state dir (``workdir``, default a temporary one);
     returns {"rounds": [...], "summary": {...}}."""
     if workdir is not None:
-        return _run(cfg, device, akd, prompter, data, on_round, device_id, Path(workdir))
+        return _run(cfg, how, device, akd, prompter, data, on_round, device_id, Path(workdir))
     with tempfile.TemporaryDirectory(prefix="cdcca-loop-") as tmp:
-        return _run(cfg, device, akd, prompter, data, on_round, device_id, Path(tmp))
+        return _run(cfg, how, device, akd, prompter, data, on_round, device_id, Path(tmp))
 
 
-def _run(cfg: LoopConfig, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet, on_round, device_id: str,
-         root: Path) -> dict:
-    domains = resolve_sequence(cfg.stream)
-    scenario = cfg.scenario_spec()
-    stream = stream_spec(cfg.stream, scenario, cfg.seed)
+def _run(cfg: RunConfig, how: Comparison, device: MLLM, akd: AKD, prompter: Prompter, data: VQASet, on_round,
+         device_id: str, root: Path) -> dict:
+    domains = resolve_sequence(cfg.data.domains)
+    scenario = cfg.scenario
+    stream = stream_spec(cfg.data.domains, scenario, cfg.seed)
     dev = DeviceRuntime.create(root / "device", device_id, uts=cfg.uts, stream=stream, model=device)
     cloud = CloudRuntime(root / "cloud", akd, adapter_state(device), cfg.dwc,
-                         downlink="dense" if cfg.downlink == "dense" else "dwc")
-    cloud.teacher_answers = True         # the rows report how often the teacher was right on the uploads
-    if cfg.labels == "oracle":
-        cloud.label_override = lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records],
-                                                                prompter.candidates)
+                         downlink="dense" if how.downlink == "dense" else "dwc")
+    # the rows report how often the teacher was right on the uploads; the oracle trains on their true answers
+    relabel = None if how.labels != "oracle" else \
+        (lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records], prompter.candidates))
+    study = RoundStudy(relabel=relabel, teacher_answers=True)
     slots = scenario.schedule(domains)
-    link = protocol.DelayedLink(cfg.update_delay)
+    link = protocol.DelayedLink(cfg.stream.update_delay)
     rounds = []
     t_start = time.perf_counter()
     try:
         for rnd, slot in enumerate(slots):
-            row = _round(cfg, dev, cloud, data, rnd, link)
+            row = _round(how, dev, cloud, data, rnd, link, study)
             row.update(visit=slot.visit, step=slot.step)
-            if cfg.save_states:
-                Path(cfg.save_states).mkdir(parents=True, exist_ok=True)
-                save_file(dev.store.current()[1], str(Path(cfg.save_states) / f"round{rnd}.safetensors"))
-            if cfg.eval_every_round or rnd == len(slots) - 1:
-                measure_heldout(row, dev.model, prompter, data, scenario.domains(domains), cfg.heldout_n, cfg.heldout_da)
+            if how.save_states:
+                Path(how.save_states).mkdir(parents=True, exist_ok=True)
+                save_file(dev.store.current()[1], str(Path(how.save_states) / f"round{rnd}.safetensors"))
+            n = cfg.eval.heldout_n if rnd == len(slots) - 1 else cfg.eval.curve_n
+            if n:
+                measure_heldout(row, dev.model, prompter, data, scenario.domains(domains), n, cfg.eval.heldout_da)
             rounds.append(row)
             if on_round:
                 on_round(row)
     finally:
         dev.close()
         cloud.close()
-    return {"rounds": rounds, "summary": loop_summary(rounds, cfg, time.perf_counter() - t_start)}
+    return {"rounds": rounds, "summary": loop_summary(rounds, cfg, time.perf_counter() - t_start, how)}
 
 
 def online_summary(rounds: list[dict]) -> dict:
@@ -148,13 +133,13 @@ def online_summary(rounds: list[dict]) -> dict:
     return out
 
 
-def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
+def loop_summary(rounds: list[dict], cfg: RunConfig, wall_s: float, how: Comparison = Comparison()) -> dict:
     """The run's summary from its rounds: online accuracy, the last round's held-out scores, the bytes moved."""
     last = rounds[-1]
     summary = {**online_summary(rounds), "adapted_mc": last["heldout_mc"], "source_mc": last["source_mc"],
                "heldout": last["heldout"], "bytes_up_total": sum(r["bytes_up"] for r in rounds),
                "bytes_down_total": sum(r["bytes_down"] for r in rounds),
-               "wall_s": round(wall_s, 1), "config": jsonable(asdict(cfg))}
+               "wall_s": round(wall_s, 1), "config": {**flatten(cfg), **asdict(how)}}
     if "heldout_da" in last:
         summary.update(heldout_da=last["heldout_da"],
                        adapted_da=float(np.mean(list(last["heldout_da"].values()))) if last["heldout_da"] else None,
@@ -162,16 +147,16 @@ def loop_summary(rounds: list[dict], cfg: LoopConfig, wall_s: float) -> dict:
     return summary
 
 
-def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int,
-           link: protocol.DelayedLink) -> dict:
+def _round(how: Comparison, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int,
+           link: protocol.DelayedLink, study: RoundStudy) -> dict:
     """One round of the protocol (or only serving, for source-only) and what it moved and trained.
     The update the cloud sends travels over ``link``: applied after this round, or ``link.delay`` rounds later."""
     t0 = time.perf_counter()
     before = dev.status()
     served = dev.serve_round(rnd)            # the simulated traffic fills the outbox; the round moves it
     uploads = 0
-    if cfg.downlink != "none":
-        _, down, _ = protocol.run_round(dev, cloud, rnd, link=link)
+    if how.downlink != "none":
+        _, down, _ = protocol.run_round(dev, cloud, rnd, link=link, study=study)
         uploads = len(down.acked)
     after = dev.status()
     row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
@@ -183,7 +168,7 @@ def _round(cfg: LoopConfig, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASe
         akd_cfg = cloud.akd.cfg
         # the teacher-confidence gate applies to the label phase only: the oracle and prefix
         # distillation (which uses no answer) train on every upload
-        gate = akd_cfg.min_teacher_confidence if cfg.labels != "oracle" and akd_cfg.epochs > 0 else 0.0
+        gate = akd_cfg.labels.min_teacher_confidence if how.labels != "oracle" and akd_cfg.labels.epochs > 0 else 0.0
         st = report.stats
         row.update(teacher_s=round(report.teacher_s, 2), student_s=round(st.student_s, 2),
                    samples_per_s=round(st.samples_per_s, 2), losses=st.losses, replayed=st.replayed,
@@ -207,11 +192,3 @@ def upload_accuracy(records, device_answers: list[str], truth: list[str], min_co
             "upload_teacher_mc": float(np.mean([records[i].pseudo_label == truth[i] for i in kept])),
             "upload_device_mc": float(np.mean([device_answers[i] == truth[i] for i in kept]))}
 
-
-def jsonable(obj):
-    """Tuples as lists, recursively: what a config looks like once written as JSON."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj

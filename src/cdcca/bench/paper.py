@@ -20,31 +20,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cdcca.atomic import write_json
-from cdcca.bench.akd import UTS_DEFAULT, BenchModels, loop_config, run_variant, summarize
-from cdcca.bench.loop import LoopConfig
+from cdcca.bench.akd import BenchModels, loop_config, run_variant, summarize
 from cdcca.bench.paper_report import build_tables, write_outputs
-from cdcca.presets import load_preset, preset_names, read_config
+from cdcca.config import RunConfig, flatten
+from cdcca.uplink import UTSConfig
 
-# configs/bench-paper/{quick,full}.toml: the default persistent stream, STREAM_BUDGET uploads per round; quick
-# measures 100 held-out questions per domain and runs the ablations on the first seed only
-PRESETS = {name: load_preset(name, "bench-paper") for name in preset_names("bench-paper")}
-PRESET_KEYS = {"budget", "heldout_n", "ablation_seeds"}
-
-
-def paper_preset(name_or_file: str) -> dict:
-    """A preset by name (``quick``, ``full``) or a config file written like configs/bench-paper/quick.toml."""
-    if name_or_file in PRESETS:
-        return PRESETS[name_or_file]
-    if not name_or_file.endswith(".toml"):
-        raise ValueError(f"unknown preset {name_or_file!r}; choose {' or '.join(PRESETS)}, or give a .toml file")
-    preset = read_config(name_or_file)
-    if set(preset) != PRESET_KEYS:
-        raise ValueError(f"{name_or_file} must set exactly {', '.join(sorted(PRESET_KEYS))}; it sets {', '.join(sorted(preset))}")
-    return preset
 # Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
 TABLE1 = {"source-only": "loop", "bn": "device", "tent": "device", "tent+bn": "device", "eata": "device",
           "cotta": "device", "pseudo-label": "loop", "cdcca-dense": "loop", "cdcca": "loop", "teacher": "teacher",
@@ -66,9 +50,9 @@ class Cell:
     seed: int
     settings: tuple[str, ...] = ()
 
-    def key(self, preset: dict) -> str:
+    def key(self, base: RunConfig) -> str:
         blob = json.dumps([self.method, self.kind, self.seed if self.kind != "teacher" else None,
-                           list(self.settings), _loop_base(preset)], sort_keys=True, default=str)
+                           list(self.settings), flatten(base)], sort_keys=True)
         return f"{self.method.replace(':', '_').replace('+', 'p')}-s{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -89,28 +73,14 @@ class PaperPlan:
         return out
 
 
-def _loop_base(preset: dict) -> dict:
-    return {"heldout_n": preset["heldout_n"], "heldout_da": True, "uts": replace(UTS_DEFAULT, budget=preset["budget"]),
-            **preset.get("stream", {})}
-
-
-def preset_with_stream(preset_name: str, stream: dict | None = None) -> dict:
-    """A preset with the run's stream settings (scenario, rounds per domain, round size, visits, update
-    delay) on top; they are part of every cell's key, so cells of another scenario are not reused."""
-    stream = {k: v for k, v in (stream or {}).items() if v is not None}
-    LoopConfig(**stream)                      # a bad scenario fails before any model loads
-    return {**paper_preset(preset_name), "stream": stream, "scenario": stream.get("scenario", "persistent")}
-
-
-def plan(preset_name: str, seeds: list[int], methods: list[str] | None = None) -> PaperPlan:
-    """Every cell of the preset; ``methods`` runs those Table 1 rows only (and no ablation tables)."""
-    preset = paper_preset(preset_name)
+def plan(preset_name: str, base: RunConfig, seeds: list[int], methods: list[str] | None = None) -> PaperPlan:
+    """Every cell of the run; ``methods`` runs those Table 1 rows only (and no ablation tables)."""
     if not seeds:
         raise ValueError("give at least one seed, e.g. --seeds 0,1,2")
     unknown = set(methods or []) - set(TABLE1)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(TABLE1)}")
-    ablation = seeds[:preset["ablation_seeds"]] if preset["ablation_seeds"] else seeds
+    ablation = seeds[:base.eval.ablation_seeds] if base.eval.ablation_seeds else seeds
     p = PaperPlan(preset_name, list(seeds))
     for method, kind in TABLE1.items():
         if methods and method not in methods:
@@ -122,21 +92,19 @@ def plan(preset_name: str, seeds: list[int], methods: list[str] | None = None) -
     for label, variant in TABLE3.items():
         p.table3[label] = [Cell(variant, "loop", s) for s in ablation]
     for ratio in TABLE4:
-        settings = () if ratio == UTS_DEFAULT.keep_ratio else (f"uts.keep_ratio={ratio}",)
+        settings = () if ratio == UTSConfig().keep_ratio else (f"uts.keep_ratio={ratio}",)
         p.table4[ratio] = [Cell("cdcca", "loop", s, settings) for s in ablation]
     return p
 
 
-def run_cell(cell: Cell, models: BenchModels, preset: dict) -> dict:
+def run_cell(cell: Cell, models: BenchModels, base: RunConfig) -> dict:
     """Run one cell from the pretrained pair and return its bench row."""
-
-    base = _loop_base(preset)
     if cell.kind == "loop":
         return run_variant(models, cell.method, cell.seed, base, list(cell.settings))
     if cell.kind == "device":
         from cdcca.bench.baselines import BaselineConfig, run_device_only
 
-        cfg = loop_config("source-only", cell.seed, base)
+        cfg, _ = loop_config("source-only", cell.seed, base)
         t0 = time.perf_counter()
         res = run_device_only(cfg, BaselineConfig(method=cell.method), models.fresh_device(), models.prompter,
                               models.data, source=models.source_set() if cell.method == "eata" else None)
@@ -148,7 +116,7 @@ def run_cell(cell: Cell, models: BenchModels, preset: dict) -> dict:
     raise ValueError(f"unknown cell kind {cell.kind!r}")
 
 
-def _teacher_row(models: BenchModels, cell: Cell, base: dict) -> dict:
+def _teacher_row(models: BenchModels, cell: Cell, base: RunConfig) -> dict:
     """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
     import numpy as np
 
@@ -157,7 +125,7 @@ def _teacher_row(models: BenchModels, cell: Cell, base: dict) -> dict:
 
     t0 = time.perf_counter()
     row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
-    measure_heldout(row, models.teacher, models.prompter, models.data, resolve_sequence("default"), base["heldout_n"],
+    measure_heldout(row, models.teacher, models.prompter, models.data, resolve_sequence("default"), base.eval.heldout_n,
                     direct=True)
     return {**row, "adapted_mc": row.pop("heldout_mc"), "adapted_da": float(np.mean(list(row["heldout_da"].values()))),
             "wall_s": round(time.perf_counter() - t0, 1)}
@@ -184,18 +152,13 @@ def reference_sizes(models: BenchModels, per_domain: int = 64) -> dict:
             "device_params": sum(p.numel() for p in models.device.parameters())}
 
 
-def cell_config(cell: Cell, preset: dict) -> dict:
+def cell_config(cell: Cell, base: RunConfig) -> dict:
     """Every setting a cell ran with (the loop's, and the baseline's), as JSON: a finished cell whose
     recorded settings differ from today's defaults is stale and runs again."""
-    from dataclasses import asdict
-
-    from cdcca.bench.loop import jsonable
-
-    base = _loop_base(preset)
     if cell.kind == "teacher":
-        return {"heldout_n": base["heldout_n"]}
-    loop = loop_config(cell.method if cell.kind == "loop" else "source-only", cell.seed, base, list(cell.settings))
-    out = {"loop": {**jsonable(asdict(loop)), "akd": jsonable(loop.akd.flat())}}   # akd as recorded before its split
+        return {"heldout_n": base.eval.heldout_n}
+    loop, how = loop_config(cell.method if cell.kind == "loop" else "source-only", cell.seed, base, list(cell.settings))
+    out = {"loop": {**flatten(loop), **asdict(how)}}
     if cell.kind == "device":
         from cdcca.bench.baselines import BaselineConfig
 
@@ -206,12 +169,12 @@ def cell_config(cell: Cell, preset: dict) -> dict:
 class CellStore:
     """Finished cells as ``OUT/cells/<key>.json``, written atomically: the resume point."""
 
-    def __init__(self, out_dir: Path, preset: dict):
+    def __init__(self, out_dir: Path, base: RunConfig):
         self.dir = Path(out_dir) / "cells"
-        self.preset = preset
+        self.base = base
 
     def path(self, cell: Cell) -> Path:
-        return self.dir / f"{cell.key(self.preset)}.json"
+        return self.dir / f"{cell.key(self.base)}.json"
 
     def get(self, cell: Cell) -> dict | None:
         """The finished row, or None when the cell has not run, is damaged or ran with other settings."""
@@ -222,39 +185,36 @@ class CellStore:
             row = json.loads(p.read_text())
         except json.JSONDecodeError:
             return None            # a damaged cell is simply run again
-        return row if row.get("config") == cell_config(cell, self.preset) else None
+        return row if row.get("config") == cell_config(cell, self.base) else None
 
     def put(self, cell: Cell, row: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.path(cell), {**row, "config": cell_config(cell, self.preset),
+        write_json(self.path(cell), {**row, "config": cell_config(cell, self.base),
                                      "cell": {"method": cell.method, "kind": cell.kind, "seed": cell.seed,
                                               "settings": list(cell.settings)}})
 
 
-def run_paper(preset_name: str, seeds: list[int], out_dir: Path, log: Callable[[str], None] | None = None,
-              link_mbps: float = 10.0, methods: list[str] | None = None, stream: dict | None = None,
-              torch_device: str = "cpu") -> dict:
-    """Run (or resume) every cell of the preset (or of ``methods``), then build the tables, plots and report
-    in ``out_dir``. ``stream``: LoopConfig stream settings (scenario, rounds_per_domain, round_size, visits,
-    update_delay) over the default persistent stream."""
-    p = plan(preset_name, seeds, methods)
-    preset = preset_with_stream(preset_name, stream)
-    store = CellStore(out_dir, preset)
+def run_paper(preset_name: str, base: RunConfig, seeds: list[int], out_dir: Path,
+              log: Callable[[str], None] | None = None, link_mbps: float = 10.0, methods: list[str] | None = None) -> dict:
+    """Run (or resume) every cell of ``base`` (the run config of preset ``preset_name``, or of ``methods``),
+    then build the tables, plots and report in ``out_dir``."""
+    p = plan(preset_name, base, seeds, methods)
+    store = CellStore(out_dir, base)
     cells = p.cells()
     todo = [c for c in cells if store.get(c) is None]
     if log:
         log(f"{len(cells)} cells, {len(cells) - len(todo)} already done in {store.dir}")
-    models = BenchModels.load(torch_device)
+    models = BenchModels.load(base.torch_device)
     t_start = time.perf_counter()
     for i, cell in enumerate(todo, 1):
         t0 = time.perf_counter()
-        row = run_cell(cell, models, preset)
+        row = run_cell(cell, models, base)
         store.put(cell, row)
         if log:
             elapsed = time.perf_counter() - t_start
             log(f"[{i}/{len(todo)}] {cell.method} seed {cell.seed} {' '.join(cell.settings)}: MC "
                 f"{row['adapted_mc']:.3f} in {time.perf_counter() - t0:.0f} s; ~{elapsed / i * (len(todo) - i) / 60:.0f} min left")
     rows = {c: store.get(c) for c in cells}
-    result = build_tables(p, rows, preset, link_mbps, sizes=reference_sizes(models))
+    result = build_tables(p, rows, flatten(base), link_mbps, sizes=reference_sizes(models))
     write_outputs(result, Path(out_dir))
     return result

@@ -117,7 +117,7 @@ def table5_rows(cdcca: list[dict], dense: list[dict], sizes: dict, link_mbps: fl
              "seconds_at_link": round(b * 8 / (link_mbps * 1e6), 4), "link_mbps": link_mbps} for link, what, b in entries]
 
 
-def build_tables(plan, rows: dict, preset: dict, link_mbps: float, sizes: dict | None = None) -> dict:
+def build_tables(plan, rows: dict, settings: dict, link_mbps: float, sizes: dict | None = None) -> dict:
     """Every table, the per-round online curves and the generated claims, as one JSON-able dict."""
     t1 = {m: [rows[c] for c in cells] for m, cells in plan.table1.items()}
     t3 = {label: [rows[c] for c in cells] for label, cells in plan.table3.items()}
@@ -127,7 +127,7 @@ def build_tables(plan, rows: dict, preset: dict, link_mbps: float, sizes: dict |
     recovery = {m: np.mean([recovery_of(r) for r in runs], axis=0).tolist()
                 for m, runs in t1.items() if runs[0].get("steps")}
     streamed = next(runs for runs in t1.values() if runs[0].get("domains"))
-    result = {"preset": plan.preset, "seeds": plan.seeds, "settings": preset, "table1": table1_rows(t1),
+    result = {"preset": plan.preset, "seeds": plan.seeds, "settings": settings, "table1": table1_rows(t1),
               "table3": ablation_rows(t3, "ablation"), "table4": ablation_rows(t4, "keep_ratio"),
               "online_per_round": online, "recovery": recovery, "domains": streamed[0]["domains"]}
     result["table5"] = (table5_rows(t1["cdcca"], t1["cdcca-dense"], sizes, link_mbps)
@@ -190,7 +190,7 @@ def markdown(result: dict) -> str:
     t1 = {(r["method"], r["domain"]): r for r in result["table1"]}
     methods = list(dict.fromkeys(r["method"] for r in result["table1"]))
     lines = [f"Preset `{result['preset']}`, seeds {', '.join(map(str, result['seeds']))}, scenario "
-             f"`{(result['settings'] or {}).get('scenario', 'persistent')}`: online MC (the answers served while the stream ran) "
+             f"`{(result['settings'] or {}).get('stream.scenario', 'persistent')}`: online MC (the answers served while the stream ran) "
              "and held-out MC / DA (%) after the whole stream, mean ± std over seeds.", "",
              "**Table 1.** Methods × shifted domains: online MC per domain and over the stream, held-out MC "
              "(mean over domains) and DA, clean MC (forgetting check).", "",

@@ -9,16 +9,20 @@ import typer
 from rich.table import Table
 
 from cdcca.cli.common import (
+    ConfigOpt,
+    PresetOpt,
     RoundSizeOpt,
     RoundsPerDomainOpt,
     ScenarioOpt,
+    SetOpt,
+    StreamOpt,
     TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
     console,
     fail,
     one_line_errors,
-    scenario_overrides,
+    run_config,
     torch_device_or_fail,
     use_threads,
 )
@@ -91,13 +95,15 @@ def bench_uts(
 def bench_akd(
     variants: str | None = typer.Option(None, help="Comma-separated variants (default: all): source-only, cdcca, cdcca-dense, oracle, pseudo-label, no-gate, no-source-replay, soft-targets, akd-v1, loss:ce|ce+mse|ce+mse+wave|full, keep:R:ood|energy."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one row per (variant, seed)."),
-    stream: str | None = typer.Option(None, help="Domains: 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files."),
-    scenario: ScenarioOpt = "persistent",
+    stream: StreamOpt = None,
+    scenario: ScenarioOpt = None,
     rounds_per_domain: RoundsPerDomainOpt = None,
     round_size: RoundSizeOpt = None,
-    visits: VisitsOpt = 2,
-    update_delay: UpdateDelayOpt = 0,
-    set_: list[str] | None = typer.Option(None, "--set", help="Override a setting of every variant: FIELD=VALUE, e.g. akd.source_replay=0.5, uts.budget=320, dwc.budget_bytes=524288 (repeatable)."),
+    visits: VisitsOpt = None,
+    update_delay: UpdateDelayOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
     label_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
@@ -109,7 +115,8 @@ def bench_akd(
     """AKD ablations on the continual stream: online MC and recovery, final held-out MC over shifted domains, source MC, cloud time."""
     from cdcca.bench import akd
 
-    torch_device = torch_device_or_fail(torch_device)
+    base = run_config(preset, config, [], stream=stream, scenario=scenario, rounds_per_domain=rounds_per_domain,
+                      round_size=round_size, visits=visits, update_delay=update_delay, torch_device=torch_device)
     use_threads(threads)
     if label_study:
         try:
@@ -131,14 +138,10 @@ def bench_akd(
         print(json.dumps(rows))
         return
     names = [v.strip() for v in variants.split(",")] if variants else None
-    base = {"save_states": str(save_states)} if save_states else {}
-    if stream:
-        base["stream"] = stream
     try:
-        base.update(scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay))
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         rows = akd.run(names, on_result=None if as_json else lambda r: console.print(r), base=base, seeds=seed_list,
-                       settings=set_ or [], torch_device=torch_device)
+                       sets=set_ or [], save_states=str(save_states) if save_states else None)
     except ValueError as exc:
         fail(str(exc))
     if not as_json:
@@ -334,15 +337,16 @@ def bench_tta_rate(
 def bench_paper(
     preset: str = typer.Option("quick", help="configs/bench-paper/NAME.toml: quick (100 held-out questions per domain; "
                                "Tables 3-4 on the first seed) or full (200, every seed); both on the scenario's stream."),
-    config: Path | None = typer.Option(None, help="A preset file instead of --preset (written like configs/bench-paper/quick.toml)."),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     methods: str | None = typer.Option(None, help="Comma-separated Table 1 methods to run (then no ablation tables): "
                                        "source-only, bn, tent, tent+bn, eata, cotta, pseudo-label, cdcca-dense, cdcca, teacher, oracle."),
-    scenario: ScenarioOpt = "persistent",
+    scenario: ScenarioOpt = None,
     rounds_per_domain: RoundsPerDomainOpt = None,
     round_size: RoundSizeOpt = None,
-    visits: VisitsOpt = 2,
-    update_delay: UpdateDelayOpt = 0,
+    visits: VisitsOpt = None,
+    update_delay: UpdateDelayOpt = None,
 
     out: Path = typer.Option(Path("runs/paper"), help="Output folder: cells/ (the resume point), paper.json, tables.md, plots, report.html."),
     link_mbps: float = typer.Option(10.0, help="Link speed for Table 5's transfer times, Mbit/s."),
@@ -355,18 +359,19 @@ def bench_paper(
     from cdcca.bench.paper import plan, run_paper
     from cdcca.bench.paper_report import markdown, update_results_page
 
-    torch_device = torch_device_or_fail(torch_device)
+    base = run_config(None if config else preset, config, set_, kind="bench-paper", scenario=scenario,
+                      rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
+                      update_delay=update_delay, torch_device=torch_device)
     use_threads(threads)
     if link_mbps <= 0:
         fail(f"--link-mbps must be positive, got {link_mbps}")
     with one_line_errors():
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-        stream = scenario_overrides(scenario, rounds_per_domain, round_size, visits, update_delay)
-        preset = str(config) if config is not None else preset
-        plan(preset, seed_list, method_list)          # bad preset, seeds or methods fail before any model loads
-        result = run_paper(preset, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps,
-                           methods=method_list, stream=stream, torch_device=torch_device)
+        name = str(config) if config is not None else preset
+        plan(name, base, seed_list, method_list)          # bad seeds or methods fail before any model loads
+        result = run_paper(name, base, seed_list, out, log=lambda m: console.print(m), link_mbps=link_mbps,
+                           methods=method_list)
         if results_page:
             update_results_page(results_page, markdown(result))
     if not as_json:

@@ -71,29 +71,39 @@ def one_line_errors() -> Iterator[None]:
         fail(str(exc))
 
 
-SCENARIO_HELP = ("How long each domain lasts: persistent (each domain for several rounds; default), recurring (the "
-                 "domains come back, --visits times), gradual (one corruption, severity 1 → 5), one-round (each "
-                 "domain one round: the old stream, for comparison).")
+SCENARIO_HELP = ("How long each domain lasts (stream.scenario): persistent (each domain for several rounds; default), "
+                 "recurring (the domains come back, --visits times), gradual (one corruption, severity 1 → 5), "
+                 "one-round (each domain one round: the old stream, for comparison).")
 
-
-# the stream options every command that runs a stream takes (demo, bench akd, bench paper), declared once
+# the run config every command that runs something takes, declared once: a preset or a file, --set on top
+PresetOpt = Annotated[str | None, typer.Option(help="A named run config, configs/NAME.toml (`cdcca config show --preset NAME` prints it).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A run config file instead of a preset (a preset's file, or the config.toml a run wrote).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override one knob of the run config: SECTION.KEY=VALUE, e.g. uts.budget=32, akd.prefix.epochs=10 (repeatable; `cdcca config show` lists them).")]
+# shortcuts for the most used knobs of the stream, each the same as a --set
 ScenarioOpt = Annotated[str | None, typer.Option(help=SCENARIO_HELP)]
-RoundsPerDomainOpt = Annotated[int | None, typer.Option(help="Rounds each domain lasts (default: the scenario's; persistent 4).")]
-RoundSizeOpt = Annotated[int | None, typer.Option(help="Requests per round per device (default: the scenario's; persistent 80).")]
-VisitsOpt = Annotated[int | None, typer.Option(help="recurring: how many times the domains come back.")]
-UpdateDelayOpt = Annotated[int | None, typer.Option(help="Rounds an update spends in transit (0: live from the next round; 1: one round late).")]
+RoundsPerDomainOpt = Annotated[int | None, typer.Option(help="Rounds each domain lasts (stream.rounds_per_domain; default: the scenario's, persistent 4).")]
+RoundSizeOpt = Annotated[int | None, typer.Option(help="Requests per round per device (stream.round_size; default: the scenario's, persistent 80).")]
+VisitsOpt = Annotated[int | None, typer.Option(help="recurring: how many times the domains come back (stream.visits).")]
+UpdateDelayOpt = Annotated[int | None, typer.Option(help="Rounds an update spends in transit (stream.update_delay; 0: live from the next round).")]
+StreamOpt = Annotated[str | None, typer.Option(help="Domains (data.domains): 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files.")]
+
+SHORTCUTS = {"stream": "data.domains", "scenario": "stream.scenario", "rounds_per_domain": "stream.rounds_per_domain",
+             "round_size": "stream.round_size", "visits": "stream.visits", "update_delay": "stream.update_delay",
+             "devices": "fleet.devices", "group": "fleet.group", "seed": "seed", "torch_device": "torch_device"}
 
 
-def scenario_overrides(scenario: str, rounds_per_domain: int | None, round_size: int | None, visits: int,
-                       update_delay: int) -> dict:
-    """The stream settings of a run config, checked now (a bad value fails before any model loads)."""
-    from cdcca.data.scenario import Scenario
+def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", **shortcuts):
+    """The command's :class:`~cdcca.config.RunConfig`: ``--preset`` or ``--config``, its shortcut options
+    (those given), then ``--set``; a bad name or value is :func:`fail`'s one line before anything loads."""
+    from cdcca.config import resolve
 
-    Scenario(scenario, rounds_per_domain, round_size, visits)
-    if update_delay < 0:
-        raise ValueError(f"--update-delay must be ≥ 0 rounds, got {update_delay}")
-    return {"scenario": scenario, "rounds_per_domain": rounds_per_domain, "round_size": round_size,
-            "visits": visits, "update_delay": update_delay}
+    if shortcuts.get("torch_device") is not None:
+        shortcuts["torch_device"] = torch_device_or_fail(shortcuts["torch_device"])
+    try:
+        return resolve(preset, config, sets or [], {SHORTCUTS[k]: v for k, v in shortcuts.items()}, kind=kind)
+    except ValueError as exc:
+        fail(str(exc))
+        raise   # unreachable: fail raises
 
 
 def headline_text(summary: dict) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import console, fail
+from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, console, fail, run_config
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud), SuperNodes "
                                                    "(devices) and each device's API.")
@@ -39,43 +39,33 @@ def fleet_up(
                       "apis": {n: f"http://127.0.0.1:{p}/v1" for n, p in spec.apis.items()}}))
 
 
-def _extra_config(config: str | None) -> dict:
-    import shlex
-    import tomllib
-
-    try:
-        return tomllib.loads("\n".join(shlex.split(config or "", posix=False)))
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"--config must be 'key=value ...' with TOML values (strings in double quotes): {exc}")
-
-
 @fleet_app.command("run")
 def fleet_run(
     state: Path = STATE_OPT,
-    rounds: int = typer.Option(1, help="Rounds to run (0: until `cdcca fleet stop`); a run continues after the "
-                                       "rounds already logged."),
-    round_every: float = typer.Option(0.0, help="Start a round at most this many seconds after the last one began "
-                                                "(when any upload is queued); 0: no timer."),
-    min_uploads: int = typer.Option(0, help="Start a round as soon as the devices' outboxes hold this many samples; "
-                                            "0: no such trigger. Without either trigger rounds follow each other."),
-    traffic: str = typer.Option("api", help="api: the devices' APIs fill their outboxes; stream: each device replays "
-                                            "its simulated request stream before every uplink."),
-    preset: str = typer.Option("", help="Cloud settings (AKD, DWC) of a `cdcca demo` preset, e.g. quick."),
-    config: str | None = typer.Option(None, help="More run config, e.g. 'akd-epochs=1 dwc-budget-kb=64' "
-                                                 "(keys: src/cdcca/fleet/app/pyproject.toml)."),
+    rounds: int | None = typer.Option(None, help="Rounds to run (fleet.rounds; 0: until `cdcca fleet stop`); a run "
+                                                "continues after the rounds already logged."),
+    round_every: float | None = typer.Option(None, help="Start a round at most this many seconds after the last one "
+                                                       "began, when any upload is queued (fleet.round_every_s)."),
+    min_uploads: int | None = typer.Option(None, help="Start a round as soon as the devices' outboxes hold this many "
+                                                     "samples (fleet.min_uploads). Without either trigger rounds follow each other."),
+    traffic: str | None = typer.Option(None, help="api: the devices' APIs fill their outboxes; stream: each device "
+                                                 "replays its simulated request stream before every uplink (fleet.traffic)."),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
 ):
-    """Run the fleet app (`flwr run`), stream its log to stderr, print the per-round records as JSON."""
-    from cdcca.fleet.deploy import DeployError, run
-    from cdcca.fleet.flower import FleetRunConfig
+    """Run the fleet app (`flwr run`) with the run config, stream its log to stderr, print the per-round records as JSON."""
+    from cdcca.fleet.deploy import DeployError, FleetSpec, run
 
-    if rounds < 0:
-        fail(f"--rounds must be ≥ 0 (0: until stopped), got {rounds}")
-    extra = {"traffic": traffic, "round-every-s": float(round_every), "min-uploads": min_uploads,
-             **({"preset": preset} if preset else {}), **_extra_config(config)}
+    if preset is None and config is None and (state / "fleet.json").is_file() and FleetSpec.load(state).tiny:
+        preset = "tiny"                     # a tiny fleet's devices score tokens without the real encoder's statistics
+    flags = {"fleet.rounds": rounds, "fleet.round_every_s": round_every, "fleet.min_uploads": min_uploads,
+             "fleet.traffic": traffic}
+    cfg = run_config(preset, config, [f"{k}={v}" if not isinstance(v, str) else f'{k}="{v}"'
+                                      for k, v in flags.items() if v is not None] + (set_ or []))
     try:
-        FleetRunConfig.from_flower(extra)             # a bad key or value fails here, before any process starts
-        result = run(state, rounds, config=extra, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
+        result = run(state, cfg, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
     except (DeployError, ValueError) as exc:
         fail(str(exc))
     if not result.ok:

@@ -8,34 +8,34 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import ScenarioOpt, console, fail
+from cdcca.cli.common import ConfigOpt, PresetOpt, ScenarioOpt, SetOpt, StreamOpt, console, fail, run_config
 
 
 def bench_live(
-    devices: int = typer.Option(2, help="Devices in the live fleet (a SuperNode and an API each)."),
-    scenario: ScenarioOpt = "persistent",
-    stream: str = typer.Option("default", help="Domains the requests come from: built-in names, NAME:SEVERITY, .jsonl files."),
-    requests_per_device: int = typer.Option(640, help="Requests each device's clients send."),
-    window: int = typer.Option(80, help="Requests per device in one reporting window (the scenario's round size)."),
-    rate: float = typer.Option(1.0, help="Requests per second per device, sent open-loop (not waiting for answers)."),
-    concurrency: int = typer.Option(4, help="Requests in flight per device at most."),
-    min_uploads: int = typer.Option(64, help="Start a round when the devices' outboxes hold this many samples ..."),
-    round_every: float = typer.Option(120.0, help="... or this many seconds after the last round began."),
-    preset: str = typer.Option("quick", help="The cloud's AKD and DWC settings (a `cdcca demo` preset)."),
-    tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a plumbing check that needs no weights."),
-    seed: int = typer.Option(0, help="Which requests the scenario draws."),
+    preset: PresetOpt = "live",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    devices: int | None = typer.Option(None, help="Devices in the live fleet, a SuperNode and an API each (fleet.devices)."),
+    scenario: ScenarioOpt = None,
+    stream: StreamOpt = None,
+    requests_per_device: int | None = typer.Option(None, help="Requests each device's clients send (traffic.requests_per_device)."),
+    rate: float | None = typer.Option(None, help="Requests per second per device, open loop (traffic.rate)."),
+    min_uploads: int | None = typer.Option(None, help="Start a round when the outboxes hold this many samples (fleet.min_uploads) ..."),
+    round_every: float | None = typer.Option(None, help="... or this many seconds after the last round began (fleet.round_every_s)."),
+    seed: int | None = typer.Option(None, help="Which requests the scenario draws."),
     out: Path = typer.Option(Path("runs/live"), help="Output folder: fleet/ (state and logs), live.json."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (progress goes to stderr)."),
 ):
-    """The deployed loop measured as clients see it: live fleet, openai-client traffic, rounds on their trigger."""
-    from cdcca.bench.live import LiveConfig, run_live
+    """The deployed loop measured as clients see it: live fleet, openai-client traffic, rounds on their trigger.
+    A window is the scenario's round size (stream.round_size) of requests per device."""
+    from cdcca.bench.live import run_live
     from cdcca.fleet.deploy import DeployError
 
-    try:
-        cfg = LiveConfig(devices, stream, scenario, requests_per_device, window, rate, concurrency, min_uploads,
-                         round_every, preset=preset, tiny=tiny, seed=seed)
-    except ValueError as exc:
-        fail(str(exc))
+    flags = {"traffic.requests_per_device": requests_per_device, "traffic.rate": rate, "fleet.min_uploads": min_uploads,
+             "fleet.round_every_s": round_every}
+    cfg = run_config(None if config else preset, config,
+                     [f"{k}={v}" for k, v in flags.items() if v is not None] + (set_ or []),
+                     devices=devices, scenario=scenario, stream=stream, seed=seed)
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` tears the fleet down as Ctrl-C does
     try:
         result = run_live(cfg, out, log=lambda m: console.print(m))

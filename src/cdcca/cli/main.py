@@ -23,10 +23,14 @@ from cdcca.cli.api import device_api, device_serve
 from cdcca.cli.bench import bench_app
 from cdcca.cli.cloud import cloud_app
 from cdcca.cli.common import (
+    ConfigOpt,
+    PresetOpt,
     Role,
     RoundSizeOpt,
     RoundsPerDomainOpt,
     ScenarioOpt,
+    SetOpt,
+    StreamOpt,
     TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
@@ -35,6 +39,7 @@ from cdcca.cli.common import (
     headline_text,
     one_line_errors,
     open_device,
+    run_config,
     summary_line,
     torch_device_or_fail,
     use_threads,
@@ -189,54 +194,47 @@ def packet_inspect(
 
 @app.command()
 def demo(
-    preset: str | None = typer.Option(None, help="Run size, configs/NAME.toml: quick (the default; minutes on 2 cores), "
-                                      "paper (longer), tiny (random models, seconds)."),
-    config: Path | None = typer.Option(None, help="A run config file instead of a preset (a preset's file, or the "
-                                       "config.toml a run wrote)."),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved run config as TOML and run nothing."),
     out: Path = typer.Option(Path("runs/demo"), help="Output folder: metrics.json, accuracy.png, bytes.png, report.html, "
                              "config.toml (this run's settings), state dirs."),
-    devices: int | None = typer.Option(None, help="Number of in-process devices, each with its own slice of the stream "
-                                       "and state dir (default: the config's, 1)."),
-    stream: str | None = typer.Option(None, help="Domains instead of the preset's: NAME:SEV and your own .jsonl files, comma-separated."),
+    devices: int | None = typer.Option(None, help="In-process devices (fleet.devices), each with its own slice of the "
+                                       "stream and state dir."),
+    stream: StreamOpt = None,
     scenario: ScenarioOpt = None,
     rounds_per_domain: RoundsPerDomainOpt = None,
     round_size: RoundSizeOpt = None,
     visits: VisitsOpt = None,
     update_delay: UpdateDelayOpt = None,
-    group: str | None = typer.Option(None, help="'all': the devices form one fleet group — the cloud pools their uploads "
-                                     "into one shared student and sends each the same update (default: one student per device)."),
+    group: str | None = typer.Option(None, help="'all' (fleet.group): the devices form one fleet group — the cloud pools "
+                                     "their uploads into one shared student and sends each the same update."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
     torch_device: TorchDeviceOpt = None,
 ):
-    """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report."""
+    """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report.
+    Without --preset or --config it runs the quick preset."""
     from cdcca.assets import AssetError
     from cdcca.bench.demo import run_demo
+    from cdcca.config import to_toml
 
-    torch_device = None if torch_device is None else torch_device_or_fail(torch_device)
+    preset = preset or (None if config else "quick")
+    cfg = run_config(preset, config, set_, devices=devices, stream=stream, scenario=scenario,
+                     rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
+                     update_delay=update_delay, group=group, torch_device=torch_device)
+    if print_config:
+        print(to_toml(cfg), end="")
+        return
     use_threads(threads)
-    if devices is not None and devices < 1:
-        fail(f"--devices must be ≥ 1, got {devices}")
-    if update_delay is not None and update_delay < 0:
-        fail(f"--update-delay must be ≥ 0 rounds, got {update_delay}")
-    flags = {"devices": devices, "stream": stream, "scenario": scenario, "rounds_per_domain": rounds_per_domain,
-             "round_size": round_size, "visits": visits, "update_delay": update_delay, "group": group,
-             "torch_device": torch_device}
-    overrides = {k: v for k, v in flags.items() if v is not None}      # a flag left out keeps the config's value
     try:
-        if print_config:
-            from cdcca.bench.run_config import config_toml, resolve_run_config
-
-            cfg, _ = resolve_run_config(preset, config, overrides)
-            print(config_toml(cfg), end="")
-            return
         if stream:
             from cdcca.data.stream import resolve_sequence, stream_data
 
             stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
-        metrics = run_demo(preset, out, console=console, oracle=oracle, config=config, **overrides)
+        metrics = run_demo(cfg, out, preset=preset or str(config), console=console, oracle=oracle)
     except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     s = metrics["summary"]
@@ -244,6 +242,26 @@ def demo(
     print(summary_line(s) + f"; {s['wall_s']:.0f} s; report {out / 'report.html'}; settings {out / 'config.toml'} "
           f"(cdcca demo --config {out / 'config.toml'} runs them again)")
 
+
+config_app = typer.Typer(no_args_is_help=True, help="The run config: every knob of a run, its presets and overrides.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    kind: str = typer.Option("run", help="Which presets --preset names: run (every command's) or bench-paper."),
+    flower: bool = typer.Option(False, "--flower", help="The flat form instead (dotted keys; the Flower run config)."),
+):
+    """Print the resolved run config as TOML that runs again (`--config FILE`), each knob under its help."""
+    from cdcca.config import flat_toml, to_toml
+
+    cfg = run_config(preset, config, set_, kind=kind)
+    source = f"--preset {preset}" if preset else f"--config {config}" if config else "the defaults"
+    print(flat_toml(cfg) if flower else to_toml(cfg, f"cdcca run config: {source}{''.join(f' --set {x}' for x in set_ or [])}"),
+          end="")
 
 
 device_app = typer.Typer(no_args_is_help=True, help="Device runtime: state dir with adapter versions and a durable outbox.")
@@ -259,12 +277,15 @@ _device = open_device
 def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", "--id", help="Device name (--id is the same option)."),
                 tiny: bool = typer.Option(False, help="Tiny random model (transport checks only)."),
                 index: int = typer.Option(0, help="This device's slice of the request stream (0-based)."),
-                n_devices: int = typer.Option(1, help="Number of devices sharing the stream.")):
-    """Create a device state dir holding the pretrained adapters as version 0."""
+                n_devices: int = typer.Option(1, help="Number of devices sharing the stream."),
+                preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None):
+    """Create a device state dir holding the pretrained adapters as version 0; its UTS settings come from
+    the run config (--preset, --config, --set; without any: the role's own defaults)."""
     from cdcca.runtime.device import DeviceRuntime
 
+    uts = run_config(preset, config, set_).uts if preset or config or set_ else None
     try:
-        dev = DeviceRuntime.create(state, device_id, tiny=tiny, stream={"index": index, "n_devices": n_devices})
+        dev = DeviceRuntime.create(state, device_id, tiny=tiny, uts=uts, stream={"index": index, "n_devices": n_devices})
     except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     print(json.dumps(dev.status()))

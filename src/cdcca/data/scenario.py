@@ -25,9 +25,6 @@ from cdcca.data.stream import Domain, domain_split, questions_on
 # name → (rounds per domain, requests per round per device) when not overridden
 SCENARIO_DEFAULTS = {"persistent": (4, 80), "recurring": (2, 80), "gradual": (2, 80), "one-round": (1, 320)}
 SCENARIOS = tuple(SCENARIO_DEFAULTS)
-# uploads per device and round at the default round size (80 requests): the most uncertain 60 %. With 32
-# (40 %) the first update after a shift gained +3.8 points online, with 48 +7.5 (docs/RESULTS.md, recipe)
-STREAM_BUDGET = 48
 
 
 @dataclass(frozen=True)

@@ -91,29 +91,14 @@ Package layout: :mod:`~cdcca.downlink.config` (format constants, :class:`DWCConf
 :mod:`~cdcca.downlink.build` (:func:`build_update`).
 """
 
-from cdcca.downlink.build import build_update
-from cdcca.downlink.config import (
-    COMPRESSORS,
-    DWC_FORMAT,
-    MAX_DECODE_ENTRIES,
-    MODES,
-    QUANTIZERS,
-    SCOPES,
-    DWCConfig,
-    UpdateStats,
-    next_budget,
-)
-from cdcca.downlink.packet import (
-    apply_delta,
-    build_resync,
-    decode_resync,
-    decode_update,
-    readdress_update,
-)
-from cdcca.downlink.quantize import NF4_CODEBOOK
+from cdcca.lazy import lazy_exports
 
-__all__ = [
-    "COMPRESSORS", "DWC_FORMAT", "MAX_DECODE_ENTRIES", "MODES", "NF4_CODEBOOK", "QUANTIZERS", "SCOPES", "DWCConfig",
-    "UpdateStats", "apply_delta", "build_resync", "build_update", "decode_resync", "decode_update", "next_budget",
-    "readdress_update",
-]
+# loaded on first use, so that the torch-free config (read by every command before any model loads) stays so
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "cdcca.downlink.build": ("build_update",),
+    "cdcca.downlink.config": ("COMPRESSORS", "DWC_FORMAT", "MAX_DECODE_ENTRIES", "MODES", "QUANTIZERS", "SCOPES",
+                              "DWCConfig", "UpdateStats", "next_budget"),
+    "cdcca.downlink.packet": ("apply_delta", "build_resync", "decode_resync", "decode_update", "readdress_update"),
+    "cdcca.downlink.quantize": ("NF4_CODEBOOK",),
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cdcca.config import RunConfig, apply, flat_toml
 from cdcca.fleet import certs
 from cdcca.fleet.devices import init_devices, start_apis
 from cdcca.fleet.processes import (
@@ -278,21 +279,19 @@ class RunResult:
         return self.status == "finished:completed"
 
 
-def run(state: str | os.PathLike[str], rounds: int, *, config: dict | None = None, timeout: float = 3600,
+def run(state: str | os.PathLike[str], cfg: RunConfig, *, timeout: float = 3600,
         echo: Callable[[str], None] | None = print) -> RunResult:
-    """``flwr run`` the fleet app for ``rounds`` rounds (0: until :func:`request_stop`) on the fleet in
-    ``state`` and wait for it to finish."""
+    """``flwr run`` the fleet app with ``cfg`` (its ``fleet.rounds``; 0: until :func:`request_stop`) on the
+    fleet in ``state`` and wait for it to finish. The fleet names the cloud dir, the models and the devices."""
     from cdcca.fleet.flower import ROUND_LOG, STOP_FILE
 
     spec = FleetSpec.load(state)
     state = Path(spec.state)
     if not Pids(state).alive().get("superlink"):
         raise DeployError(f"the SuperLink of {state} is not running; start the fleet with `cdcca fleet up`")
-    run_config = {"rounds": rounds, "cloud-dir": str(state / "cloud"), "tiny": spec.tiny,
-                  "min-nodes": len(spec.devices), **(config or {})}
+    cfg = apply(cfg, {"fleet.cloud_dir": str(state / "cloud"), "model.tiny": spec.tiny, "fleet.min_nodes": len(spec.devices)})
     config_path = state / "run-config.toml"
-    config_path.write_text("".join(f"{k} = {_toml_str(v) if isinstance(v, str) else json.dumps(v)}\n"
-                                   for k, v in run_config.items()))
+    config_path.write_text(flat_toml(cfg))
     (state / "cloud" / STOP_FILE).unlink(missing_ok=True)     # a stop asked of an earlier run does not end this one
     round_log = state / "cloud" / ROUND_LOG
     before = len(round_log.read_text().splitlines()) if round_log.is_file() else 0

@@ -7,88 +7,52 @@ same runtimes, moving the same packets, so what the demo measures is what a depl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdcca.akd.distill import AKDConfig
-from cdcca.data.scenario import STREAM_BUDGET, Scenario, Slot, stream_spec
-from cdcca.data.stream import Domain, resolve_sequence
-from cdcca.downlink import DWCConfig
-from cdcca.presets import apply_config, load_preset
+from cdcca.config import RunConfig
+from cdcca.data.scenario import Slot, stream_spec
+from cdcca.data.stream import Domain, resolve_sequence, stream_candidates
+from cdcca.model.placement import check_torch_device
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
-from cdcca.uplink import UTSConfig
 
 
-@dataclass
-class FleetConfig:
-    devices: int = field(default=1, metadata={"help": "devices in the fleet, each with its own slice of every round"})
-    stream: str = field(default="default", metadata={"help": "the shift stream: built-in names, NAME:SEVERITY, .jsonl files"})
-    scenario: str = field(default="persistent", metadata={"help": "how long each domain lasts: persistent | recurring | gradual | one-round"})
-    rounds_per_domain: int | None = field(default=None, metadata={"help": "None: the scenario's default (persistent: 4)"})
-    round_size: int | None = field(default=None, metadata={"help": "requests per round per device; None: the scenario's default (persistent: 80)"})
-    visits: int = field(default=2, metadata={"help": "recurring: how many times the domains come back"})
-    update_delay: int = field(default=0, metadata={"help": "rounds an update spends in transit (0: live from the next round)"})
-    heldout_n: int = field(default=200, metadata={"help": "held-out questions per domain for the final accuracy"})
-    curve_n: int | None = field(default=None, metadata={"help": "... for the curves of the rounds before the last (None: heldout_n)"})
-    # per device and round, like the round size: each device uploads the same share of its own requests
-    uts: UTSConfig = field(default_factory=lambda: UTSConfig(selection="budget", budget=STREAM_BUDGET), metadata={"help": "each device's UTS: which requests and tokens it uploads per round"})
-    akd: AKDConfig = field(default_factory=AKDConfig, metadata={"help": "the cloud's distillation into each device's adapters"})
-    dwc: DWCConfig = field(default_factory=DWCConfig, metadata={"help": "the compressed downlink of each update"})
-    tiny: bool = field(default=False, metadata={"help": "tiny random models and random tokens: transport checks only"})
-    seed: int = field(default=0, metadata={"help": "which requests the stream draws, and training randomness"})
-    group: str | None = field(default=None, metadata={"help": "'all': every device in one fleet group sharing one student"})
-    torch_device: str = field(default="cpu", metadata={"help": "torch device of the cloud's teacher and student (cpu, cuda, cuda:N); devices stay on the CPU"})
-
-    def __post_init__(self):
-        if not isinstance(self.update_delay, int) or self.update_delay < 0:
-            raise ValueError(f"update delay must be a whole number of rounds ≥ 0; got {self.update_delay!r}")
-        self.scenario_spec()                      # a bad scenario fails here, before any model loads
-
-    def scenario_spec(self) -> Scenario:
-        return Scenario(self.scenario, self.rounds_per_domain, self.round_size, self.visits)
-
-    def schedule(self) -> list[Slot]:
-        return self.scenario_spec().schedule(resolve_sequence(self.stream))
-
-    @property
-    def rounds(self) -> int:
-        return len(self.schedule())
+def schedule(cfg: RunConfig) -> list[Slot]:
+    """The rounds of the run: its scenario over its domains."""
+    return cfg.scenario.schedule(resolve_sequence(cfg.data.domains))
 
 
-def preset_config(name: str) -> FleetConfig:
-    """The embedded fleet's settings of a named preset: ``configs/NAME.toml`` (what ``cdcca demo --preset NAME`` runs)."""
-    return apply_config(FleetConfig(), load_preset(name))
+def domains_of(cfg: RunConfig) -> list[Domain]:
+    """The distinct domains the run's schedule visits (gradual: each severity of its corruption)."""
+    return cfg.scenario.domains(resolve_sequence(cfg.data.domains))
 
 
 class LocalFleet:
-    def __init__(self, cfg: FleetConfig, out_dir: Path, devices: list[DeviceRuntime], cloud: CloudRuntime):
+    def __init__(self, cfg: RunConfig, out_dir: Path, devices: list[DeviceRuntime], cloud: CloudRuntime):
         self.cfg, self.out, self.devices, self.cloud = cfg, out_dir, devices, cloud
         self.history: list[dict] = []
-        self.slots = cfg.schedule()
-        self.links = {dev.device_id: protocol.DelayedLink(cfg.update_delay) for dev in devices}
+        self.slots = schedule(cfg)
+        self.links = {dev.device_id: protocol.DelayedLink(cfg.stream.update_delay) for dev in devices}
 
     @classmethod
-    def setup(cls, cfg: FleetConfig, out_dir: Path) -> LocalFleet:
+    def setup(cls, cfg: RunConfig, out_dir: Path) -> LocalFleet:
         out_dir = Path(out_dir)
-        from cdcca.data.stream import stream_candidates
-        from cdcca.model.placement import check_torch_device
-
-        cloud = CloudRuntime.open(out_dir / "cloud", tiny=cfg.tiny, akd=cfg.akd, dwc=cfg.dwc,
-                                  candidates=None if cfg.tiny else stream_candidates(cfg.stream),
+        tiny, fleet = cfg.model.tiny, cfg.fleet
+        cloud = CloudRuntime.open(out_dir / "cloud", tiny=tiny, akd=cfg.akd, dwc=cfg.dwc,
+                                  candidates=None if tiny else stream_candidates(cfg.data.domains),
                                   torch_device=check_torch_device(cfg.torch_device))
-        if cfg.group not in (None, "all"):
-            raise ValueError(f"group must be 'all' (one fleet group) or unset (a student per device), got {cfg.group!r}")
+        if fleet.group not in (None, "all"):
+            raise ValueError(f"fleet.group must be 'all' (one fleet group) or unset (a student per device), got {fleet.group!r}")
         devices = []
-        for i in range(cfg.devices):
+        for i in range(fleet.devices):
             d = out_dir / "devices" / f"dev-{i}"
-            stream = {**stream_spec(cfg.stream, cfg.scenario_spec(), cfg.seed, i, cfg.devices), "per_round": 8}
+            stream = {**stream_spec(cfg.data.domains, cfg.scenario, cfg.seed, i, fleet.devices), "per_round": 8}
             if (d / "device.json").exists():
                 devices.append(DeviceRuntime.open(d))
             else:
-                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=cfg.tiny, uts=cfg.uts, stream=stream))
-            cloud.set_group(f"dev-{i}", cfg.group)
+                devices.append(DeviceRuntime.create(d, f"dev-{i}", tiny=tiny, uts=cfg.uts, stream=stream))
+            cloud.set_group(f"dev-{i}", fleet.group)
         return cls(cfg, out_dir, devices, cloud)
 
     def run_round(self, rnd: int, evaluate=None) -> list[dict]:
@@ -130,7 +94,3 @@ class LocalFleet:
             d.close()
         self.cloud.close()
 
-
-def domains_of(cfg: FleetConfig) -> list[Domain]:
-    """The distinct domains the run's schedule visits (gradual: each severity of its corruption)."""
-    return cfg.scenario_spec().domains(resolve_sequence(cfg.stream))

@@ -27,7 +27,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, FleetRunConfig, _dict
+from cdcca.config import RunConfig
+from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, _dict, run_config
 
 if TYPE_CHECKING:     # the protocol imports torch; the app imports it only when a step runs
     from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage
@@ -37,14 +38,14 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = FleetRunConfig.from_flower(context.run_config)
-    rounds = RoundLog(Path(cfg.cloud_dir) / ROUND_LOG)
-    stop = Path(cfg.cloud_dir) / STOP_FILE       # removed by `cdcca fleet run` before it starts a run
+    cfg = run_config(context)
+    rounds = RoundLog(Path(cfg.fleet.cloud_dir) / ROUND_LOG)
+    stop = Path(cfg.fleet.cloud_dir) / STOP_FILE       # removed by `cdcca fleet run` before it starts a run
     with closing(open_cloud(cfg)) as cloud:
         wait_for_nodes(grid, cfg)
         rnd = first = rounds.next_round()
         trigger = RoundTrigger(cfg, lambda: queued_uploads(grid, rnd, cfg), stop)
-        while cfg.rounds == 0 or rnd < first + cfg.rounds:
+        while cfg.fleet.rounds == 0 or rnd < first + cfg.fleet.rounds:
             reason = trigger.wait()
             if reason is None:
                 break
@@ -52,13 +53,13 @@ def main(grid: Grid, context: Context) -> None:
             rnd += 1
 
 
-def run_round(grid: Grid, cloud, rnd: int, cfg: FleetRunConfig, rounds: RoundLog, reason: str) -> None:
+def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, reason: str) -> None:
     """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line."""
     clock = Stopwatch()
     with clock("uplink"):
         uplinks = collect_uplinks(grid, rnd, cfg)                                 # query.uplink
     with clock("cloud"):
-        join_group(cloud, uplinks, cfg.group)
+        join_group(cloud, uplinks, cfg.fleet.group)
         trained: dict[int, list[str]] = {}
         downlinks = cloud_rounds(cloud, uplinks, trained)                         # receive → AKD → DWC
     with clock("apply"):
@@ -74,7 +75,7 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: FleetRunConfig, rounds: RoundLog
 class RoundTrigger:
     """When the next round starts: at once (no trigger set), or on time / queued uploads; None = stop."""
 
-    def __init__(self, cfg: FleetRunConfig, queued: Callable[[], int], stop: Path,
+    def __init__(self, cfg: RunConfig, queued: Callable[[], int], stop: Path,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.queued, self.stop, self.sleep, self.clock = cfg, queued, stop, sleep, clock
         self.last_start = clock()
@@ -82,49 +83,50 @@ class RoundTrigger:
     def wait(self) -> str | None:
         if self.stop.exists():
             return None
-        if not self.cfg.triggered:
+        if not self.cfg.fleet.triggered:
             return "next"
         while not self.stop.exists():
             n = self.queued()
-            enough = 0 < self.cfg.min_uploads <= n
-            due = 0 < self.cfg.round_every_s <= self.clock() - self.last_start
+            enough = 0 < self.cfg.fleet.min_uploads <= n
+            due = 0 < self.cfg.fleet.round_every_s <= self.clock() - self.last_start
             if n > 0 and (enough or due):
                 self.last_start = self.clock()
                 return "uploads" if enough else "time"
-            self.sleep(self.cfg.status_every_s)
+            self.sleep(self.cfg.fleet.status_every_s)
         return None
 
 
-def queued_uploads(grid: Grid, rnd: int, cfg: FleetRunConfig) -> int:
+def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> int:
     """Samples waiting in every connected device's outbox (pending or in flight), from ``query.status``."""
     msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
     total = 0
-    for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.status_every_s)):
+    for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s)):
         if usable(msg, reply, "queue"):
             q = _dict(reply.content["queue"])
             total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
     return total
 
 
-def open_cloud(cfg: FleetRunConfig):
+def open_cloud(cfg: RunConfig):
     from cdcca.data.stream import stream_candidates
     from cdcca.model.placement import check_torch_device
     from cdcca.runtime.cloud import CloudRuntime
 
-    return CloudRuntime.open(cfg.cloud_dir, tiny=cfg.tiny, candidates=None if cfg.tiny else stream_candidates(cfg.stream),
-                             akd=cfg.akd_config(), dwc=cfg.dwc_config(), torch_device=check_torch_device(cfg.torch_device))
+    return CloudRuntime.open(cfg.fleet.cloud_dir, tiny=cfg.model.tiny,
+                             candidates=None if cfg.model.tiny else stream_candidates(cfg.data.domains),
+                             akd=cfg.akd, dwc=cfg.dwc, torch_device=check_torch_device(cfg.torch_device))
 
 
-def wait_for_nodes(grid: Grid, cfg: FleetRunConfig) -> None:
-    deadline = time.monotonic() + cfg.node_wait_s
-    while (n := len(list(grid.get_node_ids()))) < cfg.min_nodes:
+def wait_for_nodes(grid: Grid, cfg: RunConfig) -> None:
+    deadline = time.monotonic() + cfg.fleet.node_wait_s
+    while (n := len(list(grid.get_node_ids()))) < cfg.fleet.min_nodes:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{n} of {cfg.min_nodes} devices connected after {cfg.node_wait_s:.0f} s; "
+            raise RuntimeError(f"{n} of {cfg.fleet.min_nodes} devices connected after {cfg.fleet.node_wait_s:.0f} s; "
                                f"are the SuperNodes running and registered?")
-        time.sleep(cfg.poll_s)
+        time.sleep(cfg.fleet.poll_s)
 
 
-def exchange(grid: Grid, messages: list[Message], cfg: FleetRunConfig,
+def exchange(grid: Grid, messages: list[Message], cfg: RunConfig,
              timeout_s: float | None = None) -> list[tuple[Message, Message | None]]:
     """Push ``messages`` and pull until each has a reply or the timeout passes (no reply: None).
 
@@ -133,13 +135,13 @@ def exchange(grid: Grid, messages: list[Message], cfg: FleetRunConfig,
     ids = list(grid.push_messages(messages)) if messages else []
     waiting = {mid for mid in ids if mid}
     replies: dict[str, Message] = {}
-    deadline = time.monotonic() + (cfg.reply_timeout_s if timeout_s is None else timeout_s)
+    deadline = time.monotonic() + (cfg.fleet.reply_timeout_s if timeout_s is None else timeout_s)
     while waiting and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(waiting)):
             replies[reply.metadata.reply_to_message_id] = reply
             waiting.discard(reply.metadata.reply_to_message_id)
         if waiting:
-            time.sleep(cfg.poll_s)
+            time.sleep(cfg.fleet.poll_s)
     return [(msg, replies.get(mid) if mid else None) for msg, mid in zip(messages, ids)]
 
 
@@ -162,12 +164,12 @@ def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
     return Message(RecordDict(records), dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def collect_uplinks(grid: Grid, rnd: int, cfg: FleetRunConfig) -> dict[int, UplinkMessage]:
+def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig) -> dict[int, UplinkMessage]:
     """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
     from cdcca.runtime.protocol import UplinkMessage
 
     names = {n.node_id: n.name for n in grid.get_nodes()}
-    ask = ConfigRecord({"round": rnd, "max-samples": cfg.max_samples})
+    ask = ConfigRecord({"round": rnd, "max-samples": cfg.fleet.max_samples})
     uplinks = {}
     for msg, reply in exchange(grid, [_to(nid, "query.uplink", rnd, config=ask) for nid in names], cfg):
         if not usable(msg, reply, "uplink"):
@@ -217,7 +219,7 @@ def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage],
 
 
 def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],
-                   rnd: int, cfg: FleetRunConfig) -> tuple[set[int], dict[int, dict[str, Any]]]:
+                   rnd: int, cfg: RunConfig) -> tuple[set[int], dict[int, dict[str, Any]]]:
     """train.apply to each device alone; a device on a stale base gets a dense resync. Returns the resynced
     nodes and the status each device reported after applying (its version and hash now)."""
     msgs = [_to(nid, "train.apply", rnd, downlink=ConfigRecord({"acked": d.acked, "packets": d.packets}))
@@ -240,7 +242,7 @@ def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlin
     return set(stale), statuses
 
 
-def collect_status(grid: Grid, rnd: int, cfg: FleetRunConfig, known: dict[int, dict[str, Any]] | None = None
+def collect_status(grid: Grid, rnd: int, cfg: RunConfig, known: dict[int, dict[str, Any]] | None = None
                    ) -> dict[int, dict[str, Any]]:
     """evaluate on every connected node not in ``known`` (the statuses the apply step already returned: one
     process start per device saved): each reports version, hash, outbox and byte counters."""

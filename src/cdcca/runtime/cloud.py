@@ -56,6 +56,14 @@ from cdcca.wire import require_plain_name, write_packet
 GROUP_PREFIX = "@"       # a group's student is kept like a device's under the owner id "@<group>"
 
 
+@dataclass(frozen=True)
+class RoundStudy:
+    """A benchmark's inputs to one cloud round, passed as an argument of the round (a deployment has none)."""
+
+    relabel: Callable[[list[TeacherRecord]], list[TeacherRecord]] | None = None   # e.g. the oracle's true answers
+    teacher_answers: bool = False      # run the teacher's LLM for its answers even when AKD does not use them
+
+
 @dataclass
 class RoundReport:
     """What the last :meth:`CloudRuntime.run_round` saw and did, for benchmarks and logs."""
@@ -80,10 +88,6 @@ class CloudRuntime:
         self._akd, self._initial_state, self._models = akd, initial_state, models
         self.dwc = dwc or DWCConfig()
         self.downlink = downlink
-        # benchmarks only: replace the teacher's labels before distillation (the oracle's true answers)
-        self.label_override: Callable[[list[TeacherRecord]], list[TeacherRecord]] | None = None
-        # run the teacher's LLM for its answers even when distillation does not use them (benchmarks report them)
-        self.teacher_answers = False
         self.last_round: RoundReport | None = None
         self._student_versions: dict[str, int] = {}   # device → mirror version AKD's in-memory state belongs to
         self.last_round_s = 0.0                          # wall time of the last run_round (teacher + student + DWC)
@@ -205,22 +209,23 @@ class CloudRuntime:
         return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers, codes.most_common(1)[0][0]
 
     # -- a round: AKD → DWC ------------------------------------------------------------------
-    def run_round(self, device_id: str) -> bytes | None:
+    def run_round(self, device_id: str, study: RoundStudy | None = None) -> bytes | None:
         """Distil the device's new uploads into its mirror and store (then return) the update packet.
         A group member's round trains the group's student on every member's pending uploads (once:
-        the next member finds nothing pending) and then delivers the group's update to this device."""
+        the next member finds nothing pending) and then delivers the group's update to this device.
+        ``study``: a benchmark's inputs to this round (never set in a deployment)."""
         t_round = time.perf_counter()
         self.last_round = None
         group = self.group_of(device_id)
         if group is None:
-            packet = self._train_round(device_id, [device_id])
+            packet = self._train_round(device_id, [device_id], study)
         else:
-            self._train_round(GROUP_PREFIX + group, self.members(group))
+            self._train_round(GROUP_PREFIX + group, self.members(group), study)
             packet = self._deliver(device_id, GROUP_PREFIX + group)
         self.last_round_s = time.perf_counter() - t_round
         return packet
 
-    def _train_round(self, owner: str, sources: list[str]) -> bytes | None:
+    def _train_round(self, owner: str, sources: list[str], study: RoundStudy | None = None) -> bytes | None:
         """AKD → DWC for ``owner`` (a device, or a group's student) on the pending uploads of ``sources``."""
         pending = self._load_pending(sources)
         if pending is None:
@@ -231,10 +236,11 @@ class CloudRuntime:
         d = self._home(owner)
         self._restore_student(owner, version)
         t0 = time.perf_counter()
-        answers = self.akd.needs_answers or self.teacher_answers or self.label_override is not None
+        study = study or RoundStudy()
+        answers = self.akd.needs_answers or study.teacher_answers or study.relabel is not None
         teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids, answers=answers)
         teacher_s = time.perf_counter() - t0
-        records = self.label_override(teacher_records) if self.label_override else teacher_records
+        records = study.relabel(teacher_records) if study.relabel else teacher_records
         target, st = self.akd.distill(owner, base, records, device_answers, span=code_span(base, code))
         self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
@@ -367,7 +373,7 @@ def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,
     student = role_model("device", tiny)
     prompter = Prompter(load_tokenizer(), candidates or candidate_answers())
     if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
-        akd = replace(akd, min_teacher_confidence=0.0)
+        akd = replace(akd, labels=replace(akd.labels, min_teacher_confidence=0.0))
     source = None
     if akd.needs_source:
         source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cdcca.atomic import write_json
-from cdcca.data.scenario import STREAM_BUDGET, Scenario, ScheduledChunk, scenario_chunks, stream_spec
+from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks, stream_spec
 from cdcca.data.stream import resolve_sequence, stream_data
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
@@ -155,7 +155,7 @@ class DeviceRuntime:
             raise FileExistsError(f"device state already exists at {d}; open it with DeviceRuntime.open")
         require_plain_name("device id", device_id)
         model = model or role_model("device", tiny)
-        uts = uts or UTSConfig(selection="budget", budget=8 if tiny else STREAM_BUDGET, token_scorer="energy" if tiny else "ood")
+        uts = uts or (UTSConfig(budget=8, token_scorer="energy") if tiny else UTSConfig())   # tiny: no source statistics
         stream = {"tiny": tiny, **stream_spec("default", Scenario()), **(stream or {})}
         stream["device_id"] = device_id
         config = {"device_id": device_id, "tiny": tiny, "uts": asdict(uts), "stream": stream,

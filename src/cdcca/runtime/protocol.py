@@ -76,17 +76,18 @@ def cloud_receive(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMe
     return down
 
 
-def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage) -> DownlinkMessage:
-    """AKD → DWC for this device (or its group's shared student), appended to ``down``."""
-    update = cloud.run_round(up.device_id)
+def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage, study=None) -> DownlinkMessage:
+    """AKD → DWC for this device (or its group's shared student), appended to ``down``; ``study``: a
+    benchmark's :class:`~cdcca.runtime.cloud.RoundStudy` (true labels, teacher answers), never a deployment's."""
+    update = cloud.run_round(up.device_id, study)
     if update is not None:
         down.packets.append(update)
     return down
 
 
-def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMessage:
+def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True, study=None) -> DownlinkMessage:
     """The cloud's whole step for one device: :func:`cloud_receive`, then :func:`cloud_update`."""
-    return cloud_update(cloud, up, cloud_receive(cloud, up, catch_up))
+    return cloud_update(cloud, up, cloud_receive(cloud, up, catch_up), study)
 
 
 def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing: dict[Any, float] | None = None,
@@ -170,10 +171,11 @@ def deliver(device, cloud, rnd: int, down: DownlinkMessage, link: DelayedLink) -
 
 
 def run_round(device, cloud, rnd: int, max_samples: int = 256, link: DelayedLink | None = None,
-              served: dict[str, Any] | None = None) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
+              served: dict[str, Any] | None = None, study=None) -> tuple[UplinkMessage, DownlinkMessage, ApplyReport]:
     """All four steps for one device in one process; ``link`` delays the update, ``served`` as for
-    :func:`device_uplink` (the caller has already answered the round's requests)."""
+    :func:`device_uplink` (the caller has already answered the round's requests), ``study`` as for
+    :func:`cloud_update`."""
     link = link or DelayedLink(0)
     up = device_uplink(device, rnd, max_samples, served)
-    down = cloud_downlink(cloud, up, catch_up=not link.in_transit)
+    down = cloud_downlink(cloud, up, catch_up=not link.in_transit, study=study)
     return up, down, deliver(device, cloud, rnd, down, link)

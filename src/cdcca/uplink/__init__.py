@@ -44,8 +44,7 @@ Packet layout (``wire`` kind ``"uplink"``; N samples, M = total kept tokens, P =
           fill, sample_scorer, token_scorer, keep_ratio, direction
 """
 
-import importlib
-from typing import Any
+from cdcca.lazy import lazy_exports
 
 # name -> the module that defines it; loaded on first use (PEP 562), so that importing one submodule
 # (the torch-free packet check of the cloud's inbox) does not import torch through the others
@@ -78,19 +77,4 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "score_energy", "score_mc_dropout", "score_ood", "score_random", "score_tokens", "select_tokens",
     ),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str) -> Any:
-    """Load an export from its module on first use and keep it here."""
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
