@@ -126,7 +126,7 @@ def test_a_continued_stage_is_up_to_date_only_for_the_same_config_and_the_same_s
 
 def test_a_bad_scenario_or_delay_fails_in_one_line_before_any_model_loads():
     cases = [(["demo", "--scenario", "forever"], "unknown scenario 'forever'"),
-             (["demo", "--update-delay", "-1"], "--update-delay must be ≥ 0"),
+             (["demo", "--update-delay", "-1"], "stream.update_delay must be a whole number of rounds ≥ 0"),
              (["bench", "akd", "--variants", "cdcca", "--scenario", "one-round", "--rounds-per-domain", "3"], "one-round"),
              (["bench", "paper", "--methods", "cdcca,magic"], "unknown method(s) magic")]
     for args, message in cases:

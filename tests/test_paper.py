@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cdcca.bench import paper, paper_report
-from cdcca.config import resolve
+from cdcca.config import flatten, resolve
 
 DOMAINS = ["pixelate:5", "jpeg:5"]
 
@@ -51,8 +51,8 @@ def test_quick_plan_covers_the_issue_methods_and_shares_cells():
 
 
 def test_plan_rejects_an_unknown_preset_and_no_seeds():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; choose full or quick"):
-        paper.plan("huge", [0])
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose from full, quick"):
+        resolve("huge", kind="bench-paper")
     with pytest.raises(ValueError, match="seed"):
         paper.plan("quick", QUICK, [])
 
@@ -67,7 +67,7 @@ def test_cell_keys_change_with_everything_that_determines_a_run():
 
 def test_tables_are_means_and_spreads_over_seeds_with_generated_claims():
     p = paper.plan("quick", QUICK, [0, 1, 2])
-    result = paper_report.build_tables(p, _fake_rows(p), QUICK, 10.0, SIZES)
+    result = paper_report.build_tables(p, _fake_rows(p), flatten(QUICK), 10.0, SIZES)
     mean = {r["method"]: r for r in result["table1"] if r["domain"] == "mean"}
     assert mean["cdcca"]["mc_mean"] == pytest.approx(0.78) and mean["cdcca"]["mc_std"] == pytest.approx(0.00816, abs=1e-4)
     assert mean["teacher"]["n_seeds"] == 1
@@ -90,7 +90,7 @@ def test_tables_are_means_and_spreads_over_seeds_with_generated_claims():
 def test_methods_run_a_subset_of_table1_without_the_ablations():
     p = paper.plan("quick", QUICK, [0, 1], ["source-only", "tent", "cdcca"])
     assert list(p.table1) == ["source-only", "tent", "cdcca"] and not p.table3 and not p.table4
-    result = paper_report.build_tables(p, _fake_rows(p), QUICK, 10.0, SIZES)
+    result = paper_report.build_tables(p, _fake_rows(p), flatten(QUICK), 10.0, SIZES)
     assert {r["method"] for r in result["table1"]} == {"source-only", "tent", "cdcca"} and result["table5"] == []
     assert "online jpeg:5" in paper_report.markdown(result)
     with pytest.raises(ValueError, match="unknown method"):

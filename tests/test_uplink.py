@@ -94,7 +94,7 @@ def test_confidence_scorer_is_one_minus_the_product_of_step_max_probs():
 def test_confident_sample_stays_on_the_device():
     tokens = torch.randn(2, 49, 8)
     answers = [_answer(0.98), _answer(0.2)]
-    out = plan_uplink(tokens, ["q0", "q1"], answers, ["sure", "unsure"], UTSConfig(threshold=0.5),
+    out = plan_uplink(tokens, ["q0", "q1"], answers, ["sure", "unsure"], UTSConfig(selection="threshold", threshold=0.5),
                       stats=_stats(49, 8))
     assert [s.sample_id for s in out] == ["unsure"]
     assert out[0].keep.sum() == round(0.5 * 49) and out[0].uncertainty == pytest.approx(0.8)
@@ -116,7 +116,7 @@ def test_band_policy_leaves_the_most_uncertain_share_on_the_device():
 
 
 def test_threshold_selection_uploads_only_samples_above_the_threshold():
-    assert select_samples([0.1, 0.5, 0.51, 0.9], UTSConfig(threshold=0.5)) == [2, 3]
+    assert select_samples([0.1, 0.5, 0.51, 0.9], UTSConfig(selection="threshold", threshold=0.5)) == [2, 3]
 
 
 def test_byte_selection_fills_the_budget_most_uncertain_first_and_the_packet_fits():
@@ -135,7 +135,7 @@ def test_view_consistency_scorer_needs_the_device_and_combines_both_views(tiny_d
     answers = answer_batch(tiny_device, prompter, tokens, qs)
     u = view_uncertainty(tiny_device, prompter, tokens, qs, answers, stats=_stats(49, 32))
     assert len(u) == 3 and all(0 <= x <= math.sqrt(SAMPLE_SCORERS["mc_disagreement"](a)) + 1e-9 for x, a in zip(u, answers))
-    cfg = UTSConfig(sample_scorer="view_consistency", threshold=-1.0)
+    cfg = UTSConfig(sample_scorer="view_consistency", selection="threshold", threshold=-1.0)
     with pytest.raises(ValueError, match="needs"):
         plan_uplink(tokens, qs, answers, ["a", "b", "c"], cfg, stats=_stats(49, 32))
     out = plan_uplink(tokens, qs, answers, ["a", "b", "c"], cfg, stats=_stats(49, 32), model=tiny_device, prompter=prompter)
@@ -461,7 +461,7 @@ def test_uts_benchmark_reports_auroc_bytes_ratios_and_overhead_with_a_tiny_devic
         return torch.rand(1000, 49, 32, generator=torch.Generator().manual_seed(len(str(domain))))
 
     res = run_bench(8, model=tiny_device, prompter=prompter, tokens_for=features, stats=_stats(49, 32),
-                    cfg=UTSConfig(threshold=-1.0), repeats=1, batch_size=2, keep_ratios=(0.5, 1.0))
+                    cfg=UTSConfig(selection="threshold", threshold=-1.0), repeats=1, batch_size=2, keep_ratios=(0.5, 1.0))
     assert res["n"] == 8 and set(res["auroc"]) == {*SAMPLE_SCORERS, "view_consistency"} and res["default"]["upload_rate"] == 1.0
     assert set(res["bytes_per_uploaded_sample"]) == set(TOKEN_SCORERS)
     assert res["bytes_per_uploaded_sample"]["ood"]["0.5"] < res["bytes_per_uploaded_sample"]["ood"]["1"]

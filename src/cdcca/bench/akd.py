@@ -13,9 +13,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from cdcca.akd.config import LOSS_ABLATIONS
+from cdcca.akd.distill import AKD
+from cdcca.akd.source_set import load_source_set
+from cdcca.assets import load_tokenizer
 from cdcca.bench.loop import Comparison, run_loop
 from cdcca.config import RunConfig, apply, parse_sets
-from cdcca.uplink import UTSConfig
+from cdcca.data.easyvqa import load_split
+from cdcca.data.stream import Domain, build_stream, resolve_sequence, stream_data
+from cdcca.model.answer import answer_all, mc_predict
+from cdcca.model.mllm import adapter_state, load_adapter_state
+from cdcca.model.pair import load_pretrained
+from cdcca.model.prompt import Prompter
+from cdcca.runtime.evaluate import test_tokens
+from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
 
 # the paper's AKD alone: its label phase (3 epochs), no prefix distillation
 LABELS_ONLY = {"akd.labels.epochs": 3, "akd.prefix.epochs": 0}
@@ -79,11 +89,6 @@ class BenchModels:
 
     @classmethod
     def load(cls, torch_device: str = "cpu") -> BenchModels:
-        from cdcca.assets import load_tokenizer
-        from cdcca.data.easyvqa import load_split
-        from cdcca.model.mllm import adapter_state
-        from cdcca.model.pair import load_pretrained
-        from cdcca.model.prompt import Prompter
 
         data = load_split("test")
         device = load_pretrained("device")
@@ -93,15 +98,12 @@ class BenchModels:
     def source_set(self):
         """The labelled clean source set, loaded on first need."""
         if self.source is None:
-            from cdcca.akd.source_set import load_source_set
 
             self.source = load_source_set()
         return self.source
 
     def for_stream(self, stream: str):
         """(data, prompter) of a stream: easy-VQA's test set, plus any JSONL file domains and their candidates."""
-        from cdcca.data.stream import resolve_sequence, stream_data
-        from cdcca.model.prompt import Prompter
 
         data = stream_data(resolve_sequence(stream))
         if data is self.data:
@@ -110,7 +112,6 @@ class BenchModels:
 
     def fresh_device(self):
         """The device model back at its pretrained adapters."""
-        from cdcca.model.mllm import load_adapter_state
 
         load_adapter_state(self.device, self.pretrained)
         return self.device
@@ -131,7 +132,6 @@ def run_variant(models: BenchModels, name: str, seed: int, base: RunConfig, sets
     """One bench row: a variant of the collaborative loop from the pretrained pair, on one seed."""
     import torch
 
-    from cdcca.akd.distill import AKD
 
     cfg, how = loop_config(name, seed, base, sets)
     torch.manual_seed(seed)
@@ -149,7 +149,6 @@ def run(names: list[str] | None = None, on_result=None, base: RunConfig | None =
     unknown = set(names or []) - set(variants())
     if unknown:
         raise ValueError(f"unknown AKD bench variants {sorted(unknown)}; choose from {', '.join(variants())}")
-    from cdcca.data.stream import resolve_sequence, stream_data
 
     base = base or RunConfig()
     for name in names or list(variants()):
@@ -206,14 +205,6 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
 
     It answers: does the cloud know more than the device about the samples the device sends?
     """
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.stream import Domain, build_stream
-    from cdcca.model.answer import answer_all, mc_predict
-    from cdcca.model.pair import load_pretrained
-    from cdcca.model.prompt import Prompter
-    from cdcca.runtime.evaluate import test_tokens
-    from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
 
     data = load_split("test")
     prompter = Prompter(load_tokenizer(), data.candidates)
@@ -258,14 +249,6 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
 
     import torch
 
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.stream import build_stream, resolve_sequence
-    from cdcca.model.answer import answer_all, mc_predict
-    from cdcca.model.pair import load_pretrained
-    from cdcca.model.prompt import Prompter
-    from cdcca.runtime.evaluate import test_tokens
-    from cdcca.uplink import build_uplink, decode_uplink, plan_uplink
 
     data = load_split("test")
     prompter = Prompter(load_tokenizer(), data.candidates)

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cdcca.data.easyvqa import load_split
+from cdcca.fleet.deploy import free_port
+from cdcca.runtime.api import DeviceService, Query, create_app
+
 
 def _data_url(image: np.ndarray) -> str:
     from PIL import Image
@@ -47,9 +51,6 @@ def _serve(app, port: int):
 def run_bench(state: Path, n: int = 64, concurrency: int = 8, max_batch: int = 16) -> dict:
     import httpx
 
-    from cdcca.data.easyvqa import load_split
-    from cdcca.fleet.deploy import free_port
-    from cdcca.runtime.api import DeviceService, Query, create_app
 
     data = load_split("test")
     qids = np.arange(n) * 7 % len(data.questions)

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from cdcca.bench.loop import loop_summary, measure_heldout
+from cdcca.bench.loop import heldout_mc, loop_summary, measure_heldout
 from cdcca.config import RunConfig, apply
+from cdcca.data.corruptions import corrupt
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import stream_spec
-from cdcca.data.stream import Domain, resolve_sequence
+from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+from cdcca.model.answer import mc_predict
+from cdcca.model.encoder import load_encoder
 from cdcca.model.mllm import MLLM, is_adapter_key
 from cdcca.model.prompt import Prompter
 from cdcca.runtime.device import RequestStream
@@ -75,13 +78,11 @@ class EncodedStream:
     round's images into the statistics, then re-encodes what it answers; held-out tokens likewise."""
 
     def __init__(self, data: VQASet, images_per_round: int, seed: int, source_weight: float = 0.0):
-        from cdcca.model.encoder import load_encoder
 
         self.data, self.per_round, self.seed = data, images_per_round, seed
         self.stats = EncoderStats(load_encoder(), source_weight=source_weight)
 
     def _images(self, domain: Domain, image_ids: np.ndarray) -> np.ndarray:
-        from cdcca.data.corruptions import corrupt
 
         return corrupt(self.data.images[image_ids], domain.corruption, domain.severity, seed=self.seed)
 
@@ -99,7 +100,6 @@ class EncodedStream:
         return out
 
     def heldout_tokens(self, n: int):
-        from cdcca.data.stream import heldout_questions
 
         images = np.unique(self.data.image_ids[heldout_questions(self.data, n)])
         return lambda domain: self.tokens_for(domain, images)
@@ -146,7 +146,6 @@ def run_device_only(cfg: RunConfig, base: BaselineConfig, model: MLLM, prompter:
 def serve(method, model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str], batch: int) -> list[int]:
     """Answer a chunk ``batch`` requests at a time, adapting on each batch as it is answered; the
     candidate indices picked. It takes no answers: a device-only method cannot see one."""
-    from cdcca.model.answer import mc_predict
 
     picks: list[int] = []
     for s in range(0, len(questions), batch):
@@ -190,6 +189,5 @@ def with_rate(method: str, lr: float) -> BaselineConfig:
 
 
 def measure_clean(model: MLLM, prompter: Prompter, data: VQASet, n: int) -> float:
-    from cdcca.bench.loop import heldout_mc
 
     return heldout_mc(model, prompter, data, [Domain("clean", 0)], n)["clean"]

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cdcca.data.easyvqa import load_split
+from cdcca.model.mllm import is_adapter_key
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
+from cdcca.uplink import UTSConfig
+
 QUESTION = "What color is the shape?"
 
 
@@ -31,14 +37,12 @@ def _rss_mib() -> float:
 
 
 def _params(model) -> dict[str, int]:
-    from cdcca.model.mllm import is_adapter_key
 
     named = list(model.named_parameters())
     return {"total": sum(p.numel() for _, p in named), "adapters": sum(p.numel() for n, p in named if is_adapter_key(n))}
 
 
 def _images(n: int) -> np.ndarray:
-    from cdcca.data.easyvqa import load_split
 
     images = load_split("test").images
     return images[np.arange(n) % len(images)]
@@ -48,7 +52,6 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
     """Answer latency per request and per batch on a fresh device; its RSS and parameters; its model."""
     import torch
 
-    from cdcca.runtime.device import DeviceRuntime
 
     dev = DeviceRuntime.create(root / "latency", "latency", tiny=tiny)
     images = _images(max(requests, batch))
@@ -77,9 +80,6 @@ MAX_SERVED_ROUNDS = 16          # the persistent stream's length: enough for 16 
 
 def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, group: str | None, device_model) -> dict:
     """One round: ``devices`` devices upload ``per_device`` samples each; the cloud's seconds and bytes."""
-    from cdcca.runtime.cloud import CloudRuntime
-    from cdcca.runtime.device import DeviceRuntime
-    from cdcca.uplink import UTSConfig
 
     cloud = CloudRuntime(root / "cloud", models[0], models[1])
     uts = UTSConfig(selection="budget", budget=per_device, token_scorer="energy" if tiny else "ood")
@@ -123,7 +123,6 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
 def run_cost(tiny: bool = False, uploads=(64, 128, 256, 512), devices=(1, 8, 32), per_device: int = 16,
              requests: int = 64, batch: int = 16, torch_device: str = "cpu", log=None) -> dict:
     """The whole table (see the module docstring); ``tiny``: random tiny models (the keys, not the numbers)."""
-    from cdcca.runtime.cloud import CloudRuntime
 
     log = log or (lambda _m: None)
     t_start = time.perf_counter()

@@ -18,20 +18,25 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cdcca.akd.distill import AKD
+from cdcca.akd.source_set import load_source_set
+from cdcca.assets import cache_dir, load_tokenizer
+from cdcca.atomic import write_json
+from cdcca.bench.loop import Comparison, heldout_mc, run_loop
 from cdcca.bench.report import write_report
-from cdcca.config import RunConfig, to_toml
+from cdcca.config import RunConfig, flatten, to_toml
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
-from cdcca.data.stream import Domain
+from cdcca.data.stream import Domain, resolve_sequence, stream_data
 from cdcca.fleet.local import LocalFleet, domains_of, schedule
+from cdcca.model.answer import mc_predict
+from cdcca.model.pair import load_pretrained, pretrain_record
+from cdcca.model.prompt import Prompter
+from cdcca.runtime.device import RequestStream
 
 
 def _heldout_evaluator():
     """A function (model, domains, n) → held-out MC per domain on the stream's data (easy-VQA and
     any JSONL files among the domains), over the stream's candidates."""
-    from cdcca.assets import load_tokenizer
-    from cdcca.bench.loop import heldout_mc
-    from cdcca.data.stream import stream_data
-    from cdcca.model.prompt import Prompter
 
     tokenizer = load_tokenizer()
 
@@ -48,9 +53,6 @@ def _cached_reference(role: str, what: str, domains: list[Domain], compute: Call
     import hashlib
     import json
 
-    from cdcca.assets import cache_dir
-    from cdcca.atomic import write_json
-    from cdcca.model.pair import pretrain_record
 
     if any(d.path for d in domains):
         return compute()
@@ -65,7 +67,6 @@ def _cached_reference(role: str, what: str, domains: list[Domain], compute: Call
 
 def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
     """The cloud teacher's own held-out MC per domain."""
-    from cdcca.model.pair import load_pretrained
 
     return _cached_reference("cloud", f"teacher {[str(d) for d in domains]} n={n}", domains,
                              lambda: _heldout_evaluator()(load_pretrained("cloud"), domains, n))
@@ -77,15 +78,6 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     import hashlib
     import json
 
-    from cdcca.akd.distill import AKD
-    from cdcca.akd.source_set import load_source_set
-    from cdcca.assets import cache_dir, load_tokenizer
-    from cdcca.atomic import write_json
-    from cdcca.bench.loop import Comparison, run_loop
-    from cdcca.config import flatten
-    from cdcca.data.stream import resolve_sequence, stream_data
-    from cdcca.model.pair import load_pretrained, pretrain_record
-    from cdcca.model.prompt import Prompter
 
     loop = replace(cfg, eval=replace(cfg.eval, curve_n=0))       # the last round's held-out accuracy only
     files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.data.domains) if d.path]
@@ -109,8 +101,6 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
 def _source_only_online(cfg: RunConfig, device) -> list[float]:
     """Online MC per round of the never-updated device on exactly the requests the first device serves
     (run before any update, so the device still holds its pretrained adapters)."""
-    from cdcca.model.answer import mc_predict
-    from cdcca.runtime.device import RequestStream
 
     prompter = device._prompter()
     out = []

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from cdcca.assets import load_tokenizer
+from cdcca.bench.loop import heldout_mc
+from cdcca.data.easyvqa import load_split
+from cdcca.data.stream import resolve_sequence
 from cdcca.downlink import DWCConfig, apply_delta, build_update, decode_update
+from cdcca.model.encoder import load_encoder
+from cdcca.model.mllm import adapter_state, load_adapter_state
+from cdcca.model.pair import load_pretrained
+from cdcca.model.prompt import Prompter
 from cdcca.wire import decode
 
 DEFAULT = DWCConfig()
@@ -75,7 +83,6 @@ def throughput(base: dict, target: dict, cfg: DWCConfig, repeats: int = 5) -> di
 
 def device_model_bytes(model) -> int:
     """fp16 size of everything the device holds: LLM, bridge, adapters and the vision encoder."""
-    from cdcca.model.encoder import load_encoder
 
     n = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in load_encoder().parameters())
     return 2 * n
@@ -83,13 +90,6 @@ def device_model_bytes(model) -> int:
 
 def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, on_result=None,
         torch_device: str = "cpu") -> dict:
-    from cdcca.assets import load_tokenizer
-    from cdcca.bench.loop import heldout_mc
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.stream import resolve_sequence
-    from cdcca.model.mllm import adapter_state, load_adapter_state
-    from cdcca.model.pair import load_pretrained
-    from cdcca.model.prompt import Prompter
 
     table = settings()
     unknown = [n for n in names or [] if n not in table]

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cdcca.akd.distill import AKDConfig
+from cdcca.downlink import DWCConfig
+from cdcca.runtime import protocol
+from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.device import DeviceRuntime
+
 
 def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None = None, log=None) -> dict:
     """``group``: a fleet group name every device joins (one shared student), or None (one student each)."""
-    from cdcca.akd.distill import AKDConfig
-    from cdcca.downlink import DWCConfig
-    from cdcca.runtime import protocol
-    from cdcca.runtime.cloud import CloudRuntime
-    from cdcca.runtime.device import DeviceRuntime
 
     with tempfile.TemporaryDirectory(prefix="cdcca-fleet-bench-") as tmp:
         root = Path(tmp)

@@ -25,9 +25,15 @@ from pathlib import Path
 
 from cdcca.atomic import write_json
 from cdcca.bench.akd import BenchModels, loop_config, run_variant, summarize
+from cdcca.bench.baselines import BaselineConfig, run_device_only
+from cdcca.bench.loop import measure_heldout
 from cdcca.bench.paper_report import build_tables, write_outputs
+from cdcca.bench.uts import jpeg224_bytes
 from cdcca.config import RunConfig, flatten
+from cdcca.data.corruptions import corrupt
+from cdcca.data.stream import resolve_sequence, split_images
 from cdcca.uplink import UTSConfig
+from cdcca.uplink.plan import png_bytes
 
 # Table 1 method → how it runs: a bench-akd loop variant, a device-only method, or the teacher's evaluation
 TABLE1 = {"source-only": "loop", "bn": "device", "tent": "device", "tent+bn": "device", "eata": "device",
@@ -102,7 +108,6 @@ def run_cell(cell: Cell, models: BenchModels, base: RunConfig) -> dict:
     if cell.kind == "loop":
         return run_variant(models, cell.method, cell.seed, base, list(cell.settings))
     if cell.kind == "device":
-        from cdcca.bench.baselines import BaselineConfig, run_device_only
 
         cfg, _ = loop_config("source-only", cell.seed, base)
         t0 = time.perf_counter()
@@ -120,8 +125,6 @@ def _teacher_row(models: BenchModels, cell: Cell, base: RunConfig) -> dict:
     """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
     import numpy as np
 
-    from cdcca.bench.loop import measure_heldout
-    from cdcca.data.stream import resolve_sequence
 
     t0 = time.perf_counter()
     row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
@@ -136,10 +139,6 @@ def reference_sizes(models: BenchModels, per_domain: int = 64) -> dict:
     first ``per_domain`` stream images of each default domain), adapter entries and device parameters."""
     import numpy as np
 
-    from cdcca.bench.uts import jpeg224_bytes
-    from cdcca.data.corruptions import corrupt
-    from cdcca.data.stream import resolve_sequence, split_images
-    from cdcca.uplink.plan import png_bytes
 
     images = split_images(len(models.data.images))[0][:per_domain]
     png, jpeg = [], []
@@ -160,7 +159,6 @@ def cell_config(cell: Cell, base: RunConfig) -> dict:
     loop, how = loop_config(cell.method if cell.kind == "loop" else "source-only", cell.seed, base, list(cell.settings))
     out = {"loop": {**flatten(loop), **asdict(how)}}
     if cell.kind == "device":
-        from cdcca.bench.baselines import BaselineConfig
 
         out["baseline"] = BaselineConfig(method=cell.method).settings()
     return json.loads(json.dumps(out, default=str))

@@ -14,6 +14,7 @@ import numpy as np
 
 from cdcca.atomic import write_json
 from cdcca.bench.report import PAGE_STYLE, embed_png, pyplot
+from cdcca.data.scenario import recovery_curve
 
 TOKEN_FP16_BYTES = 49 * 1280 * 2       # one request's full visual tokens in fp16
 # the device-only baselines of Table 1 (the plan in cdcca.bench.paper runs them; the claims compare with them)
@@ -76,7 +77,6 @@ def paired_gain(a: list[dict], b: list[dict], online: bool = False) -> tuple[flo
 
 def recovery_of(run: dict) -> list[float]:
     """A run's online MC per round of a domain (1st, 2nd, …), averaged over the domains' visits."""
-    from cdcca.data.scenario import recovery_curve
 
     rows = [{"online_mc": v, "domain": d, "step": st} for v, d, st in
             zip(run.get("online_per_round") or [], run.get("domains") or [], run.get("steps") or [])]

@@ -32,13 +32,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from cdcca.assets import load_tokenizer
+from cdcca.data.corruptions import corrupt
+from cdcca.data.easyvqa import load_split
+from cdcca.data.stream import build_stream, resolve_sequence
 from cdcca.metrics import auroc
+from cdcca.model.answer import answer_batch, mc_predict
+from cdcca.model.pair import load_pretrained, weights_file
+from cdcca.model.prompt import Prompter
+from cdcca.runtime.evaluate import test_tokens
 from cdcca.uplink import (
     SAMPLE_SCORERS,
     TOKEN_SCORER_NAMES,
     UTSConfig,
     build_uplink,
     decode_uplink,
+    default_token_stats,
     frame_bytes,
     plan_uplink,
     sample_uncertainty,
@@ -81,7 +90,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def _answer_all(model, prompter, tokens, questions, batch_size):
-    from cdcca.model.answer import answer_batch
 
     out = []
     for s in range(0, len(questions), batch_size):
@@ -90,7 +98,6 @@ def _answer_all(model, prompter, tokens, questions, batch_size):
 
 
 def _mc_accuracy(model, prompter, batch, gold: list[str], batch_size: int = 64) -> float:
-    from cdcca.model.answer import mc_predict
 
     right = 0
     for s in range(0, len(gold), batch_size):
@@ -126,12 +133,6 @@ class _Bench:
 def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool, torch_device: str = "cpu") -> _Bench:
     """Fill in the defaults: the pretrained device, the cloud as fidelity model when its weights exist,
     the packaged token statistics, cached test features; the cloud on ``torch_device``, the device on the CPU."""
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.model.pair import load_pretrained, weights_file
-    from cdcca.model.prompt import Prompter
-    from cdcca.runtime.evaluate import test_tokens
-    from cdcca.uplink import default_token_stats
 
     which = "given"
     if model is None:
@@ -153,7 +154,6 @@ def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool, to
 
 def _answer_round(bench: _Bench, chunk, cfg: UTSConfig, file_sizes: list[int]) -> dict:
     """The device answers one round; keep what the later parts measure (tokens, answers, view scores, image bytes)."""
-    from cdcca.data.corruptions import corrupt
 
     data = bench.data
     feats = bench.tokens_for(chunk.domain)
@@ -173,7 +173,6 @@ def _answer_round(bench: _Bench, chunk, cfg: UTSConfig, file_sizes: list[int]) -
 
 def _stream_rounds(bench: _Bench, n: int, cfg: UTSConfig, log: Callable[[str], None]) -> list[dict]:
     """Answer about ``n`` requests of the default shift stream, one round per domain."""
-    from cdcca.data.stream import build_stream, resolve_sequence
 
     sequence = resolve_sequence("default")
     chunks = build_stream(bench.data, sequence, max(1, n // len(sequence)))
@@ -237,7 +236,6 @@ def _token_keep_rows(bench: _Bench, rounds: list[dict], cfg: UTSConfig, keep_rat
 
 def _timing_rows(bench: _Bench, r0: dict, cfg: UTSConfig, repeats: int, batch_size: int, upload_rate: float) -> dict:
     """UTS work per request against the device's own answer time on the same batch of the first round."""
-    from cdcca.model.answer import answer_batch
 
     b = min(batch_size, len(r0["questions"]))
     toks, qs, ans, ids = r0["tokens"][:b], r0["questions"][:b], r0["answers"][:b], r0["ids"][:b]
