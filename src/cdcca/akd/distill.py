@@ -41,6 +41,7 @@ from cdcca.akd.losses import AKDLoss, Aligner, answer_loss_per_sample, wavelet_h
 from cdcca.akd.prefix import PrefixTeacher, train_prefix
 from cdcca.akd.records import ReplayBuffer, TeacherRecord, with_true_labels
 from cdcca.akd.source_set import SourceSet
+from cdcca.metrics import cosine
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
 from cdcca.model.placement import text_to
 from cdcca.model.prompt import Prompter
@@ -225,7 +226,7 @@ class AKD:
             rng.shuffle(order)
             for s in range(0, len(order), lab.batch_size):
                 batch = [data[i] for i in order[s:s + lab.batch_size]]
-                lr = lab.lr_final + 0.5 * (lab.lr - lab.lr_final) * (1 + math.cos(math.pi * step / max(1, steps - 1)))
+                lr = cosine(lab.lr, lab.lr_final, step / max(1, steps - 1))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 terms = self._batch_terms(batch, loss_fn)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from cdcca.metrics import cosine
 from cdcca.model.bridge import Bridge
 
 
@@ -153,7 +154,7 @@ def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: t
             for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size]
                 for g in opt.param_groups:
-                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / max(1, steps)))
+                    g["lr"] = cosine(lr, 0.0, step / max(1, steps))
                 loss_up = relative_mse(bridge(tokens[idx].float(), keep[idx]), targets[idx], teacher.scale)
                 loss = loss_up
                 if source_ratio > 0:

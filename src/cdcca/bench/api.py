@@ -20,6 +20,7 @@ import numpy as np
 
 from cdcca.data.easyvqa import load_split
 from cdcca.fleet.deploy import free_port
+from cdcca.metrics import latency_ms
 from cdcca.runtime.api import DeviceService, Query, create_app
 
 
@@ -32,9 +33,7 @@ def _data_url(image: np.ndarray) -> str:
 
 
 def _percentiles(lat: list[float]) -> dict:
-    ms = np.array(lat) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "mean_ms": round(float(ms.mean()), 1)}
+    return {**latency_ms(lat), "mean_ms": round(float(np.mean(lat)) * 1000, 1)}
 
 
 def _serve(app, port: int):

@@ -18,17 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.data.easyvqa import load_split
+from cdcca.metrics import latency_ms
 from cdcca.model.mllm import is_adapter_key
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig
 
 QUESTION = "What color is the shape?"
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    ms = np.array(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
 def _rss_mib() -> float:
@@ -69,7 +65,7 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
             many.append(time.perf_counter() - t0)
     model = dev.model
     dev.close()
-    out = {"per_request": _percentiles(one), "per_batch": {"batch": batch, **_percentiles(many),
+    out = {"per_request": latency_ms(one, 2), "per_batch": {"batch": batch, **latency_ms(many, 2),
                                                            "per_request_ms": round(float(np.median(many)) * 1000 / batch, 2)},
            "peak_rss_mib": _rss_mib(), "params": _params(model)}
     return out, model

@@ -19,6 +19,7 @@ import numpy as np
 
 from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import DWCConfig
+from cdcca.metrics import latency_ms
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
@@ -70,10 +71,10 @@ def run_bench(devices: int, rounds: int, per_round: int = 8, group: str | None =
             for d in devs:
                 d.close()
             cloud.close()
-    ms = np.array(ack_s) * 1000
+    ack = latency_ms(ack_s, 2)
     return {"devices": devices, "rounds": rounds, "group": group, "requests_per_device_round": per_round, "uploads": len(sent),
             "uploads_accepted_per_s": round(len(sent) / sum(ack_s), 1),
-            "ack_ms_p50": round(float(np.percentile(ms, 50)), 2), "ack_ms_p99": round(float(np.percentile(ms, 99)), 2),
+            "ack_ms_p50": ack["p50_ms"], "ack_ms_p99": ack["p99_ms"],
             "cloud_s_per_round_median": round(float(np.median(cloud_round_s)), 2),
             "cloud_s_per_device_round": round(sum(cloud_round_s) / (devices * rounds), 3),
             "lost_uploads": len(sent - stored) + left_on_devices, "duplicated_uploads": len(trained) - len(set(trained)),

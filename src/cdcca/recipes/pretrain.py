@@ -9,7 +9,6 @@ resumable from ``{out}/{role}.ckpt.safetensors`` and exports fp16 adapters plus 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
 from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.metrics import cosine
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
@@ -76,7 +76,7 @@ def one_cycle_lr(peak: float, step: int, steps: int, warmup: float) -> float:
     if step < warm:
         return peak * (step + 1) / warm
     frac = (step - warm) / max(1, steps - warm)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cosine(peak, 0.01 * peak, frac)
 
 
 def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
