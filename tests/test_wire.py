@@ -464,13 +464,13 @@ def test_read_packet_refuses_oversized_file_before_reading(tmp_path: Any) -> Non
 
 
 def test_inputs_the_fuzzer_once_crashed_on_are_clean_errors():
-    """Regression inputs from fuzz/fuzz_decoders.py (tests/data/fuzz/): e.g. a body-hash field holding
+    """Regression inputs from fuzz/fuzz_decoders.py (tests/fixtures/fuzz/): e.g. a body-hash field holding
     non-ASCII text once raised TypeError from hmac.compare_digest instead of PacketError."""
     from pathlib import Path
 
     from cdcca import wire
 
-    found = sorted((Path(__file__).parent / "data" / "fuzz").glob("packet-*"))
+    found = sorted((Path(__file__).parent / "fixtures" / "fuzz").glob("packet-*"))
     assert found
     for path in found:
         with pytest.raises(wire.PacketError):

@@ -19,7 +19,8 @@ from cdcca.assets import load_tokenizer
 from cdcca.bench.loop import Comparison, run_loop
 from cdcca.config import RunConfig, apply, parse_sets
 from cdcca.data.easyvqa import load_split
-from cdcca.data.stream import Domain, build_stream, resolve_sequence, stream_data
+from cdcca.data.scenario import Scenario, scenario_chunks
+from cdcca.data.stream import Domain, resolve_sequence, stream_data
 from cdcca.model.answer import answer_all, mc_predict
 from cdcca.model.mllm import adapter_state, load_adapter_state
 from cdcca.model.pair import load_pretrained
@@ -210,7 +211,7 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     prompter = Prompter(load_tokenizer(), data.candidates)
     device, cloud = load_pretrained("device"), load_pretrained("cloud")
     dom = Domain.parse(domain)
-    qids = build_stream(data, [dom], requests, 1, 0)[0].question_ids
+    qids = scenario_chunks(data, [dom], Scenario("one-round", round_size=requests))[0].question_ids
     questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
     tokens = test_tokens(dom)[data.image_ids[qids]].float()
     answers = answer_all(device, prompter, tokens, questions)
@@ -255,7 +256,7 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     device, cloud = load_pretrained("device"), load_pretrained("cloud", Path(weights) if weights else None)
     domains = resolve_sequence(stream)
     rows = []
-    for chunk in build_stream(data, domains, requests, 1, 0):
+    for chunk in scenario_chunks(data, domains, Scenario("one-round", round_size=requests)):
         qids = chunk.question_ids
         questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
         tokens = test_tokens(chunk.domain)[data.image_ids[qids]].float()

@@ -21,11 +21,11 @@ from cdcca.data.corruptions import corrupt
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.answer import mc_predict
 from cdcca.model.encoder import load_encoder
 from cdcca.model.mllm import MLLM, is_adapter_key
 from cdcca.model.prompt import Prompter
-from cdcca.runtime.device import RequestStream
 from cdcca.tta import EATA, CoTTA, CoTTAConfig, EATAConfig, EncoderStats, Tent, TentConfig
 
 METHODS = ("bn", "tent", "tent+bn", "eata", "cotta")
@@ -110,7 +110,7 @@ def run_device_only(cfg: RunConfig, base: BaselineConfig, model: MLLM, prompter:
     """Serve the stream with a device-only method; rows and summary as :func:`cdcca.bench.loop.run_loop` returns."""
     domains = resolve_sequence(cfg.data.domains)
     scenario = cfg.scenario
-    spec = {**stream_spec(cfg.data.domains, scenario, cfg.seed), "device_id": "device-0"}
+    traffic = SimulatedTraffic({**stream_spec(cfg.data.domains, scenario, cfg.seed), "device_id": "device-0"})
     slots = scenario.schedule(domains)
     torch.manual_seed(cfg.seed)
     method = build_method(base, model, prompter, source)
@@ -120,7 +120,7 @@ def run_device_only(cfg: RunConfig, base: BaselineConfig, model: MLLM, prompter:
     n_rounds = len(slots)
     for rnd, slot in enumerate(slots):
         t0 = time.perf_counter()
-        tokens, questions, gold, ids, domain = RequestStream(spec).chunk(rnd)
+        tokens, questions, gold, ids, domain = traffic.chunk(rnd)
         if encoded is not None:
             qids = np.array([int(i.rsplit("-q", 1)[1]) for i in ids])
             tokens = encoded.round_tokens(Domain.parse(domain), qids)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.data.easyvqa import load_split
+from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.metrics import latency_ms
 from cdcca.model.mllm import is_adapter_key
 from cdcca.runtime.cloud import CloudRuntime
@@ -86,8 +87,9 @@ def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, g
     try:
         for dev in devs:
             cloud.set_group(dev.device_id, group)
+            traffic = SimulatedTraffic.of(dev)
             for rnd in range(MAX_SERVED_ROUNDS):          # a round of the stream has 80 requests: serve rounds
-                dev.serve_round(rnd)                      # until the outbox holds this row's uploads
+                traffic.serve(dev, rnd)                   # until the outbox holds this row's uploads
                 if dev.outbox.size() >= per_device:
                     break
             packet = dev.collect_uplink(max_samples=per_device)

@@ -28,10 +28,10 @@ from cdcca.config import RunConfig, flatten, to_toml
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain, resolve_sequence, stream_data
 from cdcca.fleet.local import LocalFleet, domains_of, schedule
+from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.answer import mc_predict
 from cdcca.model.pair import load_pretrained, pretrain_record
 from cdcca.model.prompt import Prompter
-from cdcca.runtime.device import RequestStream
 
 
 def _heldout_evaluator():
@@ -104,8 +104,9 @@ def _source_only_online(cfg: RunConfig, device) -> list[float]:
 
     prompter = device._prompter()
     out = []
+    traffic = SimulatedTraffic.of(device)
     for rnd in range(len(schedule(cfg))):
-        tokens, questions, gold, _, _ = RequestStream(device.config["stream"]).chunk(rnd)
+        tokens, questions, gold, _, _ = traffic.chunk(rnd)
         right = 0
         for s in range(0, len(questions), 64):
             probs = mc_predict(device.model, prompter, tokens[s:s + 64], questions[s:s + 64])

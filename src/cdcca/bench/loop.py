@@ -23,9 +23,9 @@ from cdcca.config import RunConfig, flatten
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import recovery_curve, revisit_first_rounds, stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+from cdcca.fleet.local import LocalFleet
 from cdcca.model.mllm import MLLM, adapter_state
 from cdcca.model.prompt import Prompter
-from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime, RoundStudy
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.runtime.evaluate import accuracy, domain_tokens
@@ -99,26 +99,24 @@ def _run(cfg: RunConfig, how: Comparison, device: MLLM, akd: AKD, prompter: Prom
     relabel = None if how.labels != "oracle" else \
         (lambda records: with_true_labels(records, [_truth(data, r.sample_id) for r in records], prompter.candidates))
     study = RoundStudy(relabel=relabel, teacher_answers=True)
-    slots = scenario.schedule(domains)
-    link = protocol.DelayedLink(cfg.stream.update_delay)
+    fleet = LocalFleet(cfg, root, [dev], cloud)            # the embedded fleet's round, with one device
     rounds = []
     t_start = time.perf_counter()
     try:
-        for rnd, slot in enumerate(slots):
-            row = _round(how, dev, cloud, data, rnd, link, study)
-            row.update(visit=slot.visit, step=slot.step)
+        for rnd in range(len(fleet.slots)):
+            row = fleet.run_round(rnd, study=study, serve_only=how.downlink == "none")[0]
+            row.update(_trained(how, cloud, data, row["uploads"]))
             if how.save_states:
                 Path(how.save_states).mkdir(parents=True, exist_ok=True)
                 save_file(dev.store.current()[1], str(Path(how.save_states) / f"round{rnd}.safetensors"))
-            n = cfg.eval.heldout_n if rnd == len(slots) - 1 else cfg.eval.curve_n
+            n = cfg.eval.heldout_n if rnd == len(fleet.slots) - 1 else cfg.eval.curve_n
             if n:
                 measure_heldout(row, dev.model, prompter, data, scenario.domains(domains), n, cfg.eval.heldout_da)
             rounds.append(row)
             if on_round:
                 on_round(row)
     finally:
-        dev.close()
-        cloud.close()
+        fleet.close()
     return {"rounds": rounds, "summary": loop_summary(rounds, cfg, time.perf_counter() - t_start, how)}
 
 
@@ -147,35 +145,21 @@ def loop_summary(rounds: list[dict], cfg: RunConfig, wall_s: float, how: Compari
     return summary
 
 
-def _round(how: Comparison, dev: DeviceRuntime, cloud: CloudRuntime, data: VQASet, rnd: int,
-           link: protocol.DelayedLink, study: RoundStudy) -> dict:
-    """One round of the protocol (or only serving, for source-only) and what it moved and trained.
-    The update the cloud sends travels over ``link``: applied after this round, or ``link.delay`` rounds later."""
-    t0 = time.perf_counter()
-    before = dev.status()
-    served = dev.serve_round(rnd)            # the simulated traffic fills the outbox; the round moves it
-    uploads = 0
-    if how.downlink != "none":
-        _, down, _ = protocol.run_round(dev, cloud, rnd, link=link, study=study)
-        uploads = len(down.acked)
-    after = dev.status()
-    row = {"round": rnd, "device": dev.device_id, "domain": served["domain"], "online_mc": served["online_mc"],
-           "uploads": uploads, "bytes_up": after["bytes_up"] - before["bytes_up"],
-           "bytes_down": after["bytes_down"] - before["bytes_down"], "version": after["version"]}
+def _trained(how: Comparison, cloud: CloudRuntime, data: VQASet, uploads: int) -> dict:
+    """What the cloud's round trained on: its time, and how often the teacher and the device were right."""
     report = cloud.last_round if uploads else None
-    if report is not None:
-        truth = [_truth(data, sid) for sid in report.sample_ids]
-        akd_cfg = cloud.akd.cfg
-        # the teacher-confidence gate applies to the label phase only: the oracle and prefix
-        # distillation (which uses no answer) train on every upload
-        gate = akd_cfg.labels.min_teacher_confidence if how.labels != "oracle" and akd_cfg.labels.epochs > 0 else 0.0
-        st = report.stats
-        row.update(teacher_s=round(report.teacher_s, 2), student_s=round(st.student_s, 2),
-                   samples_per_s=round(st.samples_per_s, 2), losses=st.losses, replayed=st.replayed,
-                   pseudo_label_acc=float(np.mean([r.pseudo_label == t for r, t in zip(report.records, truth)])),
-                   **upload_accuracy(report.records, report.device_answers, truth, gate))
-    row["wall_s"] = round(time.perf_counter() - t0, 1)
-    return row
+    if report is None:
+        return {}
+    truth = [_truth(data, sid) for sid in report.sample_ids]
+    akd_cfg = cloud.akd.cfg
+    # the teacher-confidence gate applies to the label phase only: the oracle and prefix
+    # distillation (which uses no answer) train on every upload
+    gate = akd_cfg.labels.min_teacher_confidence if how.labels != "oracle" and akd_cfg.labels.epochs > 0 else 0.0
+    st = report.stats
+    return dict(teacher_s=round(report.teacher_s, 2), student_s=round(st.student_s, 2),
+                samples_per_s=round(st.samples_per_s, 2), losses=st.losses, replayed=st.replayed,
+                pseudo_label_acc=float(np.mean([r.pseudo_label == t for r, t in zip(report.records, truth)])),
+                **upload_accuracy(report.records, report.device_answers, truth, gate))
 
 
 def _truth(data: VQASet, sample_id: str) -> str:

@@ -1,6 +1,6 @@
 """``cdcca bench uts``: what UTS uploads on the default shift stream, what it costs, and how well it picks.
 
-On the default stream (``resolve_sequence("default")``, stream questions from ``build_stream``) the
+On the default stream (``resolve_sequence("default")``, stream questions from ``scenario_chunks``, one round per domain) the
 device answers every request; then
 
 * ``auroc``: for every sample scorer, the AUROC of its uncertainty for predicting the device's wrong
@@ -35,7 +35,8 @@ import torch
 from cdcca.assets import load_tokenizer
 from cdcca.data.corruptions import corrupt
 from cdcca.data.easyvqa import load_split
-from cdcca.data.stream import build_stream, resolve_sequence
+from cdcca.data.scenario import Scenario, scenario_chunks
+from cdcca.data.stream import resolve_sequence
 from cdcca.metrics import auroc
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.pair import load_pretrained, weights_file
@@ -175,7 +176,7 @@ def _stream_rounds(bench: _Bench, n: int, cfg: UTSConfig, log: Callable[[str], N
     """Answer about ``n`` requests of the default shift stream, one round per domain."""
 
     sequence = resolve_sequence("default")
-    chunks = build_stream(bench.data, sequence, max(1, n // len(sequence)))
+    chunks = scenario_chunks(bench.data, sequence, Scenario("one-round", round_size=max(1, n // len(sequence))))
     file_sizes = _source_png_sizes(len(bench.data.images))
     rounds = []
     for chunk in chunks:

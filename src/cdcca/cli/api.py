@@ -69,6 +69,7 @@ def device_serve(
     out: Path | None = typer.Option(None, help="With --requests: where to write one JSON answer per line."),
 ):
     """Answer requests — one round of the built-in stream, or a JSONL file; uncertain samples go to the outbox (UTS)."""
+    from cdcca.fleet.traffic import serve_round
     from cdcca.runtime.device import DeviceRuntime
 
     if (round is None) == (requests is None):
@@ -81,6 +82,6 @@ def device_serve(
             return
         device = DeviceRuntime.open(state)
         try:
-            print(json.dumps(device.serve_round(round)))
+            print(json.dumps(serve_round(device, round)))
         finally:
             device.close()

@@ -134,31 +134,6 @@ def heldout_questions(data: VQASet, n: int, seed: int = 0, domain: Domain | None
     return np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False))
 
 
-@dataclass
-class StreamChunk:
-    round: int
-    domain: Domain
-    question_ids: np.ndarray     # indices into the test VQASet
-
-
-def build_stream(data: VQASet, sequence: list[Domain], per_domain: int, rounds_per_domain: int = 1,
-                 seed: int = 0) -> list[StreamChunk]:
-    """Chunks of ``per_domain // rounds_per_domain`` stream questions per round, domain after domain.
-
-    ``seed`` picks the questions; the stream/held-out image split is fixed (seed 0, as in
-    :func:`heldout_questions`), so no seed ever streams an image that accuracy is measured on."""
-    rng = np.random.default_rng(seed + 2)
-    chunks, rnd = [], 0
-    for domain in sequence:
-        pool = questions_on(data, domain_split(data, domain)[0])
-        picks = rng.choice(pool, size=min(per_domain, len(pool)), replace=False)   # a small file gives what it has
-        per_round = len(picks) // rounds_per_domain
-        for r in range(rounds_per_domain):
-            chunks.append(StreamChunk(rnd, domain, picks[r * per_round:(r + 1) * per_round]))
-            rnd += 1
-    return chunks
-
-
 def domain_images(domain: Domain, data: VQASet) -> np.ndarray:
     """The uint8 frames a device sees under ``domain``, one per image of ``data`` — the pictures behind
     :func:`cdcca.runtime.evaluate.domain_tokens` (the same corruption and seed), for a client that sends

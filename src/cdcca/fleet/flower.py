@@ -6,7 +6,7 @@ runs the steps of :mod:`cdcca.runtime.protocol` with Flower messages as the tran
     ServerApp (cloud)                              ClientApp (device; one process per message)
     query.status                          ──►      the outbox's queue, read without torch (round trigger)
                   ◄── {queued}
-    query.uplink {round}                  ──►      [traffic="stream": serve_round(round)]; collect_uplink()
+    query.uplink {round}                  ──►      [fleet.traffic="stream": serve_round(round)]; collect_uplink()
                   ◄── {device-id, packet?} + status
     cloud.receive(packet) → acked ids; cloud.run_round(device) → its update packet
     train.apply {acked, packets}          ──►      ack_uplink(acked); apply(packet) for each
@@ -124,12 +124,13 @@ def queue_status(msg: Message, context: Context) -> Message:
 
 @client_app.query("uplink")
 def uplink(msg: Message, context: Context) -> Message:
+    from cdcca.fleet.traffic import serve_round  # torch: only when a step runs, not for every message
     from cdcca.runtime.protocol import device_uplink
 
     ask, run = msg.content["config"], run_config(context)
     rnd = int(ask["round"])
     with closing(open_device(context, run)) as device:
-        served = device.serve_round(rnd) if replays_stream(context, run) else None
+        served = serve_round(device, rnd) if replays_stream(context, run) else None
         up = device_uplink(device, rnd, int(ask["max-samples"]), served)
         record = {"device-id": up.device_id, **({"packet": up.packet} if up.packet is not None else {})}
         return Message(RecordDict({"uplink": ConfigRecord(record), "served": _record(up.served),

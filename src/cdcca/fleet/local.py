@@ -12,9 +12,10 @@ from pathlib import Path
 from cdcca.config import RunConfig
 from cdcca.data.scenario import Slot, stream_spec
 from cdcca.data.stream import Domain, resolve_sequence, stream_candidates
+from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.placement import check_torch_device
 from cdcca.runtime import protocol
-from cdcca.runtime.cloud import CloudRuntime
+from cdcca.runtime.cloud import CloudRuntime, RoundStudy
 from cdcca.runtime.device import DeviceRuntime
 
 
@@ -34,6 +35,11 @@ class LocalFleet:
         self.history: list[dict] = []
         self.slots = schedule(cfg)
         self.links = {dev.device_id: protocol.DelayedLink(cfg.stream.update_delay) for dev in devices}
+        self.traffic = {dev.device_id: SimulatedTraffic.of(dev) for dev in devices}   # what the devices are asked
+        self.receive_s: list[float] = []           # per uplink: packet → acknowledgements (the cloud's inbox)
+        self.trained: list[str] = []               # every sample id AKD trained on, in order
+        self.acked: list[str] = []                 # every sample id the cloud acknowledged
+        self.cloud_s: list[float] = []             # per round: the cloud's AKD → DWC seconds, all devices
 
     @classmethod
     def setup(cls, cfg: RunConfig, out_dir: Path) -> LocalFleet:
@@ -55,29 +61,41 @@ class LocalFleet:
             cloud.set_group(f"dev-{i}", fleet.group)
         return cls(cfg, out_dir, devices, cloud)
 
-    def run_round(self, rnd: int, evaluate=None) -> list[dict]:
-        """One round of :mod:`cdcca.runtime.protocol` for the whole fleet: every device's uplink, the cloud's
-        step for all of them (uploads committed before any training, so a group learns from all its
-        members), every device's apply (and resync if needed); then an optional evaluation."""
+    def run_round(self, rnd: int, evaluate=None, study: RoundStudy | None = None, serve_only: bool = False) -> list[dict]:
+        """One round of :mod:`cdcca.runtime.protocol` for the whole fleet: every device answers its requests,
+        then every device's uplink, the cloud's step for all of them (uploads committed before any training,
+        so a group learns from all its members), every device's apply (and resync if needed); then an
+        optional evaluation. ``study``: a benchmark's inputs to the cloud's round; ``serve_only``: the
+        devices answer and nothing moves (the never-updated reference)."""
         t0 = time.perf_counter()
         befores = {dev.device_id: dev.status() for dev in self.devices}
-        served = {dev.device_id: dev.serve_round(rnd) for dev in self.devices}   # the simulated traffic
-        ups = {dev.device_id: protocol.device_uplink(dev, rnd, served=served[dev.device_id]) for dev in self.devices}
+        served = {dev.device_id: self.traffic[dev.device_id].serve(dev, rnd) for dev in self.devices}
         cloud_s: dict[str, float] = {}
-        late = any(link.in_transit for link in self.links.values())
-        downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s, catch_up=not late)
+        downs = {dev.device_id: protocol.DownlinkMessage(acked=[]) for dev in self.devices}
+        if not serve_only:
+            ups = {dev.device_id: protocol.device_uplink(dev, rnd, served=served[dev.device_id]) for dev in self.devices}
+            late = any(link.in_transit for link in self.links.values())
+            receive_s: dict[str, float] = {}
+            trained: dict[str, list[str]] = {}
+            downs = protocol.cloud_round(self.cloud, ups, timing=cloud_s, catch_up=not late, study=study,
+                                         trained=trained, receive_timing=receive_s)
+            self.receive_s += list(receive_s.values())
+            self.trained += [sid for ids in trained.values() for sid in ids]
+            self.acked += [sid for down in downs.values() for sid in down.acked]
+        self.cloud_s.append(sum(cloud_s.values()))
         rows = []
         for dev in self.devices:
-            up, before, link = ups[dev.device_id], befores[dev.device_id], self.links[dev.device_id]
-            after = protocol.deliver(dev, self.cloud, rnd, downs[dev.device_id], link).status
-            if not link.in_transit:
+            before, link = befores[dev.device_id], self.links[dev.device_id]
+            after = protocol.deliver(dev, self.cloud, rnd, downs[dev.device_id], link).status if not serve_only \
+                else dev.status()
+            if not link.in_transit and not serve_only:
                 assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
             slot = self.slots[rnd % len(self.slots)]
-            row = {"round": rnd, "device": dev.device_id, "domain": up.served["domain"], "online_mc": up.served["online_mc"],
-                   "visit": slot.visit, "step": slot.step,
+            row = {"round": rnd, "device": dev.device_id, "domain": served[dev.device_id]["domain"],
+                   "online_mc": served[dev.device_id]["online_mc"], "visit": slot.visit, "step": slot.step,
                    "uploads": len(downs[dev.device_id].acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
-                   "version": after["version"], "cloud_s": round(cloud_s[dev.device_id], 2)}
+                   "version": after["version"], "cloud_s": round(cloud_s.get(dev.device_id, 0.0), 2)}
             rows.append(row)
         wall = round(time.perf_counter() - t0, 2)
         for dev, row in zip(self.devices, rows):

@@ -6,7 +6,8 @@ A device's state dir holds everything it needs to survive a restart or a power c
     adapters/        versioned adapter states (:class:`cdcca.runtime.adapter_store.AdapterStore`, atomic, rollback)
     outbox.sqlite    uplink samples not yet acknowledged by the cloud (:class:`cdcca.runtime.outbox.Outbox`)
 
-The runtime imports no fleet code: the in-process fleet and the Flower ClientApp both drive it.
+The runtime imports no fleet code and simulates no traffic: the in-process fleet and the Flower ClientApp
+both drive it; a driver that simulates requests feeds them (:mod:`cdcca.fleet.traffic`).
 """
 
 from __future__ import annotations
@@ -22,61 +23,17 @@ import numpy as np
 import torch
 
 from cdcca.atomic import write_json
-from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks, stream_spec
-from cdcca.data.stream import resolve_sequence, stream_data
+from cdcca.data.scenario import Scenario, stream_spec
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.pair import role_model
 from cdcca.runtime.adapter_store import AdapterStore
-from cdcca.runtime.evaluate import domain_tokens
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
 from cdcca.uplink import UTSConfig, build_uplink, collect_token_stats, plan_uplink, sample_uncertainty, view_uncertainty
 from cdcca.wire import decode, require_plain_name
 
 CONFIG = "device.json"
-
-
-class RequestStream:
-    """This device's slice of the continual shift stream: (tokens, questions, gold answers, ids) per round.
-
-    ``tiny`` streams use random tokens (token width 32) so transport tests need no real features.
-    """
-
-    def __init__(self, spec: dict):
-        self.spec = spec
-        self.scenario = Scenario.from_spec(spec)
-
-    def _data(self):
-        return stream_data(resolve_sequence(self.spec["stream"]))
-
-    def chunks(self) -> list[ScheduledChunk]:
-        """Every round of the stream for the whole fleet, as the spec's scenario schedules it."""
-        s = self.spec
-        return scenario_chunks(self._data(), resolve_sequence(s["stream"]), self.scenario, s["n_devices"], s.get("seed", 0))
-
-    def scheduled(self, rnd: int) -> ScheduledChunk:
-        """Round ``rnd``'s chunk (past the schedule's end, the stream starts again)."""
-        chunks = self.chunks()
-        return chunks[rnd % len(chunks)]
-
-    def rounds(self) -> int:
-        return len(self.scenario.schedule(resolve_sequence(self.spec["stream"])))
-
-    def chunk(self, rnd: int) -> tuple[torch.Tensor, list[str], list[str], list[str], str]:
-        s = self.spec
-        if s.get("tiny"):
-            g = torch.Generator().manual_seed(1000 * s["index"] + rnd)
-            n = s.get("per_round", 8)
-            qs = ["what color is the shape?", "is there a circle in the image?"] * (n // 2)
-            return torch.randn(n, 49, 32, generator=g), qs, ["red", "yes"] * (n // 2), \
-                [f"{s['device_id']}-r{rnd}-{i}" for i in range(n)], "tiny"
-        chunk = self.scheduled(rnd)
-        qids = chunk.question_ids[s["index"]::s["n_devices"]]        # each device its own requests
-        data = self._data()
-        tokens = domain_tokens(chunk.domain, data)[data.image_ids[qids]].float()
-        return (tokens, [data.questions[i] for i in qids], [data.answers[i] for i in qids],
-                [f"{s['device_id']}-r{rnd}-q{i}" for i in qids], str(chunk.domain))
 
 
 def check_config(config, path: Path) -> None:
@@ -250,14 +207,6 @@ class DeviceRuntime:
         if self._model is not None:
             load_adapter_state(self._model, self.store.current()[1])
         return True
-
-    def serve_round(self, rnd: int) -> dict:
-        """Answer this device's next chunk of its request stream; returns online metrics."""
-        tokens, questions, gold, ids, domain = RequestStream(self.config["stream"]).chunk(rnd)
-        answers = self.answer(tokens, questions, ids)
-        return {"round": rnd, "domain": domain, "requests": len(ids),
-                "online_mc": float(np.mean([a.mc == g for a, g in zip(answers, gold)])) if ids else float("nan"),
-                "outbox": self.outbox.size()}
 
     def _prompter(self):
         if getattr(self, "_prompter_obj", None) is None:

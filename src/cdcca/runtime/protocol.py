@@ -23,6 +23,7 @@ The messages hold bytes, strings and numbers only, so any transport can carry th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,25 +92,30 @@ def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True, study=None) 
 
 
 def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing: dict[Any, float] | None = None,
-                catch_up: bool = True, trained: dict[Any, list[str]] | None = None) -> dict[Any, DownlinkMessage]:
+                catch_up: bool = True, trained: dict[Any, list[str]] | None = None, study=None,
+                receive_timing: dict[Any, float] | None = None) -> dict[Any, DownlinkMessage]:
     """The cloud's step for a whole fleet: every uplink is committed before any training, so a group's
     shared student learns from all its members' uploads of the round. A device whose packet is
     malformed is left out (``on_reject(key, up, error)``), the others go on. ``timing`` receives each
-    device's cloud seconds (AKD → DWC) and ``trained`` the sample ids AKD trained on (a group's training
-    is counted on the member that ran it)."""
+    device's cloud seconds (AKD → DWC), ``receive_timing`` the seconds from its packet to its
+    acknowledgements, and ``trained`` the sample ids AKD trained on (a group's training is counted on the
+    member that ran it)."""
     from cdcca.wire import PacketError
 
     received = {}
     for key, up in uplinks.items():
         try:
+            t0 = time.perf_counter()
             received[key] = cloud_receive(cloud, up, catch_up)
+            if receive_timing is not None and up.packet is not None:
+                receive_timing[key] = time.perf_counter() - t0
         except PacketError as exc:
             if on_reject is None:
                 raise
             on_reject(key, up, exc)
     downlinks = {}
     for key, down in received.items():
-        downlinks[key] = cloud_update(cloud, uplinks[key], down)
+        downlinks[key] = cloud_update(cloud, uplinks[key], down, study)
         if timing is not None:
             timing[key] = cloud.last_round_s
         if trained is not None:

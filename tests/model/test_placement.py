@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from cdcca.akd.config import AKDConfig, LabelPhase, PrefixPhase, Replay
 from cdcca.cli.main import app
+from cdcca.fleet.traffic import serve_round
 from cdcca.model.placement import check_torch_device
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
@@ -66,7 +67,7 @@ def test_the_device_name_reaches_the_teacher_and_the_student_not_the_stored_stat
 
 def _uplink(tmp_path) -> bytes:
     device = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
-    device.serve_round(0)
+    serve_round(device, 0)
     packet = device.collect_uplink()
     device.close()
     return packet

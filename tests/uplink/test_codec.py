@@ -34,7 +34,7 @@ from cdcca.uplink.codec import (
 from cdcca.wire import PacketError
 
 torch.set_num_threads(2)
-OLD = Path(__file__).parent / "data" / "uplink"
+OLD = Path(__file__).resolve().parents[1] / "fixtures" / "uplink"
 
 COMPACT = UTSConfig(token_code="pca128-int4")     # the opt-in compact code (the default sends full tokens)
 
@@ -167,7 +167,7 @@ def test_a_packet_coded_on_another_basis_or_with_an_unknown_code_is_refused_in_o
 
 @pytest.mark.parametrize("dtype", ["int8", "fp16"])
 def test_format1_packets_written_by_the_previous_cdcca_still_decode(dtype):
-    """tests/data/uplink/format1-*.pkt were written by the commit before codes existed (git archive)."""
+    """tests/fixtures/uplink/format1-*.pkt were written by the commit before codes existed (git archive)."""
     g = torch.Generator().manual_seed(27)
     x = torch.randn(2, 49, 16, generator=g) * 2
     keep = select_tokens(torch.rand(2, 49, generator=g), 0.5)

@@ -3,6 +3,7 @@ behind, or lost, and what a device does with a packet on a stale base."""
 
 import pytest
 
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime.adapter_store import StaleBaseError
 from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage, cloud_downlink, device_apply, device_uplink, run_round
 
@@ -25,7 +26,7 @@ class FakeCloud:
     def resync(self, device_id):
         return b"resync v2"
 
-    def run_round(self, device_id):
+    def run_round(self, device_id, study=None):
         return self.new
 
 
@@ -111,7 +112,7 @@ def test_a_real_uplink_carries_only_plain_values(tmp_path):
     from cdcca.runtime.device import DeviceRuntime
 
     dev = DeviceRuntime.create(tmp_path / "dev", "dev-1", tiny=True)
-    dev.serve_round(0)
+    serve_round(dev, 0)
     up = device_uplink(dev, 0, served={"round": 0, "online_mc": 0.5})
     assert up.packet and _plain(dataclasses.asdict(up))
     assert not _plain({"tensor": object()})          # the check itself can fail
@@ -125,7 +126,8 @@ def test_the_uplink_holds_exactly_what_the_outbox_held_and_serves_nothing(tmp_pa
     answers a synthetic stream."""
     import torch
 
-    from cdcca.runtime.device import DeviceRuntime, RequestStream
+    from cdcca.fleet.traffic import SimulatedTraffic
+    from cdcca.runtime.device import DeviceRuntime
     from cdcca.uplink import decode_uplink
 
     dev = DeviceRuntime.create(tmp_path / "dev", "dev-1", tiny=True)
@@ -136,9 +138,8 @@ def test_the_uplink_holds_exactly_what_the_outbox_held_and_serves_nothing(tmp_pa
     def no_serving(*_a, **_k):
         raise AssertionError("a round must not answer requests")
 
-    monkeypatch.setattr(DeviceRuntime, "serve_round", no_serving)
     monkeypatch.setattr(DeviceRuntime, "answer_and_queue", no_serving)
-    monkeypatch.setattr(RequestStream, "chunk", no_serving)
+    monkeypatch.setattr(SimulatedTraffic, "chunk", no_serving)
     up = device_uplink(dev, 7)
     assert set(decode_uplink(up.packet).sample_ids) == queued and up.served == {}
     dev.ack_uplink(sorted(queued))

@@ -8,6 +8,7 @@ import pytest
 
 from cdcca.akd.config import LabelPhase, Replay
 from cdcca.akd.distill import AKDConfig
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime import cloud as cloud_mod
 from cdcca.runtime.adapter_store import StaleBaseError
 from cdcca.runtime.cloud import CloudRuntime
@@ -18,7 +19,7 @@ FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
 
 def one_round(device, cloud, rnd=0):
     """Serve a round on the device, upload it, and let the cloud answer with an update."""
-    device.serve_round(rnd)
+    serve_round(device, rnd)
     packet = device.collect_uplink()
     device.ack_uplink(cloud.receive(packet))
     return cloud.run_round(device.device_id)
@@ -35,7 +36,7 @@ def test_a_round_leaves_device_and_mirror_identical(device, cloud):
 
 def test_uploads_survive_a_cloud_restart_and_are_not_counted_twice(tmp_path, device):
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
-    device.serve_round(0)
+    serve_round(device, 0)
     packet = device.collect_uplink()
     acked = cloud.receive(packet)
     cloud.close()
@@ -67,7 +68,7 @@ def test_receive_builds_no_model(tmp_path, device, monkeypatch):
 
     monkeypatch.setattr(cloud_mod, "_build_models", no_models)
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True)
-    device.serve_round(0)
+    serve_round(device, 0)
     acked = cloud.receive(device.collect_uplink())
     assert acked and cloud.pending_samples("dev-0") == len(acked)
     cloud.close()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.recipes.test_consistency import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
 
 from cdcca.model.bridge import Bridge, BridgeConfig
 from cdcca.model.mllm import answer_loss
@@ -18,7 +19,6 @@ from cdcca.recipes.prefix_targets import (
     pick_questions,
     save_targets,
 )
-from test_consistency import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
 
 ANSWERS = ["yes", "red", "no", "circle", "no", "blue", "yes", "triangle"]
 

@@ -9,7 +9,8 @@ from PIL import Image
 from cdcca.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELD_OUT, corrupt, corrupt_mixed
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import RowError, load_jsonl
-from cdcca.data.stream import Domain, build_stream, heldout_questions, resolve_sequence, split_images
+from cdcca.data.scenario import Scenario, scenario_chunks
+from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, split_images
 
 
 def red_square():
@@ -69,7 +70,7 @@ def test_stream_and_heldout_never_share_images():
     data = tiny_set()
     stream_imgs, held_imgs = split_images(len(data.images))
     assert not set(stream_imgs) & set(held_imgs)
-    chunks = build_stream(data, resolve_sequence("default"), per_domain=10)
+    chunks = scenario_chunks(data, resolve_sequence("default"), Scenario("one-round", round_size=10))
     used = {int(data.image_ids[q]) for c in chunks for q in c.question_ids}
     held = {int(data.image_ids[q]) for q in heldout_questions(data, 30)}
     assert used <= set(stream_imgs) and held <= set(held_imgs)

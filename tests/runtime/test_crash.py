@@ -17,12 +17,13 @@ import pytest
 
 from cdcca.akd.config import LabelPhase
 from cdcca.akd.distill import AKDConfig
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 
 pytestmark = pytest.mark.integration
 FAST_AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4))
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def run_until_paused(script: str, marker: Path) -> subprocess.Popen:
@@ -44,7 +45,7 @@ def run_until_paused(script: str, marker: Path) -> subprocess.Popen:
 def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp_path):
     device = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
-    device.serve_round(0)
+    serve_round(device, 0)
     acked = cloud.receive(device.collect_uplink())
     device.ack_uplink(acked)
     cloud.close()
@@ -53,6 +54,7 @@ def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp
         import time, torch
         torch.set_num_threads(1)
         import cdcca.runtime.cloud as c
+        from cdcca.akd.config import LabelPhase
         from cdcca.akd.distill import AKDConfig
         real = c.write_packet
         def pause_after_update_file(path, data):
@@ -76,7 +78,7 @@ def test_cloud_killed_mid_round_loses_no_upload_and_the_next_round_completes(tmp
 def test_device_killed_while_applying_keeps_a_loadable_version(tmp_path):
     device = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True)
     cloud = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=FAST_AKD)
-    device.serve_round(0)
+    serve_round(device, 0)
     device.ack_uplink(cloud.receive(device.collect_uplink()))
     update = cloud.run_round("dev-0")
     (tmp_path / "update.pkt").write_bytes(update)

@@ -7,15 +7,16 @@ Packets carry a creation time, so two packets are compared by what they carry: e
 import shutil
 
 import pytest
+from tests.runtime.test_crash import run_until_paused
 
 from cdcca.adapter_state import state_hash
 from cdcca.akd.config import LabelPhase, PrefixPhase, Replay
 from cdcca.akd.distill import AKDConfig
 from cdcca.downlink import decode_update
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.wire import decode
-from test_crash import run_until_paused
 
 pytestmark = pytest.mark.integration
 # both phases on, replay on: every piece of per-device state shapes the next update
@@ -24,7 +25,7 @@ AKD = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), prefix=PrefixPhase(ep
 
 def one_round(device: DeviceRuntime, cloud: CloudRuntime, rnd: int) -> tuple[str, str]:
     """Serve, upload, distil, apply; returns (hash of the update's delta, adapter hash reached)."""
-    device.serve_round(rnd)
+    serve_round(device, rnd)
     device.ack_uplink(cloud.receive(device.collect_uplink()))
     update = cloud.run_round("dev-0")
     device.apply(update)
@@ -54,7 +55,7 @@ def killed_after_two_rounds(root) -> None:
         device = DeviceRuntime.create({str(root / "dev")!r}, "dev-0", tiny=True)
         cloud = CloudRuntime.open({str(root / "cloud")!r}, tiny=True, akd=akd)
         for r in range(2):
-            device.serve_round(r)
+            serve_round(device, r)
             device.ack_uplink(cloud.receive(device.collect_uplink()))
             device.apply(cloud.run_round("dev-0"))
         open({str(marker)!r}, "w").close()

@@ -127,7 +127,7 @@ def test_a_baseline_never_sees_a_stream_answer(tiny_device, prompter, monkeypatc
     monkeypatch.setattr(bl, "measure_heldout", fake_measure)
     results = {}
     for answers in ("true", "garbage"):
-        monkeypatch.setattr(bl, "RequestStream", lambda spec, a=answers: Stream({**spec, "answers": a}))
+        monkeypatch.setattr(bl, "SimulatedTraffic", lambda spec, a=answers: Stream({**spec, "answers": a}))
         model = __import__("cdcca.model.pair", fromlist=["tiny_model"]).tiny_model("device", seed=0)
         cfg = resolve(sets=['data.domains="pixelate:5"', "stream.rounds_per_domain=2"])
         for method in ("tent", "eata", "cotta"):

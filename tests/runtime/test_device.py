@@ -4,16 +4,17 @@ its rollback and its configuration. The ``cloud`` and ``device`` fixtures are in
 import json
 
 import pytest
+from tests.runtime.test_cloud import one_round
 
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig, decode_uplink
-from test_cloud import one_round
 
 
 def test_a_round_queues_the_uts_budget_of_its_requests_in_the_outbox_until_acknowledged(tmp_path):
     uts = UTSConfig(selection="budget", budget=3, token_scorer="energy")
     device = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True, uts=uts)
-    served = device.serve_round(0)
+    served = serve_round(device, 0)
     assert served["requests"] > 3 and served["outbox"] == 3              # the 3 most uncertain requests
     packet = device.collect_uplink()
     assert packet is not None and device.collect_uplink() is None         # in flight: not sent twice
@@ -39,7 +40,7 @@ def test_rollback_returns_to_a_kept_version(device, cloud):
 
 def test_device_state_reopens_after_a_restart(tmp_path, device, cloud):
     device.apply(one_round(device, cloud))
-    device.serve_round(1)
+    serve_round(device, 1)
     status = device.status()
     device.close()
     again = DeviceRuntime.open(tmp_path / "dev")
@@ -66,4 +67,4 @@ def test_a_device_with_the_view_consistency_scorer_serves_its_round(tmp_path):
     """The device passes its own model and prompter to the two-view scorer, so a run may choose it."""
     uts = UTSConfig(selection="budget", budget=4, token_scorer="energy", sample_scorer="view_consistency")
     device = DeviceRuntime.create(tmp_path / "dev", "dev-0", tiny=True, uts=uts)
-    assert device.serve_round(0)["outbox"] == 4
+    assert serve_round(device, 0)["outbox"] == 4

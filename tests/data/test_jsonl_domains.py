@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cdcca.data.scenario import Scenario, scenario_chunks
 from cdcca.data.stream import (
     Domain,
-    build_stream,
     domain_split,
     heldout_questions,
     resolve_sequence,
@@ -61,7 +61,7 @@ def test_file_domains_get_their_own_halves_and_the_candidate_union(tmp_path):
     assert stream_candidates(f"{a},{b}") == data.candidates
     stream_imgs, held = domain_split(data, domains[1])
     assert set(stream_imgs) | set(held) == set(range(1000, 1012)) and not set(stream_imgs) & set(held)
-    chunks = build_stream(data, domains, per_domain=20)
+    chunks = scenario_chunks(data, domains, Scenario("one-round", round_size=20))
     assert len(chunks[0].question_ids) == 20 and len(chunks[1].question_ids) == 12   # a small file gives what it has
     assert set(data.image_ids[chunks[1].question_ids]) <= set(stream_imgs)
     held_q = heldout_questions(data, 100, domain=domains[1])
@@ -70,7 +70,7 @@ def test_file_domains_get_their_own_halves_and_the_candidate_union(tmp_path):
 
 
 def test_file_domain_tokens_and_requests(tmp_path):
-    from cdcca.runtime.device import RequestStream
+    from cdcca.fleet.traffic import SimulatedTraffic
     from cdcca.runtime.evaluate import domain_tokens
 
     a = write_domain(tmp_path / "a", "a")
@@ -78,7 +78,7 @@ def test_file_domain_tokens_and_requests(tmp_path):
     tokens = domain_tokens(Domain.parse(a), data)
     assert tokens.shape == (1012, 49, 1280) and tokens[1000:].abs().sum() > 0 and tokens[:1000].abs().sum() == 0
     spec = {"stream": f"jpeg:5,{a}", "per_domain": 8, "index": 0, "n_devices": 1, "device_id": "d"}
-    toks, questions, gold, _, domain = RequestStream(spec).chunk(1)
+    toks, questions, gold, _, domain = SimulatedTraffic(spec).chunk(1)
     assert domain == a and toks.shape[0] == len(questions) == 8 and all(g in ("red", "blue", "maybe") for g in gold)
 
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 from tests.conftest import CANDIDATES
-from tests.test_api import png_data_url
+from tests.runtime.test_api import png_data_url
 
 from cdcca.akd.config import LabelPhase
 

@@ -13,8 +13,9 @@ from cdcca.data.easyvqa import VQASet
 from cdcca.data.scenario import Scenario, Slot, recovery_curve, revisit_first_rounds, scenario_chunks
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, split_images
 from cdcca.fleet.local import LocalFleet
+from cdcca.fleet.traffic import SimulatedTraffic, serve_round
 from cdcca.runtime import protocol
-from cdcca.runtime.device import DeviceRuntime, RequestStream
+from cdcca.runtime.device import DeviceRuntime
 from cdcca.uplink import UTSConfig
 
 DEFAULT = ["pixelate:5", "gaussian_blur:5", "jpeg:5", "low_light:5"]
@@ -83,13 +84,13 @@ def test_requests_stay_on_stream_images_and_do_not_repeat_within_a_domain():
 
 
 def test_jsonl_domains_take_part_in_a_scenario(tmp_path):
-    from test_file_domains import write_domain
+    from tests.data.test_jsonl_domains import write_domain
 
     a = write_domain(tmp_path / "a", "a")
     slots = Scenario("recurring").schedule(resolve_sequence(f"jpeg:5,{a}"))
     assert [str(s.domain) for s in slots] == ["jpeg:5", "jpeg:5", a, a] * 2
     spec = {"stream": f"jpeg:5,{a}", **Scenario("recurring", round_size=6).spec(), "index": 0, "n_devices": 1, "device_id": "d"}
-    _, questions, gold, _, domain = RequestStream(spec).chunk(2)
+    _, questions, gold, _, domain = SimulatedTraffic(spec).chunk(2)
     assert domain == a and len(questions) == 6 and all(g in ("red", "blue", "maybe") for g in gold)
 
 
@@ -141,7 +142,7 @@ def test_an_update_applied_after_round_k_changes_nothing_in_round_k(tmp_path, mo
     for apply in (True, False):
         dev = DeviceRuntime.create(tmp_path / f"dev-{apply}", "dev-0", tiny=True, uts=uts, stream=spec)
         cloud = CloudRuntime.open(tmp_path / f"cloud-{apply}", tiny=True, akd=FAST_AKD)
-        served = dev.serve_round(0)
+        served = serve_round(dev, 0)
         up = protocol.device_uplink(dev, 0, served=served)
         if apply:
             protocol.deliver(dev, cloud, 0, protocol.cloud_downlink(cloud, up), protocol.DelayedLink(0))
@@ -166,7 +167,7 @@ def test_the_source_only_reference_answers_exactly_the_requests_the_device_serve
     fleet.run_round(0)
     fleet.run_round(1)
     first = fleet.devices[0]
-    reference = [RequestStream(first.config["stream"]).chunk(r)[3] for r in range(2)]
+    reference = [SimulatedTraffic(first.config["stream"]).chunk(r)[3] for r in range(2)]
     fleet.close()
     assert [served[0], served[2]] == reference            # device 0 served rounds 0 and 1 first in each round
 

@@ -144,5 +144,5 @@ def test_a_cell_run_with_other_settings_is_stale(tmp_path, monkeypatch):
     import functools
 
     new_default = functools.partial(baselines.BaselineConfig, tent=baselines.TentConfig(lr=5e-3))
-    monkeypatch.setattr(baselines, "BaselineConfig", new_default)                     # a new default rate
+    monkeypatch.setattr(paper, "BaselineConfig", new_default)                         # a new default rate
     assert store.get(cell) is None

@@ -13,6 +13,7 @@ from cdcca.akd.distill import AKDConfig
 from cdcca.config import resolve
 from cdcca.downlink import DWCConfig
 from cdcca.fleet.local import LocalFleet
+from cdcca.fleet.traffic import serve_round
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
@@ -37,7 +38,7 @@ def make_device(tmp_path, name: str, index: int, n: int = 3) -> DeviceRuntime:
 def fleet_round(cloud, devices, rnd):
     """One round for ``devices`` the way every driver runs it: all uplinks, the cloud, all applies."""
     for d in devices:
-        d.serve_round(rnd)                 # the simulated traffic; the round only moves the outbox
+        serve_round(d, rnd)                 # the simulated traffic; the round only moves the outbox
     ups = {d.device_id: protocol.device_uplink(d, rnd) for d in devices}
     downs = protocol.cloud_round(cloud, ups)
     for d in devices:
@@ -104,7 +105,7 @@ def test_a_device_that_leaves_its_group_trains_its_own_student_from_where_it_is(
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 65, "dév"])
 def test_names_that_are_not_plain_are_refused_before_anything_is_written(tmp_path, cloud, name):
     device = make_device(tmp_path, "cam-0", 0, n=1)
-    device.serve_round(0)
+    serve_round(device, 0)
     pkt = wire.decode(device.collect_uplink())
     forged = wire.encode("uplink", pkt.tensors, {**pkt.meta, "device_id": name})
     with pytest.raises(wire.PacketError, match="device_id"):
