@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cdcca.data.easyvqa import load_split
+from cdcca.data.features import cached_features
+
 
 @dataclass
 class SourceSet:
@@ -39,8 +42,6 @@ SOURCE_IMAGES = 1000   # train images rehearsed: ~9,600 questions, features cach
 def load_source_set(n_images: int = SOURCE_IMAGES) -> SourceSet:
     """The first ``n_images`` easy-VQA train images, their questions and cached clean encoder features:
     the labelled source domain the device was pretrained on."""
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.features import cached_features
 
     data = load_split("train")
     rows = np.flatnonzero(data.image_ids < n_images)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
+from cdcca.atomic import atomic_write
 from cdcca.cli.common import console, fail, one_line_errors
+from cdcca.data.jsonl import load_jsonl
 
 STATE_HELP = "Device state dir (from `cdcca device init`)."
 
@@ -25,7 +27,7 @@ def device_api(
     """Serve the device as an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models, GET /healthz."""
     import uvicorn
 
-    from cdcca.runtime.api import create_app
+    from cdcca.runtime.api import create_app  # heavy: imported when the command runs, not for --help
 
     if not (state / "device.json").is_file():
         fail(f"no device state at {state}; create it with `cdcca device init --state {state} --device NAME`")
@@ -40,9 +42,7 @@ def device_api(
 def serve_requests(state: Path, requests: Path, out: Path, batch: int = 32) -> dict:
     """Answer every row of a VQA JSONL file (``answer`` optional) through the device's serving path;
     one JSON line per request in ``out``, written atomically; accuracy where rows carry answers."""
-    from cdcca.atomic import atomic_write
-    from cdcca.data.jsonl import load_jsonl
-    from cdcca.runtime.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     data = load_jsonl(requests, require_answer=False)
     device = DeviceRuntime.open(state)
@@ -69,8 +69,8 @@ def device_serve(
     out: Path | None = typer.Option(None, help="With --requests: where to write one JSON answer per line."),
 ):
     """Answer requests — one round of the built-in stream, or a JSONL file; uncertain samples go to the outbox (UTS)."""
-    from cdcca.fleet.traffic import serve_round
-    from cdcca.runtime.device import DeviceRuntime
+    from cdcca.fleet.traffic import serve_round  # heavy: imported when the command runs, not for --help
+    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     if (round is None) == (requests is None):
         fail("give either --round R (the built-in stream) or --requests FILE.jsonl --out answers.jsonl")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cdcca.assets import AssetError
 from cdcca.cli.common import (
     ConfigOpt,
     PresetOpt,
@@ -43,13 +44,12 @@ def bench_uts(
     torch_device: TorchDeviceOpt = None,
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
-    from cdcca.assets import AssetError
-    from cdcca.bench.uts import run_bench
+    from cdcca.bench.uts import run_bench  # heavy: imported when the command runs, not for --help
 
     torch_device = torch_device_or_fail(torch_device)
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
-    from cdcca.uplink import parse_code
+    from cdcca.uplink import parse_code  # heavy: imported when the command runs, not for --help
 
     try:
         code_list = None if codes is None else [parse_code(c.strip()).name for c in codes.split(",") if c.strip()]
@@ -113,7 +113,7 @@ def bench_akd(
     torch_device: TorchDeviceOpt = None,
 ):
     """AKD ablations on the continual stream: online MC and recovery, final held-out MC over shifted domains, source MC, cloud time."""
-    from cdcca.bench import akd
+    from cdcca.bench import akd  # heavy: imported when the command runs, not for --help
 
     base = run_config(preset, config, [], stream=stream, scenario=scenario, rounds_per_domain=rounds_per_domain,
                       round_size=round_size, visits=visits, update_delay=update_delay, torch_device=torch_device)
@@ -192,7 +192,7 @@ def bench_dwc(
     torch_device: TorchDeviceOpt = None,
 ):
     """Downlink bytes vs accuracy on real AKD deltas, for several budgets and bit widths, with and without error feedback."""
-    from cdcca.bench import dwc
+    from cdcca.bench import dwc  # heavy: imported when the command runs, not for --help
 
     torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
@@ -224,7 +224,7 @@ def bench_fleet(
     threads: int | None = typer.Option(1, help="torch CPU threads."),
 ):
     """The cloud runtime under N devices for R rounds: uploads/s, upload-to-ack p50/p99, cloud s per round, lost and duplicated uploads."""
-    from cdcca.bench.fleet import run_bench
+    from cdcca.bench.fleet import run_bench  # heavy: imported when the command runs, not for --help
 
     use_threads(threads)
     if devices < 1 or rounds < 1:
@@ -256,7 +256,7 @@ def bench_cost(
     torch_device: TorchDeviceOpt = None,
 ):
     """One cost table: device latency, memory and size against the cloud's; cloud s per round by uploads and devices; bytes."""
-    from cdcca.bench.cost import run_cost
+    from cdcca.bench.cost import run_cost  # heavy: imported when the command runs, not for --help
 
     torch_device = torch_device_or_fail(torch_device)
     use_threads(threads)
@@ -290,7 +290,7 @@ def bench_api(
     threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
     """Requests/s and p50/p99 latency of /v1/chat/completions: one at a time vs batched, against the device's own answer time."""
-    from cdcca.bench.api import run_bench
+    from cdcca.bench.api import run_bench  # heavy: imported when the command runs, not for --help
 
     use_threads(threads)
     if n < 2 or concurrency < 1:
@@ -317,8 +317,8 @@ def bench_tta_rate(
     threads: int | None = typer.Option(None, help="torch CPU threads."),
 ):
     """Choose a baseline's learning rate on the clean source domain only (no shifted data, no stream answer)."""
-    from cdcca.bench.akd import BenchModels
-    from cdcca.bench.baselines import tune_rate, with_rate
+    from cdcca.bench.akd import BenchModels  # heavy: imported when the command runs, not for --help
+    from cdcca.bench.baselines import tune_rate, with_rate  # heavy: imported when the command runs, not for --help
 
     use_threads(threads)
     with one_line_errors():
@@ -356,8 +356,8 @@ def bench_paper(
     torch_device: TorchDeviceOpt = None,
 ):
     """The paper's Tables 1, 3, 4, 5 on this benchmark: baselines, CDCCA, teacher and oracle over seeds; resumable."""
-    from cdcca.bench.paper import plan, run_paper
-    from cdcca.bench.paper_report import markdown, update_results_page
+    from cdcca.bench.paper import plan, run_paper  # heavy: imported when the command runs, not for --help
+    from cdcca.bench.paper_report import markdown, update_results_page  # heavy: imported when the command runs, not for --help
 
     base = run_config(None if config else preset, config, set_, kind="bench-paper", scenario=scenario,
                       rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,

@@ -9,13 +9,15 @@ from pathlib import Path
 import typer
 
 from cdcca.cli.common import TorchDeviceOpt, fail, one_line_errors, torch_device_or_fail
+from cdcca.runtime.cloud_db import commit_uplink, group_registry, open_db, remembered_tiny
+from cdcca.wire import write_packet
 
 cloud_app = typer.Typer(no_args_is_help=True, help="Cloud runtime: inbox, per-device mirrors, AKD → DWC rounds, fleet groups.")
 STATE_HELP = "State directory of the cloud runtime."
 
 
 def _cloud(state: Path, tiny: bool | None, torch_device: str = "cpu"):
-    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.runtime.cloud import CloudRuntime  # heavy: imported when the command runs, not for --help
 
     return CloudRuntime.open(state, tiny=tiny, torch_device=torch_device)
 
@@ -23,7 +25,6 @@ def _cloud(state: Path, tiny: bool | None, torch_device: str = "cpu"):
 def _receive(state: Path, tiny: bool | None, uplink: bytes) -> list[str]:
     """An existing state takes the torch-free inbox write (no torch import: ~1.5 s saved per packet);
     only creating a state goes through the runtime. Both commit with ``commit_uplink``."""
-    from cdcca.runtime.cloud_db import commit_uplink, open_db, remembered_tiny
 
     if not (state / "cloud.json").is_file():
         return _cloud(state, tiny).receive(uplink)
@@ -48,7 +49,6 @@ def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
                 out: Path = typer.Option(..., help="Where to write the update packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after)."),
                 torch_device: TorchDeviceOpt = None):
     """AKD → DWC for one device's new uploads; the update packet is stored before it is written to --out."""
-    from cdcca.wire import write_packet
 
     torch_device = torch_device_or_fail(torch_device)
     with one_line_errors():
@@ -64,7 +64,6 @@ def cloud_round(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
 def cloud_resync(state: Path = typer.Option(..., help=STATE_HELP), device_id: str = typer.Option(..., "--device", help="Device name."),
                  out: Path = typer.Option(..., help="Where to write the dense resync packet."), tiny: bool | None = typer.Option(None, help="Tiny models (chosen when the state is created, remembered after).")):
     """A full dense adapter state for a device that fell out of sync."""
-    from cdcca.wire import write_packet
 
     with one_line_errors():
         packet = _cloud(state, tiny).resync(device_id)
@@ -79,7 +78,6 @@ def cloud_group(state: Path = typer.Option(..., help=STATE_HELP),
                 leave: bool = typer.Option(False, "--leave", help="Take the device out of its group (back to its own student).")):
     """Assign devices to fleet groups (same site, same camera): the cloud pools a group's uploads into one student.
     Needs no model: it edits the cloud's registry only."""
-    from cdcca.runtime.cloud_db import group_registry
 
     if device_id is not None and (group is None) == (not leave):
         fail("give exactly one of --group NAME or --leave with --device")

@@ -13,6 +13,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cdcca.assets import AssetError
+from cdcca.config import resolve
+from cdcca.wire import PacketError
+
 console = Console(stderr=True)
 
 
@@ -43,7 +47,7 @@ TorchDeviceOpt = Annotated[str | None, typer.Option("--torch-device", help=TORCH
 
 def torch_device_or_fail(name: str | None) -> str:
     """The checked ``--torch-device`` (None → cpu), or :func:`fail`'s one line before any model loads."""
-    from cdcca.model.placement import check_torch_device
+    from cdcca.model.placement import check_torch_device  # heavy: imported when the command runs, not for --help
 
     try:
         return check_torch_device(name)
@@ -62,8 +66,6 @@ def fail(message: str) -> None:
 def one_line_errors() -> Iterator[None]:
     """Turn the errors a user can cause (bad packets, damaged or mismatched state dirs, missing
     assets or files) into :func:`fail`'s one line instead of a traceback."""
-    from cdcca.assets import AssetError
-    from cdcca.wire import PacketError
 
     try:
         yield
@@ -95,7 +97,6 @@ SHORTCUTS = {"stream": "data.domains", "scenario": "stream.scenario", "rounds_pe
 def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", **shortcuts):
     """The command's :class:`~cdcca.config.RunConfig`: ``--preset`` or ``--config``, its shortcut options
     (those given), then ``--set``; a bad name or value is :func:`fail`'s one line before anything loads."""
-    from cdcca.config import resolve
 
     if shortcuts.get("torch_device") is not None:
         shortcuts["torch_device"] = torch_device_or_fail(shortcuts["torch_device"])
@@ -110,7 +111,7 @@ def headline_text(summary: dict) -> str:
     """The report's headline sentence as plain text."""
     import html
 
-    from cdcca.bench.report import headline
+    from cdcca.bench.report import headline  # heavy: imported when the command runs, not for --help
 
     return html.unescape(headline(summary))
 
@@ -136,8 +137,8 @@ def summary_line(s: dict) -> str:
 
 def open_device(state: Path):
     """The device runtime of a state dir, or a one-line error naming what is wrong with it."""
-    from cdcca.runtime.adapter_store import StoreError
-    from cdcca.runtime.device import DeviceRuntime
+    from cdcca.runtime.adapter_store import StoreError  # heavy: imported when the command runs, not for --help
+    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     try:
         return DeviceRuntime.open(state)

@@ -12,6 +12,15 @@ from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, console, fail, run_co
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud), SuperNodes "
                                                    "(devices) and each device's API.")
+
+
+def _deploy():
+    """:mod:`cdcca.fleet.deploy`, imported when a fleet command runs: it loads Flower, which `cdcca --help` need not."""
+    from cdcca.fleet import deploy  # heavy: imported when the command runs, not for --help
+
+    return deploy
+
+
 STATE_OPT = typer.Option(..., help="State dir of a fleet started with `cdcca fleet up`.")
 
 
@@ -27,12 +36,11 @@ def fleet_up(
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a transport check that needs no weights."),
 ):
     """Start a SuperLink, N SuperNodes with TLS and node authentication, and N device APIs; prints the fleet as JSON."""
-    from cdcca.fleet.deploy import DeployError, up
 
     try:
-        spec = up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, apis=apis, api_port=api_port,
+        spec = _deploy().up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, apis=apis, api_port=api_port,
                   log=console.print)
-    except DeployError as exc:
+    except _deploy().DeployError as exc:
         fail(str(exc))
     print(json.dumps({"state": spec.state, "superlink": spec.address, "devices": spec.devices,
                       "node_ids": spec.node_ids, "tls": not spec.insecure,
@@ -56,17 +64,16 @@ def fleet_run(
     timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
 ):
     """Run the fleet app (`flwr run`) with the run config, stream its log to stderr, print the per-round records as JSON."""
-    from cdcca.fleet.deploy import DeployError, FleetSpec, run
 
-    if preset is None and config is None and (state / "fleet.json").is_file() and FleetSpec.load(state).tiny:
+    if preset is None and config is None and (state / "fleet.json").is_file() and _deploy().FleetSpec.load(state).tiny:
         preset = "tiny"                     # a tiny fleet's devices score tokens without the real encoder's statistics
     flags = {"fleet.rounds": rounds, "fleet.round_every_s": round_every, "fleet.min_uploads": min_uploads,
              "fleet.traffic": traffic}
     cfg = run_config(preset, config, [f"{k}={v}" if not isinstance(v, str) else f'{k}="{v}"'
                                       for k, v in flags.items() if v is not None] + (set_ or []))
     try:
-        result = run(state, cfg, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
-    except (DeployError, ValueError) as exc:
+        result = _deploy().run(state, cfg, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
+    except (_deploy().DeployError, ValueError) as exc:
         fail(str(exc))
     if not result.ok:
         fail(f"run {result.run_id} ended {result.status}; log: {result.log_path}")
@@ -76,18 +83,16 @@ def fleet_run(
 @fleet_app.command("stop")
 def fleet_stop(state: Path = STATE_OPT):
     """Ask a running `cdcca fleet run` to end after its current round (the fleet stays up)."""
-    from cdcca.fleet.deploy import DeployError, request_stop
 
     try:
-        console.print(f"asked the cloud to stop after its current round ({request_stop(state)})")
-    except DeployError as exc:
+        console.print(f"asked the cloud to stop after its current round ({_deploy().request_stop(state)})")
+    except _deploy().DeployError as exc:
         fail(str(exc))
 
 
 @fleet_app.command("down")
 def fleet_down(state: Path = STATE_OPT):
     """Stop everything `cdcca fleet up` started: device APIs, SuperNodes, the SuperLink (by process group)."""
-    from cdcca.fleet.deploy import down
 
-    stopped = down(state)
+    stopped = _deploy().down(state)
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

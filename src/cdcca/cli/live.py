@@ -28,8 +28,8 @@ def bench_live(
 ):
     """The deployed loop measured as clients see it: live fleet, openai-client traffic, rounds on their trigger.
     A window is the scenario's round size (stream.round_size) of requests per device."""
-    from cdcca.bench.live import run_live
-    from cdcca.fleet.deploy import DeployError
+    from cdcca.bench.live import run_live  # heavy: imported when the command runs, not for --help
+    from cdcca.fleet.deploy import DeployError  # Flower: loaded when the command runs, not for `cdcca --help`
 
     flags = {"traffic.requests_per_device": requests_per_device, "traffic.rate": rate, "fleet.min_uploads": min_uploads,
              "fleet.round_every_s": round_every}

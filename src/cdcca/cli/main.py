@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cdcca import __version__
+from cdcca.assets import AssetError, cache_dir, load_tokenizer
 from cdcca.cli.api import device_api, device_serve
 from cdcca.cli.bench import bench_app
 from cdcca.cli.cloud import cloud_app
@@ -47,6 +49,9 @@ from cdcca.cli.common import (
 from cdcca.cli.export import device_export
 from cdcca.cli.fleet import fleet_app
 from cdcca.cli.pretrain import pretrain
+from cdcca.config import flat_toml, to_toml
+from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, stream_data
+from cdcca.wire import PacketError, write_packet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cloud-device collaborative continual adaptation for multimodal LLMs.")
@@ -59,8 +64,6 @@ app.command()(pretrain)
 
 def _print_version(value: bool) -> None:
     if value:
-        from cdcca import __version__
-
         typer.echo(f"cdcca {__version__}")
         raise typer.Exit()
 
@@ -72,8 +75,7 @@ def root_options(version: bool = typer.Option(False, "--version", callback=_prin
 @app.command()
 def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cache of the LLM from the GGUF file.")):
     """Find the packaged weights and data, build the LLM cache once, and print sizes and load times."""
-    from cdcca.assets import AssetError, cache_dir
-    from cdcca.cli.doctor import check_assets
+    from cdcca.cli.doctor import check_assets  # heavy: imported when the command runs, not for --help
 
     try:
         reports = check_assets(rebuild=rebuild)
@@ -88,8 +90,7 @@ def assets(rebuild: bool = typer.Option(False, help="Rebuild the safetensors cac
 
 
 def _eval_domain(model, prompter, data, n, domain, role, direct) -> dict:
-    from cdcca.data.stream import heldout_questions
-    from cdcca.runtime.evaluate import accuracy, domain_tokens
+    from cdcca.runtime.evaluate import accuracy, domain_tokens  # heavy: imported when the command runs, not for --help
 
     res = accuracy(model, prompter, data, heldout_questions(data, n, domain=domain), domain_tokens(domain, data), direct=direct)
     return {"model": role, "shift": str(domain) if domain.path else domain.corruption, "severity": domain.severity, **res}
@@ -110,15 +111,13 @@ def eval_cmd(
     torch_device: TorchDeviceOpt = None,
 ):
     """Held-out accuracy (direct answer and multiple choice, 0–1) of a model, clean or under shift."""
-    from cdcca.assets import AssetError, load_tokenizer
-    from cdcca.data.stream import Domain, resolve_sequence, stream_data
-    from cdcca.model.pair import load_pretrained
-    from cdcca.model.prompt import Prompter
+    from cdcca.model.pair import load_pretrained  # heavy: imported when the command runs, not for --help
+    from cdcca.model.prompt import Prompter  # heavy: imported when the command runs, not for --help
 
     torch_device = torch_device_or_fail(torch_device)   # the model moves there; tokens follow it (model/answer.py)
     use_threads(threads)
     if data_file is not None:
-        from cdcca.runtime.evaluate import evaluate_file
+        from cdcca.runtime.evaluate import evaluate_file  # heavy: imported when the command runs, not for --help
 
         with one_line_errors():
             result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights).to(torch_device), load_tokenizer(),
@@ -163,7 +162,7 @@ def packet_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Validate a packet and print its kind, metadata and tensor index (no tensors are built)."""
-    from cdcca import wire
+    from cdcca import wire  # heavy: imported when the command runs, not for --help
 
     try:
         size = file.stat().st_size
@@ -217,9 +216,7 @@ def demo(
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report.
     Without --preset or --config it runs the quick preset."""
-    from cdcca.assets import AssetError
-    from cdcca.bench.demo import run_demo
-    from cdcca.config import to_toml
+    from cdcca.bench.demo import run_demo  # heavy: imported when the command runs, not for --help
 
     preset = preset or (None if config else "quick")
     cfg = run_config(preset, config, set_, devices=devices, stream=stream, scenario=scenario,
@@ -231,7 +228,6 @@ def demo(
     use_threads(threads)
     try:
         if stream:
-            from cdcca.data.stream import resolve_sequence, stream_data
 
             stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
         metrics = run_demo(cfg, out, preset=preset or str(config), console=console, oracle=oracle)
@@ -256,7 +252,6 @@ def config_show(
     flower: bool = typer.Option(False, "--flower", help="The flat form instead (dotted keys; the Flower run config)."),
 ):
     """Print the resolved run config as TOML that runs again (`--config FILE`), each knob under its help."""
-    from cdcca.config import flat_toml, to_toml
 
     cfg = run_config(preset, config, set_, kind=kind)
     source = f"--preset {preset}" if preset else f"--config {config}" if config else "the defaults"
@@ -281,7 +276,7 @@ def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
                 preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None):
     """Create a device state dir holding the pretrained adapters as version 0; its UTS settings come from
     the run config (--preset, --config, --set; without any: the role's own defaults)."""
-    from cdcca.runtime.device import DeviceRuntime
+    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     uts = run_config(preset, config, set_).uts if preset or config or set_ else None
     try:
@@ -306,7 +301,6 @@ device_app.command("export")(device_export)
 def device_uplink(state: Path = typer.Option(..., help=STATE_HELP), out: Path = typer.Option(..., help="Where to write the uplink packet."),
                   max_samples: int = typer.Option(256, help="Most samples in one packet.")):
     """Pack pending outbox samples into an uplink packet (they stay in the outbox until acknowledged)."""
-    from cdcca.wire import write_packet
 
     packet = _device(state).collect_uplink(max_samples)
     if packet is None:
@@ -324,7 +318,6 @@ def device_ack(state: Path = typer.Option(..., help=STATE_HELP), ids: Path = typ
 @device_app.command("apply")
 def device_apply(packet: Path, state: Path = typer.Option(..., help=STATE_HELP)):
     """Verify and apply an update or resync packet atomically."""
-    from cdcca.wire import PacketError
 
     try:
         print(json.dumps(_device(state).apply(packet.read_bytes())))

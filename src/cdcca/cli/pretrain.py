@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from cdcca.assets import AssetError, cache_dir
+from cdcca.atomic import write_json
 from cdcca.cli.common import Recipe, Role, console, fail, torch_device_or_fail, use_threads
 
 # the options each recipe reads (besides --role, --init, --seed, --out, --force, --threads); any other is refused
@@ -53,7 +55,6 @@ def pretrain(
     split_layer: int | None = typer.Option(None, help="--recipe readout: decoder layers below this one stay frozen (default 24)."),
 ):
     """Train a role's bridge and adapters on easy-VQA train and export fp16 adapters with a recorded config."""
-    from cdcca.assets import cache_dir
 
     role, recipe = role.value, recipe.value
     refuse_unused(recipe, steps=steps, batch_size=batch_size, lr=lr, aug_share=aug_share, aug_family=aug_family,
@@ -68,7 +69,7 @@ def pretrain(
             _pretrain_readout(readout_samples, split_layer, batch_size, lr, aug_share, init, seed,
                               out or cache_dir() / "pretrained", force, torch_device)
             return
-        from cdcca.recipes.prefix_targets import TargetConfig
+        from cdcca.recipes.prefix_targets import TargetConfig  # heavy: imported when the command runs, not for --help
 
         targets = TargetConfig(**_given({"seed": seed}, images=target_images)) if recipe == "targets" else None
         _pretrain_consistency(steps, batch_size, lr, init, seed, out or cache_dir() / "pretrained", force, torch_device,
@@ -81,10 +82,9 @@ def pretrain(
 def _pretrain_end_to_end(role: str, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path, force: bool,
                          torch_device: str) -> None:
     """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
-    from cdcca.assets import AssetError
-    from cdcca.model.pair import build_model
-    from cdcca.recipes.pretrain import PretrainConfig
-    from cdcca.recipes.pretrain import pretrain as run_pretrain
+    from cdcca.model.pair import build_model  # heavy: imported when the command runs, not for --help
+    from cdcca.recipes.pretrain import PretrainConfig  # heavy: imported when the command runs, not for --help
+    from cdcca.recipes.pretrain import pretrain as run_pretrain  # heavy: imported when the command runs, not for --help
 
     overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
                        init=None if init is None else str(init),
@@ -146,9 +146,12 @@ def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], N
 
 def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
                           targets_cfg=None) -> None:
-    from cdcca.assets import AssetError
-    from cdcca.recipes.consistency import ConsistencyConfig, train_consistency, training_views
-    from cdcca.recipes.prefix_targets import targets_for, targets_key
+    from cdcca.recipes.consistency import (  # heavy: imported when the command runs, not for --help
+        ConsistencyConfig,
+        train_consistency,
+        training_views,
+    )
+    from cdcca.recipes.prefix_targets import targets_for, targets_key  # heavy: imported when the command runs, not for --help
 
     init = _cloud_init(init)
     given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
@@ -175,7 +178,7 @@ def _pretrain_consistency(steps, batch_size, lr, init, seed, out: Path, force: b
 
 def _cloud_init(init: Path | None) -> Path:
     """The cloud adapters a cloud-only recipe starts from: ``--init`` or the shipped ones."""
-    from cdcca.model.pair import weights_file
+    from cdcca.model.pair import weights_file  # heavy: imported when the command runs, not for --help
 
     init = Path(init or weights_file("cloud"))
     if not init.is_file():
@@ -185,8 +188,7 @@ def _cloud_init(init: Path | None) -> Path:
 
 def _write_stage(record: dict, init: Path, out: Path) -> None:
     """``out/cloud.json``: this stage's record, with the stages of ``init``'s record before it (a hash chain)."""
-    from cdcca.atomic import write_json
-    from cdcca.model.pair import pretrain_record
+    from cdcca.model.pair import pretrain_record  # heavy: imported when the command runs, not for --help
 
     previous = json.loads(init.with_suffix(".json").read_text()) if init.with_suffix(".json").is_file() \
         else pretrain_record("cloud")
@@ -197,9 +199,11 @@ def _write_stage(record: dict, init: Path, out: Path) -> None:
 
 def _pretrain_readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int, out: Path,
                       force: bool, torch_device: str = "cpu") -> None:
-    from cdcca.assets import AssetError
-    from cdcca.recipes.consistency import ConsistencyConfig, training_views
-    from cdcca.recipes.readout import ReadoutConfig, train_readout
+    from cdcca.recipes.consistency import (  # heavy: imported when the command runs, not for --help
+        ConsistencyConfig,
+        training_views,
+    )
+    from cdcca.recipes.readout import ReadoutConfig, train_readout  # heavy: imported when the command runs, not for --help
 
     init = _cloud_init(init)
     try:

@@ -15,8 +15,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from cdcca.data.corruptions import ALL_CORRUPTIONS
-from cdcca.data.easyvqa import VQASet
+from cdcca.data.corruptions import ALL_CORRUPTIONS, corrupt
+from cdcca.data.easyvqa import VQASet, load_split
+from cdcca.data.jsonl import load_jsonl
 
 # The device loses most on blur, pixelation and JPEG (the ImageNet encoder shrugs off noise and fog
 # on flat shapes), so the default sequence walks through those at high severity.
@@ -82,8 +83,6 @@ def stream_data(sequence: list[Domain]) -> VQASet:
 
 @lru_cache(maxsize=4)
 def _merged(files: tuple[str, ...]) -> VQASet:
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.jsonl import load_jsonl
 
     base = load_split("test")
     if not files:
@@ -138,7 +137,6 @@ def domain_images(domain: Domain, data: VQASet) -> np.ndarray:
     """The uint8 frames a device sees under ``domain``, one per image of ``data`` — the pictures behind
     :func:`cdcca.runtime.evaluate.domain_tokens` (the same corruption and seed), for a client that sends
     images to a device's API. A file domain's own images are sent as they are."""
-    from cdcca.data.corruptions import corrupt
 
     if domain.path is not None:
         return data.images

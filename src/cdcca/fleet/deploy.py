@@ -37,6 +37,7 @@ from pathlib import Path
 from cdcca.config import RunConfig, apply, flat_toml
 from cdcca.fleet import certs
 from cdcca.fleet.devices import init_devices, start_apis
+from cdcca.fleet.flower import ROUND_LOG, STOP_FILE
 from cdcca.fleet.processes import (
     Pids,
     ProcessError,
@@ -283,7 +284,6 @@ def run(state: str | os.PathLike[str], cfg: RunConfig, *, timeout: float = 3600,
         echo: Callable[[str], None] | None = print) -> RunResult:
     """``flwr run`` the fleet app with ``cfg`` (its ``fleet.rounds``; 0: until :func:`request_stop`) on the
     fleet in ``state`` and wait for it to finish. The fleet names the cloud dir, the models and the devices."""
-    from cdcca.fleet.flower import ROUND_LOG, STOP_FILE
 
     spec = FleetSpec.load(state)
     state = Path(spec.state)
@@ -334,7 +334,6 @@ def run_status(spec: FleetSpec, run_id: int) -> str:
 
 def request_stop(state: str | os.PathLike[str]) -> Path:
     """Ask the fleet's running ServerApp to end after its current round (it polls for this file)."""
-    from cdcca.fleet.flower import STOP_FILE
 
     spec = FleetSpec.load(state)
     path = Path(spec.state) / "cloud" / STOP_FILE

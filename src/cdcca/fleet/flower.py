@@ -34,6 +34,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from cdcca.config import RunConfig, from_flat
+from cdcca.data.scenario import stream_spec
+from cdcca.runtime.queue_status import outbox_queue
 
 ROUND_LOG = "fleet-rounds.jsonl"      # per-round metrics, one JSON object a line, in the cloud state dir
 STOP_FILE = "stop"                    # in the cloud state dir: the ServerApp ends after its current round
@@ -47,8 +49,6 @@ def run_config(context: Context) -> RunConfig:
 
 def new_device_stream(cfg: RunConfig, index: int, n_devices: int) -> dict:
     """A new device's request-stream settings: its slice of the run's scenario."""
-    from cdcca.data.scenario import stream_spec
-
     return stream_spec(cfg.data.domains, cfg.scenario, index=index, n_devices=n_devices)
 
 
@@ -98,7 +98,7 @@ def device_home(node_config: dict[str, Any], cfg: RunConfig) -> tuple[Path, str,
 
 def open_device(context: Context, cfg: RunConfig | None = None):
     """This node's device runtime, created on first use (version 0: the shipped device adapters)."""
-    from cdcca.runtime.device import CONFIG, DeviceRuntime
+    from cdcca.runtime.device import CONFIG, DeviceRuntime  # torch: imported only when a step runs
 
     cfg = cfg or run_config(context)
     data_dir, name, index, n = device_home(context.node_config, cfg)
@@ -116,8 +116,6 @@ def replays_stream(context: Context, cfg: RunConfig) -> bool:
 @client_app.query("status")
 def queue_status(msg: Message, context: Context) -> Message:
     """The outbox's queue for the round trigger: SQLite only, no torch, so polling it stays cheap."""
-    from cdcca.runtime.queue_status import outbox_queue
-
     data_dir, name, _, _ = device_home(context.node_config, run_config(context))
     return Message(RecordDict({"queue": ConfigRecord({"device-id": name, **outbox_queue(data_dir)})}), reply_to=msg)
 
@@ -125,7 +123,7 @@ def queue_status(msg: Message, context: Context) -> Message:
 @client_app.query("uplink")
 def uplink(msg: Message, context: Context) -> Message:
     from cdcca.fleet.traffic import serve_round  # torch: only when a step runs, not for every message
-    from cdcca.runtime.protocol import device_uplink
+    from cdcca.runtime.protocol import device_uplink  # (the same)
 
     ask, run = msg.content["config"], run_config(context)
     rnd = int(ask["round"])
@@ -139,7 +137,7 @@ def uplink(msg: Message, context: Context) -> Message:
 
 @client_app.train("apply")
 def apply(msg: Message, context: Context) -> Message:
-    from cdcca.runtime.protocol import DownlinkMessage, device_apply
+    from cdcca.runtime.protocol import DownlinkMessage, device_apply  # torch: only when a step runs
 
     down = msg.content["downlink"]
     with closing(open_device(context)) as device:

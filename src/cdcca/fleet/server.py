@@ -27,7 +27,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from cdcca import wire
 from cdcca.config import RunConfig
+from cdcca.data.stream import stream_candidates
 from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, _dict, run_config
 
 if TYPE_CHECKING:     # the protocol imports torch; the app imports it only when a step runs
@@ -108,9 +110,8 @@ def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> int:
 
 
 def open_cloud(cfg: RunConfig):
-    from cdcca.data.stream import stream_candidates
-    from cdcca.model.placement import check_torch_device
-    from cdcca.runtime.cloud import CloudRuntime
+    from cdcca.model.placement import check_torch_device  # torch: the app imports it when the cloud opens
+    from cdcca.runtime.cloud import CloudRuntime  # (the same)
 
     return CloudRuntime.open(cfg.fleet.cloud_dir, tiny=cfg.model.tiny,
                              candidates=None if cfg.model.tiny else stream_candidates(cfg.data.domains),
@@ -166,7 +167,7 @@ def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
 
 def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig) -> dict[int, UplinkMessage]:
     """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
-    from cdcca.runtime.protocol import UplinkMessage
+    from cdcca.runtime.protocol import UplinkMessage  # torch: only when a round runs
 
     names = {n.node_id: n.name for n in grid.get_nodes()}
     ask = ConfigRecord({"round": rnd, "max-samples": cfg.fleet.max_samples})
@@ -185,8 +186,6 @@ def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig) -> dict[int, UplinkMes
 
 def claims_own_name(node_id: int, registered: str, device_id: str, packet: bytes | None) -> bool:
     """A node speaks only for the device it was registered as, and its packet for that device too."""
-    from cdcca import wire
-
     try:
         named = packet and wire.describe(packet)["meta"].get("device_id")
     except wire.PacketError as exc:
@@ -210,7 +209,7 @@ def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage],
                  trained: dict[int, list[str]] | None = None) -> dict[int, DownlinkMessage]:
     """The cloud's step of the round for every device (all uploads committed first, so a fleet group's
     student sees all its members); a device whose packet is rejected is left out."""
-    from cdcca.runtime.protocol import cloud_round
+    from cdcca.runtime.protocol import cloud_round  # torch: only when a round runs
 
     def rejected(_nid: int, up: UplinkMessage, exc: Exception) -> None:
         log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
@@ -232,7 +231,7 @@ def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlin
                 log(INFO, "%s needs a full resync: %s", uplinks[stale[-1]].device_id, reply.content["resync"]["reason"])
             else:
                 statuses[msg.metadata.dst_node_id] = _dict(reply.content["status"])
-    from cdcca.runtime.protocol import cloud_resync
+    from cdcca.runtime.protocol import cloud_resync  # torch: only when a round runs
 
     resync = [_to(nid, "train.apply", rnd, downlink=ConfigRecord(
         {"acked": [], "packets": cloud_resync(cloud, uplinks[nid].device_id).packets})) for nid in stale]

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.data.features import augmented_features, cached_features
 from cdcca.model.bridge import Bridge, BridgeConfig
 from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
+from cdcca.recipes.pretrain import one_cycle_lr, random_keep
 
 
 @dataclass
@@ -118,7 +120,6 @@ def _draw_views(cfg: ConsistencyConfig, step: int, clean: torch.Tensor, variants
     """One step's (corrupted, clean, keep, image ids) batch; also seeds the bridge's dropout for the step.
 
     With ``target_images``, ``cfg.target_share`` of the batch is drawn from those images."""
-    from cdcca.recipes.pretrain import random_keep
 
     # randomness per (seed, step): a resumed run draws exactly what an uninterrupted one would
     rng = np.random.default_rng([cfg.seed, step])
@@ -165,7 +166,6 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     clean output as the target of those images (the others keep it, weighted ``cfg.w_frozen``).
     Resumable from ``out_dir/cloud.consistency.ckpt.safetensors``; returns the record it writes.
     """
-    from cdcca.recipes.pretrain import one_cycle_lr
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(init))
@@ -207,7 +207,6 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
 
 def training_views(cfg: ConsistencyConfig, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Clean train tokens and ``cfg.aug_variants`` corrupted copies (the pretraining feature caches)."""
-    from cdcca.data.features import augmented_features, cached_features
 
     return cached_features("train", device=device), [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
                                                      for v in range(cfg.aug_variants)]

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdcca.assets import load_tokenizer
+from cdcca.data.easyvqa import load_split
 from cdcca.model.mllm import MLLM, answer_loss
+from cdcca.model.pair import load_adapters_file
 from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256
@@ -195,9 +198,6 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tens
     The optimised prefixes (the costly part) are read from ``out_dir`` when a run with the same key
     left them there, else optimised and saved there; :func:`class_mean_targets` turns them into
     targets for all images. Returns (image ids, targets, stats)."""
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.model.pair import load_adapters_file
 
     key, path = targets_key(init, cfg), out_dir / "cloud.targets.safetensors"
     model = load_adapters_file("cloud", init).to(device)     # the prefixes' optimisation runs there

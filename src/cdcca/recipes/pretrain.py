@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
 from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.data.easyvqa import load_split
+from cdcca.data.features import augmented_features, cached_features
 from cdcca.metrics import cosine
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
@@ -90,7 +92,6 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
 
 def _training_features(cfg: PretrainConfig, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Cached clean train tokens and, when the batch mixes in corrupted copies, those copies' tokens."""
-    from cdcca.data.features import augmented_features, cached_features
 
     clean = cached_features("train", device=device)
     variants = [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
@@ -177,7 +178,6 @@ def _record(cfg: PretrainConfig, device: str, weights: Path, state: dict[str, to
 
 def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
     """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
-    from cdcca.data.easyvqa import load_split
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -21,11 +21,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_safetensors
+from cdcca.data.easyvqa import load_split
 from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
+from cdcca.model.pair import load_adapters_file
 from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter, TextBatch
 from cdcca.recipes.checkpoint import config_digest, file_sha256
+from cdcca.recipes.pretrain import one_cycle_lr
 
 
 @dataclass
@@ -122,7 +126,6 @@ def cache_lower(split: SplitLLM, data, prompter: Prompter, clean: torch.Tensor, 
 def tune_readout(model: MLLM, cfg: ReadoutConfig, data, prompter: Prompter, clean: torch.Tensor,
                  variants: list[torch.Tensor], progress=None) -> dict:
     """Train the upper layers' adapters of ``model`` in place; the loss curve and the times."""
-    from cdcca.recipes.pretrain import one_cycle_lr
 
     split = SplitLLM(model, cfg.split_layer)
     model.eval()                                   # no dropout: the cached lower states are deterministic
@@ -163,9 +166,6 @@ def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, clean: torch.Te
                   progress=None, device: str = "cpu") -> dict:
     """Read-out tuning of the cloud adapters in ``init``; writes ``out_dir/cloud.safetensors`` and
     returns its record (config, hashes, loss, times)."""
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import load_split
-    from cdcca.model.pair import load_adapters_file
 
     model = load_adapters_file("cloud", init).to(device)
     data = load_split("train")

@@ -148,7 +148,7 @@ class DeviceService:
     tokens, answers, UTS, outbox — is the runtime's (:meth:`DeviceRuntime.answer_images`)."""
 
     def __init__(self, state_dir: Path):
-        from cdcca.runtime.device import DeviceRuntime
+        from cdcca.runtime.device import DeviceRuntime  # torch: the app's schema and errors load without it
 
         self.runtime = DeviceRuntime.open(state_dir)
         self.lock = threading.Lock()

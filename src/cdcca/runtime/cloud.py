@@ -41,10 +41,14 @@ from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.akd.source_set import load_source_set, random_source_set
+from cdcca.assets import load_tokenizer
 from cdcca.atomic import link_or_copy, write_safetensors
+from cdcca.data.easyvqa import candidate_answers
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
+from cdcca.model.pair import role_model
+from cdcca.model.prompt import Prompter
 from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
 from cdcca.uplink import UplinkBatch, decode_uplink, default_token_basis, parse_code
@@ -364,10 +368,6 @@ def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,
                   torch_device: str = "cpu") -> tuple[AKD, AdapterState]:
     """The teacher, a student network and the prompter behind AKD, and the student's shipped adapters."""
     # the model stack stays unloaded until a round needs it (``cdcca cloud receive`` never does)
-    from cdcca.assets import load_tokenizer
-    from cdcca.data.easyvqa import candidate_answers
-    from cdcca.model.pair import role_model
-    from cdcca.model.prompt import Prompter
 
     teacher = role_model("cloud", tiny)
     student = role_model("device", tiny)

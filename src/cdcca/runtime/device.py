@@ -22,11 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
+from cdcca.data.easyvqa import candidate_answers
+from cdcca.data.jsonl import IMAGE_SIZE
 from cdcca.data.scenario import Scenario, stream_spec
+from cdcca.data.stream import stream_candidates
 from cdcca.model.answer import Answer, answer_all
+from cdcca.model.encoder import encode_images, load_encoder, tiny_encode
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
 from cdcca.model.pair import role_model
+from cdcca.model.prompt import Prompter
 from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
@@ -177,7 +183,6 @@ class DeviceRuntime:
     def warm_up(self) -> None:
         """Load and run the encoder, the model and the tokenizer once on a blank frame (nothing is queued),
         so a server's first request does not pay for them."""
-        from cdcca.data.jsonl import IMAGE_SIZE
 
         tokens = self.encode(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
         answer_all(self.model, self._prompter(), tokens, ["what shape is in the image?"], 1, self.uts.temperature)
@@ -185,7 +190,6 @@ class DeviceRuntime:
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """Visual tokens of uint8 images (N, H, W, 3): the shared frozen encoder (loaded on first use), or the
         tiny device's fixed projection."""
-        from cdcca.model.encoder import encode_images, load_encoder, tiny_encode
 
         if self.config.get("tiny"):
             return tiny_encode(images, self.model.cfg.bridge.token_dim).float()
@@ -210,10 +214,6 @@ class DeviceRuntime:
 
     def _prompter(self):
         if getattr(self, "_prompter_obj", None) is None:
-            from cdcca.assets import load_tokenizer
-            from cdcca.data.easyvqa import candidate_answers
-            from cdcca.data.stream import stream_candidates
-            from cdcca.model.prompt import Prompter
 
             stream = self.config["stream"]
             own = None if stream.get("tiny") else stream_candidates(stream.get("stream", "default"))

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from cdcca.data.easyvqa import VQASet
+from cdcca.data.features import cached_features, image_set_features
+from cdcca.data.jsonl import load_jsonl
 from cdcca.data.stream import Domain
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.mllm import MLLM
@@ -18,7 +20,6 @@ from cdcca.model.prompt import Prompter
 def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
     """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk, and in memory so
     per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
-    from cdcca.data.features import cached_features
 
     return cached_features("test", domain.corruption, domain.severity, seed)
 
@@ -39,7 +40,6 @@ def domain_tokens(domain: Domain, data: VQASet) -> torch.Tensor:
         out = torch.zeros(len(data.images), *base.shape[1:], dtype=base.dtype)
         out[:len(base)] = base
     else:
-        from cdcca.data.features import image_set_features
 
         start, end = data.sources[domain.path]
         own = image_set_features(data.images[start:end])       # the merged data holds the file's images
@@ -75,8 +75,6 @@ def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.nda
 def evaluate_file(model: MLLM, tokenizer, path, n: int | None = None, direct: bool = True) -> dict:
     """``{"data", "n", "da", "mc"}`` of a model on every row (or the first ``n``) of a VQA JSONL file;
     multiple choice is over the union of the file's candidates."""
-    from cdcca.data.features import image_set_features
-    from cdcca.data.jsonl import load_jsonl
 
     data = load_jsonl(path)
     prompter = Prompter(tokenizer, data.candidates)

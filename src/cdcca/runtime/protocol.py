@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdcca.runtime.adapter_store import StaleBaseError
+from cdcca.wire import PacketError
 
 
 @dataclass
@@ -100,7 +101,6 @@ def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing
     device's cloud seconds (AKD → DWC), ``receive_timing`` the seconds from its packet to its
     acknowledgements, and ``trained`` the sample ids AKD trained on (a group's training is counted on the
     member that ran it)."""
-    from cdcca.wire import PacketError
 
     received = {}
     for key, up in uplinks.items():

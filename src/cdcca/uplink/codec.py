@@ -24,6 +24,12 @@ from pathlib import Path
 
 import torch
 
+from cdcca.atomic import write_safetensors
+from cdcca.data.corruptions import CORRUPTIONS, corrupt_mixed
+from cdcca.data.easyvqa import load_split
+from cdcca.data.features import cached_features
+from cdcca.model.encoder import encode_images, load_encoder
+from cdcca.model.pair import weights_file
 from cdcca.uplink.codes import (  # noqa: F401  (re-exported: the code names' historical home)
     CODE_NAMES,
     EC_BITS_ESTIMATE,
@@ -80,7 +86,6 @@ class TokenBasis:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as fp16 safetensors (~1.3 MB for 2 × 256 × 1280), atomically."""
-        from cdcca.atomic import write_safetensors
 
         path = Path(path)
         write_safetensors(path, {"mean": self.mean.half(), "encoder": self.encoder.half(), "decoder": self.decoder.half()},
@@ -152,10 +157,6 @@ def _fit_set(n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
     """Tokens the shipped basis is fitted on: the first ``n_images`` clean train images (the cached
     features) and the next ``n_images`` under the cloud's training corruptions (each its own, severity
     3–5, seed 0) — the shifted tokens the device uploads lie off the clean ones' principal span."""
-    from cdcca.data.corruptions import CORRUPTIONS, corrupt_mixed
-    from cdcca.data.easyvqa import load_split
-    from cdcca.data.features import cached_features
-    from cdcca.model.encoder import encode_images, load_encoder
 
     clean = cached_features("train", limit=n_images)
     images = load_split("train").images[n_images:2 * n_images]
@@ -167,7 +168,6 @@ def _bridge_projections() -> list[torch.Tensor]:
     """token_proj.weight · token_norm.weight of the shipped cloud and device bridges."""
     from safetensors import safe_open
 
-    from cdcca.model.pair import weights_file
 
     out = []
     for role in ("cloud", "device"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cdcca.assets import cache_dir
 from cdcca.uplink.config import PCA_CODE, TOKEN_BASIS_PATH
 from cdcca.wire import PacketError
 
@@ -120,7 +121,6 @@ def basis_file() -> Path:
     :func:`~cdcca.uplink.codec.default_token_basis` builds once under ``$CDCCA_CACHE`` (maybe not yet)."""
     if TOKEN_BASIS_PATH.is_file():
         return TOKEN_BASIS_PATH
-    from cdcca.assets import cache_dir
 
     return cache_dir() / "token_basis.safetensors"
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from cdcca.model.answer import Answer
+from cdcca.model.answer import Answer, mc_predict
 from cdcca.uplink.config import UTSConfig
 from cdcca.uplink.packet import PACKET_OVERHEAD
 from cdcca.uplink.tokens import TokenStats, _check_tokens, score_ood, select_tokens
@@ -79,7 +79,6 @@ def view_uncertainty(model: torch.nn.Module, prompter, tokens: torch.Tensor, que
     when the device was sure of it — the confidently wrong answers (e.g. under pixelation) that no
     answer-only score can flag. Costs one extra MC forward (no generation) per request.
     """
-    from cdcca.model.answer import mc_predict
 
     x = _check_tokens(tokens)
     keep = select_tokens(score_ood(x, stats=stats, floor=floor), keep_ratio, "least")

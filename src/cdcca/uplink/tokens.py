@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from cdcca.assets import AssetError
+from cdcca.atomic import write_safetensors
+from cdcca.data.features import cached_features
 from cdcca.uplink.config import DIRECTIONS, N_TOKENS, TOKEN_STATS_PATH, UTSConfig
 
 
@@ -41,7 +44,6 @@ class TokenStats:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as fp16 safetensors (~250 KB for 49 × 1280), atomically."""
-        from cdcca.atomic import write_safetensors
 
         path = Path(path)
         write_safetensors(path, {"mean": self.mean.half(), "var": self.var.half()},
@@ -91,7 +93,6 @@ def collect_token_stats(tokens: torch.Tensor, chunk: int = 256) -> TokenStats:
 def build_token_stats(out: str | os.PathLike[str] | None = None) -> Path:
     """Compute the source statistics from the cached clean easy-VQA *train* features and write them
     (default: the packaged ``cdcca/weights/token_stats.safetensors``)."""
-    from cdcca.data.features import cached_features
 
     stats = collect_token_stats(cached_features("train"))
     path = stats.save(out or TOKEN_STATS_PATH)
@@ -102,7 +103,6 @@ def build_token_stats(out: str | os.PathLike[str] | None = None) -> Path:
 @lru_cache(maxsize=1)
 def default_token_stats() -> TokenStats:
     """The packaged source statistics (49 × 1280)."""
-    from cdcca.assets import AssetError
 
     if not TOKEN_STATS_PATH.is_file():
         raise AssetError(f"token statistics not found at {TOKEN_STATS_PATH}; build them with: "
