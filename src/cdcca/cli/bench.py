@@ -41,12 +41,17 @@ def bench_uts(
     threads: int | None = typer.Option(1, help="torch CPU threads (default 1: answer and UTS timed alike)."),
     codes: str | None = typer.Option(None, help="Comma-separated token codes to compare on the uploads, e.g. "
                                      "full-int8,pca128-int4,pca256-ec (default: full-int8 and five pca variants)."),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     torch_device: TorchDeviceOpt = None,
 ):
-    """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead."""
+    """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead; the
+    default upload is the run config's `uts` section."""
     from cdcca.bench.uts import run_bench  # heavy: imported when the command runs, not for --help
 
-    torch_device = torch_device_or_fail(torch_device)
+    cfg = run_config(preset, config, set_, torch_device=torch_device)
+    torch_device = cfg.torch_device
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
     from cdcca.uplink import parse_code  # heavy: imported when the command runs, not for --help
@@ -57,7 +62,7 @@ def bench_uts(
         fail(f"--codes: {exc}")
     use_threads(threads)
     try:
-        res = run_bench(n, repeats=repeats, log=None if as_json else console.print, torch_device=torch_device,
+        res = run_bench(n, cfg=cfg.uts, repeats=repeats, log=None if as_json else console.print, torch_device=torch_device,
                         **({} if code_list is None else {"codes": code_list}))
     except AssetError as exc:
         fail(str(exc))
