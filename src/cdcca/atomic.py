@@ -1,11 +1,14 @@
-"""One way to write a file so that a crash at any moment leaves either the old or the new content."""
+"""One way to write a file, and one way to change a SQLite store, so that a crash at any moment leaves
+either the old or the new content."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -67,3 +70,16 @@ def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str])
         return
     os.replace(tmp, target)
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error (a connection opened with
+    ``isolation_level=None``): every write of a store's transaction lands, or none does."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cdcca.adapter_state import state_hash
-from cdcca.akd.config import LabelPhase, PrefixPhase, Replay
+from cdcca.akd.config import LabelPhase, PrefixPhase, Replay, TrainedParams
 from cdcca.akd.distill import AKD as _AKD
 from cdcca.akd.distill import AKDConfig, Aligner, ReplayBuffer, wavelet_highband_l1
 from cdcca.akd.source_set import random_source_set
@@ -199,12 +199,16 @@ def test_akd_config_is_split_by_concern_and_each_knob_has_one_name():
         AKDConfig(labels=LabelPhase(epochs=0), prefix=PrefixPhase(epochs=0))
 
 
-def test_the_configs_parameter_names_are_the_groups_training_knows():
-    from cdcca.akd.config import PREFIX_PARAMS, TRAIN_PARAMS
-    from cdcca.akd.distill import TRAIN_GROUPS
-    from cdcca.akd.prefix import PREFIX_GROUPS
+def test_each_parameter_group_names_the_tensors_its_phase_moves(tiny_device):
+    from cdcca.akd.config import PREFIX_GROUPS, TRAIN_GROUPS
 
-    assert set(TRAIN_PARAMS) == set(TRAIN_GROUPS) and set(PREFIX_PARAMS) == set(PREFIX_GROUPS)
+    names = list(adapter_state(tiny_device))
+    bridge = [n for n in names if TRAIN_GROUPS["bridge"](n)]
+    assert bridge and len(bridge) + sum(TRAIN_GROUPS["lora"](n) for n in names) == len(names)
+    inputs = [n for n, _ in tiny_device.bridge.named_parameters() if PREFIX_GROUPS["input"](n)]
+    assert inputs and all(n.startswith(("token_norm.", "token_proj.", "pos")) for n in inputs)
+    with pytest.raises(ValueError, match=r"akd\.params\.train must be one of all, bridge, lora"):
+        TrainedParams(train="everything")
 
 
 def test_the_label_phase_loss_is_a_module_whose_parameters_are_the_aligners(tiny_device, tiny_cloud, prompter):

@@ -12,13 +12,23 @@ No torch here: a config is read by the command line before any model loads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # the paper's loss ablation (its Table 3): the label phase's terms switched off, by name
 LOSS_ABLATIONS = {"ce": {"w_mse": 0.0, "w_wave": 0.0, "w_kl": 0.0}, "ce+mse": {"w_wave": 0.0, "w_kl": 0.0},
                   "ce+mse+wave": {"w_kl": 0.0}, "full": {}}
-TRAIN_PARAMS = ("all", "bridge", "lora")        # akd.distill.TRAIN_GROUPS
-PREFIX_PARAMS = ("all", "input")                # akd.prefix.PREFIX_GROUPS
+# which adapter tensors (by name) each phase may move: the one table of them, read by the config's check
+# and by the phases themselves
+TRAIN_GROUPS: dict[str, Callable[[str], bool]] = {      # akd.params.train: the label phase
+    "all": lambda name: True,
+    "bridge": lambda name: name.startswith("bridge."),
+    "lora": lambda name: not name.startswith("bridge."),
+}
+PREFIX_GROUPS: dict[str, Callable[[str], bool]] = {     # akd.params.prefix_params: prefix distillation (bridge names)
+    "all": lambda name: True,
+    "input": lambda name: name.startswith(("token_norm.", "token_proj.", "pos")),
+}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -36,10 +46,10 @@ class TrainedParams:
         "all (2.4 M: +0.4 points dense, but DWC loses 4.5 of it)"))
 
     def __post_init__(self):
-        if self.train not in TRAIN_PARAMS:
-            raise ValueError(f"akd.params.train must be one of {', '.join(TRAIN_PARAMS)}; got {self.train!r}")
-        if self.prefix_params not in PREFIX_PARAMS:
-            raise ValueError(f"akd.params.prefix_params must be one of {', '.join(PREFIX_PARAMS)}; got {self.prefix_params!r}")
+        if self.train not in TRAIN_GROUPS:
+            raise ValueError(f"akd.params.train must be one of {', '.join(TRAIN_GROUPS)}; got {self.train!r}")
+        if self.prefix_params not in PREFIX_GROUPS:
+            raise ValueError(f"akd.params.prefix_params must be one of {', '.join(PREFIX_GROUPS)}; got {self.prefix_params!r}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cdcca.adapter_state import AdapterState
-from cdcca.akd.config import AKDConfig
+from cdcca.akd.config import TRAIN_GROUPS, AKDConfig
 from cdcca.akd.losses import AKDLoss, Aligner, answer_loss_per_sample, wavelet_highband_l1
 from cdcca.akd.prefix import PrefixTeacher, train_prefix
 from cdcca.akd.records import ReplayBuffer, TeacherRecord, with_true_labels
@@ -49,11 +49,6 @@ from cdcca.model.prompt import Prompter
 __all__ = ["AKD", "AKDConfig", "Aligner", "DistillStats", "ReplayBuffer", "StudentState", "TeacherRecord",
            "answer_loss_per_sample", "wavelet_highband_l1", "with_true_labels"]
 
-TRAIN_GROUPS = {     # AKDConfig.params.train → which adapter tensors the label phase moves
-    "all": lambda name: True,
-    "bridge": lambda name: name.startswith("bridge."),
-    "lora": lambda name: not name.startswith("bridge."),
-}
 
 
 @dataclass

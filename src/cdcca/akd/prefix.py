@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from cdcca.akd.config import PREFIX_GROUPS
 from cdcca.metrics import cosine
 from cdcca.model.bridge import Bridge
 
@@ -79,10 +80,6 @@ class PrefixTeacher:
 
 # which bridge parameters prefix distillation moves: all of them, or only the input side (token
 # LayerNorm, input projection, position table; ~0.33 M entries) so that the update is small
-PREFIX_GROUPS = {
-    "all": lambda name: True,
-    "input": lambda name: name.startswith(("token_norm.", "token_proj.", "pos")),
-}
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.akd.source_set import load_source_set, random_source_set
 from cdcca.assets import load_tokenizer
-from cdcca.atomic import link_or_copy, write_safetensors
+from cdcca.atomic import link_or_copy, transaction, write_safetensors
 from cdcca.data.easyvqa import candidate_answers
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
@@ -264,18 +264,13 @@ class CloudRuntime:
     def _commit_version(self, owner: str, version: int, new: int, new_hash: str, rnd: int, packet_path: Path,
                         nbytes: int, metrics: dict, samples: list[tuple[int, str]] = (), budget: int | None = None) -> None:
         """One transaction: the samples processed, the owner's mirror at ``new``, the stored update, the metrics."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.executemany("UPDATE samples SET round=? WHERE sample_id=?", samples)
-            self.db.execute("UPDATE devices SET version=?, hash=?, rounds=?, budget=COALESCE(?, budget) WHERE device_id=?",
-                            (new, new_hash, rnd, budget, owner))
-            self.db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)",
-                            (owner, version, new, packet_path.relative_to(self.dir).as_posix(), nbytes))
-            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (owner, rnd, json.dumps(metrics)))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        with transaction(self.db) as db:
+            db.executemany("UPDATE samples SET round=? WHERE sample_id=?", samples)
+            db.execute("UPDATE devices SET version=?, hash=?, rounds=?, budget=COALESCE(?, budget) WHERE device_id=?",
+                       (new, new_hash, rnd, budget, owner))
+            db.execute("INSERT OR REPLACE INTO updates VALUES (?,?,?,?,?)",
+                       (owner, version, new, packet_path.relative_to(self.dir).as_posix(), nbytes))
+            db.execute("INSERT OR REPLACE INTO metrics VALUES (?,?,?)", (owner, rnd, json.dumps(metrics)))
 
     def _deliver(self, device_id: str, owner: str) -> bytes | None:
         """Bring a group member to its group's mirror: the group's last update re-addressed to the

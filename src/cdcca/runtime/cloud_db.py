@@ -16,7 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdcca.atomic import write_json
+from cdcca.atomic import transaction, write_json
 from cdcca.uplink.check import CheckedUplink, check_uplink
 from cdcca.wire import require_plain_name, write_packet
 
@@ -77,15 +77,10 @@ def commit_uplink(db: sqlite3.Connection, state_dir: Path, uplink: bytes,
     if not path.exists():
         write_packet(path, uplink)
     device_id = checked.device_id
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.execute("INSERT OR IGNORE INTO packets VALUES (?,?,?,?)", (sha, device_id, len(uplink), time.time()))
         new = db.executemany("INSERT OR IGNORE INTO samples(sample_id, device_id, packet_sha) VALUES (?,?,?)",
                              [(sid, device_id, sha) for sid in checked.sample_ids]).rowcount
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return InboxReceipt(sha, checked.sample_ids, new)
 
 

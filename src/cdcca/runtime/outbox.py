@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdcca.atomic import transaction
 from cdcca.uplink import UplinkSample
 
 SCHEMA_VERSION = 1
@@ -88,7 +89,7 @@ class Outbox:
                 raise OutboxError(f"outbox {self.path} has schema version {version}; this cdcca reads "
                                   f"{SCHEMA_VERSION}: upgrade cdcca")
             if version == 0:
-                with self._tx():
+                with transaction(self._db):
                     for stmt in filter(str.strip, _SCHEMA.split(";")):
                         self._db.execute(stmt)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -107,23 +108,10 @@ class Outbox:
             raise
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _tx(self):
-        db = self._db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-                return False
-
-        return _Tx()
-
     def _run(self, fn):
         with self._lock:
             try:
-                with self._tx():
+                with transaction(self._db):
                     return fn(self._db)
             except sqlite3.DatabaseError as exc:
                 raise OutboxError(f"outbox {self.path} failed: {exc}") from None
