@@ -154,6 +154,16 @@ def bench_akd(
     print(json.dumps(rows))
 
 
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    """A table of strings: what every benchmark prints above its JSON."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _fmt3(v: float | None) -> str:
     """An accuracy to three places, or '-' where there is none."""
     return "-" if v is None else f"{v:.3f}"
@@ -161,29 +171,25 @@ def _fmt3(v: float | None) -> str:
 
 def _print_label_study(pooled: list[dict]) -> None:
     """The label study's table: teacher vs device MC on the uploads, pooled over the stream's domains."""
-    table = Table(title="Teacher vs device on the uploads (MC), pooled over the stream's domains")
-    for col in ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"):
-        table.add_column(col)
-    for r in pooled:
-        r["domain"] = "all"
-        lead = None if r["teacher_mc"] is None else r["teacher_mc"] - r["device_mc"]
-        table.add_row(r["domain"], str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}",
-                      f"{r['kept']}/{r['uploads']}", _fmt3(r["teacher_mc"]), _fmt3(r["device_mc"]),
-                      "-" if lead is None else f"{100 * lead:+.1f}")
+    def lead(r: dict) -> str:
+        return "-" if r["teacher_mc"] is None else f"{100 * (r['teacher_mc'] - r['device_mc']):+.1f}"
+
+    table = _table("Teacher vs device on the uploads (MC), pooled over the stream's domains",
+                   ("domain", "budget", "skip top", "labels", "gate", "kept/uploads", "teacher", "device", "lead"),
+                   [("all", str(r["budget"]), f"{r['skip_top']:.2f}", r["labels"], f"{r['gate']:.2f}",
+                     f"{r['kept']}/{r['uploads']}", _fmt3(r["teacher_mc"]), _fmt3(r["device_mc"]), lead(r)) for r in pooled])
     console.print(table)
 
 
 def _print_akd_rows(rows: list[dict]) -> None:
     """The ablation table: one row per (variant, seed)."""
-    table = Table(title="AKD on the stream (online MC: answers served; held-out MC after the stream)")
-    for col in ("variant", "seed", "online MC", "recovery", "held-out MC", "clean MC", "trained/uploads", "teacher on trained",
-                "device on trained", "down KiB/round", "teacher s", "student s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["variant"], str(r["seed"]), _fmt3(r.get("online_mc")),
-                      " ".join(f"{v:.2f}" for v in r.get("recovery") or []), _fmt3(r["adapted_mc"]), _fmt3(r["source_mc"]),
-                      f"{r['trained']}/{r['uploads']}", _fmt3(r["upload_teacher_mc"]), _fmt3(r["upload_device_mc"]),
-                      f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"]))
+    table = _table("AKD on the stream (online MC: answers served; held-out MC after the stream)",
+                   ("variant", "seed", "online MC", "recovery", "held-out MC", "clean MC", "trained/uploads",
+                    "teacher on trained", "device on trained", "down KiB/round", "teacher s", "student s"),
+                   [(r["variant"], str(r["seed"]), _fmt3(r.get("online_mc")),
+                     " ".join(f"{v:.2f}" for v in r.get("recovery") or []), _fmt3(r["adapted_mc"]), _fmt3(r["source_mc"]),
+                     f"{r['trained']}/{r['uploads']}", _fmt3(r["upload_teacher_mc"]), _fmt3(r["upload_device_mc"]),
+                     f"{r['bytes_down_per_round'] / 1024:.0f}", str(r["teacher_s"]), str(r["student_s"])) for r in rows])
     console.print(table)
 
 
@@ -208,13 +214,12 @@ def bench_dwc(
     except (FileNotFoundError, KeyError) as exc:
         fail(str(exc))
     if not as_json:
-        table = Table(title=f"DWC on {result['rounds']} rounds of AKD deltas (dense fp16 delta {result['dense_fp16_bytes'] / 1e6:.2f} MB)")
-        for col in ("setting", "bytes/round", "× dense fp16", "× device model", "held-out MC", "Δ vs dense"):
-            table.add_column(col)
-        for r in result["results"]:
-            table.add_row(r["setting"], str(r["bytes_per_round"]), f"{r['ratio_dense_fp16']:.4f}",
-                          f"{r.get('ratio_device_model', float('nan')):.2e}", f"{r['heldout_mc']:.3f}", f"{r['delta_vs_dense']:+.3f}")
-        console.print(table)
+        console.print(_table(
+            f"DWC on {result['rounds']} rounds of AKD deltas (dense fp16 delta {result['dense_fp16_bytes'] / 1e6:.2f} MB)",
+            ("setting", "bytes/round", "× dense fp16", "× device model", "held-out MC", "Δ vs dense"),
+            [(r["setting"], str(r["bytes_per_round"]), f"{r['ratio_dense_fp16']:.4f}",
+              f"{r.get('ratio_device_model', float('nan')):.2e}", f"{r['heldout_mc']:.3f}", f"{r['delta_vs_dense']:+.3f}")
+             for r in result["results"]]))
         console.print(f"throughput: {result['throughput']}")
     print(json.dumps(result))
 
@@ -239,12 +244,8 @@ def bench_fleet(
     except ValueError as exc:
         fail(str(exc))
     if not as_json:
-        table = Table(title=f"cloud runtime under {devices} devices × {rounds} rounds (tiny models)")
-        table.add_column("measure")
-        table.add_column("value")
-        for key, value in res.items():
-            table.add_row(key, str(value))
-        console.print(table)
+        console.print(_table(f"cloud runtime under {devices} devices × {rounds} rounds (tiny models)",
+                             ("measure", "value"), [(key, str(value)) for key, value in res.items()]))
     print(json.dumps(res))
 
 
@@ -272,13 +273,11 @@ def bench_cost(
             raise ValueError("--uploads, --devices, --per-device, --requests and --batch must be ≥ 1")
         res = run_cost(tiny, up, devs, per_device, requests, batch, torch_device, log=None if as_json else console.print)
     if not as_json:
-        table = Table(title=f"cost ({'tiny models' if tiny else 'real weights'}; cloud on {torch_device})")
-        for col in ("row", "uploads", "cloud s", "bytes up", "bytes down"):
-            table.add_column(col)
-        for r in res["cloud"]["by_uploads"] + res["cloud"]["by_devices"]:
-            table.add_row(f"{r['devices']} device(s){' one group' if r['group'] else ''}", str(r["uploads"]),
-                          str(r["cloud_s"]), str(r["bytes_up"]), str(r["bytes_down"]))
-        console.print(table)
+        console.print(_table(f"cost ({'tiny models' if tiny else 'real weights'}; cloud on {torch_device})",
+                             ("row", "uploads", "cloud s", "bytes up", "bytes down"),
+                             [(f"{r['devices']} device(s){' one group' if r['group'] else ''}", str(r["uploads"]),
+                               str(r["cloud_s"]), str(r["bytes_up"]), str(r["bytes_down"]))
+                              for r in res["cloud"]["by_uploads"] + res["cloud"]["by_devices"]]))
         d = res["device"]
         console.print(f"device: {d['per_request']} per request, {d['per_batch']} per batch, peak RSS {d['peak_rss_mib']} MiB, "
                       f"{d['params']['total']:,} params (cloud {res['cloud']['params']['total']:,}); "
@@ -303,12 +302,8 @@ def bench_api(
     with one_line_errors():
         res = run_bench(state, n, concurrency)
     if not as_json:
-        table = Table(title=f"device API on 127.0.0.1 ({n} requests each)")
-        for col in ("mode", "requests/s", "p50 ms", "p99 ms"):
-            table.add_column(col)
-        for r in res["rows"]:
-            table.add_row(r["mode"], str(r["requests_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]))
-        console.print(table)
+        console.print(_table(f"device API on 127.0.0.1 ({n} requests each)", ("mode", "requests/s", "p50 ms", "p99 ms"),
+                             [(r["mode"], str(r["requests_per_s"]), str(r["p50_ms"]), str(r["p99_ms"])) for r in res["rows"]]))
     print(json.dumps(res))
 
 
