@@ -92,8 +92,7 @@ def test_a_supernode_then_the_cloud_killed_mid_round_under_traffic_lose_nothing(
     from cdcca.fleet.processes import pids_with_args
 
     state = tmp_path / "fleet"
-    requests = scenario_requests(resolve("tiny", sets=["fleet.devices=2", "traffic.requests_per_device=2000",
-                                                       "stream.round_size=80"]))
+    requests = scenario_requests(resolve(sets=["fleet.devices=2", "traffic.requests_per_device=2000"]))   # 1,280 each
     config = resolve("tiny", sets=["fleet.rounds=0", "fleet.min_uploads=8", "fleet.status_every_s=1.0",
                                    "fleet.reply_timeout_s=15.0"])
     try:
