@@ -111,17 +111,17 @@ def test_read_out_settings_are_checked_before_anything_is_loaded_or_written(tmp_
 
 
 def test_a_continued_stage_is_up_to_date_only_for_the_same_config_and_the_same_start(tmp_path):
-    from cdcca.cli.pretrain import _up_to_date
+    from cdcca.cli.pretrain_stages import up_to_date
     from cdcca.recipes.checkpoint import file_sha256
 
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     first.write_bytes(b"one start")
     second.write_bytes(b"another start")
     (tmp_path / "cloud.json").write_text(json.dumps({"digest": "d1", "init_sha256": file_sha256(first)}))
-    assert _up_to_date("cloud", tmp_path, "d1", False, first)
-    assert not _up_to_date("cloud", tmp_path, "d1", False, second)      # same config from other weights: retrain
-    assert not _up_to_date("cloud", tmp_path, "d2", False, first)
-    assert not _up_to_date("cloud", tmp_path, "d1", True, first)        # --force
+    assert up_to_date("cloud", tmp_path, "d1", False, first)
+    assert not up_to_date("cloud", tmp_path, "d1", False, second)      # same config from other weights: retrain
+    assert not up_to_date("cloud", tmp_path, "d2", False, first)
+    assert not up_to_date("cloud", tmp_path, "d1", True, first)        # --force
 
 
 def test_a_bad_scenario_or_delay_fails_in_one_line_before_any_model_loads():

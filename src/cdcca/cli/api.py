@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from cdcca.atomic import atomic_write
-from cdcca.cli.common import console, fail, one_line_errors
+from cdcca.cli.common import console, fail, one_line_errors, open_device
 from cdcca.data.jsonl import load_jsonl
 
 STATE_HELP = "Device state dir (from `cdcca device init`)."
@@ -42,10 +42,9 @@ def device_api(
 def serve_requests(state: Path, requests: Path, out: Path, batch: int = 32) -> dict:
     """Answer every row of a VQA JSONL file (``answer`` optional) through the device's serving path;
     one JSON line per request in ``out``, written atomically; accuracy where rows carry answers."""
-    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     data = load_jsonl(requests, require_answer=False)
-    device = DeviceRuntime.open(state)
+    device = open_device(state)
     results = []
     try:
         for s in range(0, len(data.questions), batch):
@@ -70,7 +69,6 @@ def device_serve(
 ):
     """Answer requests — one round of the built-in stream, or a JSONL file; uncertain samples go to the outbox (UTS)."""
     from cdcca.fleet.traffic import serve_round  # heavy: imported when the command runs, not for --help
-    from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     if (round is None) == (requests is None):
         fail("give either --round R (the built-in stream) or --requests FILE.jsonl --out answers.jsonl")
@@ -80,7 +78,7 @@ def device_serve(
                 fail("--requests needs --out FILE.jsonl for the answers")
             print(json.dumps(serve_requests(state, requests, out)))
             return
-        device = DeviceRuntime.open(state)
+        device = open_device(state)
         try:
             print(json.dumps(serve_round(device, round)))
         finally:

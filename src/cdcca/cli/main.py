@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cdcca import __version__
+from cdcca import __version__, wire
 from cdcca.assets import AssetError, cache_dir, load_tokenizer
 from cdcca.cli.api import device_api, device_serve
 from cdcca.cli.bench import bench_app
@@ -162,8 +162,6 @@ def packet_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ):
     """Validate a packet and print its kind, metadata and tensor index (no tensors are built)."""
-    from cdcca import wire  # heavy: imported when the command runs, not for --help
-
     try:
         size = file.stat().st_size
         if size > wire.DEFAULT_LIMITS.max_bytes:

@@ -1,0 +1,135 @@
+"""The pretraining stages behind `cdcca pretrain`: each trains a role's adapters with one recipe, unless its
+record is up to date, and writes the weights and their record (a cloud stage chains the stages before it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cdcca.assets import AssetError
+from cdcca.atomic import write_json
+from cdcca.cli.common import console, fail
+from cdcca.model.pair import build_model, pretrain_record, weights_file
+from cdcca.recipes.checkpoint import file_sha256
+from cdcca.recipes.consistency import ConsistencyConfig, train_consistency, training_views
+from cdcca.recipes.prefix_targets import TargetConfig, targets_for, targets_key
+from cdcca.recipes.pretrain import PretrainConfig
+from cdcca.recipes.pretrain import pretrain as run_pretrain
+from cdcca.recipes.readout import ReadoutConfig, train_readout
+
+
+def end_to_end(role: str, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path, force: bool,
+                         torch_device: str) -> None:
+    """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
+    overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
+                       init=None if init is None else str(init),
+                       aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
+    try:
+        cfg = PretrainConfig.for_role(role, **overrides)
+    except ValueError as exc:
+        fail(str(exc))
+    if up_to_date(role, out, cfg.digest(), force):
+        return
+    try:
+        model = build_model(role)
+        with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
+            record = run_pretrain(model, cfg, out, device=torch_device, progress=progress, log=console.print)
+    except AssetError as exc:
+        fail(str(exc))
+    print(json.dumps(record, indent=2))
+
+
+def _given(base: dict, **options) -> dict:
+    """``base`` plus the options the user gave (None keeps the recipe's default)."""
+    return {**base, **{k: v for k, v in options.items() if v is not None}}
+
+
+def up_to_date(role: str, out: Path, digest: str, force: bool, init: Path | None = None) -> bool:
+    """Whether ``out/{role}.json`` already records this exact config — and, for a stage that continues
+    from ``init``, that same start (then say so and skip the run)."""
+    record_path = out / f"{role}.json"
+    if not record_path.is_file() or force:
+        return False
+    record = json.loads(record_path.read_text())
+    if record.get("digest") != digest or (init is not None and record.get("init_sha256") != file_sha256(init)):
+        return False
+    console.print(f"{role}: up to date at {out} (use --force to retrain)")
+    return True
+
+
+@contextmanager
+def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], None]]:
+    """A progress bar with the running loss; yields the ``progress(step, loss)`` callback the trainers take."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"))
+        yield lambda s, loss: bar.update(task, completed=s, loss=loss)
+
+
+def consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
+                target_images: int | None = None, targets: bool = False) -> None:
+    """The cloud bridge's consistency recipe; ``targets``: towards clean prefixes first optimised through the LLM."""
+    targets_cfg = TargetConfig(**_given({"seed": seed}, images=target_images)) if targets else None
+    init = _cloud_init(init)
+    given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
+    cfg = ConsistencyConfig(**given) if targets_cfg is None else \
+        ConsistencyConfig.for_targets(targets_key(init, targets_cfg), **given)
+    if up_to_date("cloud", out, cfg.digest(), force, init):
+        return
+    try:
+        clean, views = training_views(cfg)
+        targets = None
+        if targets_cfg is not None:
+            with _loss_bar("prefix targets (images)", targets_cfg.images) as progress:
+                targets = targets_for(init, targets_cfg, out, clean, progress, device=torch_device)
+        with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
+            record = train_consistency(init, cfg, out, clean, views, device=torch_device, progress=progress,
+                                       log=console.print, targets=None if targets is None else targets[:2])
+    except AssetError as exc:
+        fail(str(exc))
+    if targets is not None:
+        record["recipe"] = "targets"
+        record["targets"] = {"config": asdict(targets_cfg), "key": cfg.targets, **targets[2]}
+    _write_stage(record, init, out)
+
+
+def _cloud_init(init: Path | None) -> Path:
+    """The cloud adapters a cloud-only recipe starts from: ``--init`` or the shipped ones."""
+    init = Path(init or weights_file("cloud"))
+    if not init.is_file():
+        fail(f"--init {init} does not exist; pass a cloud.safetensors (e.g. the shipped src/cdcca/weights/cloud.safetensors)")
+    return init
+
+
+def _write_stage(record: dict, init: Path, out: Path) -> None:
+    """``out/cloud.json``: this stage's record, with the stages of ``init``'s record before it (a hash chain)."""
+    previous = json.loads(init.with_suffix(".json").read_text()) if init.with_suffix(".json").is_file() \
+        else pretrain_record("cloud")
+    record = {**record, "role": "cloud", "stages": previous.get("stages", [previous]) + [dict(record)]}
+    write_json(out / "cloud.json", record)
+    print(json.dumps(record, indent=2))
+
+
+def readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int, out: Path,
+            force: bool, torch_device: str = "cpu") -> None:
+    """The cloud's read-out recipe: its top decoder layers learn to read its bridge's prefix."""
+    init = _cloud_init(init)
+    try:
+        cfg = ReadoutConfig(**_given({"seed": seed}, samples=samples, split_layer=split_layer,
+                                     batch_size=batch_size, lr=lr, aug_share=aug_share))
+    except ValueError as exc:
+        fail(str(exc))
+    if up_to_date("cloud", out, cfg.digest(), force, init):
+        return
+    try:
+        clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
+        with _loss_bar("read-out (cloud top layers)", cfg.epochs * cfg.batches) as progress:
+            record = train_readout(init, cfg, out, clean, views, progress, device=torch_device)
+    except (AssetError, ValueError) as exc:
+        fail(str(exc))
+    _write_stage(record, init, out)
