@@ -50,7 +50,8 @@ def killed_after_two_rounds(root) -> None:
         torch.set_num_threads(2)                      # as the test process: reductions depend on it
         from cdcca.runtime.cloud import CloudRuntime
         from cdcca.runtime.device import DeviceRuntime
-        from cdcca.akd.distill import AKDConfig
+        from cdcca.akd.config import AKDConfig, LabelPhase, PrefixPhase, Replay
+        from cdcca.fleet.traffic import serve_round
         akd = AKDConfig(labels=LabelPhase(epochs=1, batch_size=4), prefix=PrefixPhase(epochs=2, batch_size=4), replay=Replay(per_round=1.0))
         device = DeviceRuntime.create({str(root / "dev")!r}, "dev-0", tiny=True)
         cloud = CloudRuntime.open({str(root / "cloud")!r}, tiny=True, akd=akd)
