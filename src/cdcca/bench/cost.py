@@ -13,17 +13,18 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from cdcca.config import RunConfig
 from cdcca.data.easyvqa import load_split
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.metrics import latency_ms
 from cdcca.model.mllm import is_adapter_key
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
-from cdcca.uplink import UTSConfig
 
 QUESTION = "What color is the shape?"
 
@@ -75,11 +76,12 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
 MAX_SERVED_ROUNDS = 16          # the persistent stream's length: enough for 16 × 80 = 1,280 uploads
 
 
-def cloud_round(root: Path, models, tiny: bool, devices: int, per_device: int, group: str | None, device_model) -> dict:
-    """One round: ``devices`` devices upload ``per_device`` samples each; the cloud's seconds and bytes."""
-
-    cloud = CloudRuntime(root / "cloud", models[0], models[1])
-    uts = UTSConfig(selection="budget", budget=per_device, token_scorer="energy" if tiny else "ood")
+def cloud_round(root: Path, models, cfg: RunConfig, devices: int, per_device: int, group: str | None, device_model) -> dict:
+    """One round: ``devices`` devices upload ``per_device`` samples each (the run's UTS, that budget); the
+    cloud's seconds and bytes (the run's DWC)."""
+    tiny = cfg.model.tiny
+    cloud = CloudRuntime(root / "cloud", models[0], models[1], cfg.dwc)
+    uts = replace(cfg.uts, selection="budget", budget=per_device)
     devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=tiny, uts=uts, model=device_model,
                                  stream={"index": i, "n_devices": devices, "per_round": per_device})
             for i in range(devices)]
@@ -118,9 +120,11 @@ def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
     return {"slope": round(float(slope), 5), "constant": round(float(const), 3), "r2": round(r2, 4)}
 
 
-def run_cost(tiny: bool = False, uploads=(64, 128, 256, 512), devices=(1, 8, 32), per_device: int = 16,
-             requests: int = 64, batch: int = 16, torch_device: str = "cpu", log=None) -> dict:
-    """The whole table (see the module docstring); ``tiny``: random tiny models (the keys, not the numbers)."""
+def run_cost(cfg: RunConfig, uploads=(64, 128, 256, 512), devices=(1, 8, 32), per_device: int = 16,
+             requests: int = 64, batch: int = 16, log=None) -> dict:
+    """The whole table (see the module docstring) for the run config's models (``model.tiny``: random tiny
+    ones, the keys and not the numbers), AKD, DWC and UTS, the cloud on ``torch_device``."""
+    tiny, torch_device = cfg.model.tiny, cfg.torch_device
 
     log = log or (lambda _m: None)
     t_start = time.perf_counter()
@@ -128,17 +132,17 @@ def run_cost(tiny: bool = False, uploads=(64, 128, 256, 512), devices=(1, 8, 32)
         root = Path(tmp)
         log("device: answer latency and memory …")
         device, device_model = device_costs(root, tiny, requests, batch)
-        first = CloudRuntime.open(root / "models", tiny=tiny, torch_device=torch_device)   # the models, loaded once
+        first = CloudRuntime.open(root / "models", tiny=tiny, akd=cfg.akd, torch_device=torch_device)   # loaded once
         models = (first.akd, first.initial_state)
         by_uploads = []
         for n in uploads:
             log(f"cloud: one device, {n} uploads …")
-            by_uploads.append(cloud_round(root / f"u{n}", models, tiny, 1, n, None, device_model))
+            by_uploads.append(cloud_round(root / f"u{n}", models, cfg, 1, n, None, device_model))
         by_devices = []
         for d in devices:
             for group in (None, "all"):
                 log(f"cloud: {d} devices × {per_device} uploads, {'one group' if group else 'a student each'} …")
-                by_devices.append(cloud_round(root / f"d{d}-{group}", models, tiny, d, per_device, group, device_model))
+                by_devices.append(cloud_round(root / f"d{d}-{group}", models, cfg, d, per_device, group, device_model))
         first.close()
     cloud = {"params": _params(models[0].teacher), "torch_device": torch_device, "peak_rss_mib": _rss_mib(),
              "by_uploads": by_uploads, "by_devices": by_devices,

@@ -256,22 +256,28 @@ def bench_cost(
     per_device: int = typer.Option(16, help="Uploads per device in the devices rows."),
     requests: int = typer.Option(64, help="Requests timed one at a time on the device."),
     batch: int = typer.Option(16, help="Requests per batch in the batched timing."),
-    tiny: bool = typer.Option(False, help="Tiny random models: the table's shape in seconds, not its numbers."),
+    tiny: bool = typer.Option(False, help="Tiny random models (the tiny preset): the table's shape in seconds, not its numbers."),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
 ):
-    """One cost table: device latency, memory and size against the cloud's; cloud s per round by uploads and devices; bytes."""
+    """One cost table: device latency, memory and size against the cloud's; cloud s per round by uploads and devices;
+    bytes. The run config's AKD, DWC and UTS (its budget set per row)."""
     from cdcca.bench.cost import run_cost  # heavy: imported when the command runs, not for --help
 
-    torch_device = torch_device_or_fail(torch_device)
+    cfg = run_config(preset or ("tiny" if tiny and config is None else None), config,
+                     (set_ or []) + (["model.tiny=true"] if tiny else []), torch_device=torch_device)
+    tiny, torch_device = cfg.model.tiny, cfg.torch_device
     use_threads(threads)
     with one_line_errors():
         up = [int(x) for x in uploads.split(",") if x.strip()]
         devs = [int(x) for x in devices.split(",") if x.strip()]
         if not up or not devs or min(up + devs + [per_device, requests, batch]) < 1:
             raise ValueError("--uploads, --devices, --per-device, --requests and --batch must be ≥ 1")
-        res = run_cost(tiny, up, devs, per_device, requests, batch, torch_device, log=None if as_json else console.print)
+        res = run_cost(cfg, up, devs, per_device, requests, batch, log=None if as_json else console.print)
     if not as_json:
         console.print(_table(f"cost ({'tiny models' if tiny else 'real weights'}; cloud on {torch_device})",
                              ("row", "uploads", "cloud s", "bytes up", "bytes down"),
