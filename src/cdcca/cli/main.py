@@ -46,6 +46,7 @@ from cdcca.cli.common import (
     torch_device_or_fail,
     use_threads,
 )
+from cdcca.cli.data import data_app
 from cdcca.cli.export import device_export
 from cdcca.cli.fleet import fleet_app
 from cdcca.cli.pretrain import pretrain
@@ -59,6 +60,7 @@ packet_app = typer.Typer(no_args_is_help=True, help="Inspect uplink/update packe
 app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(data_app, name="data")
 app.command()(pretrain)
 
 
