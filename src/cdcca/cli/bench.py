@@ -268,8 +268,7 @@ def bench_cost(
     bytes. The run config's AKD, DWC and UTS (its budget set per row)."""
     from cdcca.bench.cost import run_cost  # heavy: imported when the command runs, not for --help
 
-    cfg = run_config(preset or ("tiny" if tiny and config is None else None), config,
-                     (set_ or []) + (["model.tiny=true"] if tiny else []), torch_device=torch_device)
+    cfg = run_config(preset, config, set_, tiny=tiny, torch_device=torch_device)
     tiny, torch_device = cfg.model.tiny, cfg.torch_device
     use_threads(threads)
     with one_line_errors():

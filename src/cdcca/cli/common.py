@@ -94,14 +94,19 @@ SHORTCUTS = {"stream": "data.domains", "scenario": "stream.scenario", "rounds_pe
              "devices": "fleet.devices", "group": "fleet.group", "seed": "seed", "torch_device": "torch_device"}
 
 
-def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", **shortcuts):
-    """The command's :class:`~cdcca.config.RunConfig`: ``--preset`` or ``--config``, its shortcut options
-    (those given), then ``--set``; a bad name or value is :func:`fail`'s one line before anything loads."""
-
+def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", tiny: bool = False,
+               overrides: dict | None = None, **shortcuts):
+    """The command's :class:`~cdcca.config.RunConfig`: ``--preset`` or ``--config``, its own options (the
+    shortcuts' and ``overrides``' dotted keys, those given), then ``--set``; ``tiny`` models start from the
+    tiny preset when no other is named (their devices score tokens without the real encoder's statistics).
+    A bad name or value is :func:`fail`'s one line before anything loads."""
     if shortcuts.get("torch_device") is not None:
         shortcuts["torch_device"] = torch_device_or_fail(shortcuts["torch_device"])
+    if tiny and not preset and config is None:
+        preset = "tiny"
+    given = {**{SHORTCUTS[k]: v for k, v in shortcuts.items()}, **(overrides or {}), **({"model.tiny": True} if tiny else {})}
     try:
-        return resolve(preset, config, sets or [], {SHORTCUTS[k]: v for k, v in shortcuts.items()}, kind=kind)
+        return resolve(preset, config, sets or [], given, kind=kind)
     except ValueError as exc:
         fail(str(exc))
         raise   # unreachable: fail raises

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from cdcca.cli.common import console, fail
+from cdcca.data.fashion_mnist import DEBIAN_DIR, IDXError, write_task
 
 data_app = typer.Typer(no_args_is_help=True, help="Write a real dataset as a VQA task: train.jsonl, test.jsonl and PNG images.")
 
@@ -23,7 +24,6 @@ def fashion_mnist(
 ):
     """Fashion-MNIST (70,000 product photos, 10 classes, MIT licence) as a VQA task: what the item is, whether
     it is footwear, what kind of item it is; every row names its question's candidates."""
-    from cdcca.data.fashion_mnist import DEBIAN_DIR, IDXError, write_task  # numpy, PIL: not for --help
 
     if train < 0 or test < 0:
         fail(f"--train and --test must be ≥ 0 (0: all), got {train} and {test}")

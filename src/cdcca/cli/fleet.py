@@ -65,12 +65,10 @@ def fleet_run(
 ):
     """Run the fleet app (`flwr run`) with the run config, stream its log to stderr, print the per-round records as JSON."""
 
-    if preset is None and config is None and (state / "fleet.json").is_file() and _deploy().FleetSpec.load(state).tiny:
-        preset = "tiny"                     # a tiny fleet's devices score tokens without the real encoder's statistics
+    tiny = (state / "fleet.json").is_file() and _deploy().FleetSpec.load(state).tiny
     flags = {"fleet.rounds": rounds, "fleet.round_every_s": round_every, "fleet.min_uploads": min_uploads,
              "fleet.traffic": traffic}
-    cfg = run_config(preset, config, [f"{k}={v}" if not isinstance(v, str) else f'{k}="{v}"'
-                                      for k, v in flags.items() if v is not None] + (set_ or []))
+    cfg = run_config(preset, config, set_, tiny=tiny, overrides=flags)
     try:
         result = _deploy().run(state, cfg, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
     except (_deploy().DeployError, ValueError) as exc:

@@ -33,8 +33,7 @@ def bench_live(
 
     flags = {"traffic.requests_per_device": requests_per_device, "traffic.rate": rate, "fleet.min_uploads": min_uploads,
              "fleet.round_every_s": round_every}
-    cfg = run_config(None if config else preset, config,
-                     [f"{k}={v}" for k, v in flags.items() if v is not None] + (set_ or []),
+    cfg = run_config(None if config else preset, config, set_, overrides=flags,
                      devices=devices, scenario=scenario, stream=stream, seed=seed)
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` tears the fleet down as Ctrl-C does
     try:

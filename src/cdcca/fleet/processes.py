@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cdcca
+
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",                       # no usage pings
     "FLWR_DISABLE_UPDATE_CHECK": "1",                    # no version check on start
@@ -91,8 +93,6 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     env = {**os.environ, **FLOWER_ENV}
     bin_dir = str(Path(sys.executable).parent)           # flwr-serverapp / flwr-clientapp of this venv
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    import cdcca
-
     src = str(Path(cdcca.__file__).resolve().parents[1])  # so app processes import this very cdcca
     env["PYTHONPATH"] = os.pathsep.join(p for p in [src, env.get("PYTHONPATH", "")] if p)
     if flwr_home is not None:
