@@ -240,10 +240,7 @@ def apply(cfg: Any, settings: dict[str, Any], where: str = "") -> Any:
             changes[name] = apply(current, value, f"{where}{name}.")
         else:
             changes[name] = _coerce(value, hints[name], where + name)
-    try:
-        return replace(cfg, **changes) if changes else cfg
-    except TypeError as exc:
-        raise ValueError(f"settings {where or ''}: {exc}") from None
+    return replace(cfg, **changes) if changes else cfg
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

@@ -133,7 +133,6 @@ def run_variant(models: BenchModels, name: str, seed: int, base: RunConfig, sets
     """One bench row: a variant of the collaborative loop from the pretrained pair, on one seed."""
     import torch
 
-
     cfg, how = loop_config(name, seed, base, sets)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -249,7 +248,6 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     from pathlib import Path
 
     import torch
-
 
     data = load_split("test")
     prompter = Prompter(load_tokenizer(), data.candidates)

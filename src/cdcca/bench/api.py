@@ -50,7 +50,6 @@ def _serve(app, port: int):
 def run_bench(state: Path, n: int = 64, concurrency: int = 8, max_batch: int = 16) -> dict:
     import httpx
 
-
     data = load_split("test")
     qids = np.arange(n) * 7 % len(data.questions)
     bodies = [{"model": "cdcca-device", "messages": [{"role": "user", "content": [

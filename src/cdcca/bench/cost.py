@@ -50,7 +50,6 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
     """Answer latency per request and per batch on a fresh device; its RSS and parameters; its model."""
     import torch
 
-
     dev = DeviceRuntime.create(root / "latency", "latency", tiny=tiny)
     images = _images(max(requests, batch))
     with torch.no_grad():

@@ -53,7 +53,6 @@ def _cached_reference(role: str, what: str, domains: list[Domain], compute: Call
     import hashlib
     import json
 
-
     if any(d.path for d in domains):
         return compute()
     sha = pretrain_record(role).get("sha256", "unknown")[:16]
@@ -77,7 +76,6 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     what any teacher could pass on with this data. Cached by the weights' hashes and the settings."""
     import hashlib
     import json
-
 
     loop = replace(cfg, eval=replace(cfg.eval, curve_n=0))       # the last round's held-out accuracy only
     files = [hashlib.sha256(Path(d.path).read_bytes()).hexdigest() for d in resolve_sequence(cfg.data.domains) if d.path]

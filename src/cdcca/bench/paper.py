@@ -125,7 +125,6 @@ def _teacher_row(models: BenchModels, cell: Cell, base: RunConfig) -> dict:
     """The cloud model's held-out accuracy on every domain with all tokens: what the teacher knows."""
     import numpy as np
 
-
     t0 = time.perf_counter()
     row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
     measure_heldout(row, models.teacher, models.prompter, models.data, resolve_sequence("default"), base.eval.heldout_n,
@@ -138,7 +137,6 @@ def reference_sizes(models: BenchModels, per_domain: int = 64) -> dict:
     """What Table 5 compares against: mean PNG / 224-px JPEG bytes of the stream's shifted frames (the
     first ``per_domain`` stream images of each default domain), adapter entries and device parameters."""
     import numpy as np
-
 
     images = split_images(len(models.data.images))[0][:per_domain]
     png, jpeg = [], []

@@ -168,7 +168,6 @@ def _bridge_projections() -> list[torch.Tensor]:
     """token_proj.weight · token_norm.weight of the shipped cloud and device bridges."""
     from safetensors import safe_open
 
-
     out = []
     for role in ("cloud", "device"):
         with safe_open(str(weights_file(role)), framework="pt") as f:
