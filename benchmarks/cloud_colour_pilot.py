@@ -23,12 +23,13 @@ import torch
 from cdcca.data.easyvqa import load_split
 from cdcca.model.pair import SHIPPED_WEIGHTS, build_model
 from cdcca.recipes import pretrain as recipe
-from cdcca.recipes.prefix_targets import question_kind
+
+NOT_COLOURS = {"yes", "no", "circle", "rectangle", "triangle"}   # easy-VQA's other answers
 
 
 def colour_questions() -> np.ndarray:
     data = load_split("train")
-    return np.flatnonzero([question_kind(a) == "colour" for a in data.answers])
+    return np.flatnonzero([a not in NOT_COLOURS for a in data.answers])
 
 
 def colour_heavy_batches(colour: np.ndarray):

@@ -59,8 +59,8 @@ def main() -> None:
     cfg = ReadoutConfig(split_layer=args.split_layer, samples=args.samples, epochs=args.epochs, lr=args.lr,
                         aug_share=args.aug_share)
     train, test = load_split("train"), load_split("test")
-    clean, views = training_views(ConsistencyConfig())
-    ids, test_tokens = np.random.default_rng(1).choice(len(test), 600, replace=False), cached_features("test")
+    clean, views = training_views(ConsistencyConfig(), train)
+    ids, test_tokens = np.random.default_rng(1).choice(len(test), 600, replace=False), cached_features(test)
     before = test_mc(SplitLLM(model, cfg.split_layer), prompter, test, ids, test_tokens)
     stats = tune_readout(model, cfg, train, prompter, clean, views)
     after = test_mc(SplitLLM(model, cfg.split_layer), prompter, test, ids, test_tokens)

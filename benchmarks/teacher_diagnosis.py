@@ -27,19 +27,23 @@ from cdcca.data.features import cached_features
 from cdcca.model.answer import mc_predict
 from cdcca.model.pair import load_pretrained
 from cdcca.model.prompt import Prompter
-from cdcca.recipes.prefix_targets import question_kind
+
+
+def kind(answer: str) -> str:
+    """easy-VQA's three kinds of answer."""
+    return "yes/no" if answer in ("yes", "no") else "shape" if answer in ("circle", "rectangle", "triangle") else "colour"
 
 
 def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:
     """MC accuracy and wrong answers per question type on ``n`` random clean questions of ``split``."""
-    data, tokens = load_split(split), cached_features(split)
+    data, tokens = load_split(split), cached_features(load_split(split))
     ids = np.random.default_rng(1).choice(len(data), n, replace=False)
     wrong, total = {}, {}
     for s in range(0, n, 64):
         b = ids[s:s + 64]
         picks = mc_predict(model, prompter, tokens[data.image_ids[b]], [data.questions[i] for i in b]).argmax(-1)
         for i, p in zip(b, picks):
-            k = question_kind(data.answers[i])
+            k = kind(data.answers[i])
             total[k] = total.get(k, 0) + 1
             wrong[k] = wrong.get(k, 0) + int(prompter.candidates[int(p)] != data.answers[i])
     return {"mc": 1 - sum(wrong.values()) / n, "wrong": wrong, "questions": total}
@@ -48,7 +52,7 @@ def errors_by_type(model, prompter: Prompter, split: str, n: int) -> dict:
 def colours_of(split: str) -> dict[int, str]:
     """Image id → the colour of its shape, from the colour questions' answers."""
     data = load_split(split)
-    return {int(i): a for a, i in zip(data.answers, data.image_ids) if question_kind(a) == "colour"}
+    return {int(i): a for a, i in zip(data.answers, data.image_ids) if kind(a) == "colour"}
 
 
 def colour_probe(model, n_train: int = 2000, n_test: int = 500, steps: int = 300) -> dict:
@@ -58,7 +62,7 @@ def colour_probe(model, n_train: int = 2000, n_test: int = 500, steps: int = 300
     sets = []
     for split, labels, n in (("train", train, n_train), ("test", test, n_test)):
         ids = np.array(sorted(labels))[:n]
-        x = bridge_prefix(model.bridge, cached_features(split)[ids]).flatten(1)
+        x = bridge_prefix(model.bridge, cached_features(load_split(split))[ids]).flatten(1)
         sets.append((x, torch.tensor([names.index(labels[int(i)]) for i in ids])))
     (xtr, ytr), (xte, yte) = sets
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-4

@@ -25,6 +25,12 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _shipped_pair(monkeypatch):
+    """Every test starts serving the shipped pair; one that serves another (``use(DIR)``) is undone after it."""
+    monkeypatch.delenv("CDCCA_WEIGHTS", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from cdcca.assets import load_tokenizer

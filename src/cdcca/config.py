@@ -44,6 +44,8 @@ def _help(text: str) -> dict[str, str]:
 class ModelSection:
     tiny: bool = field(default=False, metadata=_help(
         "tiny random models (tests, seconds): checks the plumbing, its accuracy means nothing"))
+    weights: str | None = field(default=None, metadata=_help(
+        "a trained pair's directory (cdcca pretrain --data … --out DIR); unset: the shipped pair, trained on easy-VQA"))
 
 
 @dataclass

@@ -13,13 +13,14 @@ from cdcca.data.stream import (
     domain_split,
     heldout_questions,
     resolve_sequence,
-    stream_candidates,
     stream_data,
 )
+from cdcca.data.task import Task
+from cdcca.trained_pair import PairError, run_stream
 
 
-def write_domain(folder, name, n_images=12, answers=("red", "blue", "maybe")):
-    """A user's JSONL domain built from easy-VQA test images, with one answer the built-in set lacks."""
+def write_domain(folder, name, n_images=12, answers=("red", "blue", "yes")):
+    """A user's JSONL domain built from easy-VQA test images (answers of the shipped pair's set by default)."""
     from cdcca.data.easyvqa import load_split
 
     test = load_split("test")
@@ -47,18 +48,18 @@ def test_builtin_streams_are_unchanged_by_the_merge():
     from cdcca.data.easyvqa import load_split
 
     domains = resolve_sequence("default")
-    assert stream_data(domains) is load_split("test") and stream_candidates("default") is None
+    assert stream_data(domains, Task()) is load_split("test") and run_stream("default") is load_split("test")
 
 
 def test_file_domains_get_their_own_halves_and_the_candidate_union(tmp_path):
     a = write_domain(tmp_path / "a", "a")
     b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))
     domains = resolve_sequence(f"pixelate:5,{a},{b}")
-    data = stream_data(domains)
-    base = stream_data(resolve_sequence("default"))
+    data = stream_data(domains, Task())
+    base = stream_data(resolve_sequence("default"), Task())
     assert len(data.images) == len(base.images) + 24 and data.sources[a] == (1000, 1012)
-    assert data.candidates[:13] == base.candidates and {"maybe", "perhaps"} <= set(data.candidates[13:])
-    assert stream_candidates(f"{a},{b}") == data.candidates
+    assert data.candidates[:13] == base.candidates and data.candidates[13:] == ["perhaps"]
+    assert run_stream(f"{a},{b}", tiny=True).candidates == data.candidates      # tiny models take the union
     stream_imgs, held = domain_split(data, domains[1])
     assert set(stream_imgs) | set(held) == set(range(1000, 1012)) and not set(stream_imgs) & set(held)
     chunks = scenario_chunks(data, domains, Scenario("one-round", round_size=20))
@@ -74,12 +75,12 @@ def test_file_domain_tokens_and_requests(tmp_path):
     from cdcca.runtime.evaluate import domain_tokens
 
     a = write_domain(tmp_path / "a", "a")
-    data = stream_data(resolve_sequence(f"jpeg:5,{a}"))
+    data = stream_data(resolve_sequence(f"jpeg:5,{a}"), Task())
     tokens = domain_tokens(Domain.parse(a), data)
     assert tokens.shape == (1012, 49, 1280) and tokens[1000:].abs().sum() > 0 and tokens[:1000].abs().sum() == 0
     spec = {"stream": f"jpeg:5,{a}", "per_domain": 8, "index": 0, "n_devices": 1, "device_id": "d"}
     toks, questions, gold, _, domain = SimulatedTraffic(spec).chunk(1)
-    assert domain == a and toks.shape[0] == len(questions) == 8 and all(g in ("red", "blue", "maybe") for g in gold)
+    assert domain == a and toks.shape[0] == len(questions) == 8 and all(g in ("red", "blue", "yes") for g in gold)
 
 
 def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
@@ -87,7 +88,7 @@ def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
     from cdcca.bench.demo import run_demo
 
     a = write_domain(tmp_path / "a", "a")
-    b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))
+    b = write_domain(tmp_path / "b", "b", answers=("green", "no"))
     from cdcca.config import resolve
 
     cfg = resolve("quick", sets=[f'data.domains="{a},{b}"', "stream.rounds_per_domain=1", "stream.round_size=8",
@@ -97,6 +98,14 @@ def test_the_demo_runs_on_two_jsonl_domains(tmp_path):
     assert metrics["summary"]["domains"] == [a, b]
     assert len(metrics["rounds"]) == 2 and all(r["uploads"] > 0 for r in metrics["rounds"])
     assert [r["source_only_online_mc"] is not None for r in metrics["rounds"]] == [True, True]
+
+
+def test_a_file_with_answers_the_pair_never_learnt_is_refused_in_one_line(tmp_path):
+    """The shipped pair knows easy-VQA's 13 answers; a file answering 'perhaps' would silently score 0."""
+    b = write_domain(tmp_path / "b", "b", answers=("green", "perhaps"))
+    with pytest.raises(PairError, match=r"\['perhaps'\] are not in the pair's answer set \(easy-vqa, 13 answers") as err:
+        run_stream(f"pixelate:5,{b}")
+    assert "\n" not in str(err.value) and "--weights" in str(err.value)
 
 
 def test_candidates_sharing_a_first_token_are_named(tokenizer):

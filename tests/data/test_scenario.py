@@ -91,7 +91,7 @@ def test_jsonl_domains_take_part_in_a_scenario(tmp_path):
     assert [str(s.domain) for s in slots] == ["jpeg:5", "jpeg:5", a, a] * 2
     spec = {"stream": f"jpeg:5,{a}", **Scenario("recurring", round_size=6).spec(), "index": 0, "n_devices": 1, "device_id": "d"}
     _, questions, gold, _, domain = SimulatedTraffic(spec).chunk(2)
-    assert domain == a and len(questions) == 6 and all(g in ("red", "blue", "maybe") for g in gold)
+    assert domain == a and len(questions) == 6 and all(g in ("red", "blue", "yes") for g in gold)
 
 
 def test_recovery_curve_averages_each_round_of_a_domain_over_domains():

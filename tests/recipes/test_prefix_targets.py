@@ -23,13 +23,14 @@ from cdcca.recipes.prefix_targets import (
 ANSWERS = ["yes", "red", "no", "circle", "no", "blue", "yes", "triangle"]
 
 
-def test_an_image_s_colour_and_shape_questions_come_first():
-    rows = list(range(len(ANSWERS)))
-    picked = pick_questions(ANSWERS, rows, 4, np.random.default_rng(0))
-    assert ANSWERS[picked[0]] in ("red", "blue") and ANSWERS[picked[1]] in ("circle", "triangle")
-    assert [ANSWERS[r] for r in picked[2:]] and all(ANSWERS[r] in ("yes", "no") for r in picked[2:])
+def test_an_image_s_facts_come_first_one_question_each_then_yes_no():
+    """A fact is any answer but yes/no (easy-VQA: colour, shape; Fashion-MNIST: item, kind): no task knowledge."""
+    answers = ["yes", "red", "no", "circle", "red", "no", "yes", "circle"]
+    picked = pick_questions(answers, list(range(len(answers))), 4, np.random.default_rng(0))
+    assert sorted(answers[r] for r in picked[:2]) == ["circle", "red"]          # one row per distinct fact
+    assert [answers[r] for r in picked[2:]] and all(answers[r] in ("yes", "no") for r in picked[2:])
     assert len(set(picked)) == 4
-    assert len(pick_questions(ANSWERS, [0, 2], 4, np.random.default_rng(0))) == 2     # fewer questions than asked
+    assert len(pick_questions(answers, [0, 2], 4, np.random.default_rng(0))) == 2     # fewer questions than asked
 
 
 def test_optimised_prefixes_lower_the_frozen_llm_s_loss_and_leave_the_llm_alone(tiny_cloud, prompter):
@@ -91,12 +92,12 @@ def test_the_bridge_moves_towards_the_targets_of_their_images(tmp_path):
 def test_each_image_gets_its_own_start_plus_the_mean_change_of_its_class():
     answers = ["red", "circle", "yes", "red", "circle", "blue", "circle", "no", "green"]
     image_ids = [0, 0, 0, 1, 1, 2, 2, 2, 3]                       # image 3 has no shape question
-    classes = image_classes(answers, image_ids)
-    assert classes == {0: ("red", "circle"), 1: ("red", "circle"), 2: ("blue", "circle")}
+    classes = image_classes(answers, image_ids)                   # a class: the set of an image's facts
+    assert classes == {0: ("circle", "red"), 1: ("circle", "red"), 2: ("blue", "circle"), 3: ("green",)}
     start = torch.randn(4, 2, 3)
     change = {0: torch.full((2, 3), 1.0), 2: torch.full((2, 3), -2.0)}  # optimised: images 0 and 2 only
     images = np.array([0, 2])
     ids, targets = class_mean_targets(images, torch.stack([start[i] + change[i] for i in images]), start, classes)
-    assert list(ids) == [0, 1, 2]                                  # image 1 shares image 0's class
+    assert list(ids) == [0, 1, 2]                   # image 1 shares image 0's class; no image of 3's was optimised
     assert torch.allclose(targets[0], start[0] + 1.0) and torch.allclose(targets[1], start[1] + 1.0)
     assert torch.allclose(targets[2], start[2] - 2.0)

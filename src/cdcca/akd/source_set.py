@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cdcca.data.easyvqa import load_split
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import cached_features
 
 
@@ -39,11 +39,10 @@ def random_source_set(token_dim: int, candidates: list[str], n: int = 32, seed: 
 SOURCE_IMAGES = 1000   # train images rehearsed: ~9,600 questions, features cached in ~1 min on 2 cores
 
 
-def load_source_set(n_images: int = SOURCE_IMAGES) -> SourceSet:
-    """The first ``n_images`` easy-VQA train images, their questions and cached clean encoder features:
-    the labelled source domain the device was pretrained on."""
+def load_source_set(data: VQASet, n_images: int = SOURCE_IMAGES) -> SourceSet:
+    """The first ``n_images`` images of the pair's train split, their questions and cached clean encoder
+    features: the labelled source domain the device was pretrained on."""
 
-    data = load_split("train")
     rows = np.flatnonzero(data.image_ids < n_images)
-    return SourceSet(cached_features("train", limit=n_images), torch.as_tensor(data.image_ids[rows]),
+    return SourceSet(cached_features(data, limit=n_images), torch.as_tensor(data.image_ids[rows]),
                      [data.questions[i] for i in rows], [data.answers[i] for i in rows])

@@ -18,14 +18,14 @@ from cdcca.akd.source_set import load_source_set
 from cdcca.assets import load_tokenizer
 from cdcca.bench.loop import Comparison, run_loop
 from cdcca.config import RunConfig, apply, parse_sets
-from cdcca.data.easyvqa import load_split
 from cdcca.data.scenario import Scenario, scenario_chunks
-from cdcca.data.stream import Domain, resolve_sequence, stream_data
+from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.model.answer import answer_all, mc_predict
 from cdcca.model.mllm import adapter_state, load_adapter_state
 from cdcca.model.pair import load_pretrained
 from cdcca.model.prompt import Prompter
 from cdcca.runtime.evaluate import test_tokens
+from cdcca.trained_pair import active, run_stream
 from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
 
 # the paper's AKD alone: its label phase (3 epochs), no prefix distillation
@@ -91,25 +91,24 @@ class BenchModels:
     @classmethod
     def load(cls, torch_device: str = "cpu") -> BenchModels:
 
-        data = load_split("test")
+        data = active().task.split("test")
         device = load_pretrained("device")
-        return cls(data, Prompter(load_tokenizer(), data.candidates), device, load_pretrained("device"),
+        return cls(data, Prompter(load_tokenizer(), active().answers), device, load_pretrained("device"),
                    load_pretrained("cloud").to(torch_device), adapter_state(device), torch_device=torch_device)
 
     def source_set(self):
         """The labelled clean source set, loaded on first need."""
         if self.source is None:
 
-            self.source = load_source_set()
+            self.source = load_source_set(active().task.split("train"))
         return self.source
 
     def for_stream(self, stream: str):
-        """(data, prompter) of a stream: easy-VQA's test set, plus any JSONL file domains and their candidates."""
+        """(data, prompter) of a stream: the pair's test set, plus any JSONL file domains (their answers
+        must be the pair's)."""
 
-        data = stream_data(resolve_sequence(stream))
-        if data is self.data:
-            return self.data, self.prompter
-        return data, Prompter(self.prompter.tokenizer, data.candidates)
+        data = run_stream(stream)
+        return (self.data if data is active().task.split("test") else data), self.prompter
 
     def fresh_device(self):
         """The device model back at its pretrained adapters."""
@@ -153,7 +152,7 @@ def run(names: list[str] | None = None, on_result=None, base: RunConfig | None =
     base = base or RunConfig()
     for name in names or list(variants()):
         cfg, _ = loop_config(name, 0, base, sets)      # a bad --set, domain or JSONL row fails before any model loads
-        stream_data(resolve_sequence(cfg.data.domains))
+        run_stream(cfg.data.domains)
     models = BenchModels.load(base.torch_device)
     results = []
     for seed in seeds or [0]:
@@ -206,8 +205,8 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     It answers: does the cloud know more than the device about the samples the device sends?
     """
 
-    data = load_split("test")
-    prompter = Prompter(load_tokenizer(), data.candidates)
+    data = active().task.split("test")
+    prompter = Prompter(load_tokenizer(), active().answers)
     device, cloud = load_pretrained("device"), load_pretrained("cloud")
     dom = Domain.parse(domain)
     qids = scenario_chunks(data, [dom], Scenario("one-round", round_size=requests))[0].question_ids
@@ -236,7 +235,7 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
 
 
 def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int, ...] = (128, 192, 320),
-                gates: tuple[float, ...] = (0.0, 0.6, 0.8, 0.9), weights: str | None = None,
+                gates: tuple[float, ...] = (0.0, 0.6, 0.8, 0.9),
                 bands: tuple[float, ...] = (0.0, 0.2)) -> list[dict]:
     """How good the teacher's labels are on what AKD would train on: per domain, upload budget and
     teacher-confidence gate, the kept count and teacher vs device MC accuracy (no training).
@@ -245,13 +244,12 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     tokens); a gate keeps the uploads whose teacher confidence reaches it; a band > 0 first leaves
     that share of the most uncertain requests on the device (UTS ``skip_top``, CEMA's policy).
     """
-    from pathlib import Path
 
     import torch
 
-    data = load_split("test")
-    prompter = Prompter(load_tokenizer(), data.candidates)
-    device, cloud = load_pretrained("device"), load_pretrained("cloud", Path(weights) if weights else None)
+    data = active().task.split("test")
+    prompter = Prompter(load_tokenizer(), active().answers)
+    device, cloud = load_pretrained("device"), load_pretrained("cloud")
     domains = resolve_sequence(stream)
     rows = []
     for chunk in scenario_chunks(data, domains, Scenario("one-round", round_size=requests)):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cdcca.data.easyvqa import load_split
 from cdcca.fleet.deploy import free_port
 from cdcca.metrics import latency_ms
 from cdcca.runtime.api import DeviceService, Query, create_app
+from cdcca.trained_pair import active
 
 
 def _data_url(image: np.ndarray) -> str:
@@ -50,7 +50,7 @@ def _serve(app, port: int):
 def run_bench(state: Path, n: int = 64, concurrency: int = 8, max_batch: int = 16) -> dict:
     import httpx
 
-    data = load_split("test")
+    data = active().task.split("test")
     qids = np.arange(n) * 7 % len(data.questions)
     bodies = [{"model": "cdcca-device", "messages": [{"role": "user", "content": [
         {"type": "text", "text": data.questions[q]},

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.config import RunConfig
-from cdcca.data.easyvqa import load_split
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.metrics import latency_ms
 from cdcca.model.mllm import is_adapter_key
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
+from cdcca.trained_pair import active
 
 QUESTION = "What color is the shape?"
 
@@ -42,7 +42,7 @@ def _params(model) -> dict[str, int]:
 
 def _images(n: int) -> np.ndarray:
 
-    images = load_split("test").images
+    images = active().task.split("test").images
     return images[np.arange(n) % len(images)]
 
 

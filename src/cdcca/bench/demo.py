@@ -26,23 +26,23 @@ from cdcca.bench.loop import Comparison, heldout_mc, run_loop
 from cdcca.bench.report import write_report
 from cdcca.config import RunConfig, flatten, to_toml
 from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
-from cdcca.data.stream import Domain, resolve_sequence, stream_data
+from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.fleet.local import LocalFleet, domains_of, schedule
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.answer import mc_predict
 from cdcca.model.pair import load_pretrained, pretrain_record
 from cdcca.model.prompt import Prompter
+from cdcca.trained_pair import active, run_stream
 
 
 def _heldout_evaluator():
-    """A function (model, domains, n) → held-out MC per domain on the stream's data (easy-VQA and
-    any JSONL files among the domains), over the stream's candidates."""
+    """A function (model, domains, n) → held-out MC per domain on the stream's data (the pair's test images
+    and any JSONL files among the domains), over the pair's answers."""
 
-    tokenizer = load_tokenizer()
+    prompter = Prompter(load_tokenizer(), active().answers)
 
     def evaluate(model, domains, n):
-        data = stream_data(domains)
-        return heldout_mc(model, Prompter(tokenizer, data.candidates), data, domains, n)
+        return heldout_mc(model, prompter, run_stream(domains), domains, n)
 
     return evaluate
 
@@ -84,10 +84,10 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     path = cache_dir() / "reference" / f"oracle-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    data = stream_data(resolve_sequence(cfg.data.domains))
-    prompter = Prompter(load_tokenizer(), data.candidates)
+    data = run_stream(cfg.data.domains)
+    prompter = Prompter(load_tokenizer(), active().answers)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
-    source = load_source_set() if cfg.akd.needs_source else None
+    source = load_source_set(active().task.split("train")) if cfg.akd.needs_source else None
     res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source, device=cfg.torch_device),
                    prompter, data, Comparison(downlink="dense", labels="oracle"))
     acc = {**res["summary"]["heldout"], "clean": res["summary"]["source_mc"],

@@ -29,13 +29,14 @@ import numpy as np
 
 from cdcca.config import RunConfig, apply, flatten
 from cdcca.data.scenario import scenario_chunks
-from cdcca.data.stream import domain_images, resolve_sequence, stream_data
+from cdcca.data.stream import domain_images, resolve_sequence
 from cdcca.fleet import deploy
 from cdcca.fleet.devices import init_devices, start_apis
 from cdcca.fleet.flower import ROUND_LOG
 from cdcca.fleet.processes import Pids
 from cdcca.runtime.cloud_db import stored_sample_ids
 from cdcca.runtime.queue_status import outbox_ids
+from cdcca.trained_pair import run_stream
 
 
 @dataclass
@@ -60,7 +61,7 @@ def png_data_url(image: np.ndarray) -> str:
 def scenario_requests(cfg: RunConfig) -> list[list[Request]]:
     """Each device's requests in order: the scenario's rounds (a window each) per device, as PNG frames."""
     domains = resolve_sequence(cfg.data.domains)
-    data = stream_data(domains)
+    data = run_stream(domains)
     n_devices, per_device, window = cfg.fleet.devices, cfg.traffic.requests_per_device, cfg.scenario.size
     chunks = scenario_chunks(data, domains, cfg.scenario, n_devices, cfg.seed)
     frames: dict[str, np.ndarray] = {}

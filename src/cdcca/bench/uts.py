@@ -34,7 +34,6 @@ import torch
 
 from cdcca.assets import load_tokenizer
 from cdcca.data.corruptions import corrupt
-from cdcca.data.easyvqa import load_split
 from cdcca.data.scenario import Scenario, scenario_chunks
 from cdcca.data.stream import resolve_sequence
 from cdcca.metrics import auroc
@@ -42,6 +41,7 @@ from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.pair import load_pretrained, weights_file
 from cdcca.model.prompt import Prompter
 from cdcca.runtime.evaluate import test_tokens
+from cdcca.trained_pair import active
 from cdcca.uplink import (
     SAMPLE_SCORERS,
     TOKEN_SCORER_NAMES,
@@ -138,8 +138,8 @@ def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool, to
     which = "given"
     if model is None:
         model, which = load_pretrained("device"), "pretrained device"
-    data = load_split("test")
-    prompter = prompter or Prompter(load_tokenizer(), data.candidates)
+    data = active().task.split("test")
+    prompter = prompter or Prompter(load_tokenizer(), active().answers)
     fid_name = "device"
     if fidelity and fidelity_model is None:
         if which == "pretrained device" and weights_file("cloud").is_file():

@@ -20,6 +20,7 @@ from cdcca.cli.common import (
     TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
+    WeightsOpt,
     console,
     fail,
     one_line_errors,
@@ -44,13 +45,14 @@ def bench_uts(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    weights: WeightsOpt = None,
     torch_device: TorchDeviceOpt = None,
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead; the
     default upload is the run config's `uts` section."""
     from cdcca.bench.uts import run_bench  # heavy: imported when the command runs, not for --help
 
-    cfg = run_config(preset, config, set_, torch_device=torch_device)
+    cfg = run_config(preset, config, set_, torch_device=torch_device, weights=weights)
     torch_device = cfg.torch_device
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
@@ -112,7 +114,7 @@ def bench_akd(
     save_states: Path | None = typer.Option(None, help="Also save the device's adapter state after each round (for bench dwc)."),
     teacher_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploaded samples of this domain (e.g. pixelate:5), per token view."),
     label_study: str | None = typer.Option(None, help="Instead: teacher vs device accuracy on the uploads of every domain of this stream ('default'), per upload budget and teacher-confidence gate (no training)."),
-    weights: Path | None = typer.Option(None, help="--label-study: folder with the cloud.safetensors to study (default: shipped)."),
+    weights: WeightsOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
@@ -121,11 +123,12 @@ def bench_akd(
     from cdcca.bench import akd  # heavy: imported when the command runs, not for --help
 
     base = run_config(preset, config, [], stream=stream, scenario=scenario, rounds_per_domain=rounds_per_domain,
-                      round_size=round_size, visits=visits, update_delay=update_delay, torch_device=torch_device)
+                      round_size=round_size, visits=visits, update_delay=update_delay, torch_device=torch_device,
+                      weights=weights)
     use_threads(threads)
     if label_study:
         try:
-            rows = akd.label_study(label_study, weights=str(weights) if weights else None)
+            rows = akd.label_study(label_study)
         except ValueError as exc:
             fail(str(exc))
         if not as_json:
@@ -260,6 +263,7 @@ def bench_cost(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    weights: WeightsOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
@@ -268,7 +272,7 @@ def bench_cost(
     bytes. The run config's AKD, DWC and UTS (its budget set per row)."""
     from cdcca.bench.cost import run_cost  # heavy: imported when the command runs, not for --help
 
-    cfg = run_config(preset, config, set_, tiny=tiny, torch_device=torch_device)
+    cfg = run_config(preset, config, set_, tiny=tiny, torch_device=torch_device, weights=weights)
     tiny, torch_device = cfg.model.tiny, cfg.torch_device
     use_threads(threads)
     with one_line_errors():
@@ -344,6 +348,7 @@ def bench_paper(
                                "Tables 3-4 on the first seed) or full (200, every seed); both on the scenario's stream."),
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    weights: WeightsOpt = None,
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
     methods: str | None = typer.Option(None, help="Comma-separated Table 1 methods to run (then no ablation tables): "
                                        "source-only, bn, tent, tent+bn, eata, cotta, pseudo-label, cdcca-dense, cdcca, teacher, oracle."),
@@ -366,7 +371,7 @@ def bench_paper(
 
     base = run_config(None if config else preset, config, set_, kind="bench-paper", scenario=scenario,
                       rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
-                      update_delay=update_delay, torch_device=torch_device)
+                      update_delay=update_delay, torch_device=torch_device, weights=weights)
     use_threads(threads)
     if link_mbps <= 0:
         fail(f"--link-mbps must be positive, got {link_mbps}")

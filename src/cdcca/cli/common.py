@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cdcca.assets import AssetError
 from cdcca.config import resolve
+from cdcca.trained_pair import PairError, use
 from cdcca.wire import PacketError
 
 console = Console(stderr=True)
@@ -87,11 +88,13 @@ RoundsPerDomainOpt = Annotated[int | None, typer.Option(help="Rounds each domain
 RoundSizeOpt = Annotated[int | None, typer.Option(help="Requests per round per device (stream.round_size; default: the scenario's, persistent 80).")]
 VisitsOpt = Annotated[int | None, typer.Option(help="recurring: how many times the domains come back (stream.visits).")]
 UpdateDelayOpt = Annotated[int | None, typer.Option(help="Rounds an update spends in transit (stream.update_delay; 0: live from the next round).")]
+WeightsOpt = Annotated[str | None, typer.Option(help="A trained pair's directory (model.weights; cdcca pretrain --data … --out DIR writes one; default: the shipped easy-VQA pair).")]
 StreamOpt = Annotated[str | None, typer.Option(help="Domains (data.domains): 'default', 'unseen', or a comma list of NAME:SEV and your own .jsonl files.")]
 
 SHORTCUTS = {"stream": "data.domains", "scenario": "stream.scenario", "rounds_per_domain": "stream.rounds_per_domain",
              "round_size": "stream.round_size", "visits": "stream.visits", "update_delay": "stream.update_delay",
-             "devices": "fleet.devices", "group": "fleet.group", "seed": "seed", "torch_device": "torch_device"}
+             "devices": "fleet.devices", "group": "fleet.group", "seed": "seed", "torch_device": "torch_device",
+             "weights": "model.weights"}
 
 
 def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", tiny: bool = False,
@@ -106,10 +109,20 @@ def run_config(preset: str | None, config: Path | None, sets: list[str] | None, 
         preset = "tiny"
     given = {**{SHORTCUTS[k]: v for k, v in shortcuts.items()}, **(overrides or {}), **({"model.tiny": True} if tiny else {})}
     try:
-        return resolve(preset, config, sets or [], given, kind=kind)
-    except ValueError as exc:
+        cfg = resolve(preset, config, sets or [], given, kind=kind)
+        use(cfg.model.weights)
+    except (ValueError, PairError) as exc:
         fail(str(exc))
         raise   # unreachable: fail raises
+    return cfg
+
+
+def use_pair(weights: str | Path | None) -> None:
+    """Serve the pair in ``weights`` in this process and the ones it starts; a bad directory is one line."""
+    try:
+        use(weights)
+    except PairError as exc:
+        fail(str(exc))
 
 
 def headline_text(summary: dict) -> str:
@@ -147,5 +160,5 @@ def open_device(state: Path):
 
     try:
         return DeviceRuntime.open(state)
-    except (FileNotFoundError, ValueError, StoreError) as exc:
+    except (FileNotFoundError, ValueError, StoreError, PairError) as exc:
         fail(str(exc))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, console, fail, run_config
+from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, WeightsOpt, console, fail, run_config
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud), SuperNodes "
                                                    "(devices) and each device's API.")
@@ -61,6 +61,7 @@ def fleet_run(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    weights: WeightsOpt = None,
     timeout: float = typer.Option(3600, help="Stop the run after this many seconds."),
 ):
     """Run the fleet app (`flwr run`) with the run config, stream its log to stderr, print the per-round records as JSON."""
@@ -68,7 +69,7 @@ def fleet_run(
     tiny = (state / "fleet.json").is_file() and _deploy().FleetSpec.load(state).tiny
     flags = {"fleet.rounds": rounds, "fleet.round_every_s": round_every, "fleet.min_uploads": min_uploads,
              "fleet.traffic": traffic}
-    cfg = run_config(preset, config, set_, tiny=tiny, overrides=flags)
+    cfg = run_config(preset, config, set_, tiny=tiny, overrides=flags, weights=weights)
     try:
         result = _deploy().run(state, cfg, timeout=timeout, echo=lambda line: print(line, file=sys.stderr))
     except (_deploy().DeployError, ValueError) as exc:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import ConfigOpt, PresetOpt, ScenarioOpt, SetOpt, StreamOpt, console, fail, run_config
+from cdcca.cli.common import ConfigOpt, PresetOpt, ScenarioOpt, SetOpt, StreamOpt, WeightsOpt, console, fail, run_config
 
 
 def bench_live(
     preset: PresetOpt = "live",
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    weights: WeightsOpt = None,
     devices: int | None = typer.Option(None, help="Devices in the live fleet, a SuperNode and an API each (fleet.devices)."),
     scenario: ScenarioOpt = None,
     stream: StreamOpt = None,
@@ -34,7 +35,7 @@ def bench_live(
     flags = {"traffic.requests_per_device": requests_per_device, "traffic.rate": rate, "fleet.min_uploads": min_uploads,
              "fleet.round_every_s": round_every}
     cfg = run_config(None if config else preset, config, set_, overrides=flags,
-                     devices=devices, scenario=scenario, stream=stream, seed=seed)
+                     devices=devices, scenario=scenario, stream=stream, seed=seed, weights=weights)
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` tears the fleet down as Ctrl-C does
     try:
         result = run_live(cfg, out, log=lambda m: console.print(m))

@@ -36,6 +36,7 @@ from cdcca.cli.common import (
     TorchDeviceOpt,
     UpdateDelayOpt,
     VisitsOpt,
+    WeightsOpt,
     console,
     fail,
     headline_text,
@@ -44,14 +45,17 @@ from cdcca.cli.common import (
     run_config,
     summary_line,
     torch_device_or_fail,
+    use_pair,
     use_threads,
 )
 from cdcca.cli.data import data_app
 from cdcca.cli.export import device_export
 from cdcca.cli.fleet import fleet_app
 from cdcca.cli.pretrain import pretrain
+from cdcca.cli.weights import weights_app
 from cdcca.config import flat_toml, to_toml
-from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, stream_data
+from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
+from cdcca.trained_pair import active, run_stream
 from cdcca.wire import PacketError, write_packet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -61,6 +65,7 @@ app.add_typer(packet_app, name="packet")
 app.add_typer(bench_app, name="bench")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(data_app, name="data")
+app.add_typer(weights_app, name="weights")
 app.command()(pretrain)
 
 
@@ -106,7 +111,7 @@ def eval_cmd(
     stream: str | None = typer.Option(None, help="Evaluate every domain of a named sequence ('default') or a comma list of NAME:SEV and .jsonl files."),
     data_file: Path | None = typer.Option(None, "--data", help="Instead: every row of your own VQA JSONL file (docs/DATA.md)."),
     n: int = typer.Option(1000, help="Held-out test questions per domain (with --data: at most this many rows)."),
-    weights: Path | None = typer.Option(None, help="Folder with ROLE.safetensors (default: the shipped weights)."),
+    weights: WeightsOpt = None,
     direct: bool = typer.Option(True, help="Also generate direct answers (DA); --no-direct scores MC only (faster)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
@@ -118,11 +123,12 @@ def eval_cmd(
 
     torch_device = torch_device_or_fail(torch_device)   # the model moves there; tokens follow it (model/answer.py)
     use_threads(threads)
+    use_pair(weights)
     if data_file is not None:
         from cdcca.runtime.evaluate import evaluate_file  # heavy: imported when the command runs, not for --help
 
         with one_line_errors():
-            result = {"model": role.value, **evaluate_file(load_pretrained(role.value, weights).to(torch_device), load_tokenizer(),
+            result = {"model": role.value, **evaluate_file(load_pretrained(role.value).to(torch_device), load_tokenizer(),
                                                            data_file, n, direct)}
         if not as_json:
             da = "-" if result["da"] is None else f"{result['da']:.3f}"
@@ -131,9 +137,9 @@ def eval_cmd(
         return
     try:
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
-        net = load_pretrained(role.value, weights).to(torch_device)
-        data = stream_data(domains)
-        prompter = Prompter(load_tokenizer(), data.candidates)
+        net = load_pretrained(role.value).to(torch_device)
+        data = run_stream(domains)
+        prompter = Prompter(load_tokenizer(), active().answers)
     except (ValueError, AssetError, FileNotFoundError) as exc:
         fail(str(exc))
     t = time.perf_counter()
@@ -212,6 +218,7 @@ def demo(
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
     oracle: bool = typer.Option(False, help="Also run the oracle (true labels on the same uploads, dense updates) for the "
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
+    weights: WeightsOpt = None,
     torch_device: TorchDeviceOpt = None,
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report.
@@ -221,7 +228,7 @@ def demo(
     preset = preset or (None if config else "quick")
     cfg = run_config(preset, config, set_, devices=devices, stream=stream, scenario=scenario,
                      rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
-                     update_delay=update_delay, group=group, torch_device=torch_device)
+                     update_delay=update_delay, group=group, torch_device=torch_device, weights=weights)
     if print_config:
         print(to_toml(cfg), end="")
         return
@@ -229,7 +236,7 @@ def demo(
     try:
         if stream:
 
-            stream_data(resolve_sequence(stream))        # bad domains or JSONL rows fail before any model loads
+            run_stream(stream, cfg.model.tiny)     # bad domains, JSONL rows or answers fail before any model loads
         metrics = run_demo(cfg, out, preset=preset or str(config), console=console, oracle=oracle)
     except (AssetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -273,12 +280,13 @@ def device_init(state: Path = typer.Option(..., help=STATE_HELP), device_id: str
                 tiny: bool = typer.Option(False, help="Tiny random model (transport checks only)."),
                 index: int = typer.Option(0, help="This device's slice of the request stream (0-based)."),
                 n_devices: int = typer.Option(1, help="Number of devices sharing the stream."),
-                preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None):
+                preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None, weights: WeightsOpt = None):
     """Create a device state dir holding the pretrained adapters as version 0; its UTS settings come from
     the run config (--preset, --config, --set; without any: the role's own defaults)."""
     from cdcca.runtime.device import DeviceRuntime  # heavy: imported when the command runs, not for --help
 
     uts = run_config(preset, config, set_).uts if preset or config or set_ else None
+    use_pair(weights)                    # recorded in the state: serve and export load this pair
     try:
         dev = DeviceRuntime.create(state, device_id, tiny=tiny, uts=uts, stream={"index": index, "n_devices": n_devices})
     except (FileExistsError, ValueError) as exc:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cdcca.assets import AssetError
+from cdcca.assets import SHIPPED_WEIGHTS, AssetError
 from cdcca.atomic import write_json
 from cdcca.cli.common import console, fail
+from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
 from cdcca.recipes.checkpoint import file_sha256
 from cdcca.recipes.consistency import ConsistencyConfig, train_consistency, training_views
@@ -21,13 +22,14 @@ from cdcca.recipes.prefix_targets import TargetConfig, targets_for, targets_key
 from cdcca.recipes.pretrain import PretrainConfig
 from cdcca.recipes.pretrain import pretrain as run_pretrain
 from cdcca.recipes.readout import ReadoutConfig, train_readout
+from cdcca.trained_pair import ROLES, PairError, open_pair, write_record
 
 
-def end_to_end(role: str, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path, force: bool,
-                         torch_device: str) -> None:
+def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path,
+               force: bool, torch_device: str, aug_variants: int | None = None) -> None:
     """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
-    overrides = _given({"seed": seed, "batch_size": batch_size or 32}, steps=steps, lr=lr, aug_share=aug_share,
-                       init=None if init is None else str(init),
+    overrides = _given({"seed": seed, "batch_size": batch_size or 32, "data": task.split("train").key}, steps=steps,
+                       lr=lr, aug_share=aug_share, init=None if init is None else str(init), aug_variants=aug_variants,
                        aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
     try:
         cfg = PretrainConfig.for_role(role, **overrides)
@@ -38,10 +40,60 @@ def end_to_end(role: str, steps, batch_size, lr, aug_share, aug_family, init, se
     try:
         model = build_model(role)
         with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
-            record = run_pretrain(model, cfg, out, device=torch_device, progress=progress, log=console.print)
+            record = run_pretrain(model, cfg, out, task, device=torch_device, progress=progress, log=console.print)
     except AssetError as exc:
         fail(str(exc))
     print(json.dumps(record, indent=2))
+
+
+def task_of(data: Path | None, eval_file: Path | None) -> Task:
+    """The task ``--data``/``--eval`` name (both or neither: neither is the built-in easy-VQA), checked whole."""
+    if (data is None) != (eval_file is None):
+        fail("--data and --eval go together: your task's train.jsonl and test.jsonl (docs/DATA.md)")
+    if data is None:
+        console.print("pretraining on easy-VQA (the shipped pair's task); --data train.jsonl --eval test.jsonl for yours")
+        return Task()
+    try:
+        task = Task.from_files(data, eval_file)
+        task.check()
+    except (TaskError, ValueError) as exc:
+        fail(str(exc))
+    return task
+
+
+def check_out(out: Path, task: Task, force: bool) -> None:
+    """Refuse to mix tasks in one weights directory (its adapters would answer another task's questions)."""
+    try:
+        recorded = open_pair(out).record["task"] if (out / "pair.json").is_file() else None
+    except PairError:
+        recorded = None
+    if recorded is not None and recorded.get("digest") != task.record()["digest"] and not force:
+        fail(f"{out} holds a pair trained on {recorded['name']} ({recorded.get('train') or 'easy-VQA'}); "
+             "use another --out, or --force to replace it")
+
+
+def shipped_adapters(role: str) -> Path:
+    """The shipped role's adapters: where ``--preset quick`` starts (they already map encoder tokens into the LLM)."""
+    return SHIPPED_WEIGHTS / f"{role}.safetensors"
+
+
+def finish_pair(out: Path, task: Task) -> None:
+    """Write the pair's record; once both roles are trained, fit its token statistics (the task's clean train
+    tokens) and its uplink basis (those images and both bridges), so the directory serves on its own."""
+    from cdcca.uplink.codec import build_token_basis  # the uplink's fitting code: only once a pair is finished
+    from cdcca.uplink.tokens import build_token_stats  # (the same)
+
+    stages = {r: json.loads((out / f"{r}.json").read_text()) for r in ROLES if (out / f"{r}.json").is_file()}
+    write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()})
+    pair = open_pair(out)
+    if all((out / f"{r}.safetensors").is_file() for r in ROLES):
+        with console.status("fitting the pair's token statistics and uplink basis on its train images …"):
+            build_token_stats(out / "token_stats.safetensors", task.split("train"))
+            build_token_basis(out / "token_basis.safetensors", pair)
+        write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()})
+        console.print(f"pair ready: {out} (cdcca weights inspect {out}; then --weights {out})")
+    else:
+        console.print(f"{out}: {', '.join(pair.missing())} still to come (pretrain the other role with the same --out)")
 
 
 def _given(base: dict, **options) -> dict:
@@ -71,7 +123,7 @@ def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], N
         yield lambda s, loss: bar.update(task, completed=s, loss=loss)
 
 
-def consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
+def consistency(task: Task, steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
                 target_images: int | None = None, targets: bool = False) -> None:
     """The cloud bridge's consistency recipe; ``targets``: towards clean prefixes first optimised through the LLM."""
     targets_cfg = TargetConfig(**_given({"seed": seed}, images=target_images)) if targets else None
@@ -82,11 +134,11 @@ def consistency(steps, batch_size, lr, init, seed, out: Path, force: bool, torch
     if up_to_date("cloud", out, cfg.digest(), force, init):
         return
     try:
-        clean, views = training_views(cfg)
+        clean, views = training_views(cfg, task.split("train"))
         targets = None
         if targets_cfg is not None:
             with _loss_bar("prefix targets (images)", targets_cfg.images) as progress:
-                targets = targets_for(init, targets_cfg, out, clean, progress, device=torch_device)
+                targets = targets_for(init, targets_cfg, out, task, clean, progress, device=torch_device)
         with _loss_bar("consistency (cloud bridge)", cfg.steps) as progress:
             record = train_consistency(init, cfg, out, clean, views, device=torch_device, progress=progress,
                                        log=console.print, targets=None if targets is None else targets[:2])
@@ -115,8 +167,8 @@ def _write_stage(record: dict, init: Path, out: Path) -> None:
     print(json.dumps(record, indent=2))
 
 
-def readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int, out: Path,
-            force: bool, torch_device: str = "cpu") -> None:
+def readout(task: Task, samples: int | None, split_layer: int | None, batch_size, lr, aug_share, init, seed: int,
+            out: Path, force: bool, torch_device: str = "cpu") -> None:
     """The cloud's read-out recipe: its top decoder layers learn to read its bridge's prefix."""
     init = _cloud_init(init)
     try:
@@ -127,9 +179,9 @@ def readout(samples: int | None, split_layer: int | None, batch_size, lr, aug_sh
     if up_to_date("cloud", out, cfg.digest(), force, init):
         return
     try:
-        clean, views = training_views(ConsistencyConfig())      # the cached corrupted copies; --seed picks the samples
+        clean, views = training_views(ConsistencyConfig(), task.split("train"))   # the cached corrupted copies
         with _loss_bar("read-out (cloud top layers)", cfg.epochs * cfg.batches) as progress:
-            record = train_readout(init, cfg, out, clean, views, progress, device=torch_device)
+            record = train_readout(init, cfg, out, task, clean, views, progress, device=torch_device)
     except (AssetError, ValueError) as exc:
         fail(str(exc))
     _write_stage(record, init, out)

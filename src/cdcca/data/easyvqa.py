@@ -26,6 +26,7 @@ class VQASet:
     image_ids: np.ndarray              # (Q,) index into images
     candidates: list[str] = field(default_factory=list)
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)   # JSONL file → its image rows [start, end)
+    key: str = ""                      # what its feature caches are filed under ("": not cached)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -33,7 +34,7 @@ class VQASet:
     def subset(self, idx: np.ndarray | list[int], name: str | None = None) -> VQASet:
         idx = np.asarray(idx, dtype=np.int64)
         return VQASet(name or self.name, self.images, [self.questions[i] for i in idx],
-                      [self.answers[i] for i in idx], self.image_ids[idx], self.candidates, self.sources)
+                      [self.answers[i] for i in idx], self.image_ids[idx], self.candidates, self.sources, self.key)
 
 
 def _load_images(paths: list[str]) -> np.ndarray:
@@ -56,7 +57,7 @@ def load_split(split: str) -> VQASet:
     paths = get_p()
     images = _load_images([paths[i] for i in range(len(paths))])
     return VQASet(f"easyvqa-{split}", images, list(questions), list(answers),
-                  np.asarray(image_ids, dtype=np.int64), list(easy_vqa.get_answers()))
+                  np.asarray(image_ids, dtype=np.int64), list(easy_vqa.get_answers()), key=split)
 
 
 def candidate_answers() -> list[str]:

@@ -4,12 +4,13 @@
      "candidates": ["red", "blue", "green"]}
 
 ``image`` is a path (relative paths resolve against the JSONL file's folder); ``candidates`` is
-optional (default: every distinct answer in the file). A bad row raises :class:`RowError` naming the
+optional (default: every distinct answer in the file); ``id`` is optional and yours (kept out of training). A bad row raises :class:`RowError` naming the
 file, the 1-based line number and what is wrong; nothing is half-loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def parse_row(path: Path, lineno: int, line: str, require_answer: bool = True) -
             raise bad("'candidates' must be a non-empty list of strings")
         if "answer" in row and row["answer"] not in cands:
             raise bad(f"answer {row['answer']!r} is not among its candidates")
-    unknown = set(row) - {"image", "question", "answer", "candidates"}
+    if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+        raise bad("'id' must be a string or an integer")
+    unknown = set(row) - {"id", "image", "question", "answer", "candidates"}
     if unknown:
         raise bad(f"unknown field(s) {', '.join(sorted(unknown))}")
     return row
@@ -88,5 +91,15 @@ def load_jsonl(path: str | Path, image_size: int = IMAGE_SIZE, require_answer: b
             image_index[img_path] = len(images) - 1
         row["_image_id"] = image_index[img_path]
     candidates = sorted({c for _, r in rows for c in (r.get("candidates") or [r.get("answer")]) if c is not None})
-    return VQASet(path.stem, np.stack(images), [r["question"] for _, r in rows], [r.get("answer") for _, r in rows],
+    data = VQASet(path.stem, np.stack(images), [r["question"] for _, r in rows], [r.get("answer") for _, r in rows],
                   np.array([r["_image_id"] for _, r in rows]), candidates)
+    data.key = content_key(data)
+    return data
+
+
+def content_key(data: VQASet) -> str:
+    """A short digest of a set's images, questions and answers: the name its feature caches are filed
+    under, and what a pair's record checks its data against."""
+    h = hashlib.sha256(data.images.tobytes())
+    h.update(json.dumps([data.questions, data.answers, data.image_ids.tolist()]).encode())
+    return "jsonl-" + h.hexdigest()[:16]

@@ -1,11 +1,12 @@
-"""The continual shift stream: a sequence of domains — easy-VQA test images under a corruption, or
+"""The continual shift stream: a sequence of domains — the task's test images under a corruption, or
 your own VQA JSONL file.
 
 A domain's images are split once: the first half feeds the device's stream (what users ask), the
 second half is held out to measure accuracy per domain after each round. A built-in domain is
 written ``name:severity`` (``clean`` has no severity); a file domain is its path (``night.jsonl``),
-and a stream may mix both. The stream's data is easy-VQA's test set with every named file appended
-(:func:`stream_data`); its multiple-choice set is the union of all their candidates.
+and a stream may mix both. The stream's data is the task's test set (the pair's: easy-VQA's for the shipped
+weights) with every named file appended (:func:`stream_data`); its multiple-choice set is the union of all
+their candidates, which a pair checks against its own (:func:`cdcca.trained_pair.run_answers`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from functools import lru_cache
 import numpy as np
 
 from cdcca.data.corruptions import ALL_CORRUPTIONS, corrupt
-from cdcca.data.easyvqa import VQASet, load_split
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import load_jsonl
+from cdcca.data.task import Task
 
 # The device loses most on blur, pixelation and JPEG (the ImageNet encoder shrugs off noise and fog
 # on flat shapes), so the default sequence walks through those at high severity.
@@ -76,15 +78,15 @@ def questions_on(data: VQASet, images: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(data.image_ids, images))
 
 
-def stream_data(sequence: list[Domain]) -> VQASet:
-    """easy-VQA's test set with the images, questions and answers of every file domain appended."""
-    return _merged(tuple(dict.fromkeys(d.path for d in sequence if d.path is not None)))
+def stream_data(sequence: list[Domain], task: Task) -> VQASet:
+    """The task's test set with the images, questions and answers of every file domain appended."""
+    return _merged(task, tuple(dict.fromkeys(d.path for d in sequence if d.path is not None)))
 
 
 @lru_cache(maxsize=4)
-def _merged(files: tuple[str, ...]) -> VQASet:
+def _merged(task: Task, files: tuple[str, ...]) -> VQASet:
 
-    base = load_split("test")
+    base = task.split("test")
     if not files:
         return base
     images, image_ids, questions, answers = [base.images], [base.image_ids], list(base.questions), list(base.answers)
@@ -101,20 +103,14 @@ def _merged(files: tuple[str, ...]) -> VQASet:
     return VQASet("stream", np.concatenate(images), questions, answers, np.concatenate(image_ids), candidates, sources)
 
 
-def stream_candidates(stream: str) -> list[str] | None:
-    """The multiple-choice set of a stream with file domains (None: the built-in easy-VQA answers)."""
-    domains = resolve_sequence(stream)
-    return stream_data(domains).candidates if any(d.path for d in domains) else None
-
-
 def builtin_images(data: VQASet) -> int:
-    """How many of ``data``'s images are easy-VQA's own (they come first; file domains' images follow)."""
+    """How many of ``data``'s images are the task's test images (they come first; file domains' images follow)."""
     return min((start for start, _ in data.sources.values()), default=len(data.images))
 
 
 def domain_split(data: VQASet, domain: Domain | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(stream images, held-out images) of a domain: a seeded halving of its source's images —
-    easy-VQA's test images for a built-in domain, the file's own for a file domain."""
+    the task's test images for a built-in domain, the file's own for a file domain."""
     if domain is not None and domain.path is not None:
         if domain.path not in data.sources:
             raise ValueError(f"{domain.path} is not part of this data; build it with stream_data([...])")

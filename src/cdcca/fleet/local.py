@@ -11,12 +11,13 @@ from pathlib import Path
 
 from cdcca.config import RunConfig
 from cdcca.data.scenario import Slot, stream_spec
-from cdcca.data.stream import Domain, resolve_sequence, stream_candidates
+from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.placement import check_torch_device
 from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime, RoundStudy
 from cdcca.runtime.device import DeviceRuntime
+from cdcca.trained_pair import run_answers, use
 
 
 def schedule(cfg: RunConfig) -> list[Slot]:
@@ -44,9 +45,10 @@ class LocalFleet:
     @classmethod
     def setup(cls, cfg: RunConfig, out_dir: Path) -> LocalFleet:
         out_dir = Path(out_dir)
+        use(cfg.model.weights)                     # the pair every runtime of the fleet serves
         tiny, fleet = cfg.model.tiny, cfg.fleet
         cloud = CloudRuntime.open(out_dir / "cloud", tiny=tiny, akd=cfg.akd, dwc=cfg.dwc,
-                                  candidates=None if tiny else stream_candidates(cfg.data.domains),
+                                  candidates=run_answers(cfg.data.domains, tiny),
                                   torch_device=check_torch_device(cfg.torch_device))
         if fleet.group not in (None, "all"):
             raise ValueError(f"fleet.group must be 'all' (one fleet group) or unset (a student per device), got {fleet.group!r}")

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from cdcca.data.scenario import Scenario, ScheduledChunk, scenario_chunks
-from cdcca.data.stream import resolve_sequence, stream_data
+from cdcca.data.stream import resolve_sequence
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.runtime.evaluate import domain_tokens
+from cdcca.trained_pair import run_stream
 
 
 class SimulatedTraffic:
@@ -33,7 +34,7 @@ class SimulatedTraffic:
 
     @cached_property
     def _data(self):
-        return stream_data(resolve_sequence(self.spec["stream"]))
+        return run_stream(self.spec["stream"], bool(self.spec.get("tiny")))
 
     @cached_property
     def chunks(self) -> list[ScheduledChunk]:

@@ -12,12 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cdcca.assets import AssetError, load_llm
+from cdcca.assets import AssetError, load_llm, weights_root
 from cdcca.model.bridge import BridgeConfig
 from cdcca.model.llm import device_layer_ids, prune_layers
 from cdcca.model.mllm import MLLM, MLLMConfig, load_adapter_state
-
-SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 
 def model_config(role: str) -> MLLMConfig:
@@ -47,7 +45,8 @@ def tiny_model(role: str = "device", seed: int = 0, token_dim: int = 32, vocab_s
 
 
 def weights_file(role: str, root: Path | None = None) -> Path:
-    return (root or SHIPPED_WEIGHTS) / f"{role}.safetensors"
+    """A role's adapters in the pair in ``root`` (None: the pair this process serves)."""
+    return (root or weights_root()) / f"{role}.safetensors"
 
 
 def load_pretrained(role: str, root: Path | None = None) -> MLLM:
@@ -76,5 +75,5 @@ def pretrain_record(role: str, root: Path | None = None) -> dict:
 
 
 def role_model(role: str, tiny: bool = False) -> MLLM:
-    """The pretrained model of a role, or a tiny random one (tests and transport checks)."""
+    """The pretrained model of a role from the served pair, or a tiny random one (tests and transport checks)."""
     return tiny_model(role, seed=0 if role == "device" else 1) if tiny else load_pretrained(role)

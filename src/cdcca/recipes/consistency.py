@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.data.corruptions import CORRUPTIONS
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import augmented_features, cached_features
 from cdcca.model.bridge import Bridge, BridgeConfig
 from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
@@ -205,8 +206,8 @@ def train_consistency(init: Path, cfg: ConsistencyConfig, out_dir: Path, clean: 
     }
 
 
-def training_views(cfg: ConsistencyConfig, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Clean train tokens and ``cfg.aug_variants`` corrupted copies (the pretraining feature caches)."""
+def training_views(cfg: ConsistencyConfig, data: VQASet, device: str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Clean tokens of a task's train images and ``cfg.aug_variants`` corrupted copies (the pretraining feature caches)."""
 
-    return cached_features("train", device=device), [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
-                                                     for v in range(cfg.aug_variants)]
+    return cached_features(data, device=device), [augmented_features(data, cfg.aug_family, cfg.aug_severity, v, cfg.seed,
+                                                                     device) for v in range(cfg.aug_variants)]

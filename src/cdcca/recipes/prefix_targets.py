@@ -20,14 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.assets import load_tokenizer
-from cdcca.data.easyvqa import load_split
+from cdcca.data.task import Task
 from cdcca.model.mllm import MLLM, answer_loss
 from cdcca.model.pair import load_adapters_file
 from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256
-
-SHAPES = ("circle", "rectangle", "triangle")
 
 
 @dataclass
@@ -49,16 +47,18 @@ class TargetConfig:
 
 
 def question_kind(answer: str) -> str:
-    return "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPES else "colour"
+    """yes/no, or a fact of the image (easy-VQA: its colour or shape; Fashion-MNIST: its item or kind)."""
+    return "yes/no" if answer in ("yes", "no") else "fact"
 
 
 def pick_questions(answers: list[str], rows: list[int], k: int, rng: np.random.Generator) -> list[int]:
-    """Up to ``k`` of one image's question rows: one colour, one shape, the rest yes/no (its main facts first)."""
-    by_kind: dict[str, list[int]] = {}
+    """Up to ``k`` of one image's question rows: one per distinct fact (its main facts first), the rest yes/no."""
+    by_fact: dict[str, list[int]] = {}
     for r in rows:
-        by_kind.setdefault(question_kind(answers[r]), []).append(r)
-    picked = [int(rng.choice(by_kind[kind])) for kind in ("colour", "shape") if by_kind.get(kind)][:k]
-    rest = by_kind.get("yes/no", [])
+        if question_kind(answers[r]) == "fact":
+            by_fact.setdefault(answers[r], []).append(r)
+    picked = [int(rng.choice(by_fact[a])) for a in sorted(by_fact)][:k]
+    rest = [r for r in rows if question_kind(answers[r]) == "yes/no"]
     return picked + [int(r) for r in rng.choice(rest, min(len(rest), k - len(picked)), replace=False)]
 
 
@@ -134,28 +134,27 @@ def optimise_prefixes(model: MLLM, prompter: Prompter, data, tokens: torch.Tenso
     return images, torch.cat(targets), stats
 
 
-def image_classes(answers: list[str], image_ids) -> dict[int, tuple[str, str]]:
-    """Image id → (colour, shape) of its shape, read from the answers of its colour and shape questions."""
-    colour: dict[int, str] = {}
-    shape: dict[int, str] = {}
+def image_classes(answers: list[str], image_ids) -> dict[int, tuple[str, ...]]:
+    """Image id → its class: the set of its answers other than yes/no (easy-VQA: its colour and shape;
+    Fashion-MNIST: its item and kind). Needs no knowledge of the task: images that answer alike are alike."""
+    facts: dict[int, set[str]] = {}
     for answer, image in zip(answers, image_ids):
-        kind = question_kind(answer)
-        if kind != "yes/no":
-            (colour if kind == "colour" else shape)[int(image)] = answer
-    return {i: (colour[i], shape[i]) for i in colour.keys() & shape.keys()}
+        if question_kind(answer) != "yes/no":
+            facts.setdefault(int(image), set()).add(answer)
+    return {i: tuple(sorted(f)) for i, f in facts.items()}
 
 
 def class_mean_targets(images: np.ndarray, targets: torch.Tensor, start: torch.Tensor,
-                       classes: dict[int, tuple[str, str]]) -> tuple[np.ndarray, torch.Tensor]:
+                       classes: dict[int, tuple[str, ...]]) -> tuple[np.ndarray, torch.Tensor]:
     """Targets for every image with a class: its own start prefix plus the mean change of its class.
 
     A single image's optimised change is mostly its own (it barely generalises: a bridge fitted to
     them explains ~5 % of the change); the mean over the images of one (colour, shape) class keeps
     the part the LLM needs for that class — a smooth function of what the image shows, which the
-    bridge can learn. ``images``/``targets`` are the optimised ones; ``start`` (N, Q, d) the start
+    bridge can learn (a class is the set of an image's non-yes/no answers). ``images``/``targets`` are the optimised ones; ``start`` (N, Q, d) the start
     prefixes of all N train images. Returns (image ids, targets) of all images with a class.
     """
-    change: dict[tuple[str, str], list[torch.Tensor]] = {}
+    change: dict[tuple[str, ...], list[torch.Tensor]] = {}
     for image, target in zip(images, targets):
         if int(image) in classes:
             change.setdefault(classes[int(image)], []).append(target - start[int(image)])
@@ -191,7 +190,7 @@ def load_targets(path: Path, key: str) -> tuple[np.ndarray, torch.Tensor, dict] 
         return None
 
 
-def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tensor,
+def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, task: Task, tokens: torch.Tensor,
                 progress=None, device: str = "cpu") -> tuple[np.ndarray, torch.Tensor, dict]:
     """The bridge targets of the cloud adapters in ``init`` for every train image with a class.
 
@@ -201,10 +200,10 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, tokens: torch.Tens
 
     key, path = targets_key(init, cfg), out_dir / "cloud.targets.safetensors"
     model = load_adapters_file("cloud", init).to(device)     # the prefixes' optimisation runs there
-    data = load_split("train")
+    data = task.split("train")
     saved = load_targets(path, key)
     if saved is None:
-        saved = optimise_prefixes(model, Prompter(load_tokenizer(), data.candidates), data, tokens, cfg, progress)
+        saved = optimise_prefixes(model, Prompter(load_tokenizer(), task.answers), data, tokens, cfg, progress)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_targets(path, *saved[:2], key, saved[2])
     images, targets, stats = saved

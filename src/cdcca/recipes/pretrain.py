@@ -1,4 +1,5 @@
-"""Pretraining recipe: train a role's bridge and adapters on the source domain (easy-VQA train).
+"""Pretraining recipe: train a role's bridge and adapters on the source domain (a task's train split:
+easy-VQA's for the shipped pair, the user's ``train.jsonl`` for theirs).
 
 The device trains on clean images only. The cloud trains with a generic random-corruption
 augmentation (``aug_family`` at severities ``aug_severity``) and random token dropping, so its
@@ -20,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
 from cdcca.data.corruptions import CORRUPTIONS
-from cdcca.data.easyvqa import load_split
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import augmented_features, cached_features
+from cdcca.data.task import Task
 from cdcca.metrics import cosine
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
 from cdcca.model.prompt import Prompter
@@ -50,6 +52,7 @@ class PretrainConfig:
         "share of tokens a masked sample keeps (uniform in this range)")})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
     init: str | None = field(default=None, metadata={"help": "continue from these fp16 adapters (recorded by SHA-256)"})
+    data: str = field(default="train", metadata={"help": "the train split's content key (easy-VQA: 'train')"})
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)
@@ -90,11 +93,11 @@ def random_keep(batch: int, n_tokens: int, keep_range: tuple[float, float], gen:
     return ranks < k[:, None]
 
 
-def _training_features(cfg: PretrainConfig, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _training_features(cfg: PretrainConfig, data: VQASet, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Cached clean train tokens and, when the batch mixes in corrupted copies, those copies' tokens."""
 
-    clean = cached_features("train", device=device)
-    variants = [augmented_features(cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
+    clean = cached_features(data, device=device)
+    variants = [augmented_features(data, cfg.aug_family, cfg.aug_severity, v, cfg.seed, device)
                 for v in range(cfg.aug_variants)] if cfg.aug_share > 0 else []
     return clean, variants
 
@@ -176,16 +179,20 @@ def _record(cfg: PretrainConfig, device: str, weights: Path, state: dict[str, to
     }
 
 
-def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, device: str = "cpu", progress=None, log=print) -> dict:
-    """Train ``model``'s adapters per ``cfg``; write ``{role}.safetensors`` (fp16) and ``{role}.json``."""
+def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, task: Task, device: str = "cpu", progress=None,
+             log=print) -> dict:
+    """Train ``model``'s adapters per ``cfg`` on ``task``'s train split; write ``{role}.safetensors`` (fp16)
+    and ``{role}.json``."""
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    data = load_split("train")
-    prompter = Prompter(load_tokenizer(), data.candidates)
+    data = task.split("train")
+    if cfg.data != data.key:
+        raise ValueError(f"the config was made for data {cfg.data!r}, not {data.key!r}")
+    prompter = Prompter(load_tokenizer(), task.answers)
     t0 = time.perf_counter()
-    clean, variants = _training_features(cfg, device)
+    clean, variants = _training_features(cfg, data, device)
     features_s = time.perf_counter() - t0
     opt, params, named, ckpt, start = _prepare_training(model, cfg, out_dir, device, log)
     rng = np.random.default_rng(cfg.seed + start)

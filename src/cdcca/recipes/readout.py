@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_safetensors
-from cdcca.data.easyvqa import load_split
+from cdcca.data.task import Task
 from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
 from cdcca.model.pair import load_adapters_file
 from cdcca.model.placement import model_device, text_to
@@ -162,14 +162,14 @@ def tune_readout(model: MLLM, cfg: ReadoutConfig, data, prompter: Prompter, clea
             "cache_s": round(cache_s, 1), "train_s": round(train_s, 1), "s_per_step": round(train_s / len(order), 3)}
 
 
-def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, clean: torch.Tensor, variants: list[torch.Tensor],
-                  progress=None, device: str = "cpu") -> dict:
+def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, task: Task, clean: torch.Tensor,
+                  variants: list[torch.Tensor], progress=None, device: str = "cpu") -> dict:
     """Read-out tuning of the cloud adapters in ``init``; writes ``out_dir/cloud.safetensors`` and
     returns its record (config, hashes, loss, times)."""
 
     model = load_adapters_file("cloud", init).to(device)
-    data = load_split("train")
-    stats = tune_readout(model, cfg, data, Prompter(load_tokenizer(), data.candidates), clean, variants, progress)
+    stats = tune_readout(model, cfg, task.split("train"), Prompter(load_tokenizer(), task.answers), clean, variants,
+                         progress)
     path = out_dir / "cloud.safetensors"
     write_safetensors(path, {k: v.half() for k, v in adapter_state(model).items()},
                       metadata={"role": "cloud", "digest": cfg.digest()})

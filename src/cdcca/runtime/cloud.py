@@ -43,7 +43,6 @@ from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.akd.source_set import load_source_set, random_source_set
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import link_or_copy, transaction, write_safetensors
-from cdcca.data.easyvqa import candidate_answers
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
@@ -51,6 +50,7 @@ from cdcca.model.pair import role_model
 from cdcca.model.prompt import Prompter
 from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
+from cdcca.trained_pair import active
 from cdcca.uplink import UplinkBatch, decode_uplink, default_token_basis, parse_code
 from cdcca.uplink.check import check_uplink
 from cdcca.uplink.codec import code_span_factors
@@ -364,14 +364,16 @@ def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,
     """The teacher, a student network and the prompter behind AKD, and the student's shipped adapters."""
     # the model stack stays unloaded until a round needs it (``cdcca cloud receive`` never does)
 
+    pair = active()
     teacher = role_model("cloud", tiny)
     student = role_model("device", tiny)
-    prompter = Prompter(load_tokenizer(), candidates or candidate_answers())
+    prompter = Prompter(load_tokenizer(), candidates or pair.answers)
     if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
         akd = replace(akd, labels=replace(akd.labels, min_teacher_confidence=0.0))
     source = None
     if akd.needs_source:
-        source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else load_source_set()
+        source = random_source_set(student.cfg.bridge.token_dim, prompter.candidates) if tiny else \
+            load_source_set(pair.task.split("train"))
     initial = adapter_state(student)
     return AKD(teacher, student, prompter, akd, source=source, device=torch_device), initial
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdcca.atomic import transaction, write_json
+from cdcca.trained_pair import adopt, recorded
 from cdcca.uplink.check import CheckedUplink, check_uplink
 from cdcca.wire import require_plain_name, write_packet
 
@@ -43,16 +44,19 @@ def open_db(state_dir: Path) -> sqlite3.Connection:
 
 
 def remembered_tiny(state_dir: Path, tiny: bool | None) -> bool:
-    """Whether the state dir's models are tiny: as recorded at creation (recorded now if new)."""
+    """Whether the state dir's models are tiny: as recorded at creation (recorded now if new, with the pair
+    it serves); the recorded pair is served from now on (:func:`cdcca.trained_pair.adopt`)."""
     record = state_dir / "cloud.json"
     if record.is_file():
-        created = bool(json.loads(record.read_text()).get("tiny", False))
+        saved = json.loads(record.read_text())
+        adopt(saved.get("weights"), state_dir)
+        created = bool(saved.get("tiny", False))
         if tiny is not None and tiny != created:
             raise ValueError(f"the cloud state at {state_dir} was created with {'tiny' if created else 'the real'} models; "
                              f"open it without --tiny/--no-tiny, or use a new state dir")
         return created
     tiny = bool(tiny)
-    write_json(record, {"tiny": tiny, "created": time.time()})
+    write_json(record, {"tiny": tiny, "weights": recorded(), "created": time.time()})
     return tiny
 
 

@@ -24,10 +24,8 @@ import torch
 
 from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
-from cdcca.data.easyvqa import candidate_answers
 from cdcca.data.jsonl import IMAGE_SIZE
 from cdcca.data.scenario import Scenario, stream_spec
-from cdcca.data.stream import stream_candidates
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.encoder import encode_images, load_encoder, tiny_encode
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
@@ -36,6 +34,7 @@ from cdcca.model.prompt import Prompter
 from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
+from cdcca.trained_pair import adopt, recorded, run_answers
 from cdcca.uplink import UTSConfig, build_uplink, collect_token_stats, plan_uplink, sample_uncertainty, view_uncertainty
 from cdcca.wire import decode, require_plain_name
 
@@ -121,7 +120,7 @@ class DeviceRuntime:
         uts = uts or (UTSConfig(budget=8, token_scorer="energy") if tiny else UTSConfig())   # tiny: no source statistics
         stream = {"tiny": tiny, **stream_spec("default", Scenario()), **(stream or {})}
         stream["device_id"] = device_id
-        config = {"device_id": device_id, "tiny": tiny, "uts": asdict(uts), "stream": stream,
+        config = {"device_id": device_id, "tiny": tiny, "weights": recorded(), "uts": asdict(uts), "stream": stream,
                   "bytes_up": 0, "bytes_down": 0, "created": time.time()}
         d.mkdir(parents=True, exist_ok=True)
         AdapterStore.init(d / "adapters", adapter_state(model), version=0, device_id=device_id)
@@ -138,6 +137,7 @@ class DeviceRuntime:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{d / CONFIG} is corrupt ({exc}); restore it or re-create the device state") from None
         check_config(config, d / CONFIG)
+        adopt(config.get("weights"), d)
         return cls(d, config, model)
 
     def _save_config(self) -> None:
@@ -216,8 +216,8 @@ class DeviceRuntime:
         if getattr(self, "_prompter_obj", None) is None:
 
             stream = self.config["stream"]
-            own = None if stream.get("tiny") else stream_candidates(stream.get("stream", "default"))
-            self._prompter_obj = Prompter(load_tokenizer(), own or candidate_answers())
+            answers = run_answers(stream.get("stream", "default"), bool(stream.get("tiny")))
+            self._prompter_obj = Prompter(load_tokenizer(), answers)
         return self._prompter_obj
 
     # -- uplink ------------------------------------------------------------------------------

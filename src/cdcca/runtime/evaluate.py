@@ -1,4 +1,4 @@
-"""Accuracy of a model on easy-VQA test questions under one domain: direct answer and multiple choice."""
+"""Accuracy of a model on the task's test questions under one domain: direct answer and multiple choice."""
 
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import cached_features, image_set_features
 from cdcca.data.jsonl import load_jsonl
 from cdcca.data.stream import Domain
+from cdcca.data.task import Task
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.mllm import MLLM
 from cdcca.model.prompt import Prompter
+from cdcca.trained_pair import active
+
+
+def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
+    """Visual tokens of all the served pair's test images under ``domain`` (cached on disk, and in memory so
+    per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
+    return _test_tokens(active().task, domain, seed)
 
 
 @lru_cache(maxsize=8)
-def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
-    """Visual tokens of all easy-VQA test images under ``domain`` (cached on disk, and in memory so
-    per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
-
-    return cached_features("test", domain.corruption, domain.severity, seed)
+def _test_tokens(task: Task, domain: Domain, seed: int) -> torch.Tensor:
+    return cached_features(task.split("test"), domain.corruption, domain.severity, seed)
 
 
 _DOMAIN_TOKENS: dict[tuple, torch.Tensor] = {}
@@ -30,7 +35,7 @@ _DOMAIN_TOKENS: dict[tuple, torch.Tensor] = {}
 def domain_tokens(domain: Domain, data: VQASet) -> torch.Tensor:
     """Per-image tokens of a stream's data under ``domain`` (rows of other sources are zeros): the
     built-in domains' cached easy-VQA tokens, or a file domain's own images (cached by content)."""
-    key = (str(domain), len(data.images), tuple(sorted(data.sources.items())))
+    key = (str(domain), active().root, len(data.images), tuple(sorted(data.sources.items())))
     if key in _DOMAIN_TOKENS:
         return _DOMAIN_TOKENS[key]
     if domain.path is None:
@@ -74,9 +79,10 @@ def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.nda
 
 def evaluate_file(model: MLLM, tokenizer, path, n: int | None = None, direct: bool = True) -> dict:
     """``{"data", "n", "da", "mc"}`` of a model on every row (or the first ``n``) of a VQA JSONL file;
-    multiple choice is over the union of the file's candidates."""
+    multiple choice is over the served pair's answers (a file with other answers is refused)."""
 
     data = load_jsonl(path)
-    prompter = Prompter(tokenizer, data.candidates)
+    active().check_answers(data.candidates, str(path))
+    prompter = Prompter(tokenizer, active().answers)
     qids = np.arange(len(data.questions) if n is None else min(n, len(data.questions)))
     return {"data": str(path), **accuracy(model, prompter, data, qids, image_set_features(data.images), direct=direct)}

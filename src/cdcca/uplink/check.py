@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from cdcca import wire
+from cdcca.trained_pair import active
 from cdcca.uplink.codes import CODE_NAMES, TokenCode, default_basis_info, expand_ec_stream, need, parse_code
 from cdcca.uplink.config import (
     FILLS,
@@ -22,17 +24,20 @@ from cdcca.uplink.config import (
     PNG_SIGNATURE,
     READABLE_FORMATS,
     TOKEN_DTYPES,
-    TOKEN_STATS_PATH,
 )
 from cdcca.wire import PacketError, is_valid_name
 
 
-@lru_cache(maxsize=1)
 def default_stats_shape() -> tuple[int, int]:
-    """(P, C) of the packaged token statistics, from the file's header (no torch)."""
+    """(P, C) of the served pair's token statistics, from the file's header (no torch)."""
+    return _stats_shape(active().file("token_stats.safetensors"))
+
+
+@lru_cache(maxsize=4)
+def _stats_shape(path: Path) -> tuple[int, int]:
     from safetensors import safe_open
 
-    with safe_open(str(TOKEN_STATS_PATH), framework="np") as f:
+    with safe_open(str(path), framework="np") as f:
         return tuple(f.get_slice("mean").get_shape())
 
 

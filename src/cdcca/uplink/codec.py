@@ -26,10 +26,10 @@ import torch
 
 from cdcca.atomic import write_safetensors
 from cdcca.data.corruptions import CORRUPTIONS, corrupt_mixed
-from cdcca.data.easyvqa import load_split
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import cached_features
 from cdcca.model.encoder import encode_images, load_encoder
-from cdcca.model.pair import weights_file
+from cdcca.trained_pair import TrainedPair, active
 from cdcca.uplink.codes import (  # noqa: F401  (re-exported: the code names' historical home)
     CODE_NAMES,
     EC_BITS_ESTIMATE,
@@ -42,7 +42,7 @@ from cdcca.uplink.codes import (  # noqa: F401  (re-exported: the code names' hi
     expand_ec_stream,
     parse_code,
 )
-from cdcca.uplink.config import TOKEN_BASIS_PATH, TOKEN_DIM, UTSConfig
+from cdcca.uplink.config import TOKEN_DIM, UTSConfig
 from cdcca.uplink.tokens import read_tensor_file
 
 BASIS_COMPONENTS = 256          # components shipped; pcaK uses the first K (PCA components are nested)
@@ -153,44 +153,51 @@ def fit_token_basis(tokens: torch.Tensor, k: int = BASIS_COMPONENTS, metric: tor
     return TokenBasis(mean.float(), (root @ U).T.float(), (inv_root @ U).T.float(), len(x))
 
 
-def _fit_set(n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
-    """Tokens the shipped basis is fitted on: the first ``n_images`` clean train images (the cached
-    features) and the next ``n_images`` under the cloud's training corruptions (each its own, severity
-    3–5, seed 0) — the shifted tokens the device uploads lie off the clean ones' principal span."""
+def _fit_set(data: VQASet, n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
+    """Tokens a basis is fitted on: the first ``n_images`` clean train images of the pair's task (the
+    cached features) and the next ``n_images`` under the cloud's training corruptions (each its own,
+    severity 3–5, seed 0) — the shifted tokens the device uploads lie off the clean ones' principal span."""
 
-    clean = cached_features("train", limit=n_images)
-    images = load_split("train").images[n_images:2 * n_images]
+    clean = cached_features(data, limit=n_images)
+    images = data.images[n_images:2 * n_images]
     shifted = encode_images(load_encoder(), corrupt_mixed(images, sorted(CORRUPTIONS), (3, 5), seed=0))
     return torch.cat([clean.float(), shifted.float()])
 
 
-def _bridge_projections() -> list[torch.Tensor]:
-    """token_proj.weight · token_norm.weight of the shipped cloud and device bridges."""
+def _bridge_projections(root: Path) -> list[torch.Tensor]:
+    """token_proj.weight · token_norm.weight of a pair's cloud and device bridges."""
     from safetensors import safe_open
 
     out = []
     for role in ("cloud", "device"):
-        with safe_open(str(weights_file(role)), framework="pt") as f:
+        with safe_open(str(root / f"{role}.safetensors"), framework="pt") as f:
             out.append(f.get_tensor("bridge.token_proj.weight").float() * f.get_tensor("bridge.token_norm.weight").float())
     return out
 
 
-def build_token_basis(out: str | os.PathLike[str] | None = None) -> Path:
-    """Fit the shipped basis (offline: packaged encoder, images and bridge weights; ~1 min on 2 cores) and
-    write it (default: the packaged ``cdcca/weights/token_basis.safetensors``)."""
-    basis = fit_token_basis(_fit_set(), metric=bridge_metric(*_bridge_projections()))
-    path = basis.save(out or TOKEN_BASIS_PATH)
-    default_token_basis.cache_clear()
+def build_token_basis(out: str | os.PathLike[str] | None = None, pair: TrainedPair | None = None) -> Path:
+    """Fit a pair's basis (default: the served pair's; offline: packaged encoder, the task's train images and
+    the pair's bridges; ~1 min on 2 cores) and write it (default: the pair's ``token_basis.safetensors``)."""
+    pair = pair or active()
+    basis = fit_token_basis(_fit_set(pair.task.split("train")), metric=bridge_metric(*_bridge_projections(pair.root)))
+    path = basis.save(out or pair.root / "token_basis.safetensors")
+    _basis_of.cache_clear()
     return path
 
 
-@lru_cache(maxsize=1)
 def default_token_basis() -> TokenBasis:
-    """The packaged basis (256 × 1280); without one (a trimmed install) the one built once under
-    ``$CDCCA_CACHE`` from the packaged encoder and images, so both sides of one install agree."""
+    """The served pair's basis (256 × 1280); for the shipped pair on a trimmed install (none packaged) the
+    one built once under ``$CDCCA_CACHE`` from the packaged encoder and images, so both sides agree."""
     path = basis_file()
     if not path.is_file():
+        if not active().shipped:
+            active().file(path.name)           # refused in one line: the pair was never finished
         build_token_basis(path)
+    return _basis_of(path)
+
+
+@lru_cache(maxsize=4)
+def _basis_of(path: Path) -> TokenBasis:
     return TokenBasis.load(path)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.assets import cache_dir
+from cdcca.trained_pair import active
 from cdcca.uplink.config import PCA_CODE, TOKEN_BASIS_PATH
 from cdcca.wire import PacketError
 
@@ -117,11 +118,13 @@ def read_basis_info(path: str | os.PathLike[str]) -> BasisInfo:
 
 
 def basis_file() -> Path:
-    """Where this install's basis is: the packaged file, or on a trimmed install (none packaged) the one
-    :func:`~cdcca.uplink.codec.default_token_basis` builds once under ``$CDCCA_CACHE`` (maybe not yet)."""
-    if TOKEN_BASIS_PATH.is_file():
-        return TOKEN_BASIS_PATH
-
+    """Where the served pair's basis is: its ``token_basis.safetensors``, or for the shipped pair on a
+    trimmed install (none packaged) the one :func:`~cdcca.uplink.codec.default_token_basis` builds once
+    under ``$CDCCA_CACHE`` (maybe not yet)."""
+    pair = active()
+    path = pair.root / "token_basis.safetensors"
+    if path.is_file() or not pair.shipped:
+        return path
     return cache_dir() / "token_basis.safetensors"
 
 
@@ -129,6 +132,8 @@ def default_basis_info() -> BasisInfo:
     """This install's basis digest and size, read without torch (cached per file)."""
     path = basis_file()
     if not path.is_file():
+        if not active().shipped:
+            active().file(path.name)       # the pair's own basis is missing: refused, naming how to finish the pair
         raise FileNotFoundError(f"no token basis at {TOKEN_BASIS_PATH} or {path}: build it once with "
                                 "python -c 'import cdcca.uplink as u; u.default_token_basis()'")
     return _basis_info_of(path)

@@ -15,7 +15,9 @@ from torch.nn import functional as F
 
 from cdcca.assets import AssetError
 from cdcca.atomic import write_safetensors
+from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import cached_features
+from cdcca.trained_pair import active
 from cdcca.uplink.config import DIRECTIONS, N_TOKENS, TOKEN_STATS_PATH, UTSConfig
 
 
@@ -90,24 +92,30 @@ def collect_token_stats(tokens: torch.Tensor, chunk: int = 256) -> TokenStats:
     return TokenStats(mean.float(), var.float(), n)
 
 
-def build_token_stats(out: str | os.PathLike[str] | None = None) -> Path:
-    """Compute the source statistics from the cached clean easy-VQA *train* features and write them
-    (default: the packaged ``cdcca/weights/token_stats.safetensors``)."""
+def build_token_stats(out: str | os.PathLike[str] | None = None, data: VQASet | None = None) -> Path:
+    """Compute the source statistics from the cached clean features of a task's train images (default: the
+    served pair's) and write them (default: that pair's ``token_stats.safetensors``)."""
 
-    stats = collect_token_stats(cached_features("train"))
-    path = stats.save(out or TOKEN_STATS_PATH)
-    default_token_stats.cache_clear()
+    pair = active()
+    stats = collect_token_stats(cached_features(data if data is not None else pair.task.split("train")))
+    path = stats.save(out or pair.root / "token_stats.safetensors")
+    _stats_of.cache_clear()
     return path
 
 
-@lru_cache(maxsize=1)
 def default_token_stats() -> TokenStats:
-    """The packaged source statistics (49 × 1280)."""
-
-    if not TOKEN_STATS_PATH.is_file():
+    """The served pair's source statistics (49 × 1280)."""
+    pair = active()
+    path = pair.root / "token_stats.safetensors"
+    if pair.shipped and not path.is_file():
         raise AssetError(f"token statistics not found at {TOKEN_STATS_PATH}; build them with: "
                          "python -c 'from cdcca.uplink import build_token_stats; build_token_stats()'")
-    return TokenStats.load(TOKEN_STATS_PATH)
+    return _stats_of(pair.file(path.name))
+
+
+@lru_cache(maxsize=4)
+def _stats_of(path: Path) -> TokenStats:
+    return TokenStats.load(path)
 
 
 # ----------------------------------------------------------------------------------------------
