@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, WeightsOpt, console, fail, run_config
+from cdcca.cli.common import ConfigOpt, PresetOpt, SetOpt, WeightsOpt, console, fail, run_config, use_pair
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Run the protocol over Flower: a SuperLink (cloud), SuperNodes "
                                                    "(devices) and each device's API.")
@@ -34,9 +34,11 @@ def fleet_up(
     apis: bool = typer.Option(True, "--apis/--no-apis", help="Start each device's OpenAI-compatible API."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only)."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random models: a transport check that needs no weights."),
+    weights: WeightsOpt = None,
 ):
     """Start a SuperLink, N SuperNodes with TLS and node authentication, and N device APIs; prints the fleet as JSON."""
 
+    use_pair(weights)                  # the devices' states record it; their processes inherit it
     try:
         spec = _deploy().up(state, devices, host=host, port=port, insecure=insecure, tiny=tiny, apis=apis, api_port=api_port,
                   log=console.print)
