@@ -158,6 +158,7 @@ def _fit_set(data: VQASet, n_images: int = BASIS_FIT_IMAGES) -> torch.Tensor:
     cached features) and the next ``n_images`` under the cloud's training corruptions (each its own,
     severity 3–5, seed 0) — the shifted tokens the device uploads lie off the clean ones' principal span."""
 
+    n_images = min(n_images, len(data.images) // 2)          # a small task: half clean, half shifted
     clean = cached_features(data, limit=n_images)
     images = data.images[n_images:2 * n_images]
     shifted = encode_images(load_encoder(), corrupt_mixed(images, sorted(CORRUPTIONS), (3, 5), seed=0))
