@@ -108,8 +108,13 @@ def test_a_file_with_answers_the_pair_never_learnt_is_refused_in_one_line(tmp_pa
     assert "\n" not in str(err.value) and "--weights" in str(err.value)
 
 
-def test_candidates_sharing_a_first_token_are_named(tokenizer):
-    from cdcca.model.prompt import Prompter
+def test_a_stream_whose_answers_share_first_tokens_runs_end_to_end(tmp_path):
+    """'dark blue' / 'dark green' and '2' / '20' cannot be told apart by their first token: multiple choice
+    scores whole answers, and the tiny loop serves, uploads, distils and applies as usual."""
+    from cdcca.bench.demo import run_demo
+    from cdcca.config import resolve
 
-    with pytest.raises(ValueError, match="'red' and 'redwood'"):
-        Prompter(tokenizer, ["red", "blue", "redwood"])
+    a = write_domain(tmp_path / "a", "a", answers=("dark blue", "dark green", "2", "20"))
+    metrics = run_demo(resolve("tiny", sets=[f'data.domains="{a}"', "stream.rounds_per_domain=2"]), tmp_path / "run", "tiny")
+    rounds = metrics["rounds"]
+    assert len(rounds) == 2 and all(r["uploads"] > 0 for r in rounds) and rounds[-1]["bytes_down"] > 0

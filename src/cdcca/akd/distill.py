@@ -124,6 +124,7 @@ class AKD:
         nothing consumes the teacher's answers."""
         if not answers:
             return self._prefix_records(tokens, keep, questions, sample_ids, batch_size)
+        self.prompter.require_first_tokens("the teacher's pseudo-labels (AKD's label phase)")
         records = []
         cand = self.prompter.candidate_first_ids
         dev = self.device

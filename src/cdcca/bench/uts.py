@@ -39,7 +39,7 @@ from cdcca.data.stream import resolve_sequence
 from cdcca.metrics import auroc
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.pair import load_pretrained, weights_file
-from cdcca.model.prompt import Prompter
+from cdcca.model.prompt import Prompter, normalize_answer
 from cdcca.runtime.evaluate import test_tokens
 from cdcca.trained_pair import active
 from cdcca.uplink import (
@@ -266,7 +266,7 @@ def _device_rows(which: str, rounds: list[dict], wrong: list[bool]) -> dict:
     answers, gold = _flat(rounds, "answers"), _flat(rounds, "gold")
     return {"model": which, "n": n_req, "domains": [r["domain"] for r in rounds],
             "device_mc_accuracy": round(1 - sum(wrong) / n_req, 4),
-            "device_da_accuracy": round(sum(a.text == g for a, g in zip(answers, gold)) / n_req, 4)}
+            "device_da_accuracy": round(sum(a.text == normalize_answer(g) for a, g in zip(answers, gold)) / n_req, 4)}
 
 
 def _auroc_rows(rounds: list[dict], wrong: list[bool], cfg: UTSConfig) -> dict:

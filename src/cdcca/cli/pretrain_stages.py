@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from cdcca.assets import SHIPPED_WEIGHTS, AssetError
 from cdcca.atomic import write_json
 from cdcca.cli.common import console, fail
+from cdcca.data.features import cached_features, feature_cache_path
 from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
 from cdcca.recipes.checkpoint import file_sha256
@@ -23,6 +24,8 @@ from cdcca.recipes.pretrain import PretrainConfig
 from cdcca.recipes.pretrain import pretrain as run_pretrain
 from cdcca.recipes.readout import ReadoutConfig, train_readout
 from cdcca.trained_pair import ROLES, PairError, open_pair, write_record
+from cdcca.uplink.codec import build_token_basis
+from cdcca.uplink.tokens import build_token_stats
 
 
 def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path,
@@ -38,6 +41,7 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
     if up_to_date(role, out, cfg.digest(), force):
         return
     try:
+        _cache_features(task.split("train"), torch_device)
         model = build_model(role)
         with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
             record = run_pretrain(model, cfg, out, task, device=torch_device, progress=progress, log=console.print)
@@ -80,9 +84,6 @@ def shipped_adapters(role: str) -> Path:
 def finish_pair(out: Path, task: Task) -> None:
     """Write the pair's record; once both roles are trained, fit its token statistics (the task's clean train
     tokens) and its uplink basis (those images and both bridges), so the directory serves on its own."""
-    from cdcca.uplink.codec import build_token_basis  # the uplink's fitting code: only once a pair is finished
-    from cdcca.uplink.tokens import build_token_stats  # (the same)
-
     stages = {r: json.loads((out / f"{r}.json").read_text()) for r in ROLES if (out / f"{r}.json").is_file()}
     write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()})
     pair = open_pair(out)
@@ -94,6 +95,16 @@ def finish_pair(out: Path, task: Task) -> None:
         console.print(f"pair ready: {out} (cdcca weights inspect {out}; then --weights {out})")
     else:
         console.print(f"{out}: {', '.join(pair.missing())} still to come (pretrain the other role with the same --out)")
+
+
+def _cache_features(data, torch_device: str) -> None:
+    """Encode the train images once, with a progress bar (the recipes then read the cache)."""
+    if feature_cache_path(data, "clean", 0, 0).is_file():
+        return
+    with Progress(TextColumn("[bold]encoding train images"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=console) as bar:
+        job = bar.add_task("encode", total=len(data.images))
+        cached_features(data, device=torch_device, progress=lambda n: bar.update(job, completed=n))
 
 
 def _given(base: dict, **options) -> dict:

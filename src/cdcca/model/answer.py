@@ -36,8 +36,8 @@ def answer_batch(model: MLLM, prompter: Prompter, tokens: torch.Tensor, question
     tokens, keep = tokens.to(dev), None if keep is None else keep.to(dev)
     fwd, past, mask, positions = model(tokens, keep, text.input_ids.to(dev), text.attention_mask.to(dev), use_cache=True)
     logits = model.logits(fwd.normed[:, -1]).float().cpu()                     # (B, V)
-    cand = logits[:, prompter.candidate_first_ids]                              # (B, n_cand)
-    mc_probs = cand.softmax(-1)
+    mc_probs = candidate_probs(model, prompter, tokens, questions, keep) if prompter.sequence_scoring \
+        else logits[:, prompter.candidate_first_ids].softmax(-1)                # (B, n_cand)
     B = len(questions)
     generated = [[] for _ in range(B)]
     step_max, step_ent = [[] for _ in range(B)], [[] for _ in range(B)]
@@ -91,10 +91,42 @@ def answer_all(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions:
 @torch.no_grad()
 def mc_predict(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
                keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Candidate probabilities (B, n_cand) from one forward pass (no generation)."""
+    """Candidate probabilities (B, n_cand) from one forward pass (no generation); by whole answers
+    (:func:`candidate_probs`) when two candidates share a first token."""
     model.eval()
+    if prompter.sequence_scoring:
+        return candidate_probs(model, prompter, tokens, questions, keep)
     dev = next(model.parameters()).device
     text = prompter.batch(questions)
     fwd = model(tokens.to(dev), None if keep is None else keep.to(dev), text.input_ids.to(dev), text.attention_mask.to(dev))
     logits = model.logits(fwd.normed[:, -1]).float().cpu()
     return logits[:, prompter.candidate_first_ids].softmax(-1)
+
+
+@torch.no_grad()
+def candidate_probs(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
+                    keep: torch.Tensor | None = None, rows_per_pass: int = 128) -> torch.Tensor:
+    """Candidate probabilities (B, n_cand) from each candidate's whole answer: the softmax over candidates of
+    the mean log-likelihood of its tokens and the stop token (length-normalised, so "dark blue" does not lose
+    to "dark" for being longer; the stop token tells "2" from "20"). Every (question, candidate) row is one
+    teacher-forced sequence, up to ``rows_per_pass`` of them per forward pass."""
+    model.eval()
+    dev = next(model.parameters()).device
+    B, C = len(questions), len(prompter.candidates)
+    qs = [q for q in questions for _ in range(C)]
+    ans = prompter.candidates * B
+    owners = torch.arange(B).repeat_interleave(C)
+    scores = torch.empty(B * C)
+    for s in range(0, B * C, rows_per_pass):
+        rows = slice(s, s + rows_per_pass)
+        text = prompter.batch(qs[rows], ans[rows])
+        fwd = model(tokens[owners[rows]].to(dev), None if keep is None else keep[owners[rows]].to(dev),
+                    text.input_ids.to(dev), text.attention_mask.to(dev))
+        target = text.labels[:, 1:].to(dev)                        # token t+1 is predicted at t
+        sel = target != -100                                          # the answer's tokens and the stop token
+        logp = model.logits(fwd.normed[:, fwd.n_visual:][:, :-1][sel]).float().log_softmax(-1)   # (n, V)
+        picked = logp.gather(-1, target[sel][:, None])[:, 0]
+        row = sel.nonzero()[:, 0]
+        total = torch.zeros(sel.shape[0], device=picked.device).index_add_(0, row, picked)
+        scores[rows] = (total / sel.sum(1)).cpu()
+    return scores.view(B, C).softmax(-1)

@@ -19,7 +19,8 @@ class TextBatch:
 
 
 class Prompter:
-    """Tokenizes questions (and answers) and knows the candidate answers' first-token ids."""
+    """Tokenizes questions (and answers) and knows the candidate answers' token ids. Multiple choice reads the
+    candidates' first tokens in one pass while they differ (:attr:`sequence_scoring` otherwise)."""
 
     def __init__(self, tokenizer, candidates: list[str]):
         self.tokenizer = tokenizer
@@ -29,12 +30,24 @@ class Prompter:
         self._answer_ids = {a: tokenizer(" " + a, add_special_tokens=False).input_ids for a in candidates}
         first = [ids[0] for ids in self._answer_ids.values()]
         owner: dict[int, str] = {}
+        self.shared_first: list[tuple[str, str]] = []     # candidates one-pass scoring cannot tell apart
         for answer, token in zip(self._answer_ids, first):
             if token in owner:
-                raise ValueError(f"candidate answers must start with distinct tokens for one-pass MC scoring; "
-                                 f"{owner[token]!r} and {answer!r} share their first token — rename one in your data")
-            owner[token] = answer
+                self.shared_first.append((owner[token], answer))
+            owner.setdefault(token, answer)
         self.candidate_first_ids = torch.tensor(first)
+
+    @property
+    def sequence_scoring(self) -> bool:
+        """Whether multiple choice must score each candidate's whole token sequence (two share a first token)."""
+        return bool(self.shared_first)
+
+    def require_first_tokens(self, what: str) -> None:
+        """Refuse, in one line, a method that reads only the candidates' first tokens when two share one."""
+        if self.shared_first:
+            a, b = self.shared_first[0]
+            raise ValueError(f"{what} scores candidates by their first token, and {a!r} and {b!r} share theirs; "
+                             "use the default prefix distillation (multiple choice scores whole answers), or rename one")
 
     def answer_ids(self, answer: str) -> list[int]:
         ids = self._answer_ids.get(answer)

@@ -67,6 +67,7 @@ def _mc_right(model: MLLM, prompter: Prompter, normed: torch.Tensor, labels: tor
     """Per row: whether the candidate scored highest at the answer position is the gold one."""
     first = (labels[:, 1:] != -100).float().argmax(1)             # position that predicts the answer's first token
     h = normed[:, n_visual:][torch.arange(len(first), device=first.device), first]
+    prompter.require_first_tokens("the prefix-targets recipe")
     return model.logits(h)[:, prompter.candidate_first_ids].argmax(-1) == gold
 
 

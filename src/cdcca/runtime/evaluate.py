@@ -14,7 +14,7 @@ from cdcca.data.stream import Domain
 from cdcca.data.task import Task
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.mllm import MLLM
-from cdcca.model.prompt import Prompter
+from cdcca.model.prompt import Prompter, normalize_answer
 from cdcca.trained_pair import active
 
 
@@ -68,7 +68,7 @@ def accuracy(model: MLLM, prompter: Prompter, data: VQASet, question_ids: np.nda
         toks = tokens[data.image_ids[ids]]
         if direct:
             answers = answer_batch(model, prompter, toks, qs)
-            da += sum(a.text == g for a, g in zip(answers, gold))
+            da += sum(a.text == normalize_answer(g) for a, g in zip(answers, gold))     # both sides normalised
             mc += sum(a.mc == g for a, g in zip(answers, gold))
         else:
             probs = mc_predict(model, prompter, toks, qs)

@@ -16,6 +16,7 @@ def candidate_logits(model: MLLM, prompter: Prompter, tokens: torch.Tensor, ques
 
     The model stays in eval mode (no dropout: the prediction a user gets), gradients flow when enabled.
     """
+    prompter.require_first_tokens("test-time adaptation (TENT, EATA, CoTTA)")
     model.eval()
     text = prompter.batch(questions)
     fwd = model(tokens, keep, text.input_ids, text.attention_mask)
