@@ -105,28 +105,41 @@ def mc_predict(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions:
 
 @torch.no_grad()
 def candidate_probs(model: MLLM, prompter: Prompter, tokens: torch.Tensor, questions: list[str],
-                    keep: torch.Tensor | None = None, rows_per_pass: int = 128) -> torch.Tensor:
+                    keep: torch.Tensor | None = None, rows_per_pass: int = 256) -> torch.Tensor:
     """Candidate probabilities (B, n_cand) from each candidate's whole answer: the softmax over candidates of
     the mean log-likelihood of its tokens and the stop token (length-normalised, so "dark blue" does not lose
-    to "dark" for being longer; the stop token tells "2" from "20"). Every (question, candidate) row is one
-    teacher-forced sequence, up to ``rows_per_pass`` of them per forward pass."""
+    to "dark" for being longer; the stop token tells "2" from "20").
+
+    The prompt (visual prefix + question) runs once with a KV cache, which is then repeated per candidate and
+    only the candidates' few tokens run on top of it; up to ``rows_per_pass`` (question, candidate) rows at a time."""
     model.eval()
     dev = next(model.parameters()).device
-    B, C = len(questions), len(prompter.candidates)
-    qs = [q for q in questions for _ in range(C)]
-    ans = prompter.candidates * B
-    owners = torch.arange(B).repeat_interleave(C)
-    scores = torch.empty(B * C)
-    for s in range(0, B * C, rows_per_pass):
-        rows = slice(s, s + rows_per_pass)
-        text = prompter.batch(qs[rows], ans[rows])
-        fwd = model(tokens[owners[rows]].to(dev), None if keep is None else keep[owners[rows]].to(dev),
-                    text.input_ids.to(dev), text.attention_mask.to(dev))
-        target = text.labels[:, 1:].to(dev)                        # token t+1 is predicted at t
-        sel = target != -100                                          # the answer's tokens and the stop token
-        logp = model.logits(fwd.normed[:, fwd.n_visual:][:, :-1][sel]).float().log_softmax(-1)   # (n, V)
-        picked = logp.gather(-1, target[sel][:, None])[:, 0]
-        row = sel.nonzero()[:, 0]
-        total = torch.zeros(sel.shape[0], device=picked.device).index_add_(0, row, picked)
-        scores[rows] = (total / sel.sum(1)).cpu()
-    return scores.view(B, C).softmax(-1)
+    seqs = [prompter.answer_ids(c) + [prompter.stop_id] for c in prompter.candidates]
+    C, L = len(seqs), max(len(q) for q in seqs) - 1
+    cont = torch.full((C, L), prompter.pad_id, dtype=torch.long)     # each candidate's tokens but its last …
+    target = torch.full((C, L), -1, dtype=torch.long)               # … and the token each position predicts
+    for c, q in enumerate(seqs):
+        cont[c, :len(q) - 1], target[c, :len(q) - 1] = torch.tensor(q[:-1]), torch.tensor(q[1:])
+    first = torch.tensor([q[0] for q in seqs])
+    lengths = torch.tensor([len(q) for q in seqs], dtype=torch.float)
+    out = []
+    step = max(1, rows_per_pass // C)
+    for s in range(0, len(questions), step):
+        qs = questions[s:s + step]
+        b = len(qs)
+        text = prompter.batch(qs)
+        fwd, past, mask, positions = model(tokens[s:s + b].to(dev), None if keep is None else keep[s:s + b].to(dev),
+                                           text.input_ids.to(dev), text.attention_mask.to(dev), use_cache=True)
+        score = model.logits(fwd.normed[:, -1]).float().log_softmax(-1).cpu()[:, first]       # (b, C) first tokens
+        past.batch_repeat_interleave(C)                                # row b·C + c: question b, candidate c
+        ids = cont.repeat(b, 1).to(dev)
+        full_mask = torch.cat([mask.repeat_interleave(C, 0), mask.new_ones(b * C, L)], dim=1)
+        pos = positions[:, -1].repeat_interleave(C)[:, None] + 1 + torch.arange(L, device=dev)
+        hidden = model.core(inputs_embeds=model.embed_text(ids), attention_mask=full_mask, position_ids=pos,
+                            past_key_values=past, use_cache=False).last_hidden_state                  # (b·C, L, d)
+        tgt = target.repeat(b, 1).to(dev)
+        sel = tgt >= 0
+        picked = model.logits(hidden[sel]).float().log_softmax(-1).gather(-1, tgt[sel][:, None])[:, 0]
+        rest = torch.zeros(b * C, device=picked.device).index_add_(0, sel.nonzero()[:, 0], picked)
+        out.append(((score + rest.cpu().view(b, C)) / lengths).softmax(-1))
+    return torch.cat(out)
