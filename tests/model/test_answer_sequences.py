@@ -15,7 +15,7 @@ def test_candidates_sharing_a_first_token_switch_to_whole_answer_scoring(tokeniz
     prompter = Prompter(tokenizer, SHARED)
     assert prompter.sequence_scoring and ("dark blue", "dark green") in prompter.shared_first
     assert not Prompter(tokenizer, ["red", "blue", "yes"]).sequence_scoring
-    with pytest.raises(ValueError, match="TENT.* 'dark blue' and 'dark green' share theirs"):
+    with pytest.raises(ValueError, match=r"TENT.* 'dark blue' and 'dark green' share theirs"):
         prompter.require_first_tokens("test-time adaptation (TENT, EATA, CoTTA)")
 
 
