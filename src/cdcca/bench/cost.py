@@ -26,8 +26,6 @@ from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.trained_pair import active
 
-QUESTION = "What color is the shape?"
-
 
 def _rss_mib() -> float:
     """This process's peak resident set so far (Linux reports KiB)."""
@@ -52,17 +50,18 @@ def device_costs(root: Path, tiny: bool, requests: int, batch: int) -> tuple[dic
 
     dev = DeviceRuntime.create(root / "latency", "latency", tiny=tiny)
     images = _images(max(requests, batch))
+    question = active().task.split("test").questions[0]          # one of the served pair's own questions
     with torch.no_grad():
-        dev.serve(images[:1], [QUESTION])                         # warm-up: the encoder loads on first use
+        dev.serve(images[:1], [question])                         # warm-up: the encoder loads on first use
         one = []
         for i in range(requests):
             t0 = time.perf_counter()
-            dev.serve(images[i:i + 1], [QUESTION])
+            dev.serve(images[i:i + 1], [question])
             one.append(time.perf_counter() - t0)
         many = []
         for _ in range(max(3, requests // batch)):
             t0 = time.perf_counter()
-            dev.serve(images[:batch], [QUESTION] * batch)
+            dev.serve(images[:batch], [question] * batch)
             many.append(time.perf_counter() - t0)
     model = dev.model
     dev.close()
