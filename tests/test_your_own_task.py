@@ -7,9 +7,13 @@ import json
 
 import pytest
 from tests.fixtures.tasks import PATTERNS, SHADES, write_task
+from tests.uplink.test_codec import _samples
 from typer.testing import CliRunner
 
 from cdcca.cli.main import app
+from cdcca.trained_pair import use
+from cdcca.uplink import UTSConfig, build_uplink, decode_uplink
+from cdcca.wire import PacketError
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +41,12 @@ def test_pretrain_serve_and_export_a_pair_of_your_own(tmp_path, no_easyvqa):
             "--batch-size", "4", "--out", weights, "--threads", "2")
     record = json.loads(run("weights", "inspect", weights, "--json"))
     assert record["missing"] == [] and record["task"]["answers"] == sorted(PATTERNS + SHADES)
+
+    coded_on_shipped = build_uplink(_samples(2), UTSConfig(), device_id="d", adapter_version="0")
+    use(weights)                                       # a cloud serving this pair: its own basis
+    with pytest.raises(PacketError, match=r"coded with token basis .* device and cloud need the same") as err:
+        decode_uplink(coded_on_shipped)
+    assert "\n" not in str(err.value)
 
     out = run("demo", "--weights", weights, "--out", tmp_path / "demo", "--stream", "pixelate:5", "--set",
               "stream.rounds_per_domain=1", "--set", "stream.round_size=4", "--set", "eval.heldout_n=4", "--set",

@@ -144,7 +144,7 @@ def _read_code(meta: dict[str, str], C: int, basis: Basis | None) -> TokenCode:
     basis = basis or default_basis_info()
     need(meta.get("basis") == basis.digest,
          f"coded with token basis {meta.get('basis', '')[:20]!r}, this side has {basis.digest!r}: device and cloud "
-         "need the same token_basis.safetensors (the same cdcca weights)")
+         "need the same token_basis.safetensors (the same trained pair: --weights)")
     need(C == basis.dim and code.k <= basis.k,
          f"code {code.name} on {C}-channel tokens does not fit the {basis.k} × {basis.dim} basis")
     return code
