@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from cdcca.assets import SHIPPED_WEIGHTS, AssetError
 from cdcca.atomic import write_json
 from cdcca.cli.common import console, fail
-from cdcca.data.features import cached_features, feature_cache_path
+from cdcca.data.features import augmented_features, cached_features, feature_cache_path
 from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
 from cdcca.recipes.checkpoint import file_sha256
@@ -41,7 +41,7 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
     if up_to_date(role, out, cfg.digest(), force):
         return
     try:
-        _cache_features(task.split("train"), torch_device)
+        _cache_features(task.split("train"), cfg, torch_device)
         model = build_model(role)
         with _loss_bar(f"pretrain {role}", cfg.steps) as progress:
             record = run_pretrain(model, cfg, out, task, device=torch_device, progress=progress, log=console.print)
@@ -97,14 +97,20 @@ def finish_pair(out: Path, task: Task) -> None:
         console.print(f"{out}: {', '.join(pair.missing())} still to come (pretrain the other role with the same --out)")
 
 
-def _cache_features(data, torch_device: str) -> None:
-    """Encode the train images once, with a progress bar (the recipes then read the cache)."""
-    if feature_cache_path(data, "clean", 0, 0).is_file():
-        return
-    with Progress(TextColumn("[bold]encoding train images"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=console) as bar:
-        job = bar.add_task("encode", total=len(data.images))
-        cached_features(data, device=torch_device, progress=lambda n: bar.update(job, completed=n))
+def _cache_features(data, cfg: PretrainConfig, torch_device: str) -> None:
+    """Encode the train images once, clean and (when the recipe mixes them in) each corrupted copy, with a
+    progress bar each (the recipe then reads the caches)."""
+    jobs = [] if feature_cache_path(data, "clean", 0, 0).is_file() else \
+        [("train images", lambda progress: cached_features(data, device=torch_device, progress=progress))]
+    if cfg.aug_share > 0:
+        jobs += [(f"corrupted copy {v + 1}/{cfg.aug_variants}",
+                  lambda progress, v=v: augmented_features(data, cfg.aug_family, cfg.aug_severity, v, cfg.seed,
+                                                           torch_device, progress)) for v in range(cfg.aug_variants)]
+    for label, encode in jobs:
+        with Progress(TextColumn(f"[bold]encoding {label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeRemainingColumn(), console=console) as bar:
+            job = bar.add_task("encode", total=len(data.images))
+            encode(lambda n, job=job, bar=bar: bar.update(job, completed=n))
 
 
 def _given(base: dict, **options) -> dict:

@@ -55,7 +55,7 @@ def cached_features(data: VQASet, corruption: str = "clean", severity: int = 0, 
 
 
 def augmented_features(data: VQASet, family: list[str], severity: tuple[int, int], variant: int, seed: int,
-                       device: str = "cpu") -> torch.Tensor:
+                       device: str = "cpu", progress=None) -> torch.Tensor:
     """Tokens of a corrupted copy of every train image, each image under its own random corruption of
     ``family`` (the cloud's training family); ``variant`` numbers independent copies."""
     tag = hashlib.sha256(json.dumps([sorted(family), list(severity)]).encode()).hexdigest()[:10]
@@ -63,7 +63,8 @@ def augmented_features(data: VQASet, family: list[str], severity: tuple[int, int
     if path.is_file():
         return load_file(str(path))["tokens"]
     images = corrupt_mixed(data.images, family, severity, seed=seed * 1000 + variant)
-    tokens = encode_images(load_encoder().to(device), images, batch_size=256 if device != "cpu" else 64)
+    tokens = encode_images(load_encoder().to(device), images, batch_size=256 if device != "cpu" else 64,
+                           progress=progress)
     save_tokens(path, tokens)
     return tokens
 
