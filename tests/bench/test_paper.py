@@ -97,6 +97,15 @@ def test_methods_run_a_subset_of_table1_without_the_ablations():
         paper.plan("quick", QUICK, [0], ["cdcca", "magic"])
 
 
+def test_the_teacher_alone_makes_a_table_too():
+    """A bound measured on its own (no streamed row: no online figures) still gets its table."""
+    p = paper.plan("quick", QUICK, [0], ["teacher"])
+    rows = {c: {k: v for k, v in r.items() if k not in ("online_per_round", "domains", "steps")}
+            for c, r in _fake_rows(p).items()}
+    result = paper_report.build_tables(p, rows, flatten(QUICK), 10.0, SIZES)
+    assert {r["method"] for r in result["table1"]} == {"teacher"} and result["domains"] == DOMAINS
+
+
 def test_run_paper_resumes_from_finished_cells(tmp_path, monkeypatch):
     p = paper.plan("quick", QUICK, [0])
     rows = _fake_rows(p)

@@ -126,10 +126,11 @@ def build_tables(plan, rows: dict, settings: dict, link_mbps: float, sizes: dict
               for m, runs in t1.items() if runs[0].get("online_per_round")}
     recovery = {m: np.mean([recovery_of(r) for r in runs], axis=0).tolist()
                 for m, runs in t1.items() if runs[0].get("steps")}
-    streamed = next(runs for runs in t1.values() if runs[0].get("domains"))
+    streamed = next((runs for runs in t1.values() if runs[0].get("domains")), None)
+    domains = streamed[0]["domains"] if streamed else list(next(iter(t1.values()))[0]["heldout"])  # e.g. the teacher alone
     result = {"preset": plan.preset, "seeds": plan.seeds, "settings": settings, "table1": table1_rows(t1),
               "table3": ablation_rows(t3, "ablation"), "table4": ablation_rows(t4, "keep_ratio"),
-              "online_per_round": online, "recovery": recovery, "domains": streamed[0]["domains"]}
+              "online_per_round": online, "recovery": recovery, "domains": domains}
     result["table5"] = (table5_rows(t1["cdcca"], t1["cdcca-dense"], sizes, link_mbps)
                         if sizes and "cdcca" in t1 and "cdcca-dense" in t1 else [])
     if "cdcca" in t1:
