@@ -88,12 +88,12 @@ class AKD:
         self.prompter = prompter
         self.cfg = cfg or AKDConfig()
         if self.cfg.replay.source > 0 and source is None:
-            raise ValueError("AKDConfig.source_replay > 0 needs the labelled source set (AKD(..., source=load_source_set()))")
+            raise ValueError("AKDConfig.source_replay > 0 needs the labelled source set (AKD(..., source=load_source_set(the pair's train split)))")
         self.source = source
         self.prefix_teacher: PrefixTeacher | None = None
         if self.cfg.prefix.epochs > 0:
             if source is None:
-                raise ValueError("AKDConfig.prefix_epochs > 0 needs the clean source set (AKD(..., source=load_source_set()))")
+                raise ValueError("AKDConfig.prefix_epochs > 0 needs the clean source set (AKD(..., source=load_source_set(the pair's train split)))")
             # the student holds the source device's adapters now: the map and the anchors are the source model's
             self.prefix_teacher = PrefixTeacher.fit(self.teacher.bridge, student.bridge, source.tokens.to(self.device),
                                                     self.cfg.prefix.ridge)
