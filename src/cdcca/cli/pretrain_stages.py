@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from cdcca.assets import SHIPPED_WEIGHTS, AssetError
 from cdcca.atomic import write_json
 from cdcca.cli.common import console, fail
-from cdcca.data.features import augmented_features, cached_features, feature_cache_path
+from cdcca.data.features import augmented_cache_path, augmented_features, cached_features, feature_cache_path
 from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
 from cdcca.recipes.checkpoint import file_sha256
@@ -99,13 +99,15 @@ def finish_pair(out: Path, task: Task) -> None:
 
 def _cache_features(data, cfg: PretrainConfig, torch_device: str) -> None:
     """Encode the train images once, clean and (when the recipe mixes them in) each corrupted copy, with a
-    progress bar each (the recipe then reads the caches)."""
+    progress bar each; a cache already on disk is not read here (the recipe reads it, once)."""
     jobs = [] if feature_cache_path(data, "clean", 0, 0).is_file() else \
         [("train images", lambda progress: cached_features(data, device=torch_device, progress=progress))]
     if cfg.aug_share > 0:
         jobs += [(f"corrupted copy {v + 1}/{cfg.aug_variants}",
                   lambda progress, v=v: augmented_features(data, cfg.aug_family, cfg.aug_severity, v, cfg.seed,
-                                                           torch_device, progress)) for v in range(cfg.aug_variants)]
+                                                           torch_device, progress))
+                 for v in range(cfg.aug_variants)
+                 if not augmented_cache_path(data, cfg.aug_family, cfg.aug_severity, v, cfg.seed).is_file()]
     for label, encode in jobs:
         with Progress(TextColumn(f"[bold]encoding {label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeRemainingColumn(), console=console) as bar:

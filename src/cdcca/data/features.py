@@ -54,12 +54,16 @@ def cached_features(data: VQASet, corruption: str = "clean", severity: int = 0, 
     return tokens
 
 
+def augmented_cache_path(data: VQASet, family: list[str], severity: tuple[int, int], variant: int, seed: int) -> Path:
+    tag = hashlib.sha256(json.dumps([sorted(family), list(severity)]).encode()).hexdigest()[:10]
+    return cache_dir() / "features" / f"lite0-{data.key}-aug{tag}-v{variant}-seed{seed}.safetensors"
+
+
 def augmented_features(data: VQASet, family: list[str], severity: tuple[int, int], variant: int, seed: int,
                        device: str = "cpu", progress=None) -> torch.Tensor:
     """Tokens of a corrupted copy of every train image, each image under its own random corruption of
     ``family`` (the cloud's training family); ``variant`` numbers independent copies."""
-    tag = hashlib.sha256(json.dumps([sorted(family), list(severity)]).encode()).hexdigest()[:10]
-    path = cache_dir() / "features" / f"lite0-{data.key}-aug{tag}-v{variant}-seed{seed}.safetensors"
+    path = augmented_cache_path(data, family, severity, variant, seed)
     if path.is_file():
         return load_file(str(path))["tokens"]
     images = corrupt_mixed(data.images, family, severity, seed=seed * 1000 + variant)
