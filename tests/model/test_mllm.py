@@ -5,15 +5,16 @@ import torch
 
 from cdcca.adapter_state import state_hash
 from cdcca.model.answer import answer_batch, mc_predict
-from cdcca.model.llm import device_layer_ids, prune_layers
+from cdcca.model.llm import prune_layers
 from cdcca.model.mllm import adapter_state, answer_loss, is_adapter_key, load_adapter_state
+from cdcca.model.spec import parse_layers
 
 QUESTIONS = ["what color is the shape?", "is there a circle in the image?", "what shape is present?"]
 ANSWERS = ["red", "yes", "triangle"]
 
 
 def test_device_keeps_every_third_layer_with_first_and_last():
-    ids = device_layer_ids(30, 3)
+    ids = parse_layers("every:3", 30)
     assert len(ids) == 10 and ids[0] == 0 and ids[-1] == 29
 
 

@@ -138,7 +138,7 @@ def test_pca_codes_round_trip_within_the_quantization_bound(basis, code):
 def test_the_packet_names_its_code_and_basis_and_full_packets_name_no_basis(basis):
     samples = _samples(2)
     meta = _meta(build_uplink(samples, COMPACT, device_id="d", adapter_version="v", basis=basis))
-    assert (meta["code"], meta["basis"], meta["uts.format"]) == ("pca128-int4", basis.digest, "2")
+    assert (meta["code"], meta["basis"], meta["uts.format"]) == ("pca128-int4", basis.digest, "3")
     meta = _meta(build_uplink(samples, UTSConfig(token_code="full"), device_id="d", adapter_version="v", basis=basis))
     assert meta["code"] == "full-int8" and "basis" not in meta
     narrow = [UplinkSample("n", torch.rand(49, 16), "q", "a", 0.5)]          # another width: full channels
@@ -258,3 +258,31 @@ def test_a_change_confined_to_the_codes_span_reads_a_real_token_as_its_rebuilt_f
     assert torch.allclose(offset, offset[:1].expand_as(offset), atol=2e-3 * on_rebuilt.abs().max())
     free = (gamma * real + beta) @ delta.T
     assert ((free - on_rebuilt) - (free - on_rebuilt)[:1]).norm() > 0.05 * on_rebuilt.norm()    # a free change reads more
+
+
+def test_format2_packets_written_by_the_previous_cdcca_still_decode():
+    """tests/fixtures/uplink/format2-int8.pkt was written by the commit before grids beyond 256 tokens (format 3)."""
+    g = torch.Generator().manual_seed(27)
+    x = torch.randn(2, 49, 16, generator=g) * 2
+    keep = select_tokens(torch.rand(2, 49, generator=g), 0.5)
+    data = (OLD / "format2-int8.pkt").read_bytes()
+    assert _meta(data)["uts.format"] == "2" and wire.decode(data).tensors["positions"].dtype == torch.uint8
+    batch = decode_uplink(data)
+    assert batch.code == "full-int8" and batch.sample_ids == ["old-0", "old-1"] and torch.equal(batch.sent, keep)
+    tol = x.abs().amax(-1, keepdim=True) / 127 * 0.51
+    assert ((batch.tokens[keep] - x[keep]).abs() <= tol[keep]).all()
+
+
+@pytest.mark.parametrize("P, dtype", [(256, torch.uint8), (257, torch.uint16), (576, torch.uint16)])
+def test_an_encoder_with_more_than_256_tokens_an_image_round_trips(P, dtype):
+    """A ViT at 336 px has 576 patch tokens: their positions travel as uint16; 256 and fewer stay one byte."""
+    g = torch.Generator().manual_seed(P)
+    x = torch.randn(2, P, 8, generator=g)
+    keep = select_tokens(torch.rand(2, P, generator=g), 0.5)
+    keep[:, -1] = True                        # the last grid position travels
+    samples = [UplinkSample(f"s{i}", x[i], "q?", "a", 0.5, 0.5, keep[i], mc="a") for i in range(2)]
+    data = build_uplink(samples, UTSConfig(token_code="full", token_dtype="fp16"), device_id="d", adapter_version="0")
+    assert wire.decode(data).tensors["positions"].dtype == dtype and _meta(data)["uts.format"] == "3"
+    batch = decode_uplink(data)
+    assert torch.equal(batch.sent, keep) and torch.equal(batch.tokens[keep], x[keep].half().float())
+    assert sample_cost(10, 8, "fp16", n_tokens=P) - sample_cost(10, 8, "fp16", n_tokens=49) == (10 if P > 256 else 0)

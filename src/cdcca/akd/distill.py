@@ -2,8 +2,10 @@
 
 Per uploaded sample the teacher runs **once** (:meth:`AKD.teacher_pass`): from the same visual
 tokens the device sent, it picks a pseudo-label (its multiple-choice answer) and we cache its
-pre-norm last-layer hidden states over the visual + prompt positions and its logits at the answer
-position, and its bridge's output (the visual prefix). The student — a model holding *that device's
+pre-norm last-layer hidden states over the visual + prompt positions, its scores of the answer
+candidates, and its bridge's output (the visual prefix). The teacher reads the question with its own
+tokenizer; nothing it leaves for the student is in its vocabulary (candidates are strings, scores are
+per candidate), so a teacher of another family distils as well (docs/MODELS.md). The student — a model holding *that device's
 current* adapters — then learns in up to two phases, each on the new records plus a bounded replay:
 
 1. **prefix distillation** (``cfg.prefix``; :mod:`cdcca.akd.prefix`): the device's bridge learns to
@@ -42,7 +44,9 @@ from cdcca.akd.prefix import PrefixTeacher, train_prefix
 from cdcca.akd.records import ReplayBuffer, TeacherRecord, with_true_labels
 from cdcca.akd.source_set import SourceSet
 from cdcca.metrics import cosine
+from cdcca.model.answer import candidate_probs
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, is_adapter_key, load_adapter_state
+from cdcca.model.pair import model_prompter
 from cdcca.model.placement import text_to
 from cdcca.model.prompt import Prompter
 
@@ -79,13 +83,18 @@ class AKD:
     """The cloud's distiller: a teacher, one student network, and per-device aligner + replay state."""
 
     def __init__(self, teacher: MLLM, student: MLLM, prompter: Prompter, cfg: AKDConfig | None = None,
-                 source: SourceSet | None = None, device: str = "cpu"):
+                 source: SourceSet | None = None, device: str = "cpu", teacher_prompter: Prompter | None = None):
+        # ``prompter``: the student's (the device's tokenizer); ``teacher_prompter``: the teacher's own, over the
+        # same candidates (default: ``prompter`` when both roles share an LLM, else one in the teacher's tokenizer).
         # ``device``: where the teacher, the student and their training run (cdcca.model.placement);
         # records, replay buffers and the adapters handed back stay on the CPU
         self.device = torch.device(device)
         self.teacher = teacher.to(self.device).eval()
         self.student = student.to(self.device)
         self.prompter = prompter
+        self.shared_tokenizer = teacher.cfg.llm == student.cfg.llm
+        self.teacher_prompter = teacher_prompter or (
+            prompter if self.shared_tokenizer else model_prompter(teacher, prompter.candidates))
         self.cfg = cfg or AKDConfig()
         if self.cfg.replay.source > 0 and source is None:
             raise ValueError("AKDConfig.source_replay > 0 needs the labelled source set (AKD(..., source=load_source_set(the pair's train split)))")
@@ -124,19 +133,22 @@ class AKD:
         nothing consumes the teacher's answers."""
         if not answers:
             return self._prefix_records(tokens, keep, questions, sample_ids, batch_size)
-        self.prompter.require_first_tokens("the teacher's pseudo-labels (AKD's label phase)")
         records = []
-        cand = self.prompter.candidate_first_ids
+        tp = self.teacher_prompter
         dev = self.device
         for s in range(0, len(questions), batch_size):
             qs = questions[s:s + batch_size]
-            text = self.prompter.batch(qs)
+            text = tp.batch(qs)
             fwd = self.teacher(tokens[s:s + batch_size].to(dev), keep[s:s + batch_size].to(dev),
                                text.input_ids.to(dev), text.attention_mask.to(dev))
             self.teacher_forward_calls += 1
             self.teacher_samples += len(qs)
-            logits = self.teacher.logits(fwd.normed[:, -1]).float().cpu()      # (b, V); records live on the CPU
-            probs = logits[:, cand].softmax(-1)
+            if tp.sequence_scoring:     # two candidates share a first token in the teacher's vocabulary: whole answers
+                probs = candidate_probs(self.teacher, tp, tokens[s:s + batch_size], qs, keep[s:s + batch_size])
+                logits = probs.clamp_min(1e-12).log()                           # (b, n_cand), up to a constant
+            else:
+                logits = self.teacher.logits(fwd.normed[:, -1]).float().cpu()[:, tp.candidate_first_ids]   # (b, n_cand)
+                probs = logits.softmax(-1)
             conf, pick = probs.max(-1)
             Q, T = fwd.n_visual, text.input_ids.shape[1]
             hidden, visual = fwd.hidden.cpu(), fwd.visual.cpu()
@@ -145,7 +157,7 @@ class AKD:
                 h = torch.cat([hidden[i, :Q], hidden[i, Q + T - n_text:]])   # drop padding
                 records.append(TeacherRecord(
                     sample_ids[s + i], tokens[s + i].half(), keep[s + i].clone(), qs[i],
-                    self.prompter.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone(),
+                    tp.candidates[int(pick[i])], float(conf[i]), h.half(), logits[i].half(), probs[i].clone(),
                     visual[i].half()))
         return records
 
@@ -210,7 +222,7 @@ class AKD:
         chosen = TRAIN_GROUPS[cfg.params.train]
         for name, p in self.student.named_parameters():
             p.requires_grad_(is_adapter_key(name) and chosen(name))
-        loss_fn = AKDLoss(lab, aligner, self.prompter.candidate_first_ids)
+        loss_fn = self._loss(aligner)
         params = [p for p in self.student.parameters() if p.requires_grad] + list(loss_fn.parameters())
         opt = torch.optim.AdamW(params, lr=lab.lr, betas=(lab.beta1, lab.beta2), weight_decay=lab.weight_decay)
         steps = lab.epochs * math.ceil(len(data) / lab.batch_size)
@@ -265,7 +277,15 @@ class AKD:
 
     def loss_terms(self, batch: list[TeacherRecord], aligner: Aligner) -> dict[str, torch.Tensor]:
         """The label phase's loss terms for one batch, with ``aligner`` for this device."""
-        return self._batch_terms(batch, AKDLoss(self.cfg.labels, aligner, self.prompter.candidate_first_ids))
+        return self._batch_terms(batch, self._loss(aligner))
+
+    def _loss(self, aligner: Aligner) -> AKDLoss:
+        """The label phase's loss for this student; the terms that read the student's candidates by their first
+        token (soft targets, KL) are refused in one line when two candidates share one."""
+        lab = self.cfg.labels
+        if lab.w_kl or lab.targets == "soft":
+            self.prompter.require_first_tokens("the label phase's soft targets and KL term")
+        return AKDLoss(lab, aligner, self.prompter.candidate_first_ids, self.shared_tokenizer)
 
     def _batch_terms(self, batch: list[TeacherRecord], loss_fn: AKDLoss) -> dict[str, torch.Tensor]:
         """The student's forward pass on a batch of records (their pseudo-labels as answers), then the loss."""

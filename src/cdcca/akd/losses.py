@@ -2,11 +2,15 @@
 
     loss = w_ce · CE(pseudo-label tokens)
          + w_mse · MSE(aligner(h_s), h_t) + w_wave · Σ_j L1(DWT_j(aligner(h_s)), DWT_j(h_t))   (j = 3 'db6' high bands)
-         + w_kl · T² · KL(p_t^T ‖ p_s^T) at the answer position
+         + w_kl · T² · KL(p_t^T ‖ p_s^T) over the answer candidates at the answer position
 
-Hidden states are compared position by position: the tokenizers (and the number of bridge queries) match,
-so both sequences line up. The aligner is a trainable 1×1 Conv1d from student width to teacher width that
-stays on the cloud, one per device; :class:`AKDLoss` holds it, so its parameters are the loss's.
+Nothing needs a shared vocabulary: the KL term compares the two models' distributions over the task's
+candidate answers (each scored in its own tokenizer), and the CE term trains on the pseudo-label's text.
+Hidden states are compared position by position when both roles share a tokenizer; across tokenizers the
+prompts do not line up, so the term compares the visual positions (the teacher's resampled to the student's
+query count) and the answer position. The aligner is a trainable 1×1 Conv1d from student width to teacher
+width (any widths) that stays on the cloud, one per device; :class:`AKDLoss` holds it, so its parameters are
+the loss's.
 """
 
 from __future__ import annotations
@@ -69,11 +73,12 @@ class AKDLoss(nn.Module):
     """The switchable terms of the label phase for one batch of the student's forward passes
     (zero-weighted terms are skipped, not computed)."""
 
-    def __init__(self, cfg: LabelPhase, aligner: Aligner, candidate_ids: torch.Tensor):
+    def __init__(self, cfg: LabelPhase, aligner: Aligner, candidate_ids: torch.Tensor, shared_tokenizer: bool = True):
         super().__init__()
         self.cfg = cfg
         self.aligner = aligner
-        self.candidate_ids = candidate_ids        # first token of each answer candidate
+        self.candidate_ids = candidate_ids        # first token of each answer candidate, in the student's vocabulary
+        self.shared_tokenizer = shared_tokenizer  # the teacher's prompt positions line up with the student's
 
     def forward(self, student: MLLM, fwd, text, batch: list[TeacherRecord]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -84,13 +89,15 @@ class AKDLoss(nn.Module):
             terms["ce"] = cfg.w_ce * (weights * self._ce(student, fwd, text, batch)).mean()
         if cfg.w_kl:
             s_logits = student.logits(fwd.normed[torch.arange(B), fwd.n_visual + text.answer_start]).float()
-            t_logits = torch.stack([r.logits for r in batch]).float().to(s_logits.device)
+            s_logits = s_logits[:, self.candidate_ids]                                   # (B, n_cand)
+            t_logits = torch.stack([r.logits for r in batch]).float().to(s_logits.device)  # (B, n_cand)
             T = cfg.temperature
             kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
                           log_target=True, reduction="none").sum(-1)
             terms["kl"] = cfg.w_kl * T * T * (weights * kl).mean()
         if cfg.w_mse or cfg.w_wave:
-            h_s, h_t, mask = aligned_hidden(fwd, text, batch)
+            h_s, h_t, mask = aligned_hidden(fwd, text, batch) if self.shared_tokenizer else \
+                visual_and_answer_hidden(fwd, text, batch)
             h_s = self.aligner(h_s) * mask
             scale = h_t.pow(2).sum() / (mask.sum() * h_t.shape[-1])
             h_s, h_t = h_s / scale.sqrt(), h_t / scale.sqrt()
@@ -134,3 +141,20 @@ def aligned_hidden(fwd, text, batch: list[TeacherRecord]) -> tuple[torch.Tensor,
         h_t[i, L - lengths[i]:] = r.hidden.float()
         mask[i, L - lengths[i]:] = 1
     return h_s, h_t, mask
+
+
+def visual_and_answer_hidden(fwd, text, batch: list[TeacherRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Across tokenizers: the student's and the teacher's hidden states at the visual positions (the teacher's
+    resampled to the student's query count when the bridges differ) and at the answer position (the last prompt
+    token): (B, Q + 1, d_s), (B, Q + 1, d_t) and an all-ones (B, Q + 1, 1) mask."""
+    Q, B = fwd.n_visual, len(batch)
+    h_s = torch.cat([fwd.hidden[:, :Q], fwd.hidden[torch.arange(B), Q + text.answer_start][:, None]], dim=1)
+    rows = []
+    for r in batch:
+        q_t = r.prefix.shape[0] if r.prefix is not None else Q
+        visual = r.hidden[:q_t].float()
+        if q_t != Q:
+            visual = F.interpolate(visual.T[None], size=Q, mode="linear", align_corners=True)[0].T
+        rows.append(torch.cat([visual, r.hidden[-1:].float()]))
+    h_t = torch.stack(rows).to(h_s.device)
+    return h_s, h_t, h_s.new_ones(B, Q + 1, 1, dtype=torch.float32)

@@ -20,7 +20,7 @@ class TeacherRecord:
     pseudo_label: str
     confidence: float           # teacher's probability of its pseudo-label among the candidates
     hidden: torch.Tensor        # (Q + T_prompt, d_t) fp16, pre-norm last layer, visual + prompt positions
-    logits: torch.Tensor        # (V,) fp16 at the answer position
+    logits: torch.Tensor        # (n_candidates,) fp16: the teacher's score of each answer candidate
     probs: torch.Tensor | None = None   # (n_candidates,) teacher's distribution over the answer candidates
     prefix: torch.Tensor | None = None  # (Q, d_t) fp16 teacher bridge output on the uploaded tokens
 

@@ -15,15 +15,13 @@ import numpy as np
 from cdcca.akd.config import LOSS_ABLATIONS
 from cdcca.akd.distill import AKD
 from cdcca.akd.source_set import load_source_set
-from cdcca.assets import load_tokenizer
 from cdcca.bench.loop import Comparison, run_loop
 from cdcca.config import RunConfig, apply, parse_sets
 from cdcca.data.scenario import Scenario, scenario_chunks
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.model.answer import answer_all, mc_predict
 from cdcca.model.mllm import adapter_state, load_adapter_state
-from cdcca.model.pair import load_pretrained
-from cdcca.model.prompt import Prompter
+from cdcca.model.pair import load_pretrained, model_prompter
 from cdcca.runtime.evaluate import test_tokens
 from cdcca.trained_pair import active, run_stream
 from cdcca.uplink import UTSConfig, build_uplink, decode_uplink, plan_uplink
@@ -80,11 +78,12 @@ class BenchModels:
     """What every bench cell starts from: the test data, the pretrained pair and a student copy."""
 
     data: object
-    prompter: object
+    prompter: object                 # the device's (and AKD's student's) tokenizer
     device: object
     student: object
     teacher: object
     pretrained: dict
+    teacher_prompter: object = None  # the cloud's own (another tokenizer in a cross-family pair)
     source: object = None
     torch_device: str = "cpu"        # where the teacher and AKD's student compute; the device model stays on the CPU
 
@@ -93,8 +92,9 @@ class BenchModels:
 
         data = active().task.split("test")
         device = load_pretrained("device")
-        return cls(data, Prompter(load_tokenizer(), active().answers), device, load_pretrained("device"),
-                   load_pretrained("cloud").to(torch_device), adapter_state(device), torch_device=torch_device)
+        teacher = load_pretrained("cloud").to(torch_device)
+        return cls(data, model_prompter(device, active().answers), device, load_pretrained("device"), teacher,
+                   adapter_state(device), model_prompter(teacher, active().answers), torch_device=torch_device)
 
     def source_set(self):
         """The labelled clean source set, loaded on first need."""
@@ -206,8 +206,8 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     """
 
     data = active().task.split("test")
-    prompter = Prompter(load_tokenizer(), active().answers)
     device, cloud = load_pretrained("device"), load_pretrained("cloud")
+    prompter, cloud_prompter = model_prompter(device, active().answers), model_prompter(cloud, active().answers)
     dom = Domain.parse(domain)
     qids = scenario_chunks(data, [dom], Scenario("one-round", round_size=requests))[0].question_ids
     questions, gold = [data.questions[i] for i in qids], [data.answers[i] for i in qids]
@@ -215,7 +215,7 @@ def teacher_study(domain: str = "pixelate:5", requests: int = 320, uploads: int 
     answers = answer_all(device, prompter, tokens, questions)
 
     def teacher_acc(batch) -> float:
-        picks = mc_predict(cloud, prompter, batch.tokens, batch.questions, batch.keep).argmax(-1)
+        picks = mc_predict(cloud, cloud_prompter, batch.tokens, batch.questions, batch.keep).argmax(-1)
         return float(np.mean([prompter.candidates[int(p)] == gold[int(i)] for p, i in zip(picks, batch.sample_ids)]))
 
     rows = []
@@ -248,8 +248,8 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
     import torch
 
     data = active().task.split("test")
-    prompter = Prompter(load_tokenizer(), active().answers)
     device, cloud = load_pretrained("device"), load_pretrained("cloud")
+    prompter, cloud_prompter = model_prompter(device, active().answers), model_prompter(cloud, active().answers)
     domains = resolve_sequence(stream)
     rows = []
     for chunk in scenario_chunks(data, domains, Scenario("one-round", round_size=requests)):
@@ -262,7 +262,7 @@ def label_study(stream: str = "default", requests: int = 320, budgets: tuple[int
             uts = UTSConfig(budget=min(budget, len(qids)), skip_top=skip)
             batch = decode_uplink(build_uplink(plan_uplink(tokens, questions, answers, ids, uts), uts,
                                                device_id="study", adapter_version="0"))
-            probs = torch.cat([mc_predict(cloud, prompter, batch.tokens[s:s + 64], batch.questions[s:s + 64],
+            probs = torch.cat([mc_predict(cloud, cloud_prompter, batch.tokens[s:s + 64], batch.questions[s:s + 64],
                                           batch.keep[s:s + 64]) for s in range(0, len(batch), 64)])
             idx = [int(i) for i in batch.sample_ids]
             device_probs = torch.tensor([answers[i].mc_probs for i in idx])

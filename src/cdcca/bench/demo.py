@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cdcca.akd.distill import AKD
 from cdcca.akd.source_set import load_source_set
-from cdcca.assets import cache_dir, load_tokenizer
+from cdcca.assets import cache_dir
 from cdcca.atomic import write_json
 from cdcca.bench.loop import Comparison, heldout_mc, run_loop
 from cdcca.bench.report import write_report
@@ -30,8 +30,7 @@ from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.fleet.local import LocalFleet, domains_of, schedule
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.model.answer import mc_predict
-from cdcca.model.pair import load_pretrained, pretrain_record
-from cdcca.model.prompt import Prompter
+from cdcca.model.pair import load_pretrained, pretrain_record, role_prompter
 from cdcca.trained_pair import active, run_stream
 
 
@@ -39,7 +38,7 @@ def _heldout_evaluator():
     """A function (model, domains, n) → held-out MC per domain on the stream's data (the pair's test images
     and any JSONL files among the domains), over the pair's answers."""
 
-    prompter = Prompter(load_tokenizer(), active().answers)
+    prompter = role_prompter("device", active().answers)
 
     def evaluate(model, domains, n):
         return heldout_mc(model, prompter, run_stream(domains), domains, n)
@@ -85,7 +84,7 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     if path.is_file():
         return json.loads(path.read_text())
     data = run_stream(cfg.data.domains)
-    prompter = Prompter(load_tokenizer(), active().answers)
+    prompter = role_prompter("device", active().answers)
     device, student, teacher = load_pretrained("device"), load_pretrained("device"), load_pretrained("cloud")
     source = load_source_set(active().task.split("train")) if cfg.akd.needs_source else None
     res = run_loop(loop, device, AKD(teacher, student, prompter, cfg.akd, source=source, device=cfg.torch_device),

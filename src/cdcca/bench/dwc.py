@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cdcca.assets import load_tokenizer
 from cdcca.bench.loop import heldout_mc
 from cdcca.data.stream import resolve_sequence
 from cdcca.downlink import DWCConfig, apply_delta, build_update, decode_update
 from cdcca.model.encoder import load_encoder
 from cdcca.model.mllm import adapter_state, load_adapter_state
-from cdcca.model.pair import load_pretrained
-from cdcca.model.prompt import Prompter
+from cdcca.model.pair import load_pretrained, model_prompter
 from cdcca.trained_pair import active
 from cdcca.wire import decode
 
@@ -97,8 +95,8 @@ def run(states_dir: Path, heldout_n: int = 200, names: list[str] | None = None, 
         raise KeyError(f"unknown DWC setting(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     targets = trajectory(states_dir)
     data = active().task.split("test")
-    prompter = Prompter(load_tokenizer(), active().answers)
     device = load_pretrained("device")
+    prompter = model_prompter(device, active().answers)
     base = adapter_state(device)
     device.to(torch_device)           # evaluation only: states are loaded into it, tokens follow it (model/answer.py)
     domains = resolve_sequence("default")

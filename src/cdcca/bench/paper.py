@@ -127,7 +127,7 @@ def _teacher_row(models: BenchModels, cell: Cell, base: RunConfig) -> dict:
 
     t0 = time.perf_counter()
     row = {"variant": "teacher", "seed": cell.seed, "uploads": 0, "bytes_up_per_round": 0, "bytes_down_per_round": 0}
-    measure_heldout(row, models.teacher, models.prompter, models.data, resolve_sequence("default"), base.eval.heldout_n,
+    measure_heldout(row, models.teacher, models.teacher_prompter, models.data, resolve_sequence("default"), base.eval.heldout_n,
                     direct=True)
     return {**row, "adapted_mc": row.pop("heldout_mc"), "adapted_da": float(np.mean(list(row["heldout_da"].values()))),
             "wall_s": round(time.perf_counter() - t0, 1)}

@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdcca.assets import load_tokenizer
 from cdcca.data.corruptions import corrupt
 from cdcca.data.scenario import Scenario, scenario_chunks
 from cdcca.data.stream import resolve_sequence
 from cdcca.metrics import auroc
 from cdcca.model.answer import answer_batch, mc_predict
-from cdcca.model.pair import load_pretrained, weights_file
-from cdcca.model.prompt import Prompter, normalize_answer
+from cdcca.model.pair import load_pretrained, model_prompter, weights_file
+from cdcca.model.prompt import normalize_answer
 from cdcca.runtime.evaluate import test_tokens
 from cdcca.trained_pair import active
 from cdcca.uplink import (
@@ -139,7 +138,7 @@ def _load(model, prompter, fidelity_model, tokens_for, stats, fidelity: bool, to
     if model is None:
         model, which = load_pretrained("device"), "pretrained device"
     data = active().task.split("test")
-    prompter = prompter or Prompter(load_tokenizer(), active().answers)
+    prompter = prompter or model_prompter(model, active().answers)
     fid_name = "device"
     if fidelity and fidelity_model is None:
         if which == "pretrained device" and weights_file("cloud").is_file():
@@ -209,7 +208,7 @@ def _uploaded_accuracy(bench: _Bench, packets: list[bytes], gold_by_id: dict[str
     for p in packets:
         batch = decode_uplink(p, stats=bench.stats)
         g = [gold_by_id[i] for i in batch.sample_ids]
-        right += _mc_accuracy(bench.fidelity_model, bench.prompter, batch, g) * len(g)
+        right += _mc_accuracy(bench.fidelity_model, model_prompter(bench.fidelity_model, bench.prompter.candidates), batch, g) * len(g)
         total_n += len(g)
     return round(right / total_n, 4)
 

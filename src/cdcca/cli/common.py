@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cdcca.assets import AssetError
 from cdcca.config import resolve
+from cdcca.model.spec import SpecError, check_against, served_spec
 from cdcca.trained_pair import PairError, use
 from cdcca.wire import PacketError
 
@@ -110,8 +111,9 @@ def run_config(preset: str | None, config: Path | None, sets: list[str] | None, 
     given = {**{SHORTCUTS[k]: v for k, v in shortcuts.items()}, **(overrides or {}), **({"model.tiny": True} if tiny else {})}
     try:
         cfg = resolve(preset, config, sets or [], given, kind=kind)
-        use(cfg.model.weights)
-    except (ValueError, PairError) as exc:
+        pair = use(cfg.model.weights)
+        check_against(cfg.model, served_spec(), f"the served pair ({pair.root})")
+    except (ValueError, PairError, SpecError) as exc:
         fail(str(exc))
         raise   # unreachable: fail raises
     return cfg

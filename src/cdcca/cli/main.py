@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdcca import __version__, wire
-from cdcca.assets import AssetError, cache_dir, load_tokenizer
+from cdcca.assets import AssetError, cache_dir
 from cdcca.cli.api import device_api, device_serve
 from cdcca.cli.bench import bench_app
 from cdcca.cli.cloud import cloud_app
@@ -118,8 +118,11 @@ def eval_cmd(
     torch_device: TorchDeviceOpt = None,
 ):
     """Held-out accuracy (direct answer and multiple choice, 0–1) of a model, clean or under shift."""
-    from cdcca.model.pair import load_pretrained  # heavy: imported when the command runs, not for --help
-    from cdcca.model.prompt import Prompter  # heavy: imported when the command runs, not for --help
+    from cdcca.model.pair import (  # heavy: imported when the command runs, not for --help
+        load_pretrained,
+        model_prompter,
+        role_tokenizer,
+    )
 
     torch_device = torch_device_or_fail(torch_device)   # the model moves there; tokens follow it (model/answer.py)
     use_threads(threads)
@@ -128,7 +131,7 @@ def eval_cmd(
         from cdcca.runtime.evaluate import evaluate_file  # heavy: imported when the command runs, not for --help
 
         with one_line_errors():
-            result = {"model": role.value, **evaluate_file(load_pretrained(role.value).to(torch_device), load_tokenizer(),
+            result = {"model": role.value, **evaluate_file(load_pretrained(role.value).to(torch_device), role_tokenizer(role.value),
                                                            data_file, n, direct)}
         if not as_json:
             da = "-" if result["da"] is None else f"{result['da']:.3f}"
@@ -139,7 +142,7 @@ def eval_cmd(
         domains = resolve_sequence(stream) if stream else [Domain.parse(shift if shift == "clean" else f"{shift}:{severity}")]
         net = load_pretrained(role.value).to(torch_device)
         data = run_stream(domains)
-        prompter = Prompter(load_tokenizer(), active().answers)
+        prompter = model_prompter(net, active().answers)
     except (ValueError, AssetError, FileNotFoundError) as exc:
         fail(str(exc))
     t = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from cdcca.assets import cache_dir
-from cdcca.cli.common import Recipe, Role, fail, torch_device_or_fail, use_threads
+from cdcca.cli.common import Recipe, Role, SetOpt, fail, torch_device_or_fail, use_threads
 
 # the options each recipe reads (besides --role, --init, --seed, --out, --force, --threads); any other is refused
 RECIPE_OPTIONS = {
@@ -65,6 +65,7 @@ def pretrain(
     readout_samples: int | None = typer.Option(None, help="--recipe readout: train questions whose lower-layer states "
                                                "are cached (default 6144)."),
     split_layer: int | None = typer.Option(None, help="--recipe readout: decoder layers below this one stay frozen (default 24)."),
+    sets: SetOpt = None,
 ):
     """Train a role's bridge and adapters on your task (--data/--eval; default easy-VQA) into a weights directory;
     once both roles are there, fit the pair's token statistics and uplink basis and write its record."""
@@ -84,6 +85,7 @@ def pretrain(
     task = stages.task_of(data, eval_file)
     out = (out or cache_dir() / "pretrained").resolve()
     stages.check_out(out, task, force)
+    spec = stages.spec_of(out, sets)         # the models: --set model.* over what --out already records
     if recipe in ("consistency", "targets", "readout"):
         if role != "cloud":
             fail(f"--recipe {recipe} trains the cloud teacher; use it with --role cloud")
@@ -95,10 +97,11 @@ def pretrain(
                                target_images if recipe == "targets" else None, targets=recipe == "targets")
     else:
         given = PRESETS[preset][role]
-        init = init or (stages.shipped_adapters(role) if given.get("init") == "shipped" else None)
+        if given.get("init") == "shipped" and init is None:
+            init, given = stages.quick_start(role, spec, given)
         stages.end_to_end(role, task, steps or given.get("steps"), batch_size, lr, aug_share, aug_family, init, seed,
-                          out, force, torch_device, aug_variants or given.get("aug_variants"))
-    stages.finish_pair(out, task)
+                          out, force, torch_device, aug_variants or given.get("aug_variants"), spec)
+    stages.finish_pair(out, task, spec)
 
 
 def refuse_unused(recipe: str, **options) -> None:

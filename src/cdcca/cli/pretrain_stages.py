@@ -17,6 +17,7 @@ from cdcca.cli.common import console, fail
 from cdcca.data.features import augmented_cache_path, augmented_features, cached_features, feature_cache_path
 from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
+from cdcca.model.spec import PairSpec, SpecError, differences, resolve_spec, use_spec
 from cdcca.recipes.checkpoint import file_sha256
 from cdcca.recipes.consistency import ConsistencyConfig, train_consistency, training_views
 from cdcca.recipes.prefix_targets import TargetConfig, targets_for, targets_key
@@ -29,9 +30,12 @@ from cdcca.uplink.tokens import build_token_stats
 
 
 def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_family, init, seed: int, out: Path,
-               force: bool, torch_device: str, aug_variants: int | None = None) -> None:
+               force: bool, torch_device: str, aug_variants: int | None = None, spec: PairSpec | None = None) -> None:
     """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
-    overrides = _given({"seed": seed, "batch_size": batch_size or 32, "data": task.split("train").key}, steps=steps,
+    spec = spec or PairSpec()
+    models = {"encoder": spec.encoder, **spec.role(role).__dict__} if spec != PairSpec() else {}
+    overrides = _given({"seed": seed, "batch_size": batch_size or 32, "data": task.split("train").key, "model": models},
+                       steps=steps,
                        lr=lr, aug_share=aug_share, init=None if init is None else str(init), aug_variants=aug_variants,
                        aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
     try:
@@ -48,6 +52,42 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
     except AssetError as exc:
         fail(str(exc))
     print(json.dumps(record, indent=2))
+
+
+def spec_of(out: Path, sets: list[str] | None) -> PairSpec:
+    """The pair's models: what ``out`` already records (a new directory: the defaults), with ``--set model.*`` on
+    top; built from from now on in this process. Any other --set is refused (pretraining takes its own options)."""
+    from cdcca.config import RunConfig, apply, parse_sets
+
+    try:
+        settings = parse_sets(sets or [])
+        other = sorted(k for k in settings if not k.startswith("model.") or k.split(".")[1] in ("tiny", "weights"))
+        if other:
+            fail(f"--set {other[0]}: pretrain reads only the models (model.encoder, model.device.*, model.cloud.*); "
+                 "its training knobs are its own options")
+        base = open_pair(out).spec if (out / "pair.json").is_file() else PairSpec()
+        spec = resolve_spec(apply(RunConfig(), settings).model, base)
+    except (ValueError, PairError, SpecError) as exc:
+        fail(str(exc))
+        raise   # unreachable: fail raises
+    if spec.encoder != base.encoder and any((out / f"{r}.safetensors").is_file() for r in ROLES):
+        fail(f"{out} holds adapters trained on encoder {base.encoder}; both roles of a pair read one encoder — use "
+             "another --out for model.encoder=" + spec.encoder)
+    use_spec(spec)
+    if spec != PairSpec():
+        console.print(f"models: {spec.describe()}")
+    return spec
+
+
+def quick_start(role: str, spec: PairSpec, given: dict) -> tuple[Path | None, dict]:
+    """Where ``--preset quick`` starts a role: the shipped adapters when the role's model is the shipped one,
+    else fresh adapters with the recipe's full step count (the shipped ones would not fit)."""
+    changed = [k for k in differences(spec, PairSpec()) if k == "encoder" or k.startswith(role)]
+    if not changed:
+        return shipped_adapters(role), given
+    console.print(f"--preset quick: {', '.join('model.' + k for k in changed)} differ from the shipped pair, so the "
+                  f"{role} starts from fresh adapters with the recipe's default steps")
+    return None, {k: v for k, v in given.items() if k not in ("init", "steps")}
 
 
 def task_of(data: Path | None, eval_file: Path | None) -> Task:
@@ -81,17 +121,17 @@ def shipped_adapters(role: str) -> Path:
     return SHIPPED_WEIGHTS / f"{role}.safetensors"
 
 
-def finish_pair(out: Path, task: Task) -> None:
+def finish_pair(out: Path, task: Task, spec: PairSpec | None = None) -> None:
     """Write the pair's record; once both roles are trained, fit its token statistics (the task's clean train
     tokens) and its uplink basis (those images and both bridges), so the directory serves on its own."""
     stages = {r: json.loads((out / f"{r}.json").read_text()) for r in ROLES if (out / f"{r}.json").is_file()}
-    write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()})
+    write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()}, spec=spec)
     pair = open_pair(out)
     if all((out / f"{r}.safetensors").is_file() for r in ROLES):
         with console.status("fitting the pair's token statistics and uplink basis on its train images …"):
             build_token_stats(out / "token_stats.safetensors", task.split("train"))
             build_token_basis(out / "token_basis.safetensors", pair)
-        write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()})
+        write_record(out, task, {r: rec.get("stages", [rec]) for r, rec in stages.items()}, spec=spec)
         console.print(f"pair ready: {out} (cdcca weights inspect {out}; then --weights {out})")
     else:
         console.print(f"{out}: {', '.join(pair.missing())} still to come (pretrain the other role with the same --out)")

@@ -34,10 +34,11 @@ def inspect(
     console.print(f"task      {t['name']}: train {task.train_path or 'easy-VQA (built in)'}, test {task.test_path or 'easy-VQA (built in)'}")
     console.print("digests   " + ", ".join(f"{k} {v}" for k, v in t["digest"].items()) + " (data unchanged)")
     console.print(f"answers   {len(t['answers'])}: " + ", ".join(t["answers"]))
-    m = record.get("models", {})
-    console.print(f"image     {record.get('image_size')}², encoder {m.get('encoder', {}).get('name')}, LLM "
-                  f"{m.get('llm', {}).get('file')} (device {m.get('llm', {}).get('device_layers')} / cloud "
-                  f"{m.get('llm', {}).get('cloud_layers')} layers)")
+    try:
+        spec = pair.spec
+    except PairError as exc:
+        fail(str(exc))
+    console.print(f"models    {record.get('image_size')}² images; {spec.describe()}")
     for role in ROLES:
         stages = record.get("stages", {}).get(role, [])
         steps = " → ".join(f"{s.get('recipe', 'end-to-end')} ({s.get('config', {}).get('steps', s.get('steps', '?'))} "

@@ -1,8 +1,8 @@
 """Visual tokens of a task's fixed image sets, computed once and cached on disk.
 
 The encoder is frozen, so the tokens of a split under one corruption never change: they are
-computed once and kept as fp16 safetensors keyed by (the set's content key, corruption, severity, seed) under
-``$CDCCA_CACHE/features``. Every training and evaluation path reads them from here instead of
+computed once and kept as fp16 safetensors keyed by (the encoder, the set's content key, corruption,
+severity, seed) under ``$CDCCA_CACHE/features``. Every training and evaluation path reads them from here instead of
 re-encoding images (feature extraction runs at ~22 images/s on 2 cores).
 """
 
@@ -20,7 +20,7 @@ from cdcca.assets import cache_dir
 from cdcca.atomic import write_safetensors
 from cdcca.data.corruptions import corrupt, corrupt_mixed
 from cdcca.data.easyvqa import VQASet
-from cdcca.model.encoder import encode_images, load_encoder
+from cdcca.model.encoder import encode_images, encoder_tag, load_encoder
 
 
 def feature_cache_path(data: VQASet, corruption: str, severity: int, seed: int, limit: int | None = None) -> Path:
@@ -29,7 +29,7 @@ def feature_cache_path(data: VQASet, corruption: str, severity: int, seed: int, 
     tag = "clean" if corruption == "clean" else f"{corruption}-s{severity}-seed{seed}"
     if limit is not None:
         tag += f"-first{limit}"
-    return cache_dir() / "features" / f"lite0-{data.key}-{tag}.safetensors"
+    return cache_dir() / "features" / f"{encoder_tag()}-{data.key}-{tag}.safetensors"
 
 
 def cached_features(data: VQASet, corruption: str = "clean", severity: int = 0, seed: int = 0,
@@ -56,7 +56,7 @@ def cached_features(data: VQASet, corruption: str = "clean", severity: int = 0, 
 
 def augmented_cache_path(data: VQASet, family: list[str], severity: tuple[int, int], variant: int, seed: int) -> Path:
     tag = hashlib.sha256(json.dumps([sorted(family), list(severity)]).encode()).hexdigest()[:10]
-    return cache_dir() / "features" / f"lite0-{data.key}-aug{tag}-v{variant}-seed{seed}.safetensors"
+    return cache_dir() / "features" / f"{encoder_tag()}-{data.key}-aug{tag}-v{variant}-seed{seed}.safetensors"
 
 
 def augmented_features(data: VQASet, family: list[str], severity: tuple[int, int], variant: int, seed: int,
@@ -76,7 +76,7 @@ def augmented_features(data: VQASet, family: list[str], severity: tuple[int, int
 def image_set_features(images) -> torch.Tensor:
     """Tokens of any stack of uint8 images (a user's JSONL file), cached on disk by the images' content."""
     digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
-    path = cache_dir() / "features" / f"lite0-jsonl-{digest}.safetensors"
+    path = cache_dir() / "features" / f"{encoder_tag()}-jsonl-{digest}.safetensors"
     if path.is_file():
         return load_file(str(path))["tokens"]
     tokens = encode_images(load_encoder(), images)

@@ -1,9 +1,10 @@
-"""The multimodal LLM: visual tokens → own bridge → SmolLM2 (full on the cloud, layer-pruned on the device).
+"""The multimodal LLM: visual tokens → own bridge → a causal LM (full on the cloud, layer-pruned on the device).
 
-Notation: B batch, P = 49 visual tokens, Q = n_query bridge outputs, T text tokens, d = 576.
+Notation: B batch, P visual tokens (49 with EfficientNet-Lite0), Q = n_query bridge outputs, T text tokens,
+d the LLM's width (576 for SmolLM2-135M).
 The LLM sees ``[Q visual embeddings] + [left-padded text]``; padding sits between them, is masked
 out, and position ids skip it, so every sample's text ends at the last position. Adapters — LoRA on
-every attention and MLP projection, the RMSNorm weights, and the whole bridge — are the only
+every linear projection of the decoder blocks (found from the architecture), the norm weights, and the whole bridge — are the only
 weights that ever change after pretraining; :func:`is_adapter_key` says which those are.
 """
 
@@ -17,8 +18,7 @@ from torch.nn import functional as F
 
 from cdcca.adapter_state import AdapterState
 from cdcca.model.bridge import Bridge, BridgeConfig
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from cdcca.model.llm import lora_targets
 
 
 @dataclass
@@ -29,6 +29,9 @@ class MLLMConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (scale = lora_alpha / lora_r)"})
     bridge: BridgeConfig = field(default_factory=BridgeConfig, metadata={"help": (
         "the bridge from the encoder's visual tokens to the LLM's prefix")})
+    lora_targets: list[str] | None = field(default=None, metadata={"help": (
+        "module names that get LoRA (None: every linear projection of a decoder block)")})
+    llm: str = field(default="smollm2-135m", metadata={"help": "which LLM (its tokenizer reads the role's text)"})
 
     def __post_init__(self):
         if self.role not in ("device", "cloud"):
@@ -57,7 +60,8 @@ class MLLM(nn.Module):
 
         self.cfg = cfg
         self.bridge = Bridge(cfg.bridge)
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        targets = cfg.lora_targets or lora_targets(lm)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(targets))
         self.lm = get_peft_model(lm, lora)
         for name, p in self.named_parameters():
             p.requires_grad_(is_adapter_key(name))
@@ -65,12 +69,12 @@ class MLLM(nn.Module):
     # -- the pieces of the LLM that cdcca drives directly --------------------------------------
     @property
     def core(self) -> nn.Module:
-        """The decoder stack (LlamaModel) inside peft's wrapper."""
-        return self.lm.base_model.model.model
+        """The decoder stack (LlamaModel, Gemma3TextModel …) inside peft's wrapper."""
+        return self.lm.get_base_model().get_decoder()
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.lm.base_model.model.lm_head
+        return self.lm.get_base_model().get_output_embeddings()
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.core.embed_tokens(input_ids)
@@ -87,7 +91,8 @@ class MLLM(nn.Module):
         Separate so that a prefix can be optimised directly through the LLM (``cdcca.recipes.prefix_targets``).
         """
         B, Q, _ = vis.shape
-        embeds = torch.cat([vis, self.embed_text(input_ids)], dim=1)          # (B, Q+T, d)
+        text = self.embed_text(input_ids)
+        embeds = torch.cat([vis.to(text.dtype), text], dim=1)                  # (B, Q+T, d); a bf16 LLM, fp32 bridge
         mask = torch.cat([attention_mask.new_ones(B, Q), attention_mask], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         captured = {}

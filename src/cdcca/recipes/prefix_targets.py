@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.assets import load_tokenizer
 from cdcca.data.task import Task
 from cdcca.model.mllm import MLLM, answer_loss
-from cdcca.model.pair import load_adapters_file
+from cdcca.model.pair import load_adapters_file, model_prompter
 from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256
@@ -204,7 +203,7 @@ def targets_for(init: Path, cfg: TargetConfig, out_dir: Path, task: Task, tokens
     data = task.split("train")
     saved = load_targets(path, key)
     if saved is None:
-        saved = optimise_prefixes(model, Prompter(load_tokenizer(), task.answers), data, tokens, cfg, progress)
+        saved = optimise_prefixes(model, model_prompter(model, task.answers), data, tokens, cfg, progress)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_targets(path, *saved[:2], key, saved[2])
     images, targets, stats = saved

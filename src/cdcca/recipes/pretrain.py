@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.data.easyvqa import VQASet
@@ -26,6 +25,7 @@ from cdcca.data.features import augmented_features, cached_features
 from cdcca.data.task import Task
 from cdcca.metrics import cosine
 from cdcca.model.mllm import MLLM, adapter_state, answer_loss, load_adapter_state, trainable_parameters
+from cdcca.model.pair import model_prompter
 from cdcca.model.prompt import Prompter
 from cdcca.recipes.checkpoint import config_digest, file_sha256, load_checkpoint, optimizer_step, save_checkpoint
 
@@ -53,6 +53,8 @@ class PretrainConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between resumable checkpoints"})
     init: str | None = field(default=None, metadata={"help": "continue from these fp16 adapters (recorded by SHA-256)"})
     data: str = field(default="train", metadata={"help": "the train split's content key (easy-VQA: 'train')"})
+    model: dict = field(default_factory=dict, metadata={"help": (
+        "the role's model and the encoder when they are not the shipped pair's (cdcca.model.spec); empty: shipped")})
 
     def __post_init__(self):
         unknown = set(self.aug_family) - set(CORRUPTIONS)
@@ -190,7 +192,7 @@ def pretrain(model: MLLM, cfg: PretrainConfig, out_dir: Path, task: Task, device
     data = task.split("train")
     if cfg.data != data.key:
         raise ValueError(f"the config was made for data {cfg.data!r}, not {data.key!r}")
-    prompter = Prompter(load_tokenizer(), task.answers)
+    prompter = model_prompter(model, task.answers)
     t0 = time.perf_counter()
     clean, variants = _training_features(cfg, data, device)
     features_s = time.perf_counter() - t0

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_safetensors
 from cdcca.data.task import Task
 from cdcca.model.mllm import MLLM, adapter_state, is_adapter_key
-from cdcca.model.pair import load_adapters_file
+from cdcca.model.pair import load_adapters_file, model_prompter
 from cdcca.model.placement import model_device, text_to
 from cdcca.model.prompt import Prompter, TextBatch
 from cdcca.recipes.checkpoint import config_digest, file_sha256
@@ -168,7 +167,7 @@ def train_readout(init: Path, cfg: ReadoutConfig, out_dir: Path, task: Task, cle
     returns its record (config, hashes, loss, times)."""
 
     model = load_adapters_file("cloud", init).to(device)
-    stats = tune_readout(model, cfg, task.split("train"), Prompter(load_tokenizer(), task.answers), clean, variants,
+    stats = tune_readout(model, cfg, task.split("train"), model_prompter(model, task.answers), clean, variants,
                          progress)
     path = out_dir / "cloud.safetensors"
     write_safetensors(path, {k: v.half() for k, v in adapter_state(model).items()},

@@ -41,13 +41,11 @@ from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
 from cdcca.akd.source_set import load_source_set, random_source_set
-from cdcca.assets import load_tokenizer
 from cdcca.atomic import link_or_copy, transaction, write_safetensors
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
 from cdcca.model.mllm import adapter_state
-from cdcca.model.pair import role_model
-from cdcca.model.prompt import Prompter
+from cdcca.model.pair import model_prompter, role_model
 from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
 from cdcca.runtime.student_store import load_student_state, prune_records, save_records, save_student_state
 from cdcca.trained_pair import active
@@ -367,7 +365,7 @@ def _build_models(tiny: bool, akd: AKDConfig, candidates: list[str] | None,
     pair = active()
     teacher = role_model("cloud", tiny)
     student = role_model("device", tiny)
-    prompter = Prompter(load_tokenizer(), candidates or pair.answers)
+    prompter = model_prompter(student, candidates or pair.answers)
     if tiny:   # a random-initialised teacher is never confident: gating would leave nothing to train on
         akd = replace(akd, labels=replace(akd.labels, min_teacher_confidence=0.0))
     source = None

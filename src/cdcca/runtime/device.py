@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cdcca.assets import load_tokenizer
 from cdcca.atomic import write_json
 from cdcca.data.jsonl import IMAGE_SIZE
 from cdcca.data.scenario import Scenario, stream_spec
 from cdcca.model.answer import Answer, answer_all
 from cdcca.model.encoder import encode_images, load_encoder, tiny_encode
 from cdcca.model.mllm import MLLM, adapter_state, load_adapter_state
-from cdcca.model.pair import role_model
-from cdcca.model.prompt import Prompter
+from cdcca.model.pair import role_model, role_prompter
 from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
@@ -217,7 +215,7 @@ class DeviceRuntime:
 
             stream = self.config["stream"]
             answers = run_answers(stream.get("stream", "default"), bool(stream.get("tiny")))
-            self._prompter_obj = Prompter(load_tokenizer(), answers)
+            self._prompter_obj = role_prompter("device", answers)
         return self._prompter_obj
 
     # -- uplink ------------------------------------------------------------------------------

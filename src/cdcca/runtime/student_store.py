@@ -28,7 +28,7 @@ from safetensors import safe_open
 from cdcca.akd.distill import AKDConfig, Aligner, ReplayBuffer, StudentState, TeacherRecord
 from cdcca.atomic import write_json, write_safetensors
 
-FORMAT = "1"
+FORMAT = "2"   # 2: teacher logits over the answer candidates, not the vocabulary
 
 
 def save_records(path: Path, records: list[TeacherRecord]) -> None:

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdcca.model.encoder import encode_images, preprocess
+from cdcca.model.encoder import Encoder, encode_images
 
 
 class EncoderStats:
-    def __init__(self, encoder: nn.Module, batch_size: int = 64, source_weight: float = 0.0):
+    def __init__(self, encoder: Encoder, batch_size: int = 64, source_weight: float = 0.0):
         if not 0.0 <= source_weight <= 1.0:
             raise ValueError(f"source_weight must be in [0, 1], got {source_weight}")
         self.encoder = encoder
@@ -46,7 +46,7 @@ class EncoderStats:
             m.train()
         try:
             for s in range(0, len(images), self.batch_size):
-                self.encoder.extract_features(preprocess(images[s:s + self.batch_size]))
+                self.encoder(self.encoder.preprocess(images[s:s + self.batch_size]))   # on the encoder's device
         finally:
             self.encoder.eval()
         self.estimate = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.norms]
@@ -57,6 +57,6 @@ class EncoderStats:
         self.images_seen += len(images)
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        """Tokens (N, 49, C) fp16 under the current statistics."""
+        """Tokens (N, P, C) fp16 under the current statistics."""
         self.encoder.eval()
         return encode_images(self.encoder, images, batch_size=self.batch_size)

@@ -21,6 +21,7 @@ from cdcca.uplink.codes import CODE_NAMES, TokenCode, default_basis_info, expand
 from cdcca.uplink.config import (
     FILLS,
     MAX_DENSE_ELEMENTS,
+    MAX_GRID,
     PNG_SIGNATURE,
     READABLE_FORMATS,
     TOKEN_DTYPES,
@@ -94,7 +95,7 @@ def check_uplink(data: bytes, *, fill: str | None = None, basis: Basis | None = 
     counts = _array(t, "counts", "int32", (N,)).astype(np.int64)
     need(bool(((counts >= 1) & (counts <= P)).all()), f"every sample must carry 1..{P} tokens")
     M = int(counts.sum())
-    positions = _array(t, "positions", "uint8", (M,)).astype(np.int64)
+    positions = _array(t, "positions", "uint8" if P <= 256 else "uint16", (M,)).astype(np.int64)
     ec_codes = _check_rows(t, M, C, code)
     _array(t, "confidence", "float32", (N,))
     _array(t, "uncertainty", "float32", (N,))
@@ -156,7 +157,7 @@ def _read_layout(meta: dict[str, str], t: dict[str, np.ndarray], fill: str | Non
     need(meta.get("uts.format") in READABLE_FORMATS,
          f"uts.format {meta.get('uts.format', '')[:20]!r} is not one of {READABLE_FORMATS}; upgrade cdcca on this side")
     N = _int_meta(meta, "n_samples", 1, 2**20)
-    P = _int_meta(meta, "n_tokens", 1, 256)
+    P = _int_meta(meta, "n_tokens", 1, MAX_GRID if meta["uts.format"] >= "3" else 256)   # before 3: uint8 positions
     C = _int_meta(meta, "token_dim", 1, 2**20)
     need(N * P * C <= MAX_DENSE_ELEMENTS, f"{N}×{P}×{C} tokens would expand beyond {MAX_DENSE_ELEMENTS} floats")
     code = _read_code(meta, C, basis)

@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-UPLINK_FORMAT = "2"                                   # 2: the packet names its token code ("code", "basis")
-READABLE_FORMATS = ("1", "2")                         # 1: full-channel int8/fp16 tokens, no code named
+UPLINK_FORMAT = "3"                                   # 3: grids beyond 256 tokens (uint16 positions)
+READABLE_FORMATS = ("1", "2", "3")                    # 2: the packet names its token code; 1: no code named
+MAX_GRID = 65536                                      # tokens an image may have (uint16 positions)
 N_TOKENS = 49
 TOKEN_DIM = 1280
 MAX_DENSE_ELEMENTS = 2**27                            # N·P·C floats a decoded packet may expand to (512 MiB)

@@ -20,7 +20,7 @@ from cdcca.uplink.codec import (
     packet_code,
     parse_code,
 )
-from cdcca.uplink.config import PNG_SIGNATURE, TOKEN_DIM, UPLINK_FORMAT, UTSConfig
+from cdcca.uplink.config import MAX_GRID, PNG_SIGNATURE, TOKEN_DIM, UPLINK_FORMAT, UTSConfig
 from cdcca.uplink.tokens import TokenStats, default_token_stats
 
 
@@ -102,11 +102,16 @@ PACKET_OVERHEAD = 2048   # bytes of header, metadata and alignment a packet adds
 
 
 def sample_cost(n_kept: int, token_dim: int = TOKEN_DIM, token_dtype: str = "int8", text_bytes: int = 64,
-                image_bytes: int = 0, code: str | None = None) -> int:
+                image_bytes: int = 0, code: str | None = None, n_tokens: int = 49) -> int:
     """Bytes one sample adds to an uplink packet (tokens, scales, positions, numbers, its text);
     ``code`` (a :func:`~cdcca.uplink.codec.parse_code` name) overrides the full-channel ``token_dtype``."""
-    per_token = parse_code(code or f"full-{token_dtype}").bytes_per_token(token_dim) + 1
+    per_token = parse_code(code or f"full-{token_dtype}").bytes_per_token(token_dim) + position_bytes(n_tokens)
     return n_kept * per_token + 4 + 4 + 4 + text_bytes + 40 + image_bytes + (4 if image_bytes else 0)
+
+
+def position_bytes(n_tokens: int) -> int:
+    """Bytes of one token's grid position: uint8 up to 256 tokens an image, uint16 beyond."""
+    return 1 if n_tokens <= 256 else 2
 
 
 def _kept(sample: UplinkSample, P: int) -> torch.Tensor:
@@ -129,8 +134,8 @@ def _gather(samples: Sequence[UplinkSample]) -> tuple[int, int, torch.Tensor, to
     rows, positions, counts, shapes = [], [], [], set()
     for s in samples:
         kept, pos, P = s.packed()
-        if not 1 <= P <= 256 or kept.shape[1] < 1:
-            raise ValueError(f"sample tokens must be (P, C) with 1 ≤ P ≤ 256; got {tuple(s.tokens.shape)}")
+        if not 1 <= P <= MAX_GRID or kept.shape[1] < 1:
+            raise ValueError(f"sample tokens must be (P, C) with 1 ≤ P ≤ {MAX_GRID}; got {tuple(s.tokens.shape)}")
         shapes.add((P, kept.shape[1]))
         if len(shapes) > 1:
             raise ValueError(f"sample {s.sample_id!r} has tokens of grid × width {(P, kept.shape[1])}, "
@@ -170,7 +175,7 @@ def build_uplink(samples: Sequence[UplinkSample], cfg: UTSConfig, *, device_id: 
     P, C, flat, positions, counts = _gather(samples)
     code, basis = packet_code(cfg, C, basis)
     tensors: dict[str, torch.Tensor] = {
-        "positions": positions.to(torch.uint8),
+        "positions": positions.to(torch.uint8 if position_bytes(P) == 1 else torch.uint16),
         "counts": torch.tensor(counts, dtype=torch.int32),
         "confidence": torch.tensor([float(s.confidence) for s in samples], dtype=torch.float32),
         "uncertainty": torch.tensor([float(s.uncertainty) for s in samples], dtype=torch.float32),
