@@ -84,7 +84,8 @@ class LabelPhase:
     w_ce: float = field(default=1.0, metadata=_help("CE on the teacher's pseudo-labels"))
     w_mse: float = field(default=0.5, metadata=_help("hidden-state MSE (on states scaled by the teacher's RMS)"))
     w_wave: float = field(default=0.5, metadata=_help("L1 on the wavelet high bands of the hidden states"))
-    w_kl: float = field(default=1.0, metadata=_help("logit KD at the answer position"))
+    w_kl: float = field(default=1.0, metadata=_help(
+        "KD of the teacher's distribution over the answer candidates at the answer position (any vocabularies)"))
     temperature: float = field(default=2.0, metadata=_help("softmax temperature of the logit KD"))
     wavelet: str = field(default="db6", metadata=_help("wavelet of the high-band L1"))
     wave_levels: int = field(default=3, metadata=_help("decomposition levels of the high-band L1"))

@@ -29,22 +29,36 @@ from cdcca.model.bridge import Bridge
 
 @dataclass
 class PrefixMap:
-    """``y = [x, 1] @ weight``: teacher prefix vectors (…, d_t) → device prefix vectors (…, d_s)."""
+    """``y = [x, 1] @ weight``: teacher prefix vectors (…, d_t) → device prefix vectors (…, d_s), any widths.
+
+    When the two bridges have different query counts, the teacher's prefix is first resampled along the
+    query axis to the device's count (linear interpolation); equal counts (the default) need no resampling
+    and distil better."""
 
     weight: torch.Tensor        # (d_t + 1, d_s) fp32
+    n_query: int                # the device's query count
 
     @classmethod
     def fit(cls, teacher_prefix: torch.Tensor, device_prefix: torch.Tensor, ridge: float) -> PrefixMap:
         """Ridge regression over every (image, query) pair; one map shared by the query positions."""
-        x = teacher_prefix.reshape(-1, teacher_prefix.shape[-1]).double()
+        n_query = device_prefix.shape[-2]
+        x = resample_queries(teacher_prefix, n_query).reshape(-1, teacher_prefix.shape[-1]).double()
         y = device_prefix.reshape(-1, device_prefix.shape[-1]).double()
         xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
         gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype, device=x.device)
-        return cls(torch.linalg.solve(gram, xa.T @ y).float())
+        return cls(torch.linalg.solve(gram, xa.T @ y).float(), n_query)
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
-        x = prefix.float()
+        x = resample_queries(prefix.float(), self.n_query)
         return torch.cat([x, torch.ones(*x.shape[:-1], 1, device=x.device)], -1) @ self.weight
+
+
+def resample_queries(prefix: torch.Tensor, n_query: int) -> torch.Tensor:
+    """(N, Q_t, d) → (N, n_query, d) by linear interpolation along the query axis (as is when Q_t = n_query)."""
+    if prefix.shape[-2] == n_query:
+        return prefix
+    return torch.nn.functional.interpolate(prefix.float().transpose(-1, -2), size=n_query, mode="linear",
+                                           align_corners=True).transpose(-1, -2)
 
 
 @torch.no_grad()

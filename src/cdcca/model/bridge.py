@@ -19,9 +19,9 @@ class BridgeConfig:
     d_bridge: int = field(default=256, metadata={"help": "width of the query transformer"})
     n_head: int = field(default=4, metadata={"help": "attention heads of the query transformer (must divide d_bridge)"})
     n_layer: int = field(default=2, metadata={"help": "query-transformer blocks"})
-    token_dim: int = field(default=1280, metadata={"help": "EfficientNet-Lite0 channels"})
-    n_tokens: int = field(default=49, metadata={"help": "7×7 patch grid"})
-    d_lm: int = field(default=576, metadata={"help": "SmolLM2 hidden size"})
+    token_dim: int = field(default=1280, metadata={"help": "the encoder's channels (EfficientNet-Lite0: 1280)"})
+    n_tokens: int = field(default=49, metadata={"help": "the encoder's tokens an image (EfficientNet-Lite0: 7×7)"})
+    d_lm: int = field(default=576, metadata={"help": "the LLM's hidden size (SmolLM2-135M: 576)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in the bridge's blocks while training"})
 
     def __post_init__(self):
@@ -64,7 +64,9 @@ class Bridge(nn.Module):
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, P, C) visual tokens; keep (B, P) bool, False = dropped. Returns (B, n_query, d_lm)."""
         B, P, C = tokens.shape
-        assert P == self.cfg.n_tokens and C == self.cfg.token_dim, f"got tokens {tuple(tokens.shape)}"
+        if (P, C) != (self.cfg.n_tokens, self.cfg.token_dim):
+            raise ValueError(f"the bridge reads {self.cfg.n_tokens} tokens × {self.cfg.token_dim} channels an image (its "
+                             f"pair's encoder), got {P} × {C}: tokens from another encoder")
         kv = self.token_proj(self.token_norm(tokens.float())) + self.pos          # (B, P, d_bridge)
         pad = None if keep is None else ~keep.bool()
         if pad is not None and pad.all(dim=1).any():

@@ -44,6 +44,7 @@ from cdcca.akd.source_set import load_source_set, random_source_set
 from cdcca.atomic import link_or_copy, transaction, write_safetensors
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
 from cdcca.downlink import next_budget as next_budget_rule
+from cdcca.model.encoder import encoder_shape
 from cdcca.model.mllm import adapter_state
 from cdcca.model.pair import model_prompter, role_model
 from cdcca.runtime.cloud_db import GroupRegistry, commit_uplink, open_db, remembered_tiny
@@ -96,6 +97,7 @@ class CloudRuntime:
         self.db = open_db(self.dir)
         self.groups = GroupRegistry(self.db)
         self._decoded: dict[str, UplinkBatch] = {}       # packet sha → its batch, decoded at receive, used by a round
+        self.token_shape: tuple[int, int] | None = None  # (P, C) the served encoder makes; None: any (tiny models)
 
     @property
     def akd(self) -> AKD:
@@ -125,7 +127,11 @@ class CloudRuntime:
         ``tiny`` (random tiny models) is recorded in ``cloud.json`` when the state is created and
         read back afterwards; asking for the other kind of model on an existing state is an error."""
         tiny = remembered_tiny(Path(state_dir), tiny)
-        return cls(state_dir, None, None, dwc, models=lambda: _build_models(tiny, akd or AKDConfig(), candidates, torch_device))
+        cloud = cls(state_dir, None, None, dwc, models=lambda: _build_models(tiny, akd or AKDConfig(), candidates, torch_device))
+        if not tiny:
+            shape = encoder_shape()
+            cloud.token_shape = (shape.n_tokens, shape.token_dim)
+        return cloud
 
     # -- devices, groups and their mirrors -----------------------------------------------------
     def _home(self, owner: str) -> Path:
@@ -175,7 +181,7 @@ class CloudRuntime:
     def receive(self, uplink: bytes) -> list[str]:
         """Commit an uplink packet's samples to the inbox; returns the ids now safe to drop on the device.
         The commit is :func:`~cdcca.runtime.cloud_db.commit_uplink`'s, the one ``cdcca cloud receive`` runs."""
-        checked = check_uplink(uplink, basis=default_token_basis())   # validates everything before anything is stored
+        checked = check_uplink(uplink, basis=default_token_basis(), grid=self.token_shape)   # everything, before storing
         batch = uplink_batch(checked)         # built before storing too: a packet it cannot build is never stored
         receipt = commit_uplink(self.db, self.dir, uplink, checked)
         if receipt.new > 0:   # kept for this process's next round (a restarted cloud decodes the stored packet instead)

@@ -82,13 +82,16 @@ class CheckedUplink:
 
 
 def check_uplink(data: bytes, *, fill: str | None = None, basis: Basis | None = None,
-                 stats_shape: tuple[int, int] | None = None) -> CheckedUplink:
+                 stats_shape: tuple[int, int] | None = None, grid: tuple[int, int] | None = None) -> CheckedUplink:
     """Check an uplink packet completely; ``fill`` overrides the packet's fill mode, ``basis`` (default:
     the packaged one, read without torch) is the one a pca-coded packet must name, ``stats_shape`` (P, C)
-    of the token statistics a ``"mean"`` fill draws on (default: the packaged ones')."""
+    of the token statistics a ``"mean"`` fill draws on (default: the packaged ones'), ``grid`` the (P, C) a cloud's
+    encoder makes (a packet from a device on another encoder is refused; None: not checked)."""
     pkt = wire.decode_arrays(data, expect_kind="uplink")
     meta, t = pkt.meta, pkt.arrays
     N, P, C, code, fill = _read_layout(meta, t, fill, basis)
+    need(grid is None or (P, C) == tuple(grid), f"the packet carries {P} tokens × {C} channels an image; this pair's "
+         f"encoder makes {grid[0] if grid else 0} × {grid[1] if grid else 0}: device and cloud must serve the same pair (--weights)")
     if fill == "mean":      # the dropped slots get the statistics' means: they must have the packet's grid
         shape = stats_shape or default_stats_shape()
         need(tuple(shape) == (P, C), f"fill 'mean' needs token statistics of shape {(P, C)}; this side has {tuple(shape)}")

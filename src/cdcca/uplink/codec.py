@@ -180,7 +180,9 @@ def build_token_basis(out: str | os.PathLike[str] | None = None, pair: TrainedPa
     """Fit a pair's basis (default: the served pair's; offline: packaged encoder, the task's train images and
     the pair's bridges; ~1 min on 2 cores) and write it (default: the pair's ``token_basis.safetensors``)."""
     pair = pair or active()
-    basis = fit_token_basis(_fit_set(pair.task.split("train")), metric=bridge_metric(*_bridge_projections(pair.root)))
+    tokens = _fit_set(pair.task.split("train"))
+    basis = fit_token_basis(tokens, k=min(BASIS_COMPONENTS, tokens.shape[-1]),
+                            metric=bridge_metric(*_bridge_projections(pair.root)))
     path = basis.save(out or pair.root / "token_basis.safetensors")
     _basis_of.cache_clear()
     return path
@@ -254,10 +256,12 @@ def packet_code(cfg: UTSConfig, token_dim: int, basis: TokenBasis | None = None)
     full = parse_code(f"full-{cfg.token_dtype}")
     if cfg.token_code == "full" or (basis is None and token_dim != TOKEN_DIM):
         return full, None
+    code = parse_code(cfg.token_code)
+    if code.k >= token_dim:       # an encoder with no more channels than the code's components: send them whole
+        return full, None
     basis = basis or default_token_basis()
     if token_dim != basis.dim:
         return full, None
-    code = parse_code(cfg.token_code)
     if code.k > basis.k:
         raise ValueError(f"token code {code.name} needs {code.k} components; the basis has {basis.k}")
     return code, basis
