@@ -31,7 +31,7 @@ from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import IMAGE_SIZE
 from cdcca.data.stream import Domain, resolve_sequence, stream_data
 from cdcca.data.task import Task, TaskError
-from cdcca.model.spec import PACKAGED_ENCODERS, PairSpec, SpecError
+from cdcca.model.spec import PACKAGED_ENCODERS, PairSpec, SpecError, check_against, use_spec
 
 RECORD = "pair.json"
 FORMAT = "cdcca.pair/1"
@@ -132,6 +132,15 @@ def use(path: str | Path | None) -> TrainedPair:
         return active()
     pair = open_pair(path)
     os.environ[ENV] = str(pair.root)
+    return pair
+
+
+def serve(model) -> TrainedPair:
+    """Serve the pair a run config's ``model`` section names (:func:`use`), after checking that every model knob
+    it sets agrees with the pair (one line otherwise); its dtypes apply (``model.cloud.dtype=bf16``)."""
+    pair = use(model.weights)
+    spec = check_against(model, pair.spec, f"the served pair ({pair.root})")
+    use_spec(spec if spec != pair.spec else None)
     return pair
 
 

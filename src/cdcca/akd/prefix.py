@@ -41,12 +41,13 @@ class PrefixMap:
     @classmethod
     def fit(cls, teacher_prefix: torch.Tensor, device_prefix: torch.Tensor, ridge: float) -> PrefixMap:
         """Ridge regression over every (image, query) pair; one map shared by the query positions."""
-        n_query = device_prefix.shape[-2]
-        x = resample_queries(teacher_prefix, n_query).reshape(-1, teacher_prefix.shape[-1]).double()
-        y = device_prefix.reshape(-1, device_prefix.shape[-1]).double()
-        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-        gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype, device=x.device)
-        return cls(torch.linalg.solve(gram, xa.T @ y).float(), n_query)
+        n_query, dev = device_prefix.shape[-2], device_prefix.device
+        # solved in float64 on the CPU: not every accelerator has float64 (MPS), and the system is small
+        x = resample_queries(teacher_prefix, n_query).reshape(-1, teacher_prefix.shape[-1]).cpu().double()
+        y = device_prefix.reshape(-1, device_prefix.shape[-1]).cpu().double()
+        xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = xa.T @ xa + ridge * torch.eye(xa.shape[1], dtype=x.dtype)
+        return cls(torch.linalg.solve(gram, xa.T @ y).float().to(dev), n_query)
 
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         x = resample_queries(prefix.float(), self.n_query)

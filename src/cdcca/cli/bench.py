@@ -11,6 +11,7 @@ from rich.table import Table
 from cdcca.assets import AssetError
 from cdcca.cli.common import (
     ConfigOpt,
+    DtypeOpt,
     PresetOpt,
     RoundSizeOpt,
     RoundsPerDomainOpt,
@@ -47,12 +48,13 @@ def bench_uts(
     set_: SetOpt = None,
     weights: WeightsOpt = None,
     torch_device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """UTS on the default shift stream: scorer AUROC, uplink bytes and ratios, and scoring overhead; the
     default upload is the run config's `uts` section."""
     from cdcca.bench.uts import run_bench  # heavy: imported when the command runs, not for --help
 
-    cfg = run_config(preset, config, set_, torch_device=torch_device, weights=weights)
+    cfg = run_config(preset, config, set_, torch_device=torch_device, weights=weights, dtype=dtype)
     torch_device = cfg.torch_device
     if n < 4:
         fail(f"--n must be at least 4 (one request per domain), got {n}")
@@ -118,13 +120,14 @@ def bench_akd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """AKD ablations on the continual stream: online MC and recovery, final held-out MC over shifted domains, source MC, cloud time."""
     from cdcca.bench import akd  # heavy: imported when the command runs, not for --help
 
     base = run_config(preset, config, [], stream=stream, scenario=scenario, rounds_per_domain=rounds_per_domain,
                       round_size=round_size, visits=visits, update_delay=update_delay, torch_device=torch_device,
-                      weights=weights)
+                      weights=weights, dtype=dtype)
     use_threads(threads)
     if label_study:
         try:
@@ -267,12 +270,13 @@ def bench_cost(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """One cost table: device latency, memory and size against the cloud's; cloud s per round by uploads and devices;
     bytes. The run config's AKD, DWC and UTS (its budget set per row)."""
     from cdcca.bench.cost import run_cost  # heavy: imported when the command runs, not for --help
 
-    cfg = run_config(preset, config, set_, tiny=tiny, torch_device=torch_device, weights=weights)
+    cfg = run_config(preset, config, set_, tiny=tiny, torch_device=torch_device, weights=weights, dtype=dtype)
     tiny, torch_device = cfg.model.tiny, cfg.torch_device
     use_threads(threads)
     with one_line_errors():
@@ -364,6 +368,7 @@ def bench_paper(
     as_json: bool = typer.Option(False, "--json", help="Print JSON only (progress still goes to stderr)."),
     threads: int | None = typer.Option(None, help="torch CPU threads."),
     torch_device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """The paper's Tables 1, 3, 4, 5 on this benchmark: baselines, CDCCA, teacher and oracle over seeds; resumable."""
     from cdcca.bench.paper import plan, run_paper  # heavy: imported when the command runs, not for --help
@@ -371,7 +376,7 @@ def bench_paper(
 
     base = run_config(None if config else preset, config, set_, kind="bench-paper", scenario=scenario,
                       rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
-                      update_delay=update_delay, torch_device=torch_device, weights=weights)
+                      update_delay=update_delay, torch_device=torch_device, weights=weights, dtype=dtype)
     use_threads(threads)
     if link_mbps <= 0:
         fail(f"--link-mbps must be positive, got {link_mbps}")

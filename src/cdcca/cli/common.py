@@ -15,8 +15,8 @@ from rich.console import Console
 
 from cdcca.assets import AssetError
 from cdcca.config import resolve
-from cdcca.model.spec import SpecError, check_against, served_spec
-from cdcca.trained_pair import PairError, use
+from cdcca.model.spec import SpecError
+from cdcca.trained_pair import PairError, serve, use
 from cdcca.wire import PacketError
 
 console = Console(stderr=True)
@@ -45,6 +45,8 @@ def use_threads(n: int | None) -> None:
 TORCH_DEVICE_HELP = ("torch device the cloud's models compute on: cpu (the default), cuda, cuda:N or mps; the "
                      "name is checked before anything loads.")
 TorchDeviceOpt = Annotated[str | None, typer.Option("--torch-device", help=TORCH_DEVICE_HELP)]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="What the cloud's LLM computes in (model.cloud.dtype): "
+                                              "fp32 (default) or bf16 (an accelerator; its bridge stays fp32).")]
 
 
 def torch_device_or_fail(name: str | None) -> str:
@@ -95,7 +97,7 @@ StreamOpt = Annotated[str | None, typer.Option(help="Domains (data.domains): 'de
 SHORTCUTS = {"stream": "data.domains", "scenario": "stream.scenario", "rounds_per_domain": "stream.rounds_per_domain",
              "round_size": "stream.round_size", "visits": "stream.visits", "update_delay": "stream.update_delay",
              "devices": "fleet.devices", "group": "fleet.group", "seed": "seed", "torch_device": "torch_device",
-             "weights": "model.weights"}
+             "weights": "model.weights", "dtype": "model.cloud.dtype"}
 
 
 def run_config(preset: str | None, config: Path | None, sets: list[str] | None, kind: str = "run", tiny: bool = False,
@@ -111,8 +113,7 @@ def run_config(preset: str | None, config: Path | None, sets: list[str] | None, 
     given = {**{SHORTCUTS[k]: v for k, v in shortcuts.items()}, **(overrides or {}), **({"model.tiny": True} if tiny else {})}
     try:
         cfg = resolve(preset, config, sets or [], given, kind=kind)
-        pair = use(cfg.model.weights)
-        check_against(cfg.model, served_spec(), f"the served pair ({pair.root})")
+        serve(cfg.model)
     except (ValueError, PairError, SpecError) as exc:
         fail(str(exc))
         raise   # unreachable: fail raises

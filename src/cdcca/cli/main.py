@@ -26,6 +26,7 @@ from cdcca.cli.bench import bench_app
 from cdcca.cli.cloud import cloud_app
 from cdcca.cli.common import (
     ConfigOpt,
+    DtypeOpt,
     PresetOpt,
     Role,
     RoundSizeOpt,
@@ -223,6 +224,7 @@ def demo(
                                 "report's side-by-side table; about as long again as the run, cached per settings."),
     weights: WeightsOpt = None,
     torch_device: TorchDeviceOpt = None,
+    dtype: DtypeOpt = None,
 ):
     """The whole continual loop: stream → answer → UTS uplink → AKD → DWC downlink → apply, with a report.
     Without --preset or --config it runs the quick preset."""
@@ -231,7 +233,7 @@ def demo(
     preset = preset or (None if config else "quick")
     cfg = run_config(preset, config, set_, devices=devices, stream=stream, scenario=scenario,
                      rounds_per_domain=rounds_per_domain, round_size=round_size, visits=visits,
-                     update_delay=update_delay, group=group, torch_device=torch_device, weights=weights)
+                     update_delay=update_delay, group=group, torch_device=torch_device, weights=weights, dtype=dtype)
     if print_config:
         print(to_toml(cfg), end="")
         return

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from cdcca import wire
 from cdcca.config import RunConfig
 from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, _dict, run_config
-from cdcca.trained_pair import run_answers, use
+from cdcca.trained_pair import run_answers, serve
 
 if TYPE_CHECKING:     # the protocol imports torch; the app imports it only when a step runs
     from cdcca.runtime.protocol import DownlinkMessage, UplinkMessage
@@ -113,7 +113,7 @@ def open_cloud(cfg: RunConfig):
     from cdcca.model.placement import check_torch_device  # torch: the app imports it when the cloud opens
     from cdcca.runtime.cloud import CloudRuntime  # (the same)
 
-    use(cfg.model.weights)
+    serve(cfg.model)
     return CloudRuntime.open(cfg.fleet.cloud_dir, tiny=cfg.model.tiny,
                              candidates=run_answers(cfg.data.domains, cfg.model.tiny),
                              akd=cfg.akd, dwc=cfg.dwc, torch_device=check_torch_device(cfg.torch_device))

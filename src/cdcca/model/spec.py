@@ -167,12 +167,17 @@ def resolve_spec(section, base: PairSpec | None = None) -> PairSpec:
     return PairSpec(encoder, roles["device"], roles["cloud"])
 
 
-def check_against(section, served: PairSpec, where: str) -> None:
-    """Refuse, in one line, a ``model`` knob that is set and disagrees with the pair being served."""
+def check_against(section, served: PairSpec, where: str) -> PairSpec:
+    """Refuse, in one line, a ``model`` knob that is set and disagrees with the pair being served; returns the
+    spec to serve: the pair's, with the dtypes the section asks for (how the weights compute, not what they are:
+    an fp32-trained pair serves in bf16 on an accelerator)."""
     wanted = resolve_spec(section, served)
     for key, want, have in _differences(wanted, served):
+        if key.endswith(".dtype"):
+            continue
         raise SpecError(f"model.{key} = {want!r}, but {where} was trained with {have!r}; drop the setting, or pretrain "
                         f"a pair with it (cdcca pretrain --set model.{key}=… --out W) and pass --weights W")
+    return wanted
 
 
 def _differences(a: PairSpec, b: PairSpec):

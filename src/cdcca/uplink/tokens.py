@@ -175,12 +175,12 @@ def score_mc_dropout(tokens: torch.Tensor, *, bridge: torch.nn.Module | None = N
         d = h.shape[-1]
         ca = bridge.blocks[0].cross_attn
         w_v, b_v = ca.in_proj_weight[2 * d:], ca.in_proj_bias[2 * d:]
-        mask = torch.rand((passes, B, P, d), generator=g) >= p
+        mask = (torch.rand((passes, B, P, d), generator=g) >= p).to(h.device)    # seeded on the CPU: same on any device
         z = (h * mask / (1 - p)) @ w_v.T + b_v                                    # (T, B, P, d)
     else:
-        w1, w2 = _random_feature_net(C, seed)
+        w1, w2 = (w.to(x.device) for w in _random_feature_net(C, seed))
         h = F.gelu(F.layer_norm(x, (C,)) @ w1)                                   # (B, P, 64)
-        mask = torch.rand((passes, *h.shape), generator=g) >= p
+        mask = (torch.rand((passes, *h.shape), generator=g) >= p).to(h.device)
         z = (h * mask / (1 - p)) @ w2                                            # (T, B, P, 64)
     z = F.normalize(z, dim=-1)
     return (1.0 - z.mean(0).pow(2).sum(-1)).clamp_min(0)
