@@ -5,6 +5,9 @@
 #
 #   benchmarks/accelerator_check.sh [DEVICE]            # DEVICE: cuda (default), cuda:N, mps, cpu
 #   CDCCA_TINY=1 benchmarks/accelerator_check.sh cpu    # tiny settings: ~35 s on 2 CPU cores (warm caches)
+#   CDCCA_PART=cross benchmarks/accelerator_check.sh    # the cross-family pair instead (docs/MODELS.md): a
+#       Gemma-3-270M teacher (opt-in package, Gemma Terms of Use) pretrained beside the shipped device, in
+#       bf16 on an accelerator, then Table 1 on it with the teacher's own row; timings-cross.json
 #
 # Full settings fit in 10 minutes on one GPU (the device's own model stays on the CPU, as a device's
 # would: held-out evaluation of the device and its answering run there). Needs cdcca installed with its
@@ -15,6 +18,7 @@ set -euo pipefail
 
 DEV="${1:-cuda}"
 TINY="${CDCCA_TINY:-0}"
+PART="${CDCCA_PART:-shipped}"
 OUT="${CDCCA_CHECK_OUT:-runs/accelerator-check}"
 CDCCA="${CDCCA:-cdcca}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -38,6 +42,8 @@ else
     RECIPE=(--steps 100)
     EVAL=(--n 200)
 fi
+DTYPE=bf16
+[ "$DEV" = "cpu" ] && DTYPE=fp32
 
 declare -A WALL
 step() {   # step NAME CMD...: run it, keep its wall time
@@ -48,6 +54,33 @@ step() {   # step NAME CMD...: run it, keep its wall time
     WALL[$name]=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t0" "$(date +%s.%N)")
     echo "== $name: ${WALL[$name]} s" >&2
 }
+
+if [ "$PART" = "cross" ]; then
+    PAIR="$OUT/gemma-pair"
+    mkdir -p "$PAIR"
+    cp "$(python3 -c 'import cdcca, pathlib; print(pathlib.Path(cdcca.__file__).parent / "weights")')"/device.* "$PAIR/"
+    if [ "$TINY" = "1" ]; then CROSS=(--steps 3 --batch-size 4 --aug-variants 1); else CROSS=(--steps 1000 --batch-size 32 --aug-variants 2); fi
+    step cross_teacher "$CDCCA" pretrain --role cloud --set model.cloud.llm=gemma3-270m "${CROSS[@]}" --out "$PAIR" \
+        --torch-device "$DEV" > "$OUT/cross-pretrain.json"
+    step cross_table1 "$CDCCA" bench paper "${PAPER[@]}" --weights "$PAIR" --seeds 0 --methods source-only,cdcca,teacher \
+        --out "$OUT/cross-paper" --torch-device "$DEV" --dtype "$DTYPE" --json > "$OUT/cross-paper.json"
+    python3 - "$OUT" "$DEV" "${WALL[cross_teacher]}" "${WALL[cross_table1]}" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, dev, teacher_s, table_s = sys.argv[1:]
+text = (Path(out) / "cross-pretrain.json").read_text()
+pre = json.loads(text[text.index("{"):])
+text = (Path(out) / "cross-paper.json").read_text()
+paper = json.loads(text[text.index("{"):])
+timings = {"torch_device": dev, "wall_s": {"cross_teacher": float(teacher_s), "cross_table1": float(table_s)},
+           "teacher_recipe": {k: pre.get(k) for k in ("features_s", "train_s", "s_per_step", "device")},
+           "table1": paper["table1"]}
+(Path(out) / "timings-cross.json").write_text(json.dumps(timings, indent=2))
+print(json.dumps(timings, indent=2))
+EOF
+    exit 0
+fi
 
 step table1 "$CDCCA" bench paper "${PAPER[@]}" --seeds 0 --methods source-only,cdcca --out "$OUT/paper" \
     --torch-device "$DEV" --json > "$OUT/paper.json"
