@@ -100,3 +100,18 @@ def test_a_spec_that_names_no_model_is_refused_in_one_line(tmp_path):
         RoleSpec("smollm2-135m", "every:0", "auto", 16, "fp32")
     out = run("pretrain", "--role", "cloud", "--set", "uts.budget=3", "--out", tmp_path / "W", code=2)
     assert "pretrain reads only the models" in out
+
+
+def test_a_bf16_llm_beside_an_fp32_bridge_answers(tmp_path):
+    """``--dtype bf16`` (model.cloud.dtype): the LLM's weights in bf16, the bridge in fp32; the prefix is cast
+    where it enters the LLM, and the candidate probabilities come back finite, in fp32."""
+    from cdcca.model.answer import mc_predict
+    from cdcca.model.pair import build_model, role_prompter
+
+    cloud = RoleSpec(causal_lm(tmp_path / "t", "qwen2", 420, 48, 2), "all", "auto", 4, "bf16")
+    spec = PairSpec(vision_tower(tmp_path / "encoder"), cloud, cloud)
+    model = build_model("cloud", spec)
+    assert model.core.embed_tokens.weight.dtype == torch.bfloat16 and model.bridge.to_lm[0].weight.dtype == torch.float32
+    probs = mc_predict(model, role_prompter("cloud", ["red", "blue", "yes", "no"], spec), torch.randn(3, 16, 24),
+                       ["what color is it?"] * 3)
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(3))
