@@ -28,6 +28,15 @@ class BridgeConfig:
         if self.d_bridge % self.n_head:
             raise ValueError(f"d_bridge={self.d_bridge} must divide by n_head={self.n_head}")
 
+    @classmethod
+    def of_state(cls, state: dict[str, torch.Tensor]) -> BridgeConfig:
+        """The shapes of a saved bridge (its ``Bridge.state_dict()``): tokens, widths, queries and blocks, so a
+        bridge of any pair loads without knowing which LLM it feeds."""
+        n_layer = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        return cls(n_query=state["queries"].shape[1], d_bridge=state["queries"].shape[2], n_layer=n_layer,
+                   token_dim=state["token_norm.weight"].shape[0], n_tokens=state["pos"].shape[1],
+                   d_lm=state["to_lm.2.weight"].shape[0])
+
 
 class QueryBlock(nn.Module):
     """Pre-norm block: self-attention over queries, cross-attention to tokens, MLP."""

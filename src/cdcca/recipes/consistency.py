@@ -99,10 +99,10 @@ def _prepare_bridge(weights: dict[str, torch.Tensor], cfg: ConsistencyConfig, cl
 
     Returns (bridge, frozen copy, optimizer, named parameters, checkpoint path, start step).
     """
-    bcfg = BridgeConfig(token_dim=clean.shape[-1], n_tokens=clean.shape[1])
+    state = bridge_state(weights)
     torch.manual_seed(cfg.seed)
-    bridge = Bridge(bcfg)
-    bridge.load_state_dict(bridge_state(weights))
+    bridge = Bridge(BridgeConfig.of_state(state))      # whatever LLM width and query count the role has
+    bridge.load_state_dict(state)
     bridge.to(device)
     frozen = copy.deepcopy(bridge).eval().requires_grad_(False)
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
