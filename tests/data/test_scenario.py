@@ -10,7 +10,7 @@ from cdcca.akd.config import LabelPhase
 from cdcca.akd.distill import AKDConfig
 from cdcca.config import resolve
 from cdcca.data.easyvqa import VQASet
-from cdcca.data.scenario import Scenario, Slot, recovery_curve, revisit_first_rounds, scenario_chunks
+from cdcca.data.scenario import Scenario, Slot, after_shift, recovery_curve, revisit_first_rounds, scenario_chunks
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence, split_images
 from cdcca.fleet.local import LocalFleet
 from cdcca.fleet.traffic import SimulatedTraffic, serve_round
@@ -185,3 +185,36 @@ def test_delayed_link_holds_packets_for_the_given_rounds():
 def test_slots_name_domain_visit_and_step():
     assert Scenario("recurring", rounds_per_domain=1, visits=2).schedule([Domain("jpeg", 5)]) == \
         [Slot(Domain("jpeg", 5), 0, 0), Slot(Domain("jpeg", 5), 1, 0)]
+
+
+def _visit_rows(start_round: int, adapted: list[list[bool]], never_updated: list[list[bool]], domain: str) -> list[dict]:
+    return [{"round": start_round + i, "domain": domain, "step": i, "correct": a, "reference": b}
+            for i, (a, b) in enumerate(zip(adapted, never_updated))]
+
+
+def test_recovery_in_requests_counts_exactly_the_served_answers():
+    """Two shifts of two rounds of 30 requests: the first 20 / 40 / 80 answers after each shift are counted in
+    the order served, across the round boundary; half the gain is reached after a whole round, or at once."""
+    half = [True] * 15 + [False] * 15                                   # 50 %
+    most = [True] * 27 + [False] * 3                                    # 90 %
+    rows = (_visit_rows(0, [half, most], [half, half], "pixelate:5")  # gains 0, +40: half reached in round 2
+            + _visit_rows(2, [most, most], [half, half], "jpeg:5"))   # gains +40, +40: half reached at once
+    out = after_shift(rows, reference="reference")
+    assert out["first_20"] == pytest.approx((15 / 20 + 20 / 20) / 2)   # visit 1: 15 of its first 20 right
+    assert out["first_40"] == pytest.approx((25 / 40 + 37 / 40) / 2)   # visit 1: 15 + the next round's first 10
+    assert out["first_80"] == pytest.approx((42 / 60 + 54 / 60) / 2)   # only 60 served: all of them
+    assert out["requests_to_half"] == pytest.approx((30 + 0) / 2)
+    assert after_shift(rows, "reference") == {"first_20": 0.75, "first_40": 0.625, "first_80": 0.5}   # the twin
+    no_gain = _visit_rows(0, [half, half], [half, half], "pixelate:5")
+    assert after_shift(no_gain, reference="reference")["requests_to_half"] is None
+    assert after_shift([{k: v for k, v in r.items() if k != "correct"} for r in rows]) is None
+
+
+def test_the_embedded_fleet_records_every_served_answer_in_order(tmp_path):
+    cfg = resolve("tiny", sets=["stream.rounds_per_domain=2"])
+    fleet = LocalFleet.setup(cfg, tmp_path)
+    rows = [fleet.run_round(rnd)[0] for rnd in range(2)]
+    fleet.close()
+    for row in rows:
+        assert len(row["correct"]) > 0 and np.mean(row["correct"]) == pytest.approx(row["online_mc"])
+    assert after_shift(rows)["first_20"] == pytest.approx(np.mean(rows[0]["correct"][:20]))

@@ -176,7 +176,8 @@ def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
         return float(sum(v * n for v, n in pairs) / sum(n for _, n in pairs)) if pairs else None
 
     return {"variant": name, "seed": seed, "adapted_mc": res["summary"]["adapted_mc"],
-            **{k: res["summary"][k] for k in ("online_mc", "recovery", "revisit_first_round_mc") if k in res["summary"]},
+            **{k: res["summary"][k] for k in ("online_mc", "recovery", "revisit_first_round_mc", "after_shift")
+               if k in res["summary"]},
             "source_mc": res["summary"]["source_mc"], "heldout": res["summary"]["heldout"],
             "uploads": uploads, "trained": trained,
             "upload_teacher_mc": trained_mean("upload_teacher_mc"), "upload_device_mc": trained_mean("upload_device_mc"),
@@ -187,6 +188,7 @@ def summarize(name: str, seed: int, res: dict, wall_s: float) -> dict:
             "pseudo_label_acc": float(np.mean([r["pseudo_label_acc"] for r in rounds if "pseudo_label_acc" in r]))
             if uploads else None, "wall_s": round(wall_s, 1),
             "online_per_round": [r["online_mc"] for r in rounds], "domains": [r["domain"] for r in rounds],
+            "correct_per_round": [r.get("correct") for r in rounds],
             "steps": [r.get("step", 0) for r in rounds], "visits": [r.get("visit", 0) for r in rounds],
             **{k: res["summary"][k] for k in ("adapted_da", "heldout_da", "source_da") if k in res["summary"]}}
 

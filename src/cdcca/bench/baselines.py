@@ -125,8 +125,9 @@ def run_device_only(cfg: RunConfig, base: BaselineConfig, model: MLLM, prompter:
             qids = np.array([int(i.rsplit("-q", 1)[1]) for i in ids])
             tokens = encoded.round_tokens(Domain.parse(domain), qids)
         picks = serve(method, model, prompter, tokens, questions, base.batch)
+        correct = [prompter.candidates[p] == g for p, g in zip(picks, gold)]
         row = {"round": rnd, "device": "device-0", "domain": domain, "uploads": 0, "bytes_up": 0, "bytes_down": 0,
-               "online_mc": float(np.mean([prompter.candidates[p] == g for p, g in zip(picks, gold)])),
+               "online_mc": float(np.mean(correct)), "correct": correct,
                "adapted_samples": getattr(method, "updates", 0), "visit": slot.visit, "step": slot.step}
         n = cfg.eval.heldout_n if rnd == n_rounds - 1 else cfg.eval.curve_n
         if n:

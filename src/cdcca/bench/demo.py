@@ -25,7 +25,7 @@ from cdcca.atomic import write_json
 from cdcca.bench.loop import Comparison, heldout_mc, run_loop
 from cdcca.bench.report import write_report
 from cdcca.config import RunConfig, flatten, to_toml
-from cdcca.data.scenario import Slot, recovery_curve, revisit_first_rounds
+from cdcca.data.scenario import Slot, after_shift, recovery_curve, revisit_first_rounds
 from cdcca.data.stream import Domain, resolve_sequence
 from cdcca.fleet.local import LocalFleet, domains_of, schedule
 from cdcca.fleet.traffic import SimulatedTraffic
@@ -95,20 +95,20 @@ def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
     return acc
 
 
-def _source_only_online(cfg: RunConfig, device) -> list[float]:
-    """Online MC per round of the never-updated device on exactly the requests the first device serves
-    (run before any update, so the device still holds its pretrained adapters)."""
+def _source_only_online(cfg: RunConfig, device) -> list[list[bool]]:
+    """Per round, whether the never-updated device answers each request the first device serves right, in
+    the order served (run before any update, so the device still holds its pretrained adapters)."""
 
     prompter = device._prompter()
     out = []
     traffic = SimulatedTraffic.of(device)
     for rnd in range(len(schedule(cfg))):
         tokens, questions, gold, _, _ = traffic.chunk(rnd)
-        right = 0
+        right: list[bool] = []
         for s in range(0, len(questions), 64):
             probs = mc_predict(device.model, prompter, tokens[s:s + 64], questions[s:s + 64])
-            right += sum(prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold[s:s + 64]))
-        out.append(right / max(1, len(questions)))
+            right += [prompter.candidates[int(p)] == g for p, g in zip(probs.argmax(-1), gold[s:s + 64])]
+        out.append(right)
     return out
 
 
@@ -186,7 +186,7 @@ def _references(cfg: RunConfig, fleet: LocalFleet, domains: list[Domain],
     first, slots, n_last = fleet.devices[0], schedule(cfg), cfg.eval.heldout_n
     base = _cached_reference("device", f"held-out {[str(d) for d in domains]} n={n_last}", domains,
                              lambda: heldout(first.model, domains + [clean], n_last))
-    online_base = _cached_reference("device", f"online per round {sorted(first.config['stream'].items())} rounds={len(slots)}",
+    online_base = _cached_reference("device", f"online per request {sorted(first.config['stream'].items())} rounds={len(slots)}",
                                     domains, lambda: {"rounds": _source_only_online(cfg, first)})["rounds"]
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
     teacher = _teacher_reference(domains + [clean], n_last)
@@ -196,7 +196,7 @@ def _references(cfg: RunConfig, fleet: LocalFleet, domains: list[Domain],
         # held-out evaluation on the first device only, when the stream leaves a domain (and at the end)
         if dev is not fleet.devices[0]:
             return {"heldout_mc": None, "source_mc": None}
-        reference = {"source_only_online_mc": online_base[rnd]}
+        reference = {"source_only_online_mc": float(np.mean(online_base[rnd])) if online_base[rnd] else float("nan")}
         n = n_last if rnd == last else cfg.eval.curve_n if leaves_domain(slots, rnd) else 0
         if n == 0:                        # no curve point this round (or none asked for)
             return {**reference, "heldout_mc": None, "source_mc": None}
@@ -248,20 +248,24 @@ def _summary(cfg: RunConfig, preset: str, domains: list[Domain], rows: list[dict
     }
 
 
-def online_figures(rows: list[dict], source_only_online: list[float]) -> dict:
-    """What users got, next to what the never-updated device answered to the same requests: online MC over
-    the shifted rounds, per domain, the recovery curve and (when domains come back) the first round of a
-    revisit. The first device's rows are compared (the reference answered its requests); each of its
-    rows gains ``source_only_online_mc``."""
+def online_figures(rows: list[dict], source_only_online: list[list[bool]]) -> dict:
+    """What users got, next to what the never-updated device answered to the same requests (per round, each
+    request right or not): online MC over the shifted rounds, per domain, the recovery curve, the first
+    20 / 40 / 80 requests after each shift and the requests until half the gain (``after_shift``) and (when
+    domains come back) the first round of a revisit. The first device's rows are compared (the reference
+    answered its requests); each of its rows gains ``source_only_online_mc`` and ``source_only_correct``."""
     if not rows or not source_only_online:
         return {}
     first = sorted((r for r in rows if r["device"] == rows[0]["device"]), key=lambda r: r["round"])
     for r in first:
-        r["source_only_online_mc"] = source_only_online[r["round"]]
+        r["source_only_correct"] = list(source_only_online[r["round"]])
+        r["source_only_online_mc"] = float(np.mean(r["source_only_correct"])) if r["source_only_correct"] else float("nan")
     shifted = [r for r in first if r["domain"] != "clean"]
     out = {"online_mc": float(np.mean([r["online_mc"] for r in shifted])),
            "source_only_online_mc": float(np.mean([r["source_only_online_mc"] for r in shifted])),
            "recovery": recovery_curve(first), "source_only_recovery": recovery_curve(first, "source_only_online_mc"),
+           "after_shift": after_shift(first, reference="source_only_correct"),
+           "source_only_after_shift": after_shift(first, "source_only_correct"),
            "online_by_domain": {d: {"online_mc": float(np.mean([r["online_mc"] for r in shifted if r["domain"] == d])),
                                     "source_only_online_mc": float(np.mean([r["source_only_online_mc"] for r in shifted
                                                                             if r["domain"] == d]))}

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from cdcca.akd.distill import AKD, with_true_labels
 from cdcca.config import RunConfig, flatten
 from cdcca.data.easyvqa import VQASet
-from cdcca.data.scenario import recovery_curve, revisit_first_rounds, stream_spec
+from cdcca.data.scenario import after_shift, recovery_curve, revisit_first_rounds, stream_spec
 from cdcca.data.stream import Domain, heldout_questions, resolve_sequence
 from cdcca.fleet.local import LocalFleet
 from cdcca.model.mllm import MLLM, adapter_state
@@ -124,7 +124,8 @@ def online_summary(rounds: list[dict]) -> dict:
     """What users got: online MC over the shifted rounds, the recovery curve, and (recurring) the
     first round of every later visit."""
     shifted = [r["online_mc"] for r in rounds if r["domain"] != "clean" and r.get("online_mc") is not None]
-    out = {"online_mc": float(np.mean(shifted)) if shifted else None, "recovery": recovery_curve(rounds)}
+    out = {"online_mc": float(np.mean(shifted)) if shifted else None, "recovery": recovery_curve(rounds),
+           "after_shift": after_shift(rounds)}
     revisit = revisit_first_rounds(rounds)
     if revisit is not None:
         out["revisit_first_round_mc"] = revisit

@@ -14,7 +14,7 @@ import numpy as np
 
 from cdcca.atomic import write_json
 from cdcca.bench.report import PAGE_STYLE, embed_png, pyplot
-from cdcca.data.scenario import recovery_curve
+from cdcca.data.scenario import after_shift, recovery_curve
 
 TOKEN_FP16_BYTES = 49 * 1280 * 2       # one request's full visual tokens in fp16
 # the device-only baselines of Table 1 (the plan in cdcca.bench.paper runs them; the claims compare with them)
@@ -58,8 +58,21 @@ def table1_rows(cells: dict[str, list[dict]]) -> list[dict]:
                    "da_std": da_s, "online_mean": on_m, "online_std": on_s, "n_seeds": len(runs)}
             if dom == "mean":
                 row.update({k: float(np.mean([r.get(k, 0) for r in runs])) for k in ("bytes_up_per_round", "bytes_down_per_round")})
+                row["first80_mean"], row["first80_std"] = _stats([(r.get("after_shift") or {}).get("first_80") for r in runs])
+                reference = {r["seed"]: r for r in cells.get("source-only", [])}
+                row["requests_to_half_mean"], _ = _stats([requests_to_half_of(r, reference.get(r["seed"])) for r in runs])
             rows.append(row)
     return rows
+
+
+def requests_to_half_of(run: dict, reference: dict | None) -> float | None:
+    """Requests after a shift until ``run`` first gains half of its final gain over the never-updated device
+    (``reference``: the source-only run of the same seed, which answered the same requests)."""
+    if reference is None or run is reference or not run.get("correct_per_round") or not reference.get("correct_per_round"):
+        return None
+    rows = [{"round": i, "domain": d, "step": s, "correct": c, "reference": rc} for i, (d, s, c, rc) in enumerate(
+        zip(run["domains"], run["steps"], run["correct_per_round"], reference["correct_per_round"]))]
+    return (after_shift(rows, reference="reference") or {}).get("requests_to_half")
 
 
 def paired_gain(a: list[dict], b: list[dict], online: bool = False) -> tuple[float, float, int] | None:
@@ -195,12 +208,15 @@ def markdown(result: dict) -> str:
              "and held-out MC / DA (%) after the whole stream, mean ± std over seeds.", "",
              "**Table 1.** Methods × shifted domains: online MC per domain and over the stream, held-out MC "
              "(mean over domains) and DA, clean MC (forgetting check).", "",
-             "| method | " + " | ".join(f"online {d}" for d in doms) + " | **online MC** | held-out MC | held-out DA | clean MC | seeds |",
-             "|---|" + "---|" * (len(doms) + 5)]
+             "| method | " + " | ".join(f"online {d}" for d in doms) + " | **online MC** | first 80 after a shift | "
+             "requests to half the gain | held-out MC | held-out DA | clean MC | seeds |",
+             "|---|" + "---|" * (len(doms) + 7)]
     for m in methods:
         cells = [_pm(t1[(m, d)]["online_mean"], t1[(m, d)]["online_std"]) for d in doms]
         mean, clean = t1[(m, "mean")], t1[(m, "clean")]
+        half = mean.get("requests_to_half_mean")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | **{_pm(mean['online_mean'], mean['online_std'])}** | "
+                     f"{_pm(mean.get('first80_mean'), mean.get('first80_std'))} | {'–' if half is None else f'{half:.0f}'} | "
                      f"{_pm(mean['mc_mean'], mean['mc_std'])} | {_pm(mean['da_mean'], mean['da_std'])} | "
                      f"{_pm(clean['mc_mean'], clean['mc_std'])} | {mean['n_seeds']} |")
     if result.get("recovery"):

@@ -151,7 +151,18 @@ def recovery_words(summary: dict) -> str:
     settled = next((i + 1 for i, g in enumerate(gains) if g >= 0.5 * max(gains) and g > 0.02), None)
     when = (f"the gain reached half its best by round {settled} of a domain" if settled
             else "the device did not recover")
-    return f"after each shift {when} (online gain per round of a domain: {curve} points)"
+    first = _after_shift_words(summary)
+    return f"after each shift {when} (online gain per round of a domain: {curve} points{first})"
+
+
+def _after_shift_words(summary: dict) -> str:
+    """The first 80 answers after a shift against the never-updated device's, and the requests to half the gain."""
+    ad, so = summary.get("after_shift") or {}, summary.get("source_only_after_shift") or {}
+    if ad.get("first_80") is None or so.get("first_80") is None:
+        return ""
+    half = ad.get("requests_to_half")
+    return (f"; the first 80 requests after a shift {_pts(ad['first_80'], so['first_80'])} points"
+            f"{'' if half is None else f', half the gain after {half:.0f} requests'}")
 
 
 def headline(summary: dict) -> str:

@@ -148,6 +148,11 @@ def summary_line(s: dict) -> str:
         if s.get("recovery"):
             gains = [a - b for a, b in zip(s["recovery"], s.get("source_only_recovery") or [])]
             parts.append("recovery " + " / ".join(f"{100 * g:+.1f}" for g in gains))
+        first, base = s.get("after_shift") or {}, s.get("source_only_after_shift") or {}
+        if first.get("first_80") is not None and base.get("first_80") is not None:
+            half = first.get("requests_to_half")
+            parts.append(f"first 80 after a shift {pct(first['first_80'])} % (never updated {pct(base['first_80'])} %)"
+                         + ("" if half is None else f", half the gain after {half:.0f} requests"))
     parts.append(f"held-out MC {pct(s.get('adapted_mc'))} % (never updated {pct(s.get('source_only_mc'))} %)")
     if s.get("source_mc_after") is not None:
         parts.append(f"clean {pct(s.get('source_mc_before'))} → {pct(s['source_mc_after'])} %")

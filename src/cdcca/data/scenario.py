@@ -156,6 +156,55 @@ def recovery_curve(rows: list[dict], key: str = "online_mc") -> list[float]:
     return [float(np.mean(by_step[s])) for s in sorted(by_step)]
 
 
+AFTER_SHIFT = (20, 40, 80)      # requests after a shift whose online accuracy is reported
+
+
+def shift_visits(rows: list[dict]) -> list[list[dict]]:
+    """One device's rows grouped into the visits of shifted domains, in order (a visit starts at ``step`` 0)."""
+    visits: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: r["round"]):
+        if r["domain"] == "clean":
+            continue
+        if r.get("step", 0) == 0 or not visits:
+            visits.append([])
+        visits[-1].append(r)
+    return visits
+
+
+def after_shift(rows: list[dict], key: str = "correct", reference: str | None = None) -> dict | None:
+    """How soon users see the gain, in requests: online accuracy of the first 20 / 40 / 80 answers served after
+    each shift (``key``: each row's per-request correctness, in the order served), mean over shifts; with a
+    ``reference`` (the never-updated device's correctness on the same requests) also :func:`requests_to_half`.
+    None when the rows carry no per-request record."""
+    visits = [v for v in shift_visits(rows) if all(key in r for r in v)]
+    served = [[bool(c) for r in v for c in r[key]] for v in visits]
+    served = [s for s in served if s]
+    if not served:
+        return None
+    out: dict = {f"first_{n}": float(np.mean([np.mean(s[:n]) for s in served])) for n in AFTER_SHIFT}
+    if reference is not None:
+        out["requests_to_half"] = requests_to_half(visits, key, reference)
+    return out
+
+
+def requests_to_half(visits: list[list[dict]], key: str, reference: str) -> float | None:
+    """Requests served after a shift before a round first gains at least half of what the visit's last round
+    gains over the reference (counted in whole rounds: an update lands between rounds); mean over the visits
+    whose last round gains at all (None: none does)."""
+    counts = []
+    for visit in visits:
+        gains = [float(np.mean(r[key]) - np.mean(r[reference])) for r in visit if r[key] and r.get(reference)]
+        if len(gains) != len(visit) or gains[-1] <= 0:
+            continue
+        n = 0
+        for r, gain in zip(visit, gains):
+            if gain >= gains[-1] / 2:
+                break
+            n += len(r[key])
+        counts.append(n)
+    return float(np.mean(counts)) if counts else None
+
+
 def revisit_first_rounds(rows: list[dict], key: str = "online_mc") -> float | None:
     """Mean of ``key`` over the first round of every second-or-later visit (recurring: does the device remember?)."""
     vals = [r[key] for r in rows if r.get("visit", 0) > 0 and r.get("step") == 0 and r.get(key) is not None]

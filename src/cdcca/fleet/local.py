@@ -94,7 +94,8 @@ class LocalFleet:
                 assert after["hash"] == self.cloud.mirror_hash(dev.device_id), "device and cloud mirror diverged"
             slot = self.slots[rnd % len(self.slots)]
             row = {"round": rnd, "device": dev.device_id, "domain": served[dev.device_id]["domain"],
-                   "online_mc": served[dev.device_id]["online_mc"], "visit": slot.visit, "step": slot.step,
+                   "online_mc": served[dev.device_id]["online_mc"], "correct": served[dev.device_id]["correct"],
+                   "visit": slot.visit, "step": slot.step,
                    "uploads": len(downs[dev.device_id].acked),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
                    "version": after["version"], "cloud_s": round(cloud_s.get(dev.device_id, 0.0), 2)}

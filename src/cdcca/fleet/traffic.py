@@ -65,9 +65,9 @@ class SimulatedTraffic:
         """Have ``device`` answer its round ``rnd`` (uncertain requests go to its outbox); online metrics."""
         tokens, questions, gold, ids, domain = self.chunk(rnd)
         answers = device.answer(tokens, questions, ids)
-        return {"round": rnd, "domain": domain, "requests": len(ids),
-                "online_mc": float(np.mean([a.mc == g for a, g in zip(answers, gold)])) if ids else float("nan"),
-                "outbox": device.outbox.size()}
+        correct = [a.mc == g for a, g in zip(answers, gold)]           # in the order they were served
+        return {"round": rnd, "domain": domain, "requests": len(ids), "correct": correct,
+                "online_mc": float(np.mean(correct)) if ids else float("nan"), "outbox": device.outbox.size()}
 
 
 def serve_round(device: DeviceRuntime, rnd: int) -> dict:
