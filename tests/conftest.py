@@ -27,8 +27,13 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _shipped_pair(monkeypatch):
-    """Every test starts serving the shipped pair; one that serves another (``use(DIR)``) is undone after it."""
+    """Every test starts serving the shipped pair, built from its record; one that serves another (``use(DIR)``,
+    or ``cdcca pretrain --set model.…``) is undone after it."""
+    from cdcca.model.spec import use_spec
+
     monkeypatch.delenv("CDCCA_WEIGHTS", raising=False)
+    yield
+    use_spec(None)
 
 
 @pytest.fixture(scope="session")

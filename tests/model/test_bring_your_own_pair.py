@@ -12,13 +12,7 @@ from tests.fixtures.tasks import PATTERNS, SHADES, write_task
 from typer.testing import CliRunner
 
 from cdcca.cli.main import app
-from cdcca.model.spec import PairSpec, RoleSpec, SpecError, use_spec
-
-
-@pytest.fixture(autouse=True)
-def served_spec_is_reset():
-    yield
-    use_spec(None)
+from cdcca.model.spec import PairSpec, RoleSpec, SpecError
 
 
 def run(*args: str, code: int = 0) -> str:
