@@ -91,6 +91,9 @@ class FleetSection:
     traffic: str = field(default="api", metadata=_help(
         "the ServerApp: api (each device's API fills its outbox) | stream (each device replays its simulated stream)"))
     min_uploads: int = field(default=0, metadata=_help("> 0: a round as soon as the devices' outboxes hold this many samples"))
+    early_round: int = field(default=0, metadata=_help(
+        "> 0 (with uts.shift_z > 0): a device that reports a shift gets an early round from its uploads after this "
+        "many requests of the new domain (simulated drivers serve in pieces of this size); 0: the round clock only"))
     round_every_s: float = field(default=0.0, metadata=_help(
         "> 0: a round at most this long after the last one began (if anything is queued)"))
     status_every_s: float = field(default=5.0, metadata=_help("how often the outboxes are asked while waiting for a trigger"))
@@ -107,8 +110,10 @@ class FleetSection:
     def __post_init__(self):
         if self.traffic not in TRAFFIC:
             raise ValueError(f"fleet.traffic must be one of {', '.join(TRAFFIC)}; got {self.traffic!r}")
-        if self.devices < 1 or min(self.rounds, self.min_uploads) < 0 or min(self.round_every_s, self.status_every_s) < 0:
-            raise ValueError("fleet.devices must be ≥ 1; fleet.rounds, min_uploads, round_every_s and status_every_s ≥ 0")
+        if self.devices < 1 or min(self.rounds, self.min_uploads, self.early_round) < 0 \
+                or min(self.round_every_s, self.status_every_s) < 0:
+            raise ValueError("fleet.devices must be ≥ 1; fleet.rounds, min_uploads, early_round, round_every_s and "
+                             "status_every_s ≥ 0")
 
     @property
     def triggered(self) -> bool:

@@ -71,8 +71,10 @@ class LocalFleet:
         devices answer and nothing moves (the never-updated reference)."""
         t0 = time.perf_counter()
         befores = {dev.device_id: dev.status() for dev in self.devices}
-        served = {dev.device_id: self.traffic[dev.device_id].serve(dev, rnd) for dev in self.devices}
         cloud_s: dict[str, float] = {}
+        early = self.cfg.fleet.early_round if not serve_only else 0
+        served = {dev.device_id: self._serve_reacting(dev, rnd, early, study, cloud_s) if early
+                  else self.traffic[dev.device_id].serve(dev, rnd) for dev in self.devices}
         downs = {dev.device_id: protocol.DownlinkMessage(acked=[]) for dev in self.devices}
         if not serve_only:
             ups = {dev.device_id: protocol.device_uplink(dev, rnd, served=served[dev.device_id]) for dev in self.devices}
@@ -96,9 +98,10 @@ class LocalFleet:
             row = {"round": rnd, "device": dev.device_id, "domain": served[dev.device_id]["domain"],
                    "online_mc": served[dev.device_id]["online_mc"], "correct": served[dev.device_id]["correct"],
                    "visit": slot.visit, "step": slot.step,
-                   "uploads": len(downs[dev.device_id].acked),
+                   "uploads": len(downs[dev.device_id].acked) + served[dev.device_id].get("early_uploads", 0),
                    "bytes_up": after["bytes_up"] - before["bytes_up"], "bytes_down": after["bytes_down"] - before["bytes_down"],
-                   "version": after["version"], "cloud_s": round(cloud_s.get(dev.device_id, 0.0), 2)}
+                   "version": after["version"], "cloud_s": round(cloud_s.get(dev.device_id, 0.0), 2),
+                   "early_rounds": served[dev.device_id].get("early_rounds", 0)}
             rows.append(row)
         wall = round(time.perf_counter() - t0, 2)
         for dev, row in zip(self.devices, rows):
@@ -109,6 +112,31 @@ class LocalFleet:
                 row["eval_s"] = round(time.perf_counter() - t_eval, 2)
         self.history += rows
         return rows
+
+    def _serve_reacting(self, dev: DeviceRuntime, rnd: int, piece: int, study: RoundStudy | None,
+                        cloud_s: dict[str, float]) -> dict:
+        """Serve round ``rnd`` ``piece`` requests at a time; when the device reports a shift, an early round from
+        its uploads so far (AKD → DWC → apply) before it serves the rest: the reacting policy, for one device."""
+        tokens, questions, gold, ids, domain = self.traffic[dev.device_id].chunk(rnd)
+        correct: list[bool] = []
+        early = uploads = 0
+        for s in range(0, len(ids), piece):
+            answers, _ = dev.answer_and_queue(tokens[s:s + piece], questions[s:s + piece], ids[s:s + piece],
+                                              per_request=True)
+            correct += [a.mc == g for a, g in zip(answers, gold[s:s + piece])]
+            if dev.shift_pending is not None and s + piece < len(ids) and dev.outbox.size():
+                timing: dict[str, float] = {}
+                up = protocol.device_uplink(dev, rnd)
+                downs = protocol.cloud_round(self.cloud, {dev.device_id: up}, timing=timing, study=study)
+                protocol.deliver(dev, self.cloud, rnd, downs[dev.device_id], self.links[dev.device_id])
+                cloud_s[dev.device_id] = cloud_s.get(dev.device_id, 0.0) + sum(timing.values())
+                self.acked += downs[dev.device_id].acked
+                uploads += len(downs[dev.device_id].acked)
+                dev.shift_pending = None
+                early += 1
+        return {"round": rnd, "domain": domain, "requests": len(ids), "correct": correct, "early_rounds": early,
+                "early_uploads": uploads,
+                "online_mc": sum(correct) / len(correct) if correct else float("nan"), "outbox": dev.outbox.size()}
 
     def close(self) -> None:
         for d in self.devices:

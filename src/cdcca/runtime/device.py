@@ -32,6 +32,7 @@ from cdcca.model.pair import role_model, role_prompter
 from cdcca.runtime.adapter_store import AdapterStore
 from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
+from cdcca.runtime.shift import ShiftDetector, ShiftReport
 from cdcca.trained_pair import adopt, recorded, run_answers
 from cdcca.uplink import UTSConfig, build_uplink, collect_token_stats, plan_uplink, sample_uncertainty, view_uncertainty
 from cdcca.wire import decode, require_plain_name
@@ -68,18 +69,32 @@ class RequestBudget:
     Until ``warmup`` requests have been seen, the UTS threshold rule decides."""
 
     def __init__(self, cfg: UTSConfig, round_size: int, window: int = 240, warmup: int = 24):
-        self.cfg, self.warmup = cfg, warmup
+        self.cfg, self.warmup, self.round_size = cfg, warmup, round_size
         self.share = min(1.0, cfg.budget / max(1, round_size)) if cfg.selection == "budget" else None
         self.history: deque[float] = deque(maxlen=window)
+        self.boosted = 0              # requests left that upload ``cfg.shift_boost`` times the share (after a shift)
+
+    def boost(self) -> None:
+        """A shift was reported: the next round's worth of requests upload a larger share."""
+        self.boosted = self.round_size
+
+    def for_round(self, n_requests: int) -> UTSConfig:
+        """The settings of a round served at once: the budget, ``shift_boost`` times it right after a shift."""
+        if self.boosted <= 0 or self.cfg.selection != "budget":
+            return self.cfg
+        self.boosted = max(0, self.boosted - n_requests)
+        return replace(self.cfg, budget=min(n_requests, round(self.cfg.budget * self.cfg.shift_boost)))
 
     def uts_for(self, uncertainties: list[float]) -> UTSConfig:
         """The settings that select this batch's uploads (the history includes the batch)."""
         self.history.extend(uncertainties)
         if self.share is None:
             return self.cfg
-        if self.share >= 1.0 or len(self.history) < self.warmup:
-            return replace(self.cfg, selection="threshold", threshold=0.0 if self.share >= 1.0 else self.cfg.threshold)
-        cut = float(np.quantile(np.asarray(self.history), 1.0 - self.share))
+        share = min(1.0, self.share * self.cfg.shift_boost) if self.boosted > 0 else self.share
+        self.boosted = max(0, self.boosted - len(uncertainties))
+        if share >= 1.0 or len(self.history) < self.warmup:
+            return replace(self.cfg, selection="threshold", threshold=0.0 if share >= 1.0 else self.cfg.threshold)
+        cut = float(np.quantile(np.asarray(self.history), 1.0 - share))
         return replace(self.cfg, selection="threshold", threshold=min(max(cut, 0.0), 1.0))
 
 
@@ -94,6 +109,8 @@ class DeviceRuntime:
         self._model = model
         self._encoder = None
         self._request_budget: RequestBudget | None = None
+        self.shift = ShiftDetector(z=self.uts.shift_z) if self.uts.shift_z > 0 else None
+        self.shift_pending: ShiftReport | None = None     # reported, no early round has answered it yet
         if model is not None:
             load_adapter_state(model, self.store.current()[1])
 
@@ -157,10 +174,12 @@ class DeviceRuntime:
             stats = collect_token_stats(tokens) if self.config.get("tiny") else None
             uncertainty = view_uncertainty(self.model, self._prompter(), tokens, questions, answers, stats=stats,
                                            keep_ratio=self.uts.keep_ratio, floor=self.uts.ood_floor)
-        elif per_request:
+        elif per_request or self.shift is not None:
             uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
-        if per_request:
-            uts = self.request_budget.uts_for(uncertainty)
+        if self.shift is not None and (report := self.shift.observe(uncertainty)) is not None:
+            self.shift_pending = report
+            self.request_budget.boost()
+        uts = self.request_budget.uts_for(uncertainty) if per_request else self.request_budget.for_round(len(questions))
         samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge, uncertainty=uncertainty)
         self.outbox.add_many(samples)
         return answers, {s.sample_id for s in samples}
@@ -254,7 +273,8 @@ class DeviceRuntime:
         st = self.outbox.stats()
         return {"device_id": self.device_id, "version": self.store.version, "hash": self.store.hash,
                 "versions": self.store.versions(), "outbox": st.pending + st.in_flight, "outbox_in_flight": st.in_flight,
-                "bytes_up": self.config["bytes_up"], "bytes_down": self.config["bytes_down"]}
+                "bytes_up": self.config["bytes_up"], "bytes_down": self.config["bytes_down"],
+                **({"shift": {"at": self.shift_pending.at, "z": self.shift_pending.z}} if self.shift_pending else {})}
 
     def close(self) -> None:
         self.outbox.close()

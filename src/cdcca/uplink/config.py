@@ -101,6 +101,13 @@ class UTSConfig:
     allow_image: bool = field(default=False, metadata={"help": (
         "Also upload each sample's PNG. Off by default: the raw image never leaves the device unless this is "
         "set explicitly.")})
+    shift_z: float = field(default=0.0, metadata={"help": (
+        "> 0: the device reports a shift when the mean uncertainty of its last 20 requests rises this many "
+        "standard errors over the requests before them (cdcca.runtime.shift; 5 fired on a +3σ jump within 20 "
+        "requests and never on 5 steady synthetic streams of 2,000), and uploads ``shift_boost`` times its share "
+        "for the next round's worth of requests; 0: off (the round clock alone). Not yet measured on real streams.")})
+    shift_boost: float = field(default=2.0, metadata={"help": (
+        "Upload share multiplier right after a reported shift (at most every request).")})
     skip_top: float = field(default=0.0, metadata={"help": (
         "Share of a round's requests, the most uncertain ones, that are never uploaded (0 = the paper's "
         "policy: upload the most uncertain). CEMA (ICLR 2024) skips the samples so uncertain that neither "
@@ -132,6 +139,8 @@ class UTSConfig:
         number("byte_budget", lambda v: v >= 0, "an integer ≥ 0", int)
         number("keep_ratio", lambda v: 0 < v <= 1, "in (0, 1]")
         number("skip_top", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("shift_z", lambda v: v >= 0, "a number ≥ 0 (0: no shift detection)")
+        number("shift_boost", lambda v: v >= 1, "a number ≥ 1")
         number("mc_dropout_passes", lambda v: v >= 2, "an integer ≥ 2", int)
         number("mc_dropout_p", lambda v: 0 < v < 1, "in (0, 1)")
         number("ood_floor", lambda v: v > 0, "a positive number")

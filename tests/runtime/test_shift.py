@@ -1,0 +1,68 @@
+"""The device notices a shift from its own uncertainty, and a reacting fleet answers it with an early round."""
+
+import numpy as np
+import pytest
+
+from cdcca.config import resolve
+from cdcca.fleet.local import LocalFleet
+from cdcca.runtime.shift import ShiftDetector, ShiftReport
+
+
+def _noise(n: int, mean: float, seed: int) -> list[float]:
+    return np.clip(np.random.default_rng(seed).normal(mean, 0.1, n), 0, 1).tolist()
+
+
+def test_the_detector_fires_on_a_jump_and_not_on_a_steady_stream():
+    steady = ShiftDetector()
+    assert steady.observe(_noise(2000, 0.2, 0)) is None and steady.served == 2000
+
+    jump = ShiftDetector()
+    assert jump.observe(_noise(300, 0.2, 1)) is None
+    report = jump.observe(_noise(200, 0.5, 2))               # the device's answers get less certain
+    assert report is not None and 300 < report.at <= 300 + jump.window and report.z > jump.z
+    assert jump.observe(_noise(400, 0.5, 3)) is None          # a lasting shift is reported once
+
+
+def test_a_drop_in_uncertainty_is_not_a_shift_and_bad_settings_are_refused():
+    assert ShiftDetector().observe(_noise(200, 0.5, 4) + _noise(200, 0.1, 5)) is None
+    with pytest.raises(ValueError, match="z > 0"):
+        ShiftDetector(z=0)
+
+
+class _FiresOnce:
+    """A detector that reports a shift on the first requests it sees (what a real one does on a new domain)."""
+
+    def __init__(self):
+        self.fired = False
+
+    def observe(self, uncertainties):
+        if self.fired:
+            return None
+        self.fired = True
+        return ShiftReport(at=len(uncertainties), z=9.9)
+
+
+def test_a_shift_report_triggers_an_early_round_before_the_rest_of_the_round_is_served(tmp_path):
+    cfg = resolve("tiny", sets=["fleet.early_round=4", "uts.shift_z=5"])
+    fleet = LocalFleet.setup(cfg, tmp_path)
+    dev = fleet.devices[0]
+    dev.shift = _FiresOnce()
+    try:
+        (row,) = fleet.run_round(0)
+    finally:
+        fleet.close()
+    assert row["early_rounds"] == 1 and row["version"] == 2        # the early update, then the round's own
+    assert row["uploads"] > 0 and len(row["correct"]) == 8 and dev.shift_pending is None
+
+
+def test_the_device_reports_a_shift_in_its_status_and_uploads_more_after_it(tmp_path):
+    cfg = resolve("tiny", sets=["uts.shift_z=5", "uts.budget=2", "uts.shift_boost=2"])
+    fleet = LocalFleet.setup(cfg, tmp_path)
+    dev = fleet.devices[0]
+    dev.shift = _FiresOnce()
+    try:
+        fleet.traffic[dev.device_id].serve(dev, 0)
+        assert dev.status()["shift"] == {"at": 8, "z": 9.9}
+        assert dev.outbox.size() == 4                                 # twice the budget of 2
+    finally:
+        fleet.close()
