@@ -33,7 +33,7 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
                force: bool, torch_device: str, aug_variants: int | None = None, spec: PairSpec | None = None) -> None:
     """The end-to-end recipe (bridge + LoRA through the LLM) for either role, unless its record is up to date."""
     spec = spec or PairSpec()
-    models = {"encoder": spec.encoder, **spec.role(role).__dict__} if spec != PairSpec() else {}
+    models = {"encoder": spec.encoder, **asdict(spec.role(role))} if spec != PairSpec() else {}   # shipped: none
     overrides = _given({"seed": seed, "batch_size": batch_size or 32, "data": task.split("train").key, "model": models},
                        steps=steps,
                        lr=lr, aug_share=aug_share, init=None if init is None else str(init), aug_variants=aug_variants,

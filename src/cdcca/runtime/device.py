@@ -179,7 +179,10 @@ class DeviceRuntime:
         if self.shift is not None and (report := self.shift.observe(uncertainty)) is not None:
             self.shift_pending = report
             self.request_budget.boost()
-        uts = self.request_budget.uts_for(uncertainty) if per_request else self.request_budget.for_round(len(questions))
+        if per_request:
+            uts = self.request_budget.uts_for(uncertainty)
+        elif self._request_budget is not None:          # a round at once: boosted right after a reported shift
+            uts = self._request_budget.for_round(len(questions))
         samples = plan_uplink(tokens, questions, answers, sample_ids, uts, bridge=self.model.bridge, uncertainty=uncertainty)
         self.outbox.add_many(samples)
         return answers, {s.sample_id for s in samples}
