@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cdcca.akd.config import LabelPhase
+from cdcca.akd.prefix import resample_queries
 from cdcca.akd.records import TeacherRecord
 from cdcca.model.mllm import MLLM
 
@@ -152,9 +153,7 @@ def visual_and_answer_hidden(fwd, text, batch: list[TeacherRecord]) -> tuple[tor
     rows = []
     for r in batch:
         q_t = r.prefix.shape[0] if r.prefix is not None else Q
-        visual = r.hidden[:q_t].float()
-        if q_t != Q:
-            visual = F.interpolate(visual.T[None], size=Q, mode="linear", align_corners=True)[0].T
+        visual = resample_queries(r.hidden[None, :q_t].float(), Q)[0]
         rows.append(torch.cat([visual, r.hidden[-1:].float()]))
     h_t = torch.stack(rows).to(h_s.device)
     return h_s, h_t, h_s.new_ones(B, Q + 1, 1, dtype=torch.float32)
