@@ -93,7 +93,8 @@ class FleetSection:
     min_uploads: int = field(default=0, metadata=_help("> 0: a round as soon as the devices' outboxes hold this many samples"))
     early_round: int = field(default=0, metadata=_help(
         "> 0 (with uts.shift_z > 0): a device that reports a shift gets an early round from its uploads after this "
-        "many requests of the new domain (simulated drivers serve in pieces of this size); 0: the round clock only"))
+        "many requests of the new domain (simulated drivers serve in pieces of this size; the ServerApp with a "
+        "time or uploads trigger starts a round as soon as a device reports a shift); 0: the round clock only"))
     round_every_s: float = field(default=0.0, metadata=_help(
         "> 0: a round at most this long after the last one began (if anything is queued)"))
     status_every_s: float = field(default=5.0, metadata=_help("how often the outboxes are asked while waiting for a trigger"))
@@ -117,7 +118,8 @@ class FleetSection:
 
     @property
     def triggered(self) -> bool:
-        """Rounds wait for a trigger (time or queued uploads) instead of following each other."""
+        """Rounds wait for a trigger (time or queued uploads; then also a device's shift report, with
+        ``early_round``) instead of following each other."""
         return self.round_every_s > 0 or self.min_uploads > 0
 
 

@@ -49,10 +49,11 @@ def test_a_shift_report_triggers_an_early_round_before_the_rest_of_the_round_is_
     dev.shift = _FiresOnce()
     try:
         (row,) = fleet.run_round(0)
+        assert dev.shift_pending is None                            # answered
     finally:
         fleet.close()
     assert row["early_rounds"] == 1 and row["version"] == 2        # the early update, then the round's own
-    assert row["uploads"] > 0 and len(row["correct"]) == 8 and dev.shift_pending is None
+    assert row["uploads"] > 0 and len(row["correct"]) == 8
 
 
 def test_the_device_reports_a_shift_in_its_status_and_uploads_more_after_it(tmp_path):
@@ -66,3 +67,29 @@ def test_the_device_reports_a_shift_in_its_status_and_uploads_more_after_it(tmp_
         assert dev.outbox.size() == 4                                 # twice the budget of 2
     finally:
         fleet.close()
+
+
+def test_a_shift_report_survives_in_the_outbox_for_the_queue_status_until_an_update_answers_it(tmp_path):
+    from cdcca.runtime.outbox import Outbox
+    from cdcca.runtime.queue_status import outbox_queue
+
+    box = Outbox(tmp_path / "outbox.sqlite")
+    assert box.shift() is None and outbox_queue(tmp_path)["shift_at"] == 0
+    box.report_shift(312, 6.5)
+    assert box.shift() == (312, 6.5) and outbox_queue(tmp_path)["shift_at"] == 312   # read-only, no torch
+    box.clear_shift()
+    assert outbox_queue(tmp_path)["shift_at"] == 0
+    box.close()
+
+
+def test_the_server_starts_a_round_when_a_device_reports_a_shift(tmp_path):
+    from cdcca.fleet.server import RoundTrigger
+
+    now = [0.0]
+    queue = iter([(3, 0), (5, 1)])                 # a few uploads, then a device reports a shift
+    trigger = RoundTrigger(resolve(sets=["fleet.min_uploads=64", "fleet.early_round=20"]), lambda: next(queue),
+                           tmp_path / "stop", sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert trigger.wait() == "shift" and now[0] == 5.0
+    plain = RoundTrigger(resolve(sets=["fleet.min_uploads=64"]), lambda: (5, 1), tmp_path / "stop",
+                         sleep=lambda s: (tmp_path / "stop").touch(), clock=lambda: now[0])
+    assert plain.wait() is None                    # early rounds off: a report alone starts nothing

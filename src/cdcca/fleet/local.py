@@ -132,7 +132,7 @@ class LocalFleet:
                 cloud_s[dev.device_id] = cloud_s.get(dev.device_id, 0.0) + sum(timing.values())
                 self.acked += downs[dev.device_id].acked
                 uploads += len(downs[dev.device_id].acked)
-                dev.shift_pending = None
+                dev.outbox.clear_shift()       # answered (by the update it just applied, or by nothing to learn)
                 early += 1
         return {"round": rnd, "domain": domain, "requests": len(ids), "correct": correct, "early_rounds": early,
                 "early_uploads": uploads,

@@ -75,9 +75,11 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, rea
 
 
 class RoundTrigger:
-    """When the next round starts: at once (no trigger set), or on time / queued uploads; None = stop."""
+    """When the next round starts: at once (no trigger set), or on time / queued uploads / a device's shift report
+    (``fleet.early_round`` > 0: a round as soon as a device that reported a shift has uploads); None = stop.
+    ``queued()``: the samples queued over the fleet, and how many devices report a shift (or just the samples)."""
 
-    def __init__(self, cfg: RunConfig, queued: Callable[[], int], stop: Path,
+    def __init__(self, cfg: RunConfig, queued: Callable[[], int | tuple[int, int]], stop: Path,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.queued, self.stop, self.sleep, self.clock = cfg, queued, stop, sleep, clock
         self.last_start = clock()
@@ -88,25 +90,28 @@ class RoundTrigger:
         if not self.cfg.fleet.triggered:
             return "next"
         while not self.stop.exists():
-            n = self.queued()
+            n, shifted = (q if isinstance(q := self.queued(), tuple) else (q, 0))
             enough = 0 < self.cfg.fleet.min_uploads <= n
             due = 0 < self.cfg.fleet.round_every_s <= self.clock() - self.last_start
-            if n > 0 and (enough or due):
+            shift = self.cfg.fleet.early_round > 0 and shifted > 0
+            if n > 0 and (enough or due or shift):
                 self.last_start = self.clock()
-                return "uploads" if enough else "time"
+                return "uploads" if enough else "shift" if shift else "time"
             self.sleep(self.cfg.fleet.status_every_s)
         return None
 
 
-def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> int:
-    """Samples waiting in every connected device's outbox (pending or in flight), from ``query.status``."""
+def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> tuple[int, int]:
+    """Samples waiting in every connected device's outbox (pending or in flight), and how many devices report a
+    shift no update has answered yet, from ``query.status``."""
     msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
-    total = 0
+    total = shifted = 0
     for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s)):
         if usable(msg, reply, "queue"):
             q = _dict(reply.content["queue"])
             total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
-    return total
+            shifted += int(q.get("shift_at", 0)) > 0
+    return total, shifted
 
 
 def open_cloud(cfg: RunConfig):

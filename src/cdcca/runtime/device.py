@@ -110,7 +110,6 @@ class DeviceRuntime:
         self._encoder = None
         self._request_budget: RequestBudget | None = None
         self.shift = ShiftDetector(z=self.uts.shift_z) if self.uts.shift_z > 0 else None
-        self.shift_pending: ShiftReport | None = None     # reported, no early round has answered it yet
         if model is not None:
             load_adapter_state(model, self.store.current()[1])
 
@@ -177,7 +176,7 @@ class DeviceRuntime:
         elif per_request or self.shift is not None:
             uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
         if self.shift is not None and (report := self.shift.observe(uncertainty)) is not None:
-            self.shift_pending = report
+            self.outbox.report_shift(report.at, report.z)      # in the queue status the cloud polls, until an update
             self.request_budget.boost()
         if per_request:
             uts = self.request_budget.uts_for(uncertainty)
@@ -264,6 +263,7 @@ class DeviceRuntime:
         if report.get("status") != "already_applied":
             self.config["bytes_down"] += len(packet)
             self._save_config()
+            self.outbox.clear_shift()          # an update answered the shift the device reported
         return report
 
     def rollback(self, version: int) -> dict:
@@ -278,6 +278,12 @@ class DeviceRuntime:
                 "versions": self.store.versions(), "outbox": st.pending + st.in_flight, "outbox_in_flight": st.in_flight,
                 "bytes_up": self.config["bytes_up"], "bytes_down": self.config["bytes_down"],
                 **({"shift": {"at": self.shift_pending.at, "z": self.shift_pending.z}} if self.shift_pending else {})}
+
+    @property
+    def shift_pending(self) -> ShiftReport | None:
+        """The shift this device reported that no applied update has answered yet."""
+        row = self.outbox.shift()
+        return None if row is None else ShiftReport(*row)
 
     def close(self) -> None:
         self.outbox.close()

@@ -56,6 +56,9 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_packet ON samples(packet_id);
 """
+# a shift the device reported and no update has answered yet (one row at most); added beside schema 1, which
+# an older cdcca reads unchanged
+_SHIFT_TABLE = "CREATE TABLE IF NOT EXISTS shift (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL, z REAL NOT NULL)"
 
 
 class OutboxError(RuntimeError):
@@ -93,6 +96,7 @@ class Outbox:
                     for stmt in filter(str.strip, _SCHEMA.split(";")):
                         self._db.execute(stmt)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute(_SHIFT_TABLE)
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(samples)")}
             if not {"sample_id", "tokens", "tokens_dtype", "tokens_shape", "packet_id"} <= cols:
                 raise OutboxError(f"outbox {self.path} has a foreign 'samples' table; move the file aside")
@@ -182,6 +186,17 @@ class Outbox:
             sql += " AND sent_at < ?"
             args.append(time.time() - float(older_than_s))
         return self._run(lambda db: db.execute(sql, args).rowcount)
+
+    def report_shift(self, at: int, z: float) -> None:
+        """Record a detected shift (after ``at`` served requests, ``z`` standard errors) until an update answers it."""
+        self._run(lambda db: db.execute("INSERT OR REPLACE INTO shift (id, at, z) VALUES (1, ?, ?)", (int(at), float(z))))
+
+    def shift(self) -> tuple[int, float] | None:
+        """The shift reported and not yet answered: (at, z), or None."""
+        return self._run(lambda db: db.execute("SELECT at, z FROM shift").fetchone())
+
+    def clear_shift(self) -> None:
+        self._run(lambda db: db.execute("DELETE FROM shift"))
 
     def size(self) -> int:
         """Samples not yet acknowledged (pending + in flight)."""

@@ -32,8 +32,11 @@ def outbox_ids(state_dir: str | Path) -> set[str]:
 
 
 def outbox_queue(state_dir: str | Path) -> dict[str, int]:
-    """``{"pending": n, "in_flight": m}`` for the device state in ``state_dir`` (zeros before its first request)."""
+    """``{"pending": n, "in_flight": m, "shift_at": k}`` for the device state in ``state_dir`` (zeros before its
+    first request); ``shift_at`` > 0: the device reported a shift after k requests that no update has answered."""
     rows = _read(state_dir, "SELECT COALESCE(SUM(packet_id IS NULL), 0), COALESCE(SUM(packet_id IS NOT NULL), 0) "
                             "FROM samples")
     pending, in_flight = rows[0] if rows else (0, 0)
-    return {"pending": int(pending), "in_flight": int(in_flight)}
+    has_shift = _read(state_dir, "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='shift'")
+    shift = _read(state_dir, "SELECT at FROM shift") if has_shift and has_shift[0][0] else []
+    return {"pending": int(pending), "in_flight": int(in_flight), "shift_at": int(shift[0][0]) if shift else 0}
