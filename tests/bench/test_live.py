@@ -128,3 +128,21 @@ def test_a_supernode_then_the_cloud_killed_mid_round_under_traffic_lose_nothing(
         assert all(d["in_sync"] for d in second.rounds()[-1]["devices"].values())
     finally:
         deploy.down(state)
+
+
+def test_each_domain_reports_its_first_window_gain_and_the_requests_to_half_of_it():
+    """Two domains, two windows each, 4 requests a window (two devices): the first window of pixelate gains
+    nothing and its second +50 (half reached after the first window's 4 requests); jpeg gains at once."""
+    from cdcca.bench.live import domain_recovery
+
+    live, ref = [], {}
+    for i, (w, domain, right, base) in enumerate([(0, "pixelate:5", r, r) for r in (1, 0, 1, 0)]
+                                                 + [(1, "pixelate:5", r, 0) for r in (1, 1, 0, 0)]
+                                                 + [(2, "jpeg:5", r, 0) for r in (1, 1, 1, 0)]
+                                                 + [(3, "jpeg:5", r, 0) for r in (1, 1, 1, 0)]):
+        live.append({"device": i % 2, "index": i, "window": w, "domain": domain, "ok": True, "answer": "a",
+                     "gold": "a" if right else "b"})
+        ref[(i % 2, i)] = {"ok": True, "answer": "a", "gold": "a" if base else "b"}
+    out = domain_recovery(live, ref)
+    assert out["pixelate:5"] == {"first_window_gain": 0.0, "requests_to_half": 4.0}
+    assert out["jpeg:5"] == {"first_window_gain": 0.75, "requests_to_half": 0.0}

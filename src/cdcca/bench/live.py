@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cdcca.config import RunConfig, apply, flatten
-from cdcca.data.scenario import scenario_chunks
+from cdcca.data.scenario import after_shift, scenario_chunks
 from cdcca.data.stream import domain_images, resolve_sequence
 from cdcca.fleet import deploy
 from cdcca.fleet.devices import init_devices, start_apis
@@ -222,7 +222,31 @@ def summarize(cfg: RunConfig, spec: deploy.FleetSpec, live: list[dict], referenc
         "rounds_completed": len(rounds), "round_triggers": [r.get("trigger") for r in rounds],
         "run_status": runner.result.status if runner.result else runner.error,
         **upload_accounting(spec, ok, rounds), **bytes_moved(spec), "windows": list(windows.values()),
+        "domains": domain_recovery(live, ref),
     }
+
+
+def domain_recovery(live: list[dict], ref: dict) -> dict[str, dict]:
+    """Per domain, how soon clients saw the gain: its first window's online MC minus the never-updated device's
+    on the same requests (``first_window_gain``), and the requests served until a window first gains half of
+    what the domain's last window gains (``requests_to_half``; windows are the resolution)."""
+    rows, visit_start = [], {}
+    for r in sorted((r for r in live if r["ok"] and ref.get((r["device"], r["index"]), {}).get("ok")),
+                    key=lambda r: (r["window"], r["index"])):
+        if not rows or rows[-1]["window"] != r["window"]:
+            visit_start.setdefault(r["domain"], r["window"])
+            rows.append({"round": len(rows), "window": r["window"], "domain": r["domain"],
+                         "step": r["window"] - visit_start[r["domain"]], "correct": [], "reference": []})
+        rows[-1]["correct"].append(r["answer"] == r["gold"])
+        other = ref[(r["device"], r["index"])]
+        rows[-1]["reference"].append(other["answer"] == other["gold"])
+    out = {}
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        mine = [r for r in rows if r["domain"] == domain]
+        first = mine[0]
+        out[domain] = {"first_window_gain": round(float(np.mean(first["correct"]) - np.mean(first["reference"])), 4),
+                       "requests_to_half": (after_shift(mine, reference="reference") or {}).get("requests_to_half")}
+    return out
 
 
 def window_rows(cfg: RunConfig, live: list[dict], ref: dict) -> dict[int, dict]:

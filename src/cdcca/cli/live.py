@@ -63,6 +63,10 @@ def _print_windows(result: dict) -> None:
     console.print(f"online {_pc(result['online_mc'])} vs source-only {_pc(result['source_only_online_mc'])}; "
                   f"{result['rounds_completed']} rounds; failed {result['failed_requests']}, "
                   f"lost {result['lost_uploads']}, duplicated {result['duplicated_uploads']}")
+    for domain, d in (result.get("domains") or {}).items():
+        half = d["requests_to_half"]
+        console.print(f"{domain}: first window {100 * d['first_window_gain']:+.1f} points over the never-updated device; "
+                      + ("no gain to reach half of" if half is None else f"half the gain after {half:.0f} requests"))
 
 
 def _pc(x: float | None) -> str:
