@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from cdcca.assets import SHIPPED_WEIGHTS, AssetError
 from cdcca.atomic import write_json
 from cdcca.cli.common import console, fail
+from cdcca.config import RunConfig, apply, parse_sets
 from cdcca.data.features import augmented_cache_path, augmented_features, cached_features, feature_cache_path
 from cdcca.data.task import Task, TaskError
 from cdcca.model.pair import build_model, pretrain_record, weights_file
@@ -57,8 +58,6 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
 def spec_of(out: Path, sets: list[str] | None) -> PairSpec:
     """The pair's models: what ``out`` already records (a new directory: the defaults), with ``--set model.*`` on
     top; built from from now on in this process. Any other --set is refused (pretraining takes its own options)."""
-    from cdcca.config import RunConfig, apply, parse_sets
-
     try:
         settings = parse_sets(sets or [])
         other = sorted(k for k in settings if not k.startswith("model.") or k.split(".")[1] in ("tiny", "weights"))
