@@ -28,12 +28,13 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _shipped_pair(monkeypatch):
     """Every test starts serving the shipped pair, built from its record; one that serves another (``use(DIR)``,
-    or ``cdcca pretrain --set model.…``) is undone after it."""
+    or ``cdcca pretrain --set model.…``, or ``--weights``) is undone after it."""
     from cdcca.model.spec import use_spec
 
     monkeypatch.delenv("CDCCA_WEIGHTS", raising=False)
     yield
     use_spec(None)
+    os.environ.pop("CDCCA_WEIGHTS", None)      # a command's --weights sets it; a module-scoped fixture must not see it
 
 
 @pytest.fixture(scope="session")

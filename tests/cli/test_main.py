@@ -61,7 +61,8 @@ def test_pretrain_help_states_each_recipes_own_defaults():
     def sci(x: float) -> str:
         return f"{x:.0e}".replace("e-0", "e-")        # 0.0003 → 3e-4, as the help writes it
 
-    helps = {name: p.default.help for name, p in inspect.signature(pretrain).parameters.items()}
+    helps = {name: p.default.help for name, p in inspect.signature(pretrain).parameters.items()
+             if p.default is not None}                   # --set carries its help in its annotation
     targets = ConsistencyConfig.for_targets("key")
     assert f"end-to-end {sci(PretrainConfig().lr)}, consistency {sci(ConsistencyConfig().lr)}, targets {sci(targets.lr)}, " \
            f"readout {sci(ReadoutConfig().lr)}" in helps["lr"]

@@ -18,7 +18,7 @@ TOKEN_DIM = 32
 def cloud_file(tmp_path):
     """A cloud.safetensors with a random bridge and one stand-in LLM adapter tensor."""
     torch.manual_seed(0)
-    bridge = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_head=2, n_layer=1, d_lm=48))
+    bridge = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_layer=1, d_lm=48))
     state = {f"bridge.{k}": v.half() for k, v in bridge.state_dict().items()}
     state["lm.layers.0.input_layernorm.weight"] = torch.ones(8).half()
     path = tmp_path / "init" / "cloud.safetensors"
@@ -34,19 +34,11 @@ def views(n=24):
     return clean, [corrupted]
 
 
-@pytest.fixture(autouse=True)
-def small_bridge(monkeypatch):
-    import cdcca.recipes.consistency as consistency
-
-    monkeypatch.setattr(consistency, "BridgeConfig", lambda **kw: BridgeConfig(**kw, n_query=4, d_bridge=32, n_head=2,
-                                                                          n_layer=1, d_lm=48))
-
-
 def test_consistency_training_pulls_corrupted_views_to_the_clean_prefix_and_keeps_the_llm(tmp_path):
     init = cloud_file(tmp_path)
     clean, corrupted = views()
     cfg = ConsistencyConfig(steps=60, batch_size=8, lr=3e-3, checkpoint_every=1000)
-    before = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_head=2, n_layer=1, d_lm=48)).eval()
+    before = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_layer=1, d_lm=48)).eval()
     before.load_state_dict(bridge_state(load_file(str(init))))
     keep = torch.ones(8, 49, dtype=torch.bool)
     with torch.no_grad():
@@ -54,7 +46,7 @@ def test_consistency_training_pulls_corrupted_views_to_the_clean_prefix_and_keep
         gap_before = consistency_loss(before, target, corrupted[0][:8].float(), keep, clean[:8].float(), 0.0)["corrupted"]
     record = train_consistency(init, cfg, tmp_path / "out", clean, corrupted, log=lambda *_: None)
     out = tmp_path / "out" / "cloud.safetensors"
-    after = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_head=2, n_layer=1, d_lm=48)).eval()
+    after = Bridge(BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_layer=1, d_lm=48)).eval()
     trained = load_file(str(out))
     after.load_state_dict(bridge_state(trained))
     with torch.no_grad():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.recipes.test_consistency import TOKEN_DIM, cloud_file, small_bridge, views  # noqa: F401  (small_bridge is a fixture)
+from tests.recipes.test_consistency import TOKEN_DIM, cloud_file, views
 
 from cdcca.model.bridge import Bridge, BridgeConfig
 from cdcca.model.mllm import answer_loss
@@ -73,7 +73,7 @@ def test_targets_are_read_back_only_under_the_same_key(tmp_path):
 def test_the_bridge_moves_towards_the_targets_of_their_images(tmp_path):
     init = cloud_file(tmp_path)
     clean, corrupted = views()
-    cfg = BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_head=2, n_layer=1, d_lm=48)
+    cfg = BridgeConfig(token_dim=TOKEN_DIM, n_query=4, d_bridge=32, n_layer=1, d_lm=48)
     start = Bridge(cfg).eval()
     start.load_state_dict(bridge_state(load_file(str(init))))
     images = np.array([0, 1, 2, 3])

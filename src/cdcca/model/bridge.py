@@ -31,7 +31,8 @@ class BridgeConfig:
     @classmethod
     def of_state(cls, state: dict[str, torch.Tensor]) -> BridgeConfig:
         """The shapes of a saved bridge (its ``Bridge.state_dict()``): tokens, widths, queries and blocks, so a
-        bridge of any pair loads without knowing which LLM it feeds."""
+        bridge of any pair loads without knowing which LLM it feeds. The head count leaves no trace in the shapes:
+        every pair keeps the default."""
         n_layer = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         return cls(n_query=state["queries"].shape[1], d_bridge=state["queries"].shape[2], n_layer=n_layer,
                    token_dim=state["token_norm.weight"].shape[0], n_tokens=state["pos"].shape[1],

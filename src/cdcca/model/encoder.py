@@ -47,10 +47,14 @@ class EncoderShape:
         return f"{self.n_tokens}x{self.token_dim}"
 
 
-@lru_cache(maxsize=8)
 def encoder_shape(name: str | None = None) -> EncoderShape:
-    """The token shape of an encoder (None: the served pair's), read from its name or config, no weights loaded."""
-    name = name or served_spec().encoder
+    """The token shape of an encoder (None: the served pair's, looked up on every call since the served pair
+    can change), read from its name or config, no weights loaded."""
+    return _shape_of(name or served_spec().encoder)
+
+
+@lru_cache(maxsize=8)
+def _shape_of(name: str) -> EncoderShape:
     if name in PACKAGED_SHAPES:
         size, grid, width = PACKAGED_SHAPES[name]
         return EncoderShape(grid * grid, width, size)

@@ -15,17 +15,18 @@ from cdcca.data.task import Task
 from cdcca.model.answer import answer_batch, mc_predict
 from cdcca.model.mllm import MLLM
 from cdcca.model.prompt import Prompter, normalize_answer
+from cdcca.model.spec import served_spec
 from cdcca.trained_pair import active
 
 
 def test_tokens(domain: Domain, seed: int = 0) -> torch.Tensor:
     """Visual tokens of all the served pair's test images under ``domain`` (cached on disk, and in memory so
     per-round evaluation does not re-read 125 MB per domain). Callers index it; never modify it in place."""
-    return _test_tokens(active().task, domain, seed)
+    return _test_tokens(active().task, domain, seed, served_spec().encoder)
 
 
 @lru_cache(maxsize=8)
-def _test_tokens(task: Task, domain: Domain, seed: int) -> torch.Tensor:
+def _test_tokens(task: Task, domain: Domain, seed: int, encoder: str) -> torch.Tensor:   # encoder: part of the key
     return cached_features(task.split("test"), domain.corruption, domain.severity, seed)
 
 
@@ -35,7 +36,7 @@ _DOMAIN_TOKENS: dict[tuple, torch.Tensor] = {}
 def domain_tokens(domain: Domain, data: VQASet) -> torch.Tensor:
     """Per-image tokens of a stream's data under ``domain`` (rows of other sources are zeros): the
     built-in domains' cached easy-VQA tokens, or a file domain's own images (cached by content)."""
-    key = (str(domain), active().root, len(data.images), tuple(sorted(data.sources.items())))
+    key = (str(domain), active().root, served_spec().encoder, len(data.images), tuple(sorted(data.sources.items())))
     if key in _DOMAIN_TOKENS:
         return _DOMAIN_TOKENS[key]
     if domain.path is None:
