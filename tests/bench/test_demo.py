@@ -53,3 +53,18 @@ def test_the_live_table_fits_80_columns_with_whole_headers_and_file_stems(device
     assert "night-shift " in text and "/data/users" not in text
     for header in ("online", "src-only", "heldout", "clean", "KiB up", "KiB dn"):
         assert header in text
+
+
+def test_a_teacher_behind_the_device_is_named_before_the_stream_starts():
+    from rich.console import Console
+
+    from cdcca.bench.demo import warn_weak_teacher
+    from cdcca.data.stream import Domain
+
+    domains = [Domain("pixelate", 5), Domain("jpeg", 5)]
+    device = {"pixelate:5": 0.80, "jpeg:5": 0.74, "clean:0": 1.0}
+    for teacher, warned in [({"pixelate:5": 0.70, "jpeg:5": 0.77}, True), ({"pixelate:5": 0.92, "jpeg:5": 0.90}, False)]:
+        console = Console(record=True, width=200)
+        warn_weak_teacher(teacher, device, domains, console)
+        text = console.export_text()
+        assert ("3.5 points behind the device" in text) == warned, text

@@ -29,6 +29,26 @@ def test_a_drop_in_uncertainty_is_not_a_shift_and_bad_settings_are_refused():
         ShiftDetector(z=0)
 
 
+def _pooled_tokens(n: int, offset: float, seed: int, width: int = 64) -> np.ndarray:
+    """Pooled visual tokens of ``n`` images: a few shared factors (images differ in content) plus noise;
+    ``offset`` moves the mean along a fixed direction, as a corruption moves the image statistics."""
+    rng = np.random.default_rng(seed)
+    mixing = np.random.default_rng(99).normal(size=(4, width))
+    direction = np.random.default_rng(98).normal(size=width)
+    return rng.normal(size=(n, 4)) @ mixing + 0.3 * rng.normal(size=(n, width)) + offset * direction
+
+
+def test_the_token_signal_fires_on_a_move_either_way_and_not_on_a_steady_stream():
+    steady = ShiftDetector(z=8)
+    assert steady.observe(_pooled_tokens(2000, 0.0, 0)) is None
+    for offset in (0.5, -0.5):                       # brighter or darker: a shift whichever way the tokens move
+        jump = ShiftDetector(z=8)
+        assert jump.observe(_pooled_tokens(300, 0.0, 1)) is None
+        report = jump.observe(_pooled_tokens(200, offset, 2))
+        assert report is not None and 300 < report.at <= 300 + jump.window, (offset, report)
+        assert jump.observe(_pooled_tokens(400, offset, 3)) is None     # reported once
+
+
 class _FiresOnce:
     """A detector that reports a shift on the first requests it sees (what a real one does on a new domain)."""
 

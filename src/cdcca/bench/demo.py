@@ -34,11 +34,11 @@ from cdcca.model.pair import load_pretrained, pretrain_record, role_prompter
 from cdcca.trained_pair import active, run_stream
 
 
-def _heldout_evaluator():
+def _heldout_evaluator(role: str = "device"):
     """A function (model, domains, n) → held-out MC per domain on the stream's data (the pair's test images
-    and any JSONL files among the domains), over the pair's answers."""
+    and any JSONL files among the domains), over the pair's answers, in ``role``'s own tokenizer."""
 
-    prompter = role_prompter("device", active().answers)
+    prompter = role_prompter(role, active().answers)
 
     def evaluate(model, domains, n):
         return heldout_mc(model, prompter, run_stream(domains), domains, n)
@@ -67,7 +67,7 @@ def _teacher_reference(domains: list[Domain], n: int) -> dict[str, float]:
     """The cloud teacher's own held-out MC per domain."""
 
     return _cached_reference("cloud", f"teacher {[str(d) for d in domains]} n={n}", domains,
-                             lambda: _heldout_evaluator()(load_pretrained("cloud"), domains, n))
+                             lambda: _heldout_evaluator("cloud")(load_pretrained("cloud"), domains, n))
 
 
 def _oracle_reference(cfg: RunConfig) -> dict[str, float]:
@@ -190,6 +190,7 @@ def _references(cfg: RunConfig, fleet: LocalFleet, domains: list[Domain],
                                     domains, lambda: {"rounds": _source_only_online(cfg, first)})["rounds"]
     console.print("cloud teacher: its own held-out accuracy (cached per weights) …")
     teacher = _teacher_reference(domains + [clean], n_last)
+    warn_weak_teacher(teacher, base, domains, console)
     last = len(slots) - 1
 
     def evaluate(dev, rnd: int):
@@ -205,6 +206,16 @@ def _references(cfg: RunConfig, fleet: LocalFleet, domains: list[Domain],
                 "heldout_mc": float(np.mean([acc[str(d)] for d in domains])), "source_mc": acc["clean"]}
 
     return evaluate, {"source_only": base, "online": online_base, "teacher": teacher}
+
+
+def warn_weak_teacher(teacher: dict, device: dict, domains: list[Domain], console: Console) -> None:
+    """Say so when the cloud teacher is no better than the device where the stream goes: every update
+    would then pull the device towards a weaker model (a cloud trained too briefly, or on other shifts)."""
+    lead = float(np.mean([teacher[str(d)] - device[str(d)] for d in domains]))
+    if lead <= 0:
+        console.print(f"[yellow]warning: the cloud teacher is {-100 * lead:.1f} points behind the device on held-out "
+                      "questions of the stream's domains: updates will follow a weaker model; train the cloud "
+                      "further (docs/MODELS.md)[/yellow]")
 
 
 def leaves_domain(slots: list[Slot], rnd: int) -> bool:

@@ -173,9 +173,10 @@ class DeviceRuntime:
             stats = collect_token_stats(tokens) if self.config.get("tiny") else None
             uncertainty = view_uncertainty(self.model, self._prompter(), tokens, questions, answers, stats=stats,
                                            keep_ratio=self.uts.keep_ratio, floor=self.uts.ood_floor)
-        elif per_request or self.shift is not None:
+        elif per_request or (self.shift is not None and self.uts.shift_signal == "uncertainty"):
             uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
-        if self.shift is not None and (report := self.shift.observe(uncertainty)) is not None:
+        signal = tokens.float().mean(1).cpu().numpy() if self.uts.shift_signal == "tokens" else uncertainty
+        if self.shift is not None and (report := self.shift.observe(signal)) is not None:
             self.outbox.report_shift(report.at, report.z)      # in the queue status the cloud polls, until an update
             self.request_budget.boost()
         if per_request:

@@ -20,6 +20,7 @@ TOKEN_BASIS_PATH = TOKEN_STATS_PATH.with_name("token_basis.safetensors")
 PCA_CODE = re.compile(r"pca([1-9][0-9]{0,3})-(int8|int4|ec)")   # a basis code's name: components, then values
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+SHIFT_SIGNALS = ("tokens", "uncertainty")     # what cdcca.runtime.shift can watch
 SAMPLE_SCORER_NAMES = ("confidence", "entropy", "margin", "mc_disagreement", "mc_entropy", "view_consistency")
 SELECTIONS = ("threshold", "budget", "bytes")
 TOKEN_SCORER_NAMES = ("ood", "mc_dropout", "energy", "random")
@@ -102,10 +103,12 @@ class UTSConfig:
         "Also upload each sample's PNG. Off by default: the raw image never leaves the device unless this is "
         "set explicitly.")})
     shift_z: float = field(default=0.0, metadata={"help": (
-        "> 0: the device reports a shift when the mean uncertainty of its last 20 requests rises this many "
-        "standard errors over the requests before them (cdcca.runtime.shift; 5 fired on a +3σ jump within 20 "
-        "requests and never on 5 steady synthetic streams of 2,000), and uploads ``shift_boost`` times its share "
-        "for the next round's worth of requests; 0: off (the round clock alone). Not yet measured on real streams.")})
+        "> 0: the device reports a shift when the last 20 requests' ``shift_signal`` moves this many standard "
+        "errors from the requests before them (cdcca.runtime.shift), and uploads ``shift_boost`` times its share "
+        "for the next round's worth of requests; 0: off (the round clock alone).")})
+    shift_signal: str = field(default="tokens", metadata={"help": (
+        "What the shift detector watches: ``tokens`` (each request's pooled visual tokens; any move of the "
+        "image statistics) or ``uncertainty`` (the UTS sample score; a rise only).")})
     shift_boost: float = field(default=2.0, metadata={"help": (
         "Upload share multiplier right after a reported shift (at most every request).")})
     skip_top: float = field(default=0.0, metadata={"help": (
@@ -126,6 +129,7 @@ class UTSConfig:
                 raise ValueError(f"UTSConfig.{name} must be {rule}; got {value!r}")
 
         choice("sample_scorer", SAMPLE_SCORER_NAMES)
+        choice("shift_signal", SHIFT_SIGNALS)
         choice("selection", SELECTIONS)
         choice("token_scorer", TOKEN_SCORER_NAMES)
         choice("direction", DIRECTIONS)
