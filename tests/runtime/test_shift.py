@@ -49,6 +49,14 @@ def test_the_token_signal_fires_on_a_move_either_way_and_not_on_a_steady_stream(
         assert jump.observe(_pooled_tokens(400, offset, 3)) is None     # reported once
 
 
+def test_seeded_with_clean_source_images_the_first_shift_of_a_stream_counts_too():
+    source = _pooled_tokens(160, 0.0, 4)
+    shifted = ShiftDetector.seeded(source, z=8)
+    report = shifted.observe(_pooled_tokens(40, 0.5, 5))          # the stream starts shifted
+    assert report is not None and report.at <= shifted.window
+    assert ShiftDetector.seeded(source, z=8).observe(_pooled_tokens(400, 0.0, 6)) is None
+
+
 class _FiresOnce:
     """A detector that reports a shift on the first requests it sees (what a real one does on a new domain)."""
 

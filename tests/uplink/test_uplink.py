@@ -165,13 +165,17 @@ def test_shipped_token_stats_are_per_position_source_statistics():
         pytest.skip("token statistics not built")
     stats = TokenStats.load(TOKEN_STATS_PATH)
     assert stats.shape == (49, 1280) and stats.n == 4000 and (stats.var >= 0).all()
-    assert TOKEN_STATS_PATH.stat().st_size < 300_000
+    assert stats.pooled.shape == (160, 1280)           # clean images the shift detector starts from
+    assert TOKEN_STATS_PATH.stat().st_size < 700_000
 
 
 def test_token_stats_round_trip_through_safetensors(tmp_path):
     stats = _stats(49, 8)
     back = TokenStats.load(stats.save(tmp_path / "s.safetensors"))
     assert back.n == 64 and torch.allclose(back.mean, stats.mean, atol=1e-3) and torch.allclose(back.var, stats.var, rtol=1e-3)
+    assert back.pooled.shape == (64, 8) and torch.allclose(back.pooled, stats.pooled, atol=1e-3)
+    older = TokenStats(stats.mean, stats.var, 64)                  # written before the pooled images were kept
+    assert TokenStats.load(older.save(tmp_path / "old.safetensors")).pooled is None
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a token-statistics file"):
         TokenStats.load(tmp_path / "bad.safetensors")

@@ -34,7 +34,15 @@ from cdcca.runtime.outbox import Outbox
 from cdcca.runtime.queue_status import OUTBOX_FILE
 from cdcca.runtime.shift import ShiftDetector, ShiftReport
 from cdcca.trained_pair import adopt, recorded, run_answers
-from cdcca.uplink import UTSConfig, build_uplink, collect_token_stats, plan_uplink, sample_uncertainty, view_uncertainty
+from cdcca.uplink import (
+    UTSConfig,
+    build_uplink,
+    collect_token_stats,
+    default_token_stats,
+    plan_uplink,
+    sample_uncertainty,
+    view_uncertainty,
+)
 from cdcca.wire import decode, require_plain_name
 
 CONFIG = "device.json"
@@ -109,9 +117,19 @@ class DeviceRuntime:
         self._model = model
         self._encoder = None
         self._request_budget: RequestBudget | None = None
-        self.shift = ShiftDetector(z=self.uts.shift_z) if self.uts.shift_z > 0 else None
+        self.shift = self._shift_detector() if self.uts.shift_z > 0 else None
         if model is not None:
             load_adapter_state(model, self.store.current()[1])
+
+    def _shift_detector(self) -> ShiftDetector:
+        """Watching the tokens of a real pair, the detector starts from the pair's clean source images (so the
+        first shift counts too); tiny models and older statistics without them start from the stream itself."""
+        pooled = None
+        if self.uts.shift_signal == "tokens" and not self.config.get("tiny"):
+            pooled = default_token_stats().pooled
+        if pooled is None:
+            return ShiftDetector(z=self.uts.shift_z)
+        return ShiftDetector.seeded(pooled.numpy(), z=self.uts.shift_z)
 
     @property
     def model(self) -> MLLM:

@@ -47,6 +47,15 @@ class ShiftDetector:
     last: ShiftReport | None = None
     _values: deque = field(default_factory=deque, repr=False)
 
+    @classmethod
+    def seeded(cls, source, **settings) -> ShiftDetector:
+        """A detector whose first baseline is ``source`` (pooled tokens of clean source images, from the pair's
+        token statistics): the stream's very first shift, away from the data the pair trained on, is then
+        detected too, not only the shifts after the device has served a baseline of its own."""
+        detector = cls(**settings)
+        detector._values.extend(np.asarray(source, dtype=np.float64)[-detector.baseline:])
+        return detector
+
     def __post_init__(self):
         if self.z <= 0 or self.window < 2 or self.min_baseline < 2 or self.baseline < self.min_baseline \
                 or self.components < 1:

@@ -31,6 +31,7 @@ class TokenStats:
     mean: torch.Tensor
     var: torch.Tensor
     n: int = 0
+    pooled: torch.Tensor | None = None     # (K, C) pooled tokens of K source images: the shift detector's first baseline
 
     def __post_init__(self):
         self.mean, self.var = self.mean.float(), self.var.float()
@@ -39,6 +40,9 @@ class TokenStats:
                              f"{tuple(self.mean.shape)} and {tuple(self.var.shape)}")
         if not (torch.isfinite(self.mean).all() and torch.isfinite(self.var).all()) or (self.var < 0).any():
             raise ValueError("TokenStats mean/var must be finite and var ≥ 0")
+        if self.pooled is not None and (self.pooled.ndim != 2 or self.pooled.shape[1] != self.mean.shape[1]
+                                        or not torch.isfinite(self.pooled).all()):
+            raise ValueError(f"TokenStats pooled must be finite (K, {self.mean.shape[1]}); got {tuple(self.pooled.shape)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -48,31 +52,40 @@ class TokenStats:
         """Write as fp16 safetensors (~250 KB for 49 × 1280), atomically."""
 
         path = Path(path)
-        write_safetensors(path, {"mean": self.mean.half(), "var": self.var.half()},
-                          metadata={"format": "cdcca.token_stats/1", "n": str(int(self.n))})
+        tensors = {"mean": self.mean.half(), "var": self.var.half()}
+        if self.pooled is not None:
+            tensors["pooled"] = self.pooled.half()
+        write_safetensors(path, tensors, metadata={"format": "cdcca.token_stats/1", "n": str(int(self.n))})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TokenStats:
-        (mean, var), n = read_tensor_file(path, ("mean", "var"), "token-statistics", "cdcca.uplink.build_token_stats()")
-        return cls(mean, var, n)
+        (mean, var, pooled), n = read_tensor_file(path, ("mean", "var", "pooled?"), "token-statistics",
+                                                  "cdcca.uplink.build_token_stats()")
+        return cls(mean, var, n, None if pooled is None else pooled.float())
 
 
 def read_tensor_file(path: str | os.PathLike[str], names: tuple[str, ...], what: str,
                      rebuild: str) -> tuple[list[torch.Tensor], int]:
     """The named tensors and the ``n`` metadata of a shipped safetensors file (token statistics, the token
-    basis); a missing file raises FileNotFoundError, a damaged one a one-line ValueError naming the fix."""
+    basis); a name ending in ``?`` is optional (None when absent: files written before it). A missing file
+    raises FileNotFoundError, a damaged one a one-line ValueError naming the fix."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            return [f.get_tensor(name) for name in names], int(meta.get("n", 0))
+            keys = set(f.keys())
+            return [None if name.endswith("?") and name[:-1] not in keys else f.get_tensor(name.rstrip("?"))
+                    for name in names], int(meta.get("n", 0))
     except FileNotFoundError:
         raise
     except Exception as exc:
         raise ValueError(f"{path} is not a {what} file ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild it with {rebuild}") from None
+
+
+SOURCE_POOLED = 160     # clean images whose pooled tokens seed the shift detector (its baseline's length)
 
 
 @torch.no_grad()
@@ -89,7 +102,8 @@ def collect_token_stats(tokens: torch.Tensor, chunk: int = 256) -> TokenStats:
     n = len(tokens)
     mean = s / n
     var = (s2 / n - mean * mean).clamp_min(0)
-    return TokenStats(mean.float(), var.float(), n)
+    spread = torch.linspace(0, n - 1, min(n, SOURCE_POOLED)).round().long()     # images across the whole set
+    return TokenStats(mean.float(), var.float(), n, tokens[spread].float().mean(1))
 
 
 def build_token_stats(out: str | os.PathLike[str] | None = None, data: VQASet | None = None) -> Path:
