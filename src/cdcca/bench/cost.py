@@ -22,6 +22,7 @@ from cdcca.config import RunConfig
 from cdcca.fleet.traffic import SimulatedTraffic
 from cdcca.metrics import latency_ms
 from cdcca.model.mllm import is_adapter_key
+from cdcca.runtime import protocol
 from cdcca.runtime.cloud import CloudRuntime
 from cdcca.runtime.device import DeviceRuntime
 from cdcca.trained_pair import active
@@ -83,7 +84,6 @@ def cloud_round(root: Path, models, cfg: RunConfig, devices: int, per_device: in
     devs = [DeviceRuntime.create(root / f"dev-{i}", f"dev-{i}", tiny=tiny, uts=uts, model=device_model,
                                  stream={"index": i, "n_devices": devices, "per_round": per_device})
             for i in range(devices)]
-    up = down = uploads = 0
     try:
         for dev in devs:
             cloud.set_group(dev.device_id, group)
@@ -92,19 +92,17 @@ def cloud_round(root: Path, models, cfg: RunConfig, devices: int, per_device: in
                 traffic.serve(dev, rnd)                   # until the outbox holds this row's uploads
                 if dev.outbox.size() >= per_device:
                     break
-            packet = dev.collect_uplink(max_samples=per_device)
-            if packet is not None:
-                up += len(packet)
-                uploads += len(cloud.receive(packet))
-        t0 = time.perf_counter()
-        for dev in devs:
-            update = cloud.run_round(dev.device_id)
-            down += len(update or b"")
-        seconds = time.perf_counter() - t0
+        ups = {dev.device_id: protocol.device_uplink(dev, 0, max_samples=per_device) for dev in devs}
+        timing: dict[str, float] = {}
+        downs = protocol.cloud_round(cloud, ups, timing=timing)     # every upload committed, then each round
+        seconds = sum(timing.values())
     finally:
         for dev in devs:
             dev.close()
         cloud.close()
+    up = sum(len(u.packet) for u in ups.values() if u.packet is not None)
+    down = sum(len(p) for d in downs.values() for p in d.packets)
+    uploads = sum(len(d.acked) for d in downs.values())
     return {"devices": devices, "group": group, "uploads": uploads, "cloud_s": round(seconds, 3),
             "bytes_up": up, "bytes_down": down}
 
