@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from cdcca.atomic import atomic_write
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 FORMAT_VERSION = 1
@@ -85,28 +84,16 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass(frozen=True, eq=False)
 class Packet:
-    """A decoded, verified packet. ``meta`` holds only the caller's keys."""
+    """A decoded, verified packet: torch tensors from :func:`decode`, numpy arrays from :func:`decode_arrays`
+    (what a torch-free reader, the cloud's inbox, checks). ``meta`` holds only the caller's keys."""
 
     kind: str
     meta: dict[str, str]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Any]
     version: int
     created: str
     body_sha256: str
     nbytes: int | None = None  # encoded size in bytes, when known
-
-
-@dataclass(frozen=True, eq=False)
-class ArrayPacket:
-    """A decoded, verified packet as numpy arrays (:func:`decode_arrays`): what a torch-free reader
-    (the cloud's inbox) checks. ``meta`` holds only the caller's keys."""
-
-    kind: str
-    meta: dict[str, str]
-    arrays: dict[str, np.ndarray]
-    created: str
-    body_sha256: str
-    nbytes: int
 
 
 def _short(s: Any, n: int = 60) -> str:
@@ -326,7 +313,7 @@ def decode(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFA
     return Packet(c.kind, c.meta, tensors, FORMAT_VERSION, c.created, c.sha, len(c.data))
 
 
-def decode_arrays(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFAULT_LIMITS) -> ArrayPacket:
+def decode_arrays(data: bytes, *, expect_kind: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Packet:
     """:func:`decode` with numpy arrays instead of torch tensors (the same checks, no torch import);
     numpy has no bfloat16, so a packet carrying one is refused here."""
     from safetensors.numpy import load as load_arrays  # safetensors bytes: no code execution, unlike pickle
@@ -337,7 +324,7 @@ def decode_arrays(data: bytes, *, expect_kind: str | None = None, limits: Limits
             raise PacketError(f"tensor {_short(name)} is bfloat16, which this numpy reader cannot hold")
     loaded = _loaded(c, load_arrays)
     arrays = {k: loaded[k] for k in sorted(loaded)}   # safetensors.numpy copies: the arrays own their memory
-    return ArrayPacket(c.kind, c.meta, arrays, c.created, c.sha, len(c.data))
+    return Packet(c.kind, c.meta, arrays, FORMAT_VERSION, c.created, c.sha, len(c.data))
 
 
 def describe(packet_bytes: bytes) -> dict[str, Any]:

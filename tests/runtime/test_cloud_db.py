@@ -83,7 +83,7 @@ def test_the_numpy_basis_digest_equals_the_torch_one(tmp_path):
 
 def test_the_numpy_decoder_returns_what_the_torch_decoder_returns_and_refuses_bfloat16():
     packet = _packet()
-    arrays, tensors = wire.decode_arrays(packet).arrays, wire.decode(packet).tensors
+    arrays, tensors = wire.decode_arrays(packet).tensors, wire.decode(packet).tensors
     assert sorted(arrays) == sorted(tensors)
     for name, t in tensors.items():
         assert arrays[name].tobytes() == t.numpy().tobytes() and str(arrays[name].dtype) == str(t.dtype)[6:]

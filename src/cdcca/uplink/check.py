@@ -88,7 +88,7 @@ def check_uplink(data: bytes, *, fill: str | None = None, basis: Basis | None = 
     of the token statistics a ``"mean"`` fill draws on (default: the packaged ones'), ``grid`` the (P, C) a cloud's
     encoder makes (a packet from a device on another encoder is refused; None: not checked)."""
     pkt = wire.decode_arrays(data, expect_kind="uplink")
-    meta, t = pkt.meta, pkt.arrays
+    meta, t = pkt.meta, pkt.tensors
     N, P, C, code, fill = _read_layout(meta, t, fill, basis)
     need(grid is None or (P, C) == tuple(grid), f"the packet carries {P} tokens × {C} channels an image; this pair's "
          f"encoder makes {grid[0] if grid else 0} × {grid[1] if grid else 0}: device and cloud must serve the same pair (--weights)")
