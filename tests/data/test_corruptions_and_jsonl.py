@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdcca.data.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELD_OUT, corrupt, corrupt_mixed
+from cdcca.data.augmix import COMPOSITIONS, TRAINING, corrupt_mixed
+from cdcca.data.corruptions import ALL_CORRUPTIONS, HELD_OUT, corrupt
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.jsonl import RowError, load_jsonl
 from cdcca.data.scenario import Scenario, scenario_chunks
@@ -34,13 +35,37 @@ def test_corruptions_are_deterministic_given_a_seed():
     assert np.array_equal(corrupt_mixed(red_square(), ["jpeg", "fog"], (3, 5), 1), corrupt_mixed(red_square(), ["jpeg", "fog"], (3, 5), 1))
 
 
+@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
+@pytest.mark.parametrize("severity", [1, 5])
+def test_training_compositions_keep_hue_change_the_image_and_draw_their_own_randomness(name, severity):
+    images = np.concatenate([red_square()] * 4)
+    out = corrupt_mixed(images, [name], (severity, severity), seed=3)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    for img in out:
+        r, g, b = img[28:36, 28:36].reshape(-1, 3).mean(0)
+        assert r > g and r > b, f"{name}:{severity} moved the red square's hue"
+    assert any(not np.array_equal(img, images[0]) for img in out)
+    assert not all(np.array_equal(out[0], img) for img in out[1:]), "every image got the same draw"
+    assert np.array_equal(out, corrupt_mixed(images, [name], (severity, severity), seed=3))
+
+
+def test_a_training_family_may_name_compositions_but_never_a_held_out_type():
+    from cdcca.recipes.consistency import ConsistencyConfig
+
+    assert ConsistencyConfig(aug_family=["augmix", "spectral_noise", "jpeg"]).aug_family[0] == "augmix"
+    with pytest.raises(ValueError, match=r"ConsistencyConfig.aug_family has unknown names \['elastic'\]"):
+        ConsistencyConfig(aug_family=["augmix", "elastic"])
+    with pytest.raises(ValueError, match="unknown names"):
+        corrupt_mixed(red_square(), ["zoom_blur"], (3, 5), seed=0)
+
+
 def test_held_out_corruptions_change_the_image_and_stay_out_of_every_training_family():
     from cdcca.recipes.consistency import ConsistencyConfig
     from cdcca.recipes.pretrain import PretrainConfig
 
     for name in HELD_OUT:
         assert not np.array_equal(corrupt(red_square(), name, 5), red_square())
-    assert not set(HELD_OUT) & set(CORRUPTIONS)
+    assert not set(HELD_OUT) & set(TRAINING)
     assert not set(HELD_OUT) & set(PretrainConfig.for_role("cloud").aug_family)
     assert not set(HELD_OUT) & set(ConsistencyConfig().aug_family)
     assert [str(d) for d in resolve_sequence("unseen")] == ["zoom_blur:5", "glass_blur:5", "downsample:5"]

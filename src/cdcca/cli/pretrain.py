@@ -13,7 +13,7 @@ from cdcca.cli.common import Recipe, Role, SetOpt, fail, torch_device_or_fail, u
 # the options each recipe reads (besides --role, --init, --seed, --out, --force, --threads); any other is refused
 RECIPE_OPTIONS = {
     "end-to-end": ("steps", "batch_size", "lr", "aug_share", "aug_family", "aug_variants", "torch_device"),
-    "consistency": ("steps", "batch_size", "lr", "torch_device"),
+    "consistency": ("steps", "batch_size", "lr", "aug_family", "torch_device"),
     "targets": ("steps", "batch_size", "lr", "torch_device", "target_images"),
     "readout": ("batch_size", "lr", "aug_share", "readout_samples", "split_layer", "torch_device"),
 }
@@ -50,8 +50,9 @@ def pretrain(
     out: Path = typer.Option(None, help="The weights directory: ROLE.safetensors + ROLE.json, and once both roles are "
                              "there the pair's record, token statistics and uplink basis (default: $CDCCA_CACHE/pretrained)."),
     force: bool = typer.Option(False, help="Retrain even if weights with the same config exist (overwrites ROLE.safetensors and ROLE.json in --out)."),
-    aug_family: str | None = typer.Option(None, help="end-to-end: the corruptions of the corrupted copies, "
-                                          "comma-separated (default: cloud all, device none)."),
+    aug_family: str | None = typer.Option(None, help="end-to-end and consistency: the corruptions of the corrupted "
+                                          "copies, comma-separated: the nine families and the compositions augmix, spectral_noise "
+                                          "(default: cloud the nine, device none)."),
     torch_device: str | None = typer.Option(None, "--torch-device", help="torch device to train on: cpu (the default), "
                                             "cuda, cuda:N or mps (every recipe; checked before anything loads)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: all cores)."),
@@ -94,7 +95,8 @@ def pretrain(
                            torch_device)
         else:
             stages.consistency(task, steps, batch_size, lr, init, seed, out, force, torch_device,
-                               target_images if recipe == "targets" else None, targets=recipe == "targets")
+                               target_images if recipe == "targets" else None, targets=recipe == "targets",
+                               aug_family=aug_family)
     else:
         given = PRESETS[preset][role]
         if given.get("init") == "shipped" and init is None:

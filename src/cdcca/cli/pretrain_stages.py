@@ -38,7 +38,7 @@ def end_to_end(role: str, task: Task, steps, batch_size, lr, aug_share, aug_fami
     overrides = _given({"seed": seed, "batch_size": batch_size or 32, "data": task.split("train").key, "model": models},
                        steps=steps,
                        lr=lr, aug_share=aug_share, init=None if init is None else str(init), aug_variants=aug_variants,
-                       aug_family=[s.strip() for s in aug_family.split(",")] if aug_family else None)
+                       aug_family=_names(aug_family))
     try:
         cfg = PretrainConfig.for_role(role, **overrides)
     except ValueError as exc:
@@ -154,6 +154,11 @@ def _cache_features(data, cfg: PretrainConfig, torch_device: str) -> None:
             encode(lambda n, job=job, bar=bar: bar.update(job, completed=n))
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None: not given)."""
+    return [s.strip() for s in text.split(",")] if text else None
+
+
 def _given(base: dict, **options) -> dict:
     """``base`` plus the options the user gave (None keeps the recipe's default)."""
     return {**base, **{k: v for k, v in options.items() if v is not None}}
@@ -182,11 +187,12 @@ def _loss_bar(description: str, total: int) -> Iterator[Callable[[int, float], N
 
 
 def consistency(task: Task, steps, batch_size, lr, init, seed, out: Path, force: bool, torch_device: str,
-                target_images: int | None = None, targets: bool = False) -> None:
+                target_images: int | None = None, targets: bool = False, aug_family: str | None = None) -> None:
     """The cloud bridge's consistency recipe; ``targets``: towards clean prefixes first optimised through the LLM."""
     targets_cfg = TargetConfig(**_given({"seed": seed}, images=target_images)) if targets else None
     init = _cloud_init(init)
-    given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr)
+    given = _given({"seed": seed, "batch_size": batch_size or 64}, steps=steps, lr=lr,
+                   aug_family=_names(aug_family))
     cfg = ConsistencyConfig(**given) if targets_cfg is None else \
         ConsistencyConfig.for_targets(targets_key(init, targets_cfg), **given)
     if up_to_date("cloud", out, cfg.digest(), force, init):

@@ -131,12 +131,43 @@ def downsample(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR).resize((w, h), Image.BILINEAR))
 
 
-# Never in any training family (the cloud's robustness recipes draw from CORRUPTIONS only): these
-# measure whether what the cloud learned carries to corruption types nobody trained on.
+def speckle_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicative noise (a coherent-light sensor): bright pixels get noisier, black ones stay black."""
+    sigma = [0.1, 0.15, 0.22, 0.3, 0.4][s - 1]
+    x = img.astype(np.float32)
+    return _clip(x + x * rng.normal(0, sigma, img.shape))
+
+
+def elastic(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random warp (a wobbling lens): a coarse 5×5 displacement field, bicubically smoothed, moves
+    every pixel by up to a few pixels; the shape bends but stays whole."""
+    amp = [1.0, 1.6, 2.2, 2.9, 3.6][s - 1]
+    h, w = img.shape[:2]
+
+    def field() -> np.ndarray:
+        coarse = rng.uniform(-1, 1, (5, 5)).astype(np.float32)
+        return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC)) * amp
+
+    y = np.clip(np.arange(h)[:, None] + field(), 0, h - 1)
+    x = np.clip(np.arange(w)[None, :] + field(), 0, w - 1)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (y - y0)[..., None], (x - x0)[..., None]
+    src = img.astype(np.float32)
+    top = src[y0, x0] * (1 - fx) + src[y0, x1] * fx
+    bottom = src[y1, x0] * (1 - fx) + src[y1, x1] * fx
+    return _clip(top * (1 - fy) + bottom * fy)
+
+
+# Never in any training family (the cloud's robustness recipes draw from CORRUPTIONS and the compositions of
+# cdcca.data.augmix only): these measure whether what the cloud learned carries to corruption types nobody
+# trained on. The first three make the ``unseen`` stream.
 HELD_OUT: dict[str, Corruption] = {
     "zoom_blur": zoom_blur,
     "glass_blur": glass_blur,
     "downsample": downsample,
+    "speckle_noise": speckle_noise,
+    "elastic": elastic,
 }
 ALL_CORRUPTIONS: dict[str, Corruption] = {**CORRUPTIONS, **HELD_OUT}
 
@@ -152,14 +183,3 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     rng = np.random.default_rng(seed)
     fn = ALL_CORRUPTIONS[name]
     return np.stack([fn(img, severity, rng) for img in images])
-
-
-def corrupt_mixed(images: np.ndarray, family: list[str], severities: tuple[int, int], seed: int) -> np.ndarray:
-    """Each image gets its own random corruption from ``family`` at a severity in [lo, hi] (augmentation)."""
-    rng = np.random.default_rng(seed)
-    lo, hi = severities
-    out = np.empty_like(images)
-    for i, img in enumerate(images):
-        name = family[rng.integers(len(family))]
-        out[i] = CORRUPTIONS[name](img, int(rng.integers(lo, hi + 1)), rng)
-    return out

@@ -18,7 +18,8 @@ from torch import nn
 
 from cdcca.assets import cache_dir
 from cdcca.atomic import write_safetensors
-from cdcca.data.corruptions import corrupt, corrupt_mixed
+from cdcca.data.augmix import corrupt_mixed
+from cdcca.data.corruptions import corrupt
 from cdcca.data.easyvqa import VQASet
 from cdcca.model.encoder import encode_images, encoder_tag, load_encoder
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdcca.data.augmix import check_family
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import augmented_features, cached_features
@@ -56,9 +57,7 @@ class ConsistencyConfig:
         "key of the prefix targets trained on (None: the frozen bridge's output)")})
 
     def __post_init__(self):
-        unknown = set(self.aug_family) - set(CORRUPTIONS)
-        if unknown:
-            raise ValueError(f"ConsistencyConfig.aug_family has unknown corruptions {sorted(unknown)}")
+        check_family("ConsistencyConfig", self.aug_family)
         if self.steps < 1 or self.batch_size < 1 or self.aug_variants < 1:
             raise ValueError("ConsistencyConfig.steps, batch_size and aug_variants must be ≥ 1")
         self.aug_severity = tuple(self.aug_severity)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cdcca.atomic import write_json
+from cdcca.data.augmix import check_family
 from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import augmented_features, cached_features
@@ -57,9 +58,7 @@ class PretrainConfig:
         "the role's model and the encoder when they are not the shipped pair's (cdcca.model.spec); empty: shipped")})
 
     def __post_init__(self):
-        unknown = set(self.aug_family) - set(CORRUPTIONS)
-        if unknown:
-            raise ValueError(f"aug_family has unknown corruptions {sorted(unknown)}")
+        check_family("PretrainConfig", self.aug_family)
         if not 0 <= self.aug_share <= 1 or (self.aug_share > 0 and not self.aug_family):
             raise ValueError("aug_share must be in [0, 1] and needs a non-empty aug_family")
         self.aug_severity = tuple(self.aug_severity)

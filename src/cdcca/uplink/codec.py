@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from cdcca.atomic import write_safetensors
-from cdcca.data.corruptions import CORRUPTIONS, corrupt_mixed
+from cdcca.data.augmix import corrupt_mixed
+from cdcca.data.corruptions import CORRUPTIONS
 from cdcca.data.easyvqa import VQASet
 from cdcca.data.features import cached_features
 from cdcca.model.encoder import encode_images, load_encoder
