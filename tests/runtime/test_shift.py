@@ -118,6 +118,9 @@ def test_the_server_starts_a_round_when_a_device_reports_a_shift(tmp_path):
     trigger = RoundTrigger(resolve(sets=["fleet.min_uploads=64", "fleet.early_round=20"]), lambda: next(queue),
                            tmp_path / "stop", sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
     assert trigger.wait() == "shift" and now[0] == 5.0
-    plain = RoundTrigger(resolve(sets=["fleet.min_uploads=64"]), lambda: (5, 1), tmp_path / "stop",
+    both = RoundTrigger(resolve(sets=["fleet.min_uploads=4"]), lambda: (5, 1), tmp_path / "stop",
+                        sleep=lambda s: None, clock=lambda: now[0])
+    assert both.wait() == "shift"                  # enough uploads too: the round is named for the shift
+    plain = RoundTrigger(resolve(sets=["fleet.min_uploads=64", "fleet.early_round=0"]), lambda: (5, 1), tmp_path / "stop",
                          sleep=lambda s: (tmp_path / "stop").touch(), clock=lambda: now[0])
     assert plain.wait() is None                    # early rounds off: a report alone starts nothing

@@ -72,7 +72,7 @@ class LocalFleet:
         t0 = time.perf_counter()
         befores = {dev.device_id: dev.status() for dev in self.devices}
         cloud_s: dict[str, float] = {}
-        early = self.cfg.fleet.early_round if not serve_only else 0
+        early = self.cfg.fleet.early_round if not serve_only and self.cfg.uts.shift_z > 0 else 0   # reacting needs reports
         served = {dev.device_id: self._serve_reacting(dev, rnd, early, study, cloud_s) if early
                   else self.traffic[dev.device_id].serve(dev, rnd) for dev in self.devices}
         downs = {dev.device_id: protocol.DownlinkMessage(acked=[]) for dev in self.devices}

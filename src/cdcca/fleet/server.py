@@ -96,7 +96,7 @@ class RoundTrigger:
             shift = self.cfg.fleet.early_round > 0 and shifted > 0
             if n > 0 and (enough or due or shift):
                 self.last_start = self.clock()
-                return "uploads" if enough else "shift" if shift else "time"
+                return "shift" if shift else "uploads" if enough else "time"     # a shift names its round
             self.sleep(self.cfg.fleet.status_every_s)
         return None
 

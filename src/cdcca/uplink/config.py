@@ -102,7 +102,7 @@ class UTSConfig:
     allow_image: bool = field(default=False, metadata={"help": (
         "Also upload each sample's PNG. Off by default: the raw image never leaves the device unless this is "
         "set explicitly.")})
-    shift_z: float = field(default=0.0, metadata={"help": (
+    shift_z: float = field(default=8.0, metadata={"help": (
         "> 0: the device reports a shift when the last 20 requests' ``shift_signal`` moves this many standard "
         "errors from the requests before them (cdcca.runtime.shift), and uploads ``shift_boost`` times its share "
         "for the next round's worth of requests; 0: off (the round clock alone). With the token signal, 8 fired "
