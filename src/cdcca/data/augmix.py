@@ -27,38 +27,38 @@ def _fill(img: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(c) for c in img[0, 0])
 
 
-def _rotate(img, m, rng):
+def _rotate(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.fromarray(img).rotate(float(rng.uniform(-1, 1)) * 6 * m, Image.BILINEAR,
                                                   fillcolor=_fill(img)))
 
 
-def _shear(img, m, rng):
+def _shear(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     k = float(rng.uniform(-1, 1)) * 0.06 * m
     h, w = img.shape[:2]
     return np.asarray(Image.fromarray(img).transform((w, h), Image.AFFINE, (1, k, -k * h / 2, 0, 1, 0),
                                                      Image.BILINEAR, fillcolor=_fill(img)))
 
 
-def _shift(img, m, rng):
+def _shift(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     dx, dy = (round(v) for v in rng.uniform(-1, 1, 2) * 1.2 * m)
     return np.asarray(Image.fromarray(img).transform(img.shape[1::-1], Image.AFFINE, (1, 0, dx, 0, 1, dy),
                                                      fillcolor=_fill(img)))
 
 
-def _exposure(img, m, rng):
+def _exposure(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     return _clip(img.astype(np.float32) * (1 + float(rng.uniform(-1, 1)) * 0.12 * m))
 
 
-def _contrast(img, m, rng):
+def _contrast(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(ImageEnhance.Contrast(Image.fromarray(img)).enhance(1 + float(rng.uniform(-1, 1)) * 0.12 * m))
 
 
-def _sharpness(img, m, rng):
+def _sharpness(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(ImageEnhance.Sharpness(Image.fromarray(img)).enhance(1 + float(rng.uniform(-1, 1)) * 0.3 * m))
 
 
-def _posterize(img, m, rng):
-    return np.asarray(ImageOps.posterize(Image.fromarray(img), max(2, 8 - round(m))))
+def _posterize(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(ImageOps.posterize(Image.fromarray(img), max(2, 8 - m)))
 
 
 OPERATIONS = (_rotate, _shear, _shift, _exposure, _contrast, _sharpness, _posterize)
