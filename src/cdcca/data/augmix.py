@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from cdcca.data.corruptions import CORRUPTIONS, Corruption, _clip
+from cdcca.data.corruptions import CORRUPTIONS, Corruption, to_uint8
 
 
 def _fill(img: np.ndarray) -> tuple[int, int, int]:
@@ -46,7 +46,7 @@ def _shift(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _exposure(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    return _clip(img.astype(np.float32) * (1 + float(rng.uniform(-1, 1)) * 0.12 * m))
+    return to_uint8(img.astype(np.float32) * (1 + float(rng.uniform(-1, 1)) * 0.12 * m))
 
 
 def _contrast(img: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -74,7 +74,7 @@ def augmix(img: np.ndarray, s: int, rng: np.random.Generator, width: int = 3) ->
             x = OPERATIONS[int(rng.integers(len(OPERATIONS)))](x, s, rng)
         mix += w * x.astype(np.float32)
     keep = float(rng.beta(1.0, 1.0))
-    return _clip(keep * img.astype(np.float32) + (1 - keep) * mix)
+    return to_uint8(keep * img.astype(np.float32) + (1 - keep) * mix)
 
 
 def spectral_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,7 +86,7 @@ def spectral_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndar
     noise = np.fft.irfft2(np.fft.rfft2(rng.normal(size=(h, w))) * band, s=(h, w))
     sigma = [6, 10, 14, 19, 25][s - 1]
     noise *= sigma / max(float(noise.std()), 1e-6)
-    return _clip(img.astype(np.float32) + noise[..., None])
+    return to_uint8(img.astype(np.float32) + noise[..., None])
 
 
 COMPOSITIONS: dict[str, Corruption] = {"augmix": augmix, "spectral_noise": spectral_noise}

@@ -17,13 +17,14 @@ from PIL import Image, ImageFilter
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
 
-def _clip(x: np.ndarray) -> np.ndarray:
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round-trip float pixel maths back to an image: clipped to 0..255, uint8 (every corruption and composition)."""
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def gaussian_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     sigma = [8, 14, 20, 28, 38][s - 1]
-    return _clip(img.astype(np.float32) + rng.normal(0, sigma, img.shape))
+    return to_uint8(img.astype(np.float32) + rng.normal(0, sigma, img.shape))
 
 
 def impulse_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -47,14 +48,14 @@ def motion_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray
     pad = length // 2
     xp = np.pad(x, ((0, 0), (pad, length - 1 - pad), (0, 0)), mode="edge")
     out = sum(k[i] * xp[:, i:i + x.shape[1]] for i in range(length))
-    return _clip(out)
+    return to_uint8(out)
 
 
 def contrast(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     c = [0.6, 0.5, 0.4, 0.3, 0.22][s - 1]
     x = img.astype(np.float32)
     mean = x.mean(axis=(0, 1), keepdims=True)
-    return _clip((x - mean) * c + mean)
+    return to_uint8((x - mean) * c + mean)
 
 
 def fog(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +64,7 @@ def fog(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     coarse = rng.random((4, 4)).astype(np.float32)
     haze = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
     haze = (0.6 + 0.4 * haze / 255.0)[..., None] * 255.0
-    return _clip(img.astype(np.float32) * (1 - a) + haze * a)
+    return to_uint8(img.astype(np.float32) * (1 - a) + haze * a)
 
 
 def pixelate(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -83,7 +84,7 @@ def jpeg(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
 def low_light(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     """Darker exposure plus sensor noise: brightness scales every channel equally (no hue shift)."""
     gain, sigma = [(0.7, 4), (0.55, 6), (0.45, 8), (0.35, 10), (0.28, 12)][s - 1]
-    return _clip(img.astype(np.float32) * gain + rng.normal(0, sigma, img.shape))
+    return to_uint8(img.astype(np.float32) * gain + rng.normal(0, sigma, img.shape))
 
 
 CORRUPTIONS: dict[str, Corruption] = {
@@ -109,7 +110,7 @@ def zoom_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
         big = np.asarray(Image.fromarray(img).resize((round(w * z), round(h * z)), Image.BILINEAR), np.float32)
         y0, x0 = (big.shape[0] - h) // 2, (big.shape[1] - w) // 2
         acc += big[y0:y0 + h, x0:x0 + w]
-    return _clip(acc / (len(zooms) + 1))
+    return to_uint8(acc / (len(zooms) + 1))
 
 
 def glass_blur(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -135,7 +136,7 @@ def speckle_noise(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarr
     """Multiplicative noise (a coherent-light sensor): bright pixels get noisier, black ones stay black."""
     sigma = [0.1, 0.15, 0.22, 0.3, 0.4][s - 1]
     x = img.astype(np.float32)
-    return _clip(x + x * rng.normal(0, sigma, img.shape))
+    return to_uint8(x + x * rng.normal(0, sigma, img.shape))
 
 
 def elastic(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
@@ -156,7 +157,7 @@ def elastic(img: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
     src = img.astype(np.float32)
     top = src[y0, x0] * (1 - fx) + src[y0, x1] * fx
     bottom = src[y1, x0] * (1 - fx) + src[y1, x1] * fx
-    return _clip(top * (1 - fy) + bottom * fy)
+    return to_uint8(top * (1 - fy) + bottom * fy)
 
 
 # Never in any training family (the cloud's robustness recipes draw from CORRUPTIONS and the compositions of
