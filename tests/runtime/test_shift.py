@@ -97,16 +97,39 @@ def test_the_device_reports_a_shift_in_its_status_and_uploads_more_after_it(tmp_
         fleet.close()
 
 
-def test_a_shift_report_survives_in_the_outbox_for_the_queue_status_until_an_update_answers_it(tmp_path):
+def test_a_shift_report_stays_until_an_uplink_carries_samples_queued_after_it(tmp_path):
+    """A round whose uplink left before the shift does not answer it (its update was trained on the old domain):
+    the report stays for the next round; the first packet with a sample from after the shift answers it."""
+    from tests.runtime.test_outbox import _sample
+
     from cdcca.runtime.outbox import Outbox
     from cdcca.runtime.queue_status import outbox_queue
 
     box = Outbox(tmp_path / "outbox.sqlite")
     assert box.shift() is None and outbox_queue(tmp_path)["shift_at"] == 0
+    box.add_many([_sample(0), _sample(1)])                          # the old domain's uploads
     box.report_shift(312, 6.5)
     assert box.shift() == (312, 6.5) and outbox_queue(tmp_path)["shift_at"] == 312   # read-only, no torch
-    box.clear_shift()
-    assert outbox_queue(tmp_path)["shift_at"] == 0
+    box.mark_sent(["dev1-0", "dev1-1"], packet_id="before")          # a round already under way takes them
+    assert outbox_queue(tmp_path)["shift_at"] == 312                 # not answered
+    box.add_many([_sample(2)])                                        # served after the shift
+    box.mark_sent(["dev1-2"], packet_id="after")
+    assert box.shift() is None and outbox_queue(tmp_path)["shift_at"] == 0
+    box.close()
+
+
+def test_an_outbox_with_the_first_form_of_the_shift_table_opens_and_keeps_its_report(tmp_path):
+    import sqlite3
+
+    from cdcca.runtime.outbox import Outbox
+
+    Outbox(tmp_path / "outbox.sqlite").close()
+    with sqlite3.connect(tmp_path / "outbox.sqlite") as db:            # as the previous release wrote it
+        db.execute("DROP TABLE shift")
+        db.execute("CREATE TABLE shift (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL, z REAL NOT NULL)")
+        db.execute("INSERT INTO shift (id, at, z) VALUES (1, 40, 9.0)")
+    box = Outbox(tmp_path / "outbox.sqlite")
+    assert box.shift() == (40, 9.0)
     box.close()
 
 

@@ -32,7 +32,7 @@ from cdcca.data.scenario import after_shift, scenario_chunks
 from cdcca.data.stream import domain_images, resolve_sequence
 from cdcca.fleet import deploy
 from cdcca.fleet.devices import init_devices, start_apis
-from cdcca.fleet.flower import ROUND_LOG
+from cdcca.fleet.flower import READY_FILE, ROUND_LOG
 from cdcca.fleet.processes import Pids
 from cdcca.runtime.cloud_db import stored_sample_ids
 from cdcca.runtime.queue_status import outbox_ids
@@ -187,9 +187,10 @@ class Runner:
             self.error = str(exc)
 
     def wait_started(self, timeout: float = 300) -> None:
-        """Until the ServerApp has opened the cloud state (traffic sent before it would find no round to join)."""
+        """Until the ServerApp has loaded its models and seen every device (traffic sent before it would find no
+        round to join, and the first round, which may react to the first shift, would spend its time loading)."""
         deadline = time.monotonic() + timeout
-        while not (self.state / "cloud" / "cloud.sqlite").is_file():
+        while not (self.state / "cloud" / READY_FILE).is_file():
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise deploy.DeployError(f"the fleet run did not start: {self.error or 'timed out'}; "
                                          f"see {self.state / 'logs'}")

@@ -37,7 +37,7 @@ from pathlib import Path
 from cdcca.config import RunConfig, apply, flat_toml
 from cdcca.fleet import certs
 from cdcca.fleet.devices import init_devices, start_apis
-from cdcca.fleet.flower import ROUND_LOG, STOP_FILE
+from cdcca.fleet.flower import READY_FILE, ROUND_LOG, STOP_FILE
 from cdcca.fleet.processes import (
     Pids,
     ProcessError,
@@ -293,6 +293,7 @@ def run(state: str | os.PathLike[str], cfg: RunConfig, *, timeout: float = 3600,
     config_path = state / "run-config.toml"
     config_path.write_text(flat_toml(cfg))
     (state / "cloud" / STOP_FILE).unlink(missing_ok=True)     # a stop asked of an earlier run does not end this one
+    (state / "cloud" / READY_FILE).unlink(missing_ok=True)    # the run's ServerApp writes it once it is ready
     round_log = state / "cloud" / ROUND_LOG
     before = len(round_log.read_text().splitlines()) if round_log.is_file() else 0
     log_path = state / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cdcca import wire
 from cdcca.config import RunConfig
-from cdcca.fleet.flower import ROUND_LOG, STOP_FILE, _dict, run_config
+from cdcca.fleet.flower import READY_FILE, ROUND_LOG, STOP_FILE, _dict, run_config
 from cdcca.trained_pair import run_answers, serve
 
 if TYPE_CHECKING:     # the protocol imports torch; the app imports it only when a step runs
@@ -45,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     stop = Path(cfg.fleet.cloud_dir) / STOP_FILE       # removed by `cdcca fleet run` before it starts a run
     with closing(open_cloud(cfg)) as cloud:
         wait_for_nodes(grid, cfg)
+        (Path(cfg.fleet.cloud_dir) / READY_FILE).touch()   # models loaded, devices connected: traffic may start
         rnd = first = rounds.next_round()
         trigger = RoundTrigger(cfg, lambda: queued_uploads(grid, rnd, cfg), stop)
         while cfg.fleet.rounds == 0 or rnd < first + cfg.fleet.rounds:
@@ -103,7 +104,7 @@ class RoundTrigger:
 
 def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> tuple[int, int]:
     """Samples waiting in every connected device's outbox (pending or in flight), and how many devices report a
-    shift no update has answered yet, from ``query.status``."""
+    shift no uplink has carried samples from yet, from ``query.status``."""
     msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
     total = shifted = 0
     for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s)):
@@ -119,9 +120,11 @@ def open_cloud(cfg: RunConfig):
     from cdcca.runtime.cloud import CloudRuntime  # (the same)
 
     serve(cfg.model)
-    return CloudRuntime.open(cfg.fleet.cloud_dir, tiny=cfg.model.tiny,
-                             candidates=run_answers(cfg.data.domains, cfg.model.tiny),
-                             akd=cfg.akd, dwc=cfg.dwc, torch_device=check_torch_device(cfg.torch_device))
+    cloud = CloudRuntime.open(cfg.fleet.cloud_dir, tiny=cfg.model.tiny,
+                              candidates=run_answers(cfg.data.domains, cfg.model.tiny),
+                              akd=cfg.akd, dwc=cfg.dwc, torch_device=check_torch_device(cfg.torch_device))
+    cloud.load_models()          # before the devices connect: the first round may be reacting to a shift
+    return cloud
 
 
 def wait_for_nodes(grid: Grid, cfg: RunConfig) -> None:

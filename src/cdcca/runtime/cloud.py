@@ -102,16 +102,18 @@ class CloudRuntime:
     @property
     def akd(self) -> AKD:
         """The teacher, the students and the distillation (built on first use)."""
-        self._load_models()
+        self.load_models()
         return self._akd
 
     @property
     def initial_state(self) -> AdapterState:
         """The shipped pretrained adapters every new device and group starts from (version 0)."""
-        self._load_models()
+        self.load_models()
         return self._initial_state
 
-    def _load_models(self) -> None:
+    def load_models(self) -> None:
+        """Load the teacher and the student network now (otherwise the first round that needs them does): a server
+        whose first round reacts to a shift should not spend it loading."""
         if self._models is not None:
             self._akd, self._initial_state = self._models()
             self._models = None

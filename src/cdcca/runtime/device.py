@@ -195,7 +195,7 @@ class DeviceRuntime:
             uncertainty = sample_uncertainty(answers, self.uts.sample_scorer)
         signal = tokens.float().mean(1).cpu().numpy() if self.uts.shift_signal == "tokens" else uncertainty
         if self.shift is not None and (report := self.shift.observe(signal)) is not None:
-            self.outbox.report_shift(report.at, report.z)      # in the queue status the cloud polls, until an update
+            self.outbox.report_shift(report.at, report.z)      # in the queue status the cloud polls, until an uplink
             self.request_budget.boost()
         if per_request:
             uts = self.request_budget.uts_for(uncertainty)
@@ -282,7 +282,6 @@ class DeviceRuntime:
         if report.get("status") != "already_applied":
             self.config["bytes_down"] += len(packet)
             self._save_config()
-            self.outbox.clear_shift()          # an update answered the shift the device reported
         return report
 
     def rollback(self, version: int) -> dict:
@@ -300,7 +299,7 @@ class DeviceRuntime:
 
     @property
     def shift_pending(self) -> ShiftReport | None:
-        """The shift this device reported that no applied update has answered yet."""
+        """The shift this device reported that no uplink has carried samples from yet."""
         row = self.outbox.shift()
         return None if row is None else ShiftReport(*row)
 

@@ -56,9 +56,10 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_packet ON samples(packet_id);
 """
-# a shift the device reported and no update has answered yet (one row at most); added beside schema 1, which
-# an older cdcca reads unchanged
-_SHIFT_TABLE = "CREATE TABLE IF NOT EXISTS shift (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL, z REAL NOT NULL)"
+# a shift the device reported that no uplink has carried samples from yet (one row at most); ``after_seq``: the
+# last sample queued before it. Added beside schema 1, which an older cdcca reads unchanged
+_SHIFT_TABLE = ("CREATE TABLE IF NOT EXISTS shift (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL, "
+                "z REAL NOT NULL, after_seq INTEGER NOT NULL DEFAULT 0)")
 
 
 class OutboxError(RuntimeError):
@@ -97,6 +98,8 @@ class Outbox:
                         self._db.execute(stmt)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute(_SHIFT_TABLE)
+            if "after_seq" not in {r[1] for r in self._db.execute("PRAGMA table_info(shift)")}:   # its first form
+                self._db.execute("ALTER TABLE shift ADD COLUMN after_seq INTEGER NOT NULL DEFAULT 0")
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(samples)")}
             if not {"sample_id", "tokens", "tokens_dtype", "tokens_shape", "packet_id"} <= cols:
                 raise OutboxError(f"outbox {self.path} has a foreign 'samples' table; move the file aside")
@@ -160,11 +163,18 @@ class Outbox:
         return [_from_row(r, self.path) for r in rows]
 
     def mark_sent(self, ids: Sequence[str], packet_id: str) -> int:
-        """Record that these samples went out in ``packet_id``; returns how many rows it touched."""
+        """Record that these samples went out in ``packet_id``; returns how many rows it touched. A reported
+        shift is answered once a packet carries a sample queued after it: the round that trains on it is the
+        one that reacts (a round whose uplink left before the shift is not)."""
         now = time.time()
-        return self._run(lambda db: sum(db.execute(
-            "UPDATE samples SET packet_id=?, sent_at=?, attempts=attempts+1 WHERE sample_id=?",
-            (str(packet_id), now, str(i))).rowcount for i in ids))
+
+        def go(db):
+            n = sum(db.execute("UPDATE samples SET packet_id=?, sent_at=?, attempts=attempts+1 WHERE sample_id=?",
+                               (str(packet_id), now, str(i))).rowcount for i in ids)
+            db.execute("DELETE FROM shift WHERE EXISTS (SELECT 1 FROM samples WHERE packet_id = ? "
+                       "AND seq > shift.after_seq)", (str(packet_id),))
+            return n
+        return self._run(go)
 
     def ack(self, ids: Sequence[str]) -> int:
         """The cloud acknowledged these samples: delete them. Unknown ids are ignored; returns deleted."""
@@ -188,8 +198,11 @@ class Outbox:
         return self._run(lambda db: db.execute(sql, args).rowcount)
 
     def report_shift(self, at: int, z: float) -> None:
-        """Record a detected shift (after ``at`` served requests, ``z`` standard errors) until an update answers it."""
-        self._run(lambda db: db.execute("INSERT OR REPLACE INTO shift (id, at, z) VALUES (1, ?, ?)", (int(at), float(z))))
+        """Record a detected shift (after ``at`` served requests, ``z`` standard errors) until an uplink carries
+        samples queued after it (:meth:`mark_sent`)."""
+        self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO shift (id, at, z, after_seq) VALUES (1, ?, ?, "
+            "(SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'samples'))", (int(at), float(z))))
 
     def shift(self) -> tuple[int, float] | None:
         """The shift reported and not yet answered: (at, z), or None."""

@@ -33,7 +33,8 @@ def outbox_ids(state_dir: str | Path) -> set[str]:
 
 def outbox_queue(state_dir: str | Path) -> dict[str, int]:
     """``{"pending": n, "in_flight": m, "shift_at": k}`` for the device state in ``state_dir`` (zeros before its
-    first request); ``shift_at`` > 0: the device reported a shift after k requests that no update has answered."""
+    first request); ``shift_at`` > 0: the device reported a shift after k requests that no uplink has carried samples
+    from yet."""
     rows = _read(state_dir, "SELECT COALESCE(SUM(packet_id IS NULL), 0), COALESCE(SUM(packet_id IS NOT NULL), 0) "
                             "FROM samples")
     pending, in_flight = rows[0] if rows else (0, 0)
