@@ -131,18 +131,23 @@ def test_a_supernode_then_the_cloud_killed_mid_round_under_traffic_lose_nothing(
 
 
 def test_each_domain_reports_its_first_window_gain_and_the_requests_to_half_of_it():
-    """Two domains, two windows each, 4 requests a window (two devices): the first window of pixelate gains
-    nothing and its second +50 (half reached after the first window's 4 requests); jpeg gains at once."""
+    """Two devices, two domains of two windows, 8 requests a window (4 a device). In pixelate's first window
+    device 0's update lands after its 2nd request, device 1's after its 3rd: the updated answers gain +100
+    over the never-updated device, the others nothing, so half of the last window's +75 is reached after
+    2 and 3 requests (2.5 on average) although the window as a whole gains only +37.5. jpeg gains at once."""
     from cdcca.bench.live import domain_recovery
 
-    live, ref = [], {}
-    for i, (w, domain, right, base) in enumerate([(0, "pixelate:5", r, r) for r in (1, 0, 1, 0)]
-                                                 + [(1, "pixelate:5", r, 0) for r in (1, 1, 0, 0)]
-                                                 + [(2, "jpeg:5", r, 0) for r in (1, 1, 1, 0)]
-                                                 + [(3, "jpeg:5", r, 0) for r in (1, 1, 1, 0)]):
-        live.append({"device": i % 2, "index": i, "window": w, "domain": domain, "ok": True, "answer": "a",
-                     "gold": "a" if right else "b"})
-        ref[(i % 2, i)] = {"ok": True, "answer": "a", "gold": "a" if base else "b"}
+    plan = []                    # (window, domain, device, version, right, reference right)
+    for device, lands in ((0, 2), (1, 3)):
+        plan += [(0, "pixelate:5", device, int(k >= lands), int(k >= lands), 0) for k in range(4)]
+        plan += [(1, "pixelate:5", device, 1, int(k < 3), 0) for k in range(4)]
+        plan += [(w, "jpeg:5", device, 2, int(k < 3), 0) for w in (2, 3) for k in range(4)]
+    live, ref, index = [], {}, {0: 0, 1: 0}
+    for w, domain, device, version, right, base in sorted(plan, key=lambda p: p[0]):
+        i = index[device] = index[device] + 1
+        live.append({"device": device, "index": i, "window": w, "domain": domain, "ok": True, "answer": "a",
+                     "gold": "a" if right else "b", "version": version})
+        ref[(device, i)] = {"ok": True, "answer": "a", "gold": "a" if base else "b"}
     out = domain_recovery(live, ref)
-    assert out["pixelate:5"] == {"first_window_gain": 0.0, "requests_to_half": 4.0}
+    assert out["pixelate:5"] == {"first_window_gain": 0.375, "requests_to_half": 2.5}
     assert out["jpeg:5"] == {"first_window_gain": 0.75, "requests_to_half": 0.0}

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 
 from cdcca.config import RunConfig, apply, flatten
-from cdcca.data.scenario import after_shift, scenario_chunks
+from cdcca.data.scenario import scenario_chunks
 from cdcca.data.stream import domain_images, resolve_sequence
 from cdcca.fleet import deploy
 from cdcca.fleet.devices import init_devices, start_apis
@@ -228,26 +229,44 @@ def summarize(cfg: RunConfig, spec: deploy.FleetSpec, live: list[dict], referenc
 
 
 def domain_recovery(live: list[dict], ref: dict) -> dict[str, dict]:
-    """Per domain, how soon clients saw the gain: its first window's online MC minus the never-updated device's
-    on the same requests (``first_window_gain``), and the requests served until a window first gains half of
-    what the domain's last window gains (``requests_to_half``; windows are the resolution)."""
-    rows, visit_start = [], {}
-    for r in sorted((r for r in live if r["ok"] and ref.get((r["device"], r["index"]), {}).get("ok")),
-                    key=lambda r: (r["window"], r["index"])):
-        if not rows or rows[-1]["window"] != r["window"]:
-            visit_start.setdefault(r["domain"], r["window"])
-            rows.append({"round": len(rows), "window": r["window"], "domain": r["domain"],
-                         "step": r["window"] - visit_start[r["domain"]], "correct": [], "reference": []})
-        rows[-1]["correct"].append(r["answer"] == r["gold"])
-        other = ref[(r["device"], r["index"])]
-        rows[-1]["reference"].append(other["answer"] == other["gold"])
+    """Per domain, how soon clients saw the gain, beside the never-updated device on the same requests: the
+    first window's online MC minus the reference's (``first_window_gain``), and the requests a device served in
+    the domain before the first adapter version that gains at least half of what the domain's last window gains
+    (``requests_to_half``, mean over devices; a version is what changes between answers, so this is counted to
+    the request, not to the window)."""
+    paired = [dict(r, right=r["answer"] == r["gold"],
+                   base=ref[(r["device"], r["index"])]["answer"] == ref[(r["device"], r["index"])]["gold"])
+              for r in live if r["ok"] and ref.get((r["device"], r["index"]), {}).get("ok")]
     out = {}
-    for domain in dict.fromkeys(r["domain"] for r in rows):
-        mine = [r for r in rows if r["domain"] == domain]
-        first = mine[0]
-        out[domain] = {"first_window_gain": round(float(np.mean(first["correct"]) - np.mean(first["reference"])), 4),
-                       "requests_to_half": (after_shift(mine, reference="reference") or {}).get("requests_to_half")}
+    for domain in dict.fromkeys(r["domain"] for r in sorted(paired, key=lambda r: (r["window"], r["index"]))):
+        mine = [r for r in paired if r["domain"] == domain]
+        windows = sorted({r["window"] for r in mine})
+        out[domain] = {"first_window_gain": round(_gain([r for r in mine if r["window"] == windows[0]]), 4),
+                       "requests_to_half": _requests_to_half(mine, _gain([r for r in mine if r["window"] == windows[-1]]))}
     return out
+
+
+def _gain(rows: list[dict]) -> float:
+    return float(np.mean([r["right"] for r in rows]) - np.mean([r["base"] for r in rows]))
+
+
+def _requests_to_half(rows: list[dict], final_gain: float) -> float | None:
+    """Mean over devices of the requests served (in order) before the first run of answers from one adapter
+    version that gains ≥ ``final_gain`` / 2; a device that never gets there counts all its requests. None when
+    the domain ends with no gain."""
+    if final_gain <= 0:
+        return None
+    counts = []
+    for device in sorted({r["device"] for r in rows}):
+        served = sorted((r for r in rows if r["device"] == device), key=lambda r: r["index"])
+        runs = [list(g) for _, g in groupby(served, key=lambda r: r.get("version"))]
+        n = 0
+        for run in runs:
+            if _gain(run) >= final_gain / 2:
+                break
+            n += len(run)
+        counts.append(n)
+    return float(np.mean(counts))
 
 
 def window_rows(cfg: RunConfig, live: list[dict], ref: dict) -> dict[int, dict]:
