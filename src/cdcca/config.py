@@ -92,9 +92,10 @@ class FleetSection:
         "the ServerApp: api (each device's API fills its outbox) | stream (each device replays its simulated stream)"))
     min_uploads: int = field(default=0, metadata=_help("> 0: a round as soon as the devices' outboxes hold this many samples"))
     early_round: int = field(default=20, metadata=_help(
-        "> 0 (with uts.shift_z > 0): a device that reports a shift gets an early round from its uploads after this "
-        "many requests of the new domain (simulated drivers serve in pieces of this size; the ServerApp with a "
-        "time or uploads trigger starts a round as soon as a device reports a shift); 0: the round clock only "
+        "> 0 (with uts.shift_z > 0): a device that reports a shift gets an early round from its newest uploads, at "
+        "most this many (simulated drivers serve in pieces of this size; the ServerApp with a time or uploads "
+        "trigger starts that round as soon as a device reports a shift; older uploads wait for the next regular "
+        "round); 0: the round clock only "
         "(first 80 requests after a shift +1.6 against +4.6 reacting, docs/RESULTS.md)"))
     round_every_s: float = field(default=0.0, metadata=_help(
         "> 0: a round at most this long after the last one began (if anything is queued)"))

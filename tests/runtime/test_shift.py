@@ -147,3 +147,26 @@ def test_the_server_starts_a_round_when_a_device_reports_a_shift(tmp_path):
     plain = RoundTrigger(resolve(sets=["fleet.min_uploads=64", "fleet.early_round=0"]), lambda: (5, 1), tmp_path / "stop",
                          sleep=lambda s: (tmp_path / "stop").touch(), clock=lambda: now[0])
     assert plain.wait() is None                    # early rounds off: a report alone starts nothing
+
+
+def test_a_round_that_reacts_to_a_shift_takes_the_newest_uploads_and_leaves_the_backlog(tmp_path):
+    """The old domain's backlog is not what the first update after a shift should learn from."""
+    from tests.runtime.test_outbox import _sample
+
+    from cdcca.runtime.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox.sqlite")
+    box.add_many([_sample(i) for i in range(6)])
+    newest = box.pending(2, newest=True)
+    assert [s.sample_id for s in newest] == ["dev1-4", "dev1-5"]                 # in the order queued
+    box.mark_sent([s.sample_id for s in newest], packet_id="early")
+    assert [s.sample_id for s in box.pending()] == [f"dev1-{i}" for i in range(4)]   # for the next round
+    box.close()
+
+
+def test_the_servers_shift_round_asks_each_device_for_its_newest_early_round_samples():
+    from cdcca.fleet.server import uplink_ask
+
+    cfg = resolve(sets=["fleet.early_round=20", "fleet.max_samples=256"])
+    assert uplink_ask(3, cfg, reacting=True) == {"round": 3, "max-samples": 20, "newest": True}
+    assert uplink_ask(4, cfg, reacting=False) == {"round": 4, "max-samples": 256}

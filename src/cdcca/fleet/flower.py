@@ -130,7 +130,7 @@ def uplink(msg: Message, context: Context) -> Message:
     rnd = int(ask["round"])
     with closing(open_device(context, run)) as device:
         served = serve_round(device, rnd) if replays_stream(context, run) else None
-        up = device_uplink(device, rnd, int(ask["max-samples"]), served)
+        up = device_uplink(device, rnd, int(ask["max-samples"]), served, newest=bool(ask.get("newest", False)))
         record = {"device-id": up.device_id, **({"packet": up.packet} if up.packet is not None else {})}
         return Message(RecordDict({"uplink": ConfigRecord(record), "served": _record(up.served),
                                    "status": _record(up.status)}), reply_to=msg)

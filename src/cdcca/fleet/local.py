@@ -126,7 +126,7 @@ class LocalFleet:
             correct += [a.mc == g for a, g in zip(answers, gold[s:s + piece])]
             if dev.shift_pending is not None and s + piece < len(ids) and dev.outbox.size():
                 timing: dict[str, float] = {}
-                up = protocol.device_uplink(dev, rnd)
+                up = protocol.device_uplink(dev, rnd, piece, newest=True)     # as the ServerApp's shift round
                 downs = protocol.cloud_round(self.cloud, {dev.device_id: up}, timing=timing, study=study)
                 protocol.deliver(dev, self.cloud, rnd, downs[dev.device_id], self.links[dev.device_id])
                 cloud_s[dev.device_id] = cloud_s.get(dev.device_id, 0.0) + sum(timing.values())

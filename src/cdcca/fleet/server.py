@@ -60,7 +60,7 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, rea
     """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line."""
     clock = Stopwatch()
     with clock("uplink"):
-        uplinks = collect_uplinks(grid, rnd, cfg)                                 # query.uplink
+        uplinks = collect_uplinks(grid, rnd, cfg, reacting=reason == "shift")      # query.uplink
     with clock("cloud"):
         join_group(cloud, uplinks, cfg.fleet.group)
         trained: dict[int, list[str]] = {}
@@ -174,12 +174,14 @@ def _to(node_id: int, kind: str, rnd: int, **records: ConfigRecord) -> Message:
     return Message(RecordDict(records), dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig) -> dict[int, UplinkMessage]:
-    """query.uplink to every connected node: each device serves its round and uploads its uncertain samples."""
+def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig, reacting: bool = False) -> dict[int, UplinkMessage]:
+    """query.uplink to every connected node: each device serves its round and uploads its uncertain samples;
+    ``reacting`` (a round a shift report started): only its newest ``fleet.early_round`` samples, so the first
+    update after a shift is small and learns the new domain (the backlog waits for the next round)."""
     from cdcca.runtime.protocol import UplinkMessage  # torch: only when a round runs
 
     names = {n.node_id: n.name for n in grid.get_nodes()}
-    ask = ConfigRecord({"round": rnd, "max-samples": cfg.fleet.max_samples})
+    ask = ConfigRecord(uplink_ask(rnd, cfg, reacting))
     uplinks = {}
     for msg, reply in exchange(grid, [_to(nid, "query.uplink", rnd, config=ask) for nid in names], cfg):
         if not usable(msg, reply, "uplink"):
@@ -191,6 +193,14 @@ def collect_uplinks(grid: Grid, rnd: int, cfg: RunConfig) -> dict[int, UplinkMes
         uplinks[nid] = UplinkMessage(device_id, up.get("packet"), status=_dict(reply.content.get("status")),
                                      served=_dict(reply.content.get("served")))
     return uplinks
+
+
+def uplink_ask(rnd: int, cfg: RunConfig, reacting: bool) -> dict[str, Any]:
+    """What query.uplink asks of a device: its oldest ``fleet.max_samples``, or in a round a shift report
+    started its newest ``fleet.early_round``."""
+    if reacting:
+        return {"round": rnd, "max-samples": cfg.fleet.early_round, "newest": True}
+    return {"round": rnd, "max-samples": cfg.fleet.max_samples}
 
 
 def claims_own_name(node_id: int, registered: str, device_id: str, packet: bytes | None) -> bool:

@@ -259,9 +259,10 @@ class DeviceRuntime:
         return self._prompter_obj
 
     # -- uplink ------------------------------------------------------------------------------
-    def collect_uplink(self, max_samples: int = 256) -> bytes | None:
-        """An uplink packet of pending outbox samples (marked in flight until acknowledged)."""
-        samples = self.outbox.pending(max_samples)
+    def collect_uplink(self, max_samples: int = 256, newest: bool = False) -> bytes | None:
+        """An uplink packet of pending outbox samples (marked in flight until acknowledged): the oldest, or with
+        ``newest`` the most recent (a round reacting to a shift learns the new domain, not the backlog)."""
+        samples = self.outbox.pending(max_samples, newest=newest)
         if not samples:
             return None
         packet = build_uplink(samples, self.uts, device_id=self.device_id, adapter_version=str(self.store.version))

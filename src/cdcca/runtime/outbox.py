@@ -153,14 +153,17 @@ class Outbox:
 
         return self._run(go)
 
-    def pending(self, limit: int | None = None, *, include_in_flight: bool = False) -> list[UplinkSample]:
-        """Oldest-first samples not yet sent (plus, if asked, those sent but not yet acknowledged)."""
+    def pending(self, limit: int | None = None, *, include_in_flight: bool = False,
+                newest: bool = False) -> list[UplinkSample]:
+        """Samples not yet sent (plus, if asked, those sent but not yet acknowledged), oldest first; ``newest``:
+        the ``limit`` most recent ones (still in the order queued), for a round that reacts to a shift."""
         where = "" if include_in_flight else "WHERE packet_id IS NULL"
         lim = -1 if limit is None else int(limit)
         rows = self._run(lambda db: db.execute(
             f"SELECT sample_id, question, answer, mc, confidence, uncertainty, n_tokens, positions, tokens, "
-            f"tokens_dtype, tokens_shape, image_png FROM samples {where} ORDER BY seq LIMIT ?", (lim,)).fetchall())
-        return [_from_row(r, self.path) for r in rows]
+            f"tokens_dtype, tokens_shape, image_png FROM samples {where} ORDER BY seq {'DESC' if newest else ''} "
+            f"LIMIT ?", (lim,)).fetchall())
+        return [_from_row(r, self.path) for r in (rows[::-1] if newest else rows)]
 
     def mark_sent(self, ids: Sequence[str], packet_id: str) -> int:
         """Record that these samples went out in ``packet_id``; returns how many rows it touched. A reported

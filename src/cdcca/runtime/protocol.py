@@ -57,11 +57,13 @@ class ApplyReport:
     status: dict[str, Any]
 
 
-def device_uplink(device, rnd: int, max_samples: int = 256, served: dict[str, Any] | None = None) -> UplinkMessage:
+def device_uplink(device, rnd: int, max_samples: int = 256, served: dict[str, Any] | None = None,
+                  newest: bool = False) -> UplinkMessage:
     """Pack what the outbox holds (``rnd`` only names the round; nothing is served here). ``served``: the
-    online metrics of a driver that answered this round's requests itself, carried along for its log."""
+    online metrics of a driver that answered this round's requests itself, carried along for its log;
+    ``newest``: the ``max_samples`` most recent samples (a round that reacts to a shift), the rest wait."""
     device.outbox.requeue()          # still in flight = their ack was lost; the cloud dedups sample ids
-    packet = device.collect_uplink(max_samples)
+    packet = device.collect_uplink(max_samples, newest=newest)
     return UplinkMessage(device.device_id, packet, device.status(), dict(served or {}))
 
 
