@@ -83,7 +83,7 @@ def test_one_round_in_process_resyncs_a_device_on_a_stale_base():
                 raise StaleBaseError("stale")
             return super().apply(packet)
 
-        def collect_uplink(self, max_samples):
+        def collect_uplink(self, max_samples, newest=False):
             return b"uplink"
 
         class outbox:
