@@ -39,7 +39,7 @@ from cdcca.runtime.queue_status import outbox_queue
 
 ROUND_LOG = "fleet-rounds.jsonl"      # per-round metrics, one JSON object a line, in the cloud state dir
 STOP_FILE = "stop"                    # in the cloud state dir: the ServerApp ends after its current round
-READY_FILE = "ready"                  # in the cloud state dir: the ServerApp has its models loaded and its devices
+READY_FILE = "ready"                  # in the cloud state dir: the ServerApp has loaded its models and seen its devices
 
 
 def run_config(context: Context) -> RunConfig:
