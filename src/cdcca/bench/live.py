@@ -234,9 +234,8 @@ def domain_recovery(live: list[dict], ref: dict) -> dict[str, dict]:
     the domain before the first adapter version that gains at least half of what the domain's last window gains
     (``requests_to_half``, mean over devices; a version is what changes between answers, so this is counted to
     the request, not to the window)."""
-    paired = [dict(r, right=r["answer"] == r["gold"],
-                   base=ref[(r["device"], r["index"])]["answer"] == ref[(r["device"], r["index"])]["gold"])
-              for r in live if r["ok"] and ref.get((r["device"], r["index"]), {}).get("ok")]
+    paired = [dict(r, right=r["answer"] == r["gold"], base=other["answer"] == other["gold"])
+              for r in live if r["ok"] and (other := ref.get((r["device"], r["index"]), {})).get("ok")]
     out = {}
     for domain in dict.fromkeys(r["domain"] for r in sorted(paired, key=lambda r: (r["window"], r["index"]))):
         mine = [r for r in paired if r["domain"] == domain]
