@@ -65,15 +65,20 @@ def tiny_cloud():
     return tiny_model("cloud", seed=1)
 
 
-@pytest.fixture
-def cloud(tmp_path):
+def open_test_cloud(state_dir):
     """A cloud runtime on tiny models with a short AKD round and a 16 KiB downlink."""
     from cdcca.akd.config import AKDConfig
     from cdcca.downlink import DWCConfig
     from cdcca.runtime.cloud import CloudRuntime
 
-    c = CloudRuntime.open(tmp_path / "cloud", tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4)),
-                          dwc=DWCConfig(budget_bytes=16 * 1024))
+    return CloudRuntime.open(state_dir, tiny=True, akd=AKDConfig(labels=LabelPhase(epochs=1, batch_size=4)),
+                             dwc=DWCConfig(budget_bytes=16 * 1024))
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    """:func:`open_test_cloud` in the test's folder."""
+    c = open_test_cloud(tmp_path / "cloud")
     yield c
     c.close()
 

@@ -97,6 +97,9 @@ class FleetSection:
         "trigger starts that round as soon as a device reports a shift; older uploads wait for the next regular "
         "round); 0: the round clock only "
         "(first 80 requests after a shift +1.6 against +4.6 reacting, docs/RESULTS.md)"))
+    shift_interrupts: bool = field(default=True, metadata=_help(
+        "the ServerApp with a trigger and early_round: a device's shift report stops a regular round's training "
+        "(nothing of it is committed; its uploads wait for the next regular round) and starts the shift's round"))
     round_every_s: float = field(default=0.0, metadata=_help(
         "> 0: a round at most this long after the last one began (if anything is queued)"))
     status_every_s: float = field(default=5.0, metadata=_help("how often the outboxes are asked while waiting for a trigger"))

@@ -124,7 +124,7 @@ def test_a_rejected_uplink_leaves_only_that_device_out():
         def mirror_hash(self, device_id):
             return "h2"
 
-        def run_round(self, device_id, study=None):
+        def run_round(self, device_id, study=None, only=None, should_stop=None):
             return b"update"
 
     ups = {1: uplink(b"bad"), 2: uplink(b"uplink")}

@@ -26,7 +26,7 @@ class FakeCloud:
     def resync(self, device_id):
         return b"resync v2"
 
-    def run_round(self, device_id, study=None):
+    def run_round(self, device_id, study=None, only=None, should_stop=None):
         return self.new
 
 

@@ -170,3 +170,71 @@ def test_the_servers_shift_round_asks_each_device_for_its_newest_early_round_sam
     cfg = resolve(sets=["fleet.early_round=20", "fleet.max_samples=256"])
     assert uplink_ask(3, cfg, reacting=True) == {"round": 3, "max-samples": 20, "newest": True}
     assert uplink_ask(4, cfg, reacting=False) == {"round": 4, "max-samples": 256}
+
+
+def _two_uplinks(device):
+    """Two rounds' uplink packets of ``device``, as a busy device queues them."""
+    from cdcca.fleet.traffic import serve_round
+
+    serve_round(device, 0)
+    first = device.collect_uplink()
+    serve_round(device, 1)
+    return first, device.collect_uplink()
+
+
+def test_an_interrupted_round_commits_nothing_and_its_uploads_train_in_the_next_round(tmp_path, device, cloud):
+    """A regular round stopped for a shift leaves the cloud as if it had never started: the same update later."""
+    from tests.conftest import open_test_cloud
+
+    from cdcca.runtime.protocol import UplinkMessage, cloud_round
+
+    packet, _ = _two_uplinks(device)
+    up = {0: UplinkMessage("dev-0", packet, device.status())}
+    asked = []
+    down = cloud_round(cloud, up, should_stop=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3 and down[0].packets == []              # stopped on its third step: no update
+    assert down[0].acked and cloud.pending_samples("dev-0") == len(down[0].acked)   # the uploads stay, acknowledged
+    assert cloud.mirror(dev := "dev-0")[0] == 0
+
+    resumed = cloud_round(cloud, up)                              # the next regular round
+    never_stopped = open_test_cloud(tmp_path / "other-cloud")
+    plain = cloud_round(never_stopped, up)
+    assert resumed[0].packets and cloud.pending_samples(dev) == 0
+    assert plain[0].packets and cloud.mirror_hash(dev) == never_stopped.mirror_hash(dev)   # no trace of the stop
+    never_stopped.close()
+
+
+def test_a_round_that_reacts_to_a_shift_trains_only_its_own_uploads(device, cloud):
+    """What an interrupted round left pending (the old domain) waits for the next regular round."""
+    from cdcca.runtime.protocol import UplinkMessage, cloud_round
+
+    old, new = _two_uplinks(device)
+    cloud.receive(old)                                            # an interrupted round's uploads
+    left = cloud.pending_samples("dev-0")
+    trained = {}
+    down = cloud_round(cloud, {0: UplinkMessage("dev-0", new, device.status())}, trained=trained, fresh_only=True)
+    assert down[0].packets and sorted(trained[0]) == sorted(down[0].acked)
+    assert not set(trained[0]) & {s for s in cloud.db.execute("SELECT sample_id FROM samples WHERE round IS NULL")
+                                  .fetchall() for s in s}
+    assert cloud.pending_samples("dev-0") == left                 # the backlog is still there, untrained
+    cloud_round(cloud, {0: UplinkMessage("dev-0", None, device.status())}, trained=trained)
+    assert cloud.pending_samples("dev-0") == 0 and len(trained[0]) == left
+
+
+def test_the_shift_watch_says_so_once_a_device_reports_a_shift_and_stops_with_the_round():
+    from cdcca.fleet.server import ShiftWatch
+
+    answers = iter([(40, 0), (41, 0), (44, 1)])
+    with ShiftWatch(lambda: next(answers), every_s=0.01) as watch:
+        assert watch.reported.wait(5.0)                           # the third question hears the report
+    asked = []
+    with ShiftWatch(lambda: asked.append(1) or (9, 1), every_s=0.01, active=False) as off:
+        pass
+    assert not off.reported.is_set() and asked == []             # a shift round is not watched
+    calm = []
+    with ShiftWatch(lambda: calm.append(1) or (9, 0), every_s=0.01) as quiet:
+        quiet.reported.wait(0.1)
+    n = len(calm)
+    assert n >= 2 and not quiet.reported.is_set()
+    quiet.reported.wait(0.05)
+    assert len(calm) == n                                         # nothing asked after the block

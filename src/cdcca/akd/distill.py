@@ -39,6 +39,7 @@ import torch
 
 from cdcca.adapter_state import AdapterState
 from cdcca.akd.config import TRAIN_GROUPS, AKDConfig
+from cdcca.akd.interrupt import StopCheck, check
 from cdcca.akd.losses import AKDLoss, Aligner, answer_loss_per_sample, wavelet_highband_l1
 from cdcca.akd.prefix import PrefixTeacher, train_prefix
 from cdcca.akd.records import ReplayBuffer, TeacherRecord, with_true_labels
@@ -180,10 +181,13 @@ class AKD:
     # -- step 2: distil into the device's adapters --------------------------------------------
     def distill(self, device_id: str, base: AdapterState, records: list[TeacherRecord],
                 device_answers: list[str] | None = None,
-                span: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[AdapterState, DistillStats]:
+                span: tuple[torch.Tensor, torch.Tensor] | None = None,
+                should_stop: StopCheck | None = None) -> tuple[AdapterState, DistillStats]:
         """Train a copy of ``base`` (the device's current adapters) on ``records`` + replay; return new adapters.
         ``span``: where prefix distillation may change the bridge's token projection (uploads that came in
-        a code: :func:`~cdcca.akd.prefix.train_prefix`)."""
+        a code: :func:`~cdcca.akd.prefix.train_prefix`); ``should_stop``: asked before every training step,
+        raises :class:`~cdcca.akd.interrupt.RoundInterrupted` (the replay buffers may then hold this round's
+        records: the caller restores the student state)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         new = [r for r in records if r.answered and r.confidence >= cfg.labels.min_teacher_confidence]
@@ -194,19 +198,21 @@ class AKD:
             torch.manual_seed(cfg.seed * 1_000_003 + replay.seen * 1009 + state.prefix_replay.seen)
             # off the CPU, tensors the losses create land on the device too (on the CPU: nothing changes)
             with contextlib.nullcontext() if self.device.type == "cpu" else self.device:
-                return self._distill(state, base, records, new, device_answers, t0, span)
+                return self._distill(state, base, records, new, device_answers, t0, span, should_stop)
 
     def _distill(self, state: StudentState, base: AdapterState, records: list[TeacherRecord],
                  new: list[TeacherRecord], device_answers: list[str] | None, t0: float,
-                 span: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[AdapterState, DistillStats]:
+                 span: tuple[torch.Tensor, torch.Tensor] | None,
+                 should_stop: StopCheck | None = None) -> tuple[AdapterState, DistillStats]:
         cfg = self.cfg
         replay = state.replay
         old = replay.sample(int(len(new) * cfg.replay.per_round)) if cfg.labels.epochs > 0 else []
         data = new + old
         load_adapter_state(self.student, base)
         rng = random.Random(cfg.seed + replay.seen)
-        prefix_stats = self.distill_prefix(state.prefix_replay, records, rng, span) if self.prefix_teacher and records else {}
-        steps, totals = self._train_labels(state.aligner, data, rng) if data else (0, {})
+        prefix_stats = (self.distill_prefix(state.prefix_replay, records, rng, span, should_stop)
+                        if self.prefix_teacher and records else {})
+        steps, totals = self._train_labels(state.aligner, data, rng, should_stop) if data else (0, {})
         replay.add(new)
         agree = float("nan")
         if device_answers is not None and records and all(r.answered for r in records):
@@ -215,7 +221,8 @@ class AKD:
         stats = DistillStats(len(new) if data else 0, len(old) if data else 0, steps, time.perf_counter() - t0, losses, agree)
         return adapter_state(self.student), stats
 
-    def _train_labels(self, aligner: Aligner, data: list[TeacherRecord], rng: random.Random) -> tuple[int, dict[str, float]]:
+    def _train_labels(self, aligner: Aligner, data: list[TeacherRecord], rng: random.Random,
+                      should_stop: StopCheck | None = None) -> tuple[int, dict[str, float]]:
         """The label phase: ``cfg.labels.epochs`` over ``data`` with the AKD loss (+ source rehearsal);
         returns the number of steps and the summed loss terms."""
         cfg, lab = self.cfg, self.cfg.labels
@@ -229,32 +236,36 @@ class AKD:
         totals: dict[str, float] = {}
         step = 0
         self.student.train()
-        for _ in range(lab.epochs):
-            order = list(range(len(data)))
-            rng.shuffle(order)
-            for s in range(0, len(order), lab.batch_size):
-                batch = [data[i] for i in order[s:s + lab.batch_size]]
-                lr = cosine(lab.lr, lab.lr_final, step / max(1, steps - 1))
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                terms = self._batch_terms(batch, loss_fn)
-                if cfg.replay.source > 0:
-                    terms["source"] = self.source_loss(max(1, round(len(batch) * cfg.replay.source)), rng)
-                loss = sum(terms.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + v.item()
-                step += 1
-        self.student.eval()
-        for name, p in self.student.named_parameters():
-            p.requires_grad_(is_adapter_key(name))
+        try:
+            for _ in range(lab.epochs):
+                order = list(range(len(data)))
+                rng.shuffle(order)
+                for s in range(0, len(order), lab.batch_size):
+                    check(should_stop)
+                    batch = [data[i] for i in order[s:s + lab.batch_size]]
+                    lr = cosine(lab.lr, lab.lr_final, step / max(1, steps - 1))
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    terms = self._batch_terms(batch, loss_fn)
+                    if cfg.replay.source > 0:
+                        terms["source"] = self.source_loss(max(1, round(len(batch) * cfg.replay.source)), rng)
+                    loss = sum(terms.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    for k, v in terms.items():
+                        totals[k] = totals.get(k, 0.0) + v.item()
+                    step += 1
+        finally:          # an interrupted round leaves the student as a finished one does
+            self.student.eval()
+            for name, p in self.student.named_parameters():
+                p.requires_grad_(is_adapter_key(name))
         return step, totals
 
     def distill_prefix(self, replay: ReplayBuffer, records: list[TeacherRecord], rng: random.Random,
-                       span: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+                       span: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       should_stop: StopCheck | None = None) -> dict[str, float]:
         """Prefix distillation of the student's bridge on every record (no gate: the target is not a
         label) plus a replay of earlier ones from ``replay``; see :mod:`cdcca.akd.prefix`."""
         cfg = self.cfg
@@ -264,7 +275,8 @@ class AKD:
         stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]).to(dev),
                              torch.stack([r.keep for r in data]).to(dev), targets, epochs=cfg.prefix.epochs,
                              batch_size=cfg.prefix.batch_size, lr=cfg.prefix.lr, source_ratio=cfg.replay.source,
-                             grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params, span=span)
+                             grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params, span=span,
+                             should_stop=should_stop)
         replay.add(records)
         return stats
 

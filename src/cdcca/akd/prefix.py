@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from cdcca.akd.config import PREFIX_GROUPS
+from cdcca.akd.interrupt import StopCheck, check
 from cdcca.metrics import cosine
 from cdcca.model.bridge import Bridge
 
@@ -131,23 +132,24 @@ def change_on_span(bridge: Bridge, span: tuple[torch.Tensor, torch.Tensor] | Non
 def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
                  targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
                  grad_clip: float, rng: random.Random, group: str = "all",
-                 span: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+                 span: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 should_stop: StopCheck | None = None) -> dict[str, float]:
     """Fit ``bridge`` so that bridge(tokens, keep) ≈ targets, anchored on clean source images.
 
     ``targets`` are translated teacher prefixes (N, Q, d_s). Each step also draws ``source_ratio``
     clean source images per sample and pulls their prefix towards the source device's own. Only
     the bridge's parameters of ``group`` (:data:`PREFIX_GROUPS`) move; ``span`` (A, B) confines the change
     of its token projection to W₀ + ΔW·A·B (:func:`change_on_span`: uploads that reached the cloud in a
-    code, see :func:`~cdcca.uplink.codec.code_span_factors`). Returns the mean of each loss term and the
-    number of steps."""
+    code, see :func:`~cdcca.uplink.codec.code_span_factors`); ``should_stop``: asked before every step
+    (:mod:`cdcca.akd.interrupt`). Returns the mean of each loss term and the number of steps."""
     with change_on_span(bridge, span):
         return _train(bridge, teacher, tokens, keep, targets, epochs=epochs, batch_size=batch_size, lr=lr,
-                      source_ratio=source_ratio, grad_clip=grad_clip, rng=rng, group=group)
+                      source_ratio=source_ratio, grad_clip=grad_clip, rng=rng, group=group, should_stop=should_stop)
 
 
 def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
            targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
-           grad_clip: float, rng: random.Random, group: str) -> dict[str, float]:
+           grad_clip: float, rng: random.Random, group: str, should_stop: StopCheck | None = None) -> dict[str, float]:
     named = list(bridge.named_parameters())
     flags = [p.requires_grad for _, p in named]
     for name, p in named:
@@ -164,6 +166,7 @@ def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: t
             order = list(range(n))
             rng.shuffle(order)
             for s in range(0, n, batch_size):
+                check(should_stop)
                 idx = order[s:s + batch_size]
                 for g in opt.param_groups:
                     g["lr"] = cosine(lr, 0.0, step / max(1, steps))

@@ -5,7 +5,10 @@ something to learn: a round starts when the devices' outboxes hold ``min-uploads
 cheap ``query.status`` every ``status-every-s``) or ``round-every-s`` after the last one began, whichever
 comes first, and only when something is queued. ``rounds=0`` runs until a file named ``stop`` appears in
 the cloud state dir (``cdcca fleet down`` and ``cdcca bench live`` write it); the round in progress ends
-first. Serving never waits for a round: each device's API answers with its current adapters while the
+first. A regular round gives way to a shift: while its cloud step trains, the outboxes are asked every
+``status-every-s`` too, and when a device reports a shift the training stops (nothing of it is committed),
+the devices get their acknowledgements, and the shift's round starts at once (``fleet.shift_interrupts``).
+Serving never waits for a round: each device's API answers with its current adapters while the
 cloud trains, and follows the adapter store when the update lands.
 
 Each round appends one JSON line to ``CLOUD_DIR/fleet-rounds.jsonl``: per device what moved, whether it
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing, contextmanager
@@ -59,20 +63,58 @@ def main(grid: Grid, context: Context) -> None:
 def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, reason: str) -> None:
     """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line."""
     clock = Stopwatch()
+    reacting = reason == "shift"
     with clock("uplink"):
-        uplinks = collect_uplinks(grid, rnd, cfg, reacting=reason == "shift")      # query.uplink
-    with clock("cloud"):
+        uplinks = collect_uplinks(grid, rnd, cfg, reacting=reacting)             # query.uplink
+    watching = cfg.fleet.shift_interrupts and cfg.fleet.triggered and cfg.fleet.early_round > 0 and not reacting
+    with clock("cloud"), ShiftWatch(lambda: queued_uploads(grid, rnd, cfg), cfg.fleet.status_every_s, watching) as shift:
         join_group(cloud, uplinks, cfg.fleet.group)
         trained: dict[int, list[str]] = {}
-        downlinks = cloud_rounds(cloud, uplinks, trained)                         # receive → AKD → DWC
+        downlinks = cloud_rounds(cloud, uplinks, trained, fresh_only=reacting,    # receive → AKD → DWC
+                                 should_stop=shift.reported.is_set)
     with clock("apply"):
         resynced, applied = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)   # train.apply (+ resync)
     with clock("status"):
         statuses = collect_status(grid, rnd, cfg, applied)                       # evaluate (the others)
     row = check_mirrors(cloud, rnd, uplinks, downlinks, resynced, statuses, trained)
-    rounds.append({**row, "trigger": reason, "started": clock.started, "wall_s": clock.total(), "step_s": clock.laps})
-    log(INFO, "round %s (%s): %s/%s devices in sync with their cloud mirror (%.1f s)",
-        rnd, reason, row["in_sync"], len(row["devices"]), clock.total())
+    interrupted = shift.reported.is_set()
+    rounds.append({**row, "trigger": reason, "interrupted": interrupted, "started": clock.started,
+                   "wall_s": clock.total(), "step_s": clock.laps})
+    log(INFO, "round %s (%s%s): %s/%s devices in sync with their cloud mirror (%.1f s)", rnd, reason,
+        ", interrupted by a shift report" if interrupted else "", row["in_sync"], len(row["devices"]), clock.total())
+
+
+class ShiftWatch:
+    """While a regular round's cloud step runs: asks ``queued()`` (as :class:`RoundTrigger` does) every
+    ``every_s`` on a thread of its own and sets ``reported`` when a device reports a shift. The Grid is
+    only used by this thread while the step runs: leaving the block waits for a question in flight."""
+
+    def __init__(self, queued: Callable[[], int | tuple[int, int]], every_s: float, active: bool = True):
+        self.queued, self.every_s, self.active = queued, every_s, active
+        self.reported, self._done = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="shift-watch", daemon=True)
+
+    def __enter__(self) -> ShiftWatch:
+        if self.active:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            try:
+                q = self.queued()
+            except Exception as exc:              # a failed question must not end the round: the next one may answer
+                log(WARNING, "shift watch: asking the outboxes failed: %s", exc)
+                q = 0
+            if isinstance(q, tuple) and q[1] > 0 and not self._done.is_set():
+                self.reported.set()
+                return
+            self._done.wait(self.every_s)
 
 
 class RoundTrigger:
@@ -224,16 +266,18 @@ def join_group(cloud, uplinks: dict[int, UplinkMessage], group: str) -> None:
             cloud.set_group(up.device_id, group)
 
 
-def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage],
-                 trained: dict[int, list[str]] | None = None) -> dict[int, DownlinkMessage]:
+def cloud_rounds(cloud, uplinks: dict[int, UplinkMessage], trained: dict[int, list[str]] | None = None,
+                 fresh_only: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[int, DownlinkMessage]:
     """The cloud's step of the round for every device (all uploads committed first, so a fleet group's
-    student sees all its members); a device whose packet is rejected is left out."""
+    student sees all its members); a device whose packet is rejected is left out. ``fresh_only`` and
+    ``should_stop`` as for :func:`~cdcca.runtime.protocol.cloud_round`."""
     from cdcca.runtime.protocol import cloud_round  # torch: only when a round runs
 
     def rejected(_nid: int, up: UplinkMessage, exc: Exception) -> None:
         log(WARNING, "%s: uplink rejected, nothing acknowledged: %s", up.device_id, exc)
 
-    return cloud_round(cloud, uplinks, on_reject=rejected, trained=trained)
+    return cloud_round(cloud, uplinks, on_reject=rejected, trained=trained, fresh_only=fresh_only,
+                       should_stop=should_stop)
 
 
 def send_downlinks(grid: Grid, cloud, uplinks: dict[int, UplinkMessage], downlinks: dict[int, DownlinkMessage],

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from cdcca import wire
 from cdcca.adapter_state import AdapterState, state_hash
 from cdcca.akd.distill import AKD, AKDConfig, DistillStats, TeacherRecord
+from cdcca.akd.interrupt import StopCheck, check
 from cdcca.akd.source_set import load_source_set, random_source_set
 from cdcca.atomic import link_or_copy, transaction, write_safetensors
 from cdcca.downlink import DWCConfig, build_resync, build_update, readdress_update
@@ -195,13 +196,15 @@ class CloudRuntime:
         return self.db.execute(f"SELECT COUNT(*) FROM samples WHERE device_id IN ({marks}) AND round IS NULL",
                                device_ids).fetchone()[0]
 
-    def _load_pending(self, device_ids: list[str]):
+    def _load_pending(self, device_ids: list[str], only: Collection[str] | None = None):
+        """The untrained uploads of ``device_ids`` (of them, those in ``only`` when given), decoded."""
         marks = ",".join("?" * len(device_ids))
         rows = self.db.execute(f"SELECT sample_id, packet_sha FROM samples WHERE device_id IN ({marks}) AND round IS NULL "
                                "ORDER BY rowid", device_ids).fetchall()
         wanted: dict[str, set[str]] = {}
         for sid, sha in rows:
-            wanted.setdefault(sha, set()).add(sid)
+            if only is None or sid in only:
+                wanted.setdefault(sha, set()).add(sid)
         tokens, keep, questions, ids, device_answers, codes = [], [], [], [], [], Counter()
         for sha, sids in wanted.items():
             up = self._decoded.pop(sha, None) or decode_uplink((self.dir / "uplinks" / f"{sha}.pkt").read_bytes())
@@ -219,39 +222,46 @@ class CloudRuntime:
         return torch.stack(tokens), torch.stack(keep), questions, ids, device_answers, codes.most_common(1)[0][0]
 
     # -- a round: AKD → DWC ------------------------------------------------------------------
-    def run_round(self, device_id: str, study: RoundStudy | None = None) -> bytes | None:
+    def run_round(self, device_id: str, study: RoundStudy | None = None, only: Collection[str] | None = None,
+                  should_stop: StopCheck | None = None) -> bytes | None:
         """Distil the device's new uploads into its mirror and store (then return) the update packet.
         A group member's round trains the group's student on every member's pending uploads (once:
         the next member finds nothing pending) and then delivers the group's update to this device.
-        ``study``: a benchmark's inputs to this round (never set in a deployment)."""
+        ``study``: a benchmark's inputs to this round (never set in a deployment); ``only``: train on these
+        of the pending uploads, the others wait (a round that reacts to a shift); ``should_stop``: asked
+        before every training step; when it says so the round raises
+        :class:`~cdcca.akd.interrupt.RoundInterrupted` and commits nothing."""
         t_round = time.perf_counter()
         self.last_round = None
         group = self.group_of(device_id)
         if group is None:
-            packet = self._train_round(device_id, [device_id], study)
+            packet = self._train_round(device_id, [device_id], study, only, should_stop)
         else:
-            self._train_round(GROUP_PREFIX + group, self.members(group), study)
+            self._train_round(GROUP_PREFIX + group, self.members(group), study, only, should_stop)
             packet = self._deliver(device_id, GROUP_PREFIX + group)
         self.last_round_s = time.perf_counter() - t_round
         return packet
 
-    def _train_round(self, owner: str, sources: list[str], study: RoundStudy | None = None) -> bytes | None:
+    def _train_round(self, owner: str, sources: list[str], study: RoundStudy | None = None,
+                     only: Collection[str] | None = None, should_stop: StopCheck | None = None) -> bytes | None:
         """AKD → DWC for ``owner`` (a device, or a group's student) on the pending uploads of ``sources``."""
-        pending = self._load_pending(sources)
+        pending = self._load_pending(sources, only)
         if pending is None:
             return None
         tokens, keep, questions, ids, device_answers, code = pending
         version, base = self.mirror(owner)
         rnd = self.db.execute("SELECT rounds FROM devices WHERE device_id=?", (owner,)).fetchone()[0] + 1
         d = self._home(owner)
-        self._restore_student(owner, version)
+        self._restore_student(owner, version)      # from here until the commit, an interruption leaves no trace
+        check(should_stop)
         t0 = time.perf_counter()
         study = study or RoundStudy()
         answers = self.akd.needs_answers or study.teacher_answers or study.relabel is not None
         teacher_records = self.akd.teacher_pass(tokens, keep, questions, ids, answers=answers)
         teacher_s = time.perf_counter() - t0
         records = study.relabel(teacher_records) if study.relabel else teacher_records
-        target, st = self.akd.distill(owner, base, records, device_answers, span=code_span(base, code))
+        target, st = self.akd.distill(owner, base, records, device_answers, span=code_span(base, code),
+                                      should_stop=should_stop)
         self.last_round = RoundReport(ids, teacher_records, device_answers, st, teacher_s)
         save_records(d / f"records-r{rnd}.safetensors", records)
         new = version + 1

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdcca.akd.interrupt import RoundInterrupted, StopCheck
 from cdcca.runtime.adapter_store import StaleBaseError
 from cdcca.wire import PacketError
 
@@ -80,10 +81,12 @@ def cloud_receive(cloud, up: UplinkMessage, catch_up: bool = True) -> DownlinkMe
     return down
 
 
-def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage, study=None) -> DownlinkMessage:
+def cloud_update(cloud, up: UplinkMessage, down: DownlinkMessage, study=None, only=None,
+                 should_stop: StopCheck | None = None) -> DownlinkMessage:
     """AKD → DWC for this device (or its group's shared student), appended to ``down``; ``study``: a
-    benchmark's :class:`~cdcca.runtime.cloud.RoundStudy` (true labels, teacher answers), never a deployment's."""
-    update = cloud.run_round(up.device_id, study)
+    benchmark's :class:`~cdcca.runtime.cloud.RoundStudy` (true labels, teacher answers), never a deployment's;
+    ``only`` and ``should_stop`` as for :meth:`~cdcca.runtime.cloud.CloudRuntime.run_round`."""
+    update = cloud.run_round(up.device_id, study, only=only, should_stop=should_stop)
     if update is not None:
         down.packets.append(update)
     return down
@@ -96,13 +99,19 @@ def cloud_downlink(cloud, up: UplinkMessage, catch_up: bool = True, study=None) 
 
 def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing: dict[Any, float] | None = None,
                 catch_up: bool = True, trained: dict[Any, list[str]] | None = None, study=None,
-                receive_timing: dict[Any, float] | None = None) -> dict[Any, DownlinkMessage]:
+                receive_timing: dict[Any, float] | None = None, fresh_only: bool = False,
+                should_stop: StopCheck | None = None) -> dict[Any, DownlinkMessage]:
     """The cloud's step for a whole fleet: every uplink is committed before any training, so a group's
     shared student learns from all its members' uploads of the round. A device whose packet is
     malformed is left out (``on_reject(key, up, error)``), the others go on. ``timing`` receives each
     device's cloud seconds (AKD → DWC), ``receive_timing`` the seconds from its packet to its
     acknowledgements, and ``trained`` the sample ids AKD trained on (a group's training is counted on the
-    member that ran it)."""
+    member that ran it).
+
+    ``fresh_only`` (a round that reacts to a shift): AKD trains on this round's uploads only; uploads an
+    interrupted round left untrained wait for the next regular round. ``should_stop``: asked before every
+    training step; once it says so, the devices not trained yet get their acknowledgements (and catch-up)
+    only, and their uploads stay pending in the cloud."""
 
     received = {}
     for key, up in uplinks.items():
@@ -115,9 +124,13 @@ def cloud_round(cloud, uplinks: dict[Any, UplinkMessage], on_reject=None, timing
             if on_reject is None:
                 raise
             on_reject(key, up, exc)
+    fresh = {sid for down in received.values() for sid in down.acked} if fresh_only else None
     downlinks = {}
     for key, down in received.items():
-        downlinks[key] = cloud_update(cloud, uplinks[key], down, study)
+        try:
+            downlinks[key] = cloud_update(cloud, uplinks[key], down, study, fresh, should_stop)
+        except RoundInterrupted:
+            return {**downlinks, **{k: d for k, d in received.items() if k not in downlinks}}
         if timing is not None:
             timing[key] = cloud.last_round_s
         if trained is not None:
