@@ -102,7 +102,8 @@ class FleetSection:
         "(nothing of it is committed; its uploads wait for the next regular round) and starts the shift's round"))
     round_every_s: float = field(default=0.0, metadata=_help(
         "> 0: a round at most this long after the last one began (if anything is queued)"))
-    status_every_s: float = field(default=5.0, metadata=_help("how often the outboxes are asked while waiting for a trigger"))
+    status_every_s: float = field(default=5.0, metadata=_help(
+        "how often the outboxes are asked while waiting for a trigger (and, with shift_interrupts, while a regular round trains)"))
     max_samples: int = field(default=256, metadata=_help("uplink samples per packet"))
     cloud_dir: str = field(default="cloud-state", metadata=_help(
         "the ServerApp's cloud state dir (relative: to its working dir)"))
