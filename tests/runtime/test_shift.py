@@ -238,3 +238,20 @@ def test_the_shift_watch_says_so_once_a_device_reports_a_shift_and_stops_with_th
     assert n >= 2 and not quiet.reported.is_set()
     quiet.reported.wait(0.05)
     assert len(calm) == n                                         # nothing asked after the block
+
+
+def test_the_round_a_shift_stopped_hands_its_acknowledgements_to_the_shifts_round_which_starts_at_once(tmp_path):
+    """No downlink is spent on a stopped round: the next one, for the shift, carries its acknowledgements."""
+    from cdcca.fleet.server import RoundTrigger, merge_acks, with_carried_acks
+    from cdcca.runtime.protocol import DownlinkMessage
+
+    asked = []
+    trigger = RoundTrigger(resolve(sets=["fleet.min_uploads=64"]), lambda: asked.append(1) or (3, 0), tmp_path / "stop")
+    assert trigger.wait(shift_known=True) == "shift" and asked == []      # nothing to ask: the watch heard it
+    carried = merge_acks({1: ["a1"]}, {1: ["a2"], 2: ["b1"]})
+    assert carried == {1: ["a1", "a2"], 2: ["b1"]}
+    shift_round = {1: DownlinkMessage(acked=["a9"], packets=[b"update"], caught_up=True)}
+    out = with_carried_acks(shift_round, carried)
+    assert out[1] == DownlinkMessage(acked=["a1", "a2", "a9"], packets=[b"update"], caught_up=True)
+    assert out[2] == DownlinkMessage(acked=["b1"])                        # a device with nothing else: acks alone
+    assert shift_round[1].acked == ["a9"]                                 # the round's own messages stay as they were

@@ -222,6 +222,9 @@ def summarize(cfg: RunConfig, spec: deploy.FleetSpec, live: list[dict], referenc
         "p50_ms": _pct(upd + other, 50), "p99_ms": _pct(upd + other, 99),
         "p99_ms_update_windows": _pct(upd, 99), "p99_ms_other_windows": _pct(other, 99),
         "rounds_completed": len(rounds), "round_triggers": [r.get("trigger") for r in rounds],
+        "rounds_interrupted": sum(bool(r.get("interrupted")) for r in rounds),
+        "round_timing": [{k: r.get(k) for k in ("round", "trigger", "interrupted", "started", "wall_s", "step_s")}
+                         for r in rounds],
         "run_status": runner.result.status if runner.result else runner.error,
         **upload_accounting(spec, ok, rounds), **bytes_moved(spec), "windows": list(windows.values()),
         "domains": domain_recovery(live, ref),

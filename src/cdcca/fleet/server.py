@@ -7,7 +7,7 @@ comes first, and only when something is queued. ``rounds=0`` runs until a file n
 the cloud state dir (``cdcca fleet down`` and ``cdcca bench live`` write it); the round in progress ends
 first. A regular round gives way to a shift: while its cloud step trains, the outboxes are asked every
 ``status-every-s`` too, and when a device reports a shift the training stops (nothing of it is committed),
-the devices get their acknowledgements, and the shift's round starts at once (``fleet.shift_interrupts``).
+and the shift's round starts at once, carrying the stopped round's acknowledgements (``fleet.shift_interrupts``).
 Serving never waits for a round: each device's API answers with its current adapters while the
 cloud trains, and follows the adapter store when the update lands.
 
@@ -52,16 +52,23 @@ def main(grid: Grid, context: Context) -> None:
         (Path(cfg.fleet.cloud_dir) / READY_FILE).touch()   # models loaded, devices connected: traffic may start
         rnd = first = rounds.next_round()
         trigger = RoundTrigger(cfg, lambda: queued_uploads(grid, rnd, cfg), stop)
+        carried: dict[int, list[str]] | None = None    # a round a shift stopped: its acknowledgements
         while cfg.fleet.rounds == 0 or rnd < first + cfg.fleet.rounds:
-            reason = trigger.wait()
+            reason = trigger.wait(shift_known=carried is not None)
             if reason is None:
                 break
-            run_round(grid, cloud, rnd, cfg, rounds, reason)
+            carried = run_round(grid, cloud, rnd, cfg, rounds, reason, carried or {})
             rnd += 1
+        if carried:
+            send_downlinks(grid, cloud, {}, with_carried_acks({}, carried), rnd, cfg)
 
 
-def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, reason: str) -> None:
-    """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line."""
+def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, reason: str,
+              carried: dict[int, list[str]] | None = None) -> dict[int, list[str]] | None:
+    """One round for every connected device: uplinks, the cloud's step, downlinks, statuses, the log line.
+    ``carried``: acknowledgements a stopped round left, sent with this round's downlinks. When a shift report
+    stops this round, no downlink is sent and it returns its acknowledgements (with ``carried``) for the
+    shift's round, which starts next; else None."""
     clock = Stopwatch()
     reacting = reason == "shift"
     with clock("uplink"):
@@ -72,16 +79,43 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, rea
         trained: dict[int, list[str]] = {}
         downlinks = cloud_rounds(cloud, uplinks, trained, fresh_only=reacting,    # receive → AKD → DWC
                                  should_stop=shift.reported.is_set)
+    interrupted = shift.reported.is_set()
+    if interrupted:        # the devices stay where their uplinks found them; a finished update is caught up next round
+        row = check_mirrors(cloud, rnd, uplinks, {}, set(), {nid: up.status for nid, up in uplinks.items()}, trained)
+        rounds.append({**row, "trigger": reason, "interrupted": True, "started": clock.started,
+                       "wall_s": clock.total(), "step_s": clock.laps})
+        log(INFO, "round %s (%s) stopped by a shift report after %.1f s", rnd, reason, clock.total())
+        return merge_acks(carried or {}, {nid: d.acked for nid, d in downlinks.items()})
+    downlinks = with_carried_acks(downlinks, carried or {})
     with clock("apply"):
         resynced, applied = send_downlinks(grid, cloud, uplinks, downlinks, rnd, cfg)   # train.apply (+ resync)
     with clock("status"):
         statuses = collect_status(grid, rnd, cfg, applied)                       # evaluate (the others)
     row = check_mirrors(cloud, rnd, uplinks, downlinks, resynced, statuses, trained)
-    interrupted = shift.reported.is_set()
-    rounds.append({**row, "trigger": reason, "interrupted": interrupted, "started": clock.started,
+    rounds.append({**row, "trigger": reason, "interrupted": False, "started": clock.started,
                    "wall_s": clock.total(), "step_s": clock.laps})
-    log(INFO, "round %s (%s%s): %s/%s devices in sync with their cloud mirror (%.1f s)", rnd, reason,
-        ", interrupted by a shift report" if interrupted else "", row["in_sync"], len(row["devices"]), clock.total())
+    log(INFO, "round %s (%s): %s/%s devices in sync with their cloud mirror (%.1f s)",
+        rnd, reason, row["in_sync"], len(row["devices"]), clock.total())
+    return None
+
+
+def with_carried_acks(downlinks: dict[int, DownlinkMessage], carried: dict[int, list[str]]) -> dict[int, DownlinkMessage]:
+    """``downlinks`` with a stopped round's acknowledgements put first; a node with nothing else gets them alone."""
+    from cdcca.runtime.protocol import DownlinkMessage  # torch: only when a round runs
+
+    out = dict(downlinks)
+    for nid, ids in carried.items():
+        d = out.get(nid) or DownlinkMessage(acked=[])
+        out[nid] = DownlinkMessage(list(ids) + d.acked, d.packets, d.caught_up)
+    return out
+
+
+def merge_acks(*acks: dict[int, list[str]]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for a in acks:
+        for nid, ids in a.items():
+            out.setdefault(nid, []).extend(ids)
+    return out
 
 
 class ShiftWatch:
@@ -127,9 +161,13 @@ class RoundTrigger:
         self.cfg, self.queued, self.stop, self.sleep, self.clock = cfg, queued, stop, sleep, clock
         self.last_start = clock()
 
-    def wait(self) -> str | None:
+    def wait(self, shift_known: bool = False) -> str | None:
+        """The next round's reason; ``shift_known``: a shift report stopped the last round, start its round now."""
         if self.stop.exists():
             return None
+        if shift_known:
+            self.last_start = self.clock()
+            return "shift"
         if not self.cfg.fleet.triggered:
             return "next"
         while not self.stop.exists():
