@@ -32,6 +32,9 @@ def test_bench_live_answers_every_request_and_loses_no_upload(tmp_path):
     assert res["rounds_completed"] >= 1 and res["run_status"] == "finished:completed"
     assert [w["window"] for w in res["windows"]] == [0, 1, 2] and res["bytes_up"] > 0
     assert json.loads((tmp_path / "live.json").read_text())["online_mc"] == res["online_mc"]
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 48 and all(a["answer"] and a["reference_answer"] for a in answers)   # every answer, kept
+    assert res["rounds_interrupted"] == 0 and len(res["round_timing"]) == res["rounds_completed"]
     assert not Pids(tmp_path / "fleet").alive()                   # everything it started is stopped
 
 
@@ -134,7 +137,8 @@ def test_each_domain_reports_its_first_window_gain_and_the_requests_to_half_of_i
     """Two devices, two domains of two windows, 8 requests a window (4 a device). In pixelate's first window
     device 0's update lands after its 2nd request, device 1's after its 3rd: the updated answers gain +100
     over the never-updated device, the others nothing, so half of the last window's +75 is reached after
-    2 and 3 requests (2.5 on average) although the window as a whole gains only +37.5. jpeg gains at once."""
+    2 and 3 requests (2.5 on average) although the window as a whole gains only +37.5; those updates are the
+    first of the domain too. jpeg gains at once, with the adapters it began with."""
     from cdcca.bench.live import domain_recovery
 
     plan = []                    # (window, domain, device, version, right, reference right)
@@ -149,5 +153,6 @@ def test_each_domain_reports_its_first_window_gain_and_the_requests_to_half_of_i
                      "gold": "a" if right else "b", "version": version})
         ref[(device, i)] = {"ok": True, "answer": "a", "gold": "a" if base else "b"}
     out = domain_recovery(live, ref)
-    assert out["pixelate:5"] == {"first_window_gain": 0.375, "requests_to_half": 2.5}
-    assert out["jpeg:5"] == {"first_window_gain": 0.75, "requests_to_half": 0.0}
+    assert out["pixelate:5"] == {"first_window_gain": 0.375, "requests_to_half": 2.5, "requests_to_first_update": 2.5}
+    assert out["jpeg:5"] == {"first_window_gain": 0.75, "requests_to_half": 0.0,
+                             "requests_to_first_update": 8.0}     # no update landed in it: all 8 per device

@@ -154,7 +154,19 @@ def run_live(cfg: RunConfig, out: Path, log: Callable[[str], None] = print, time
         deploy.down(state)
     out.mkdir(parents=True, exist_ok=True)
     (out / "live.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_answers(out / "answers.jsonl", [r for rows in per_device for r in rows], reference)
     return result
+
+
+def write_answers(path: Path, live: list[dict], reference: list[dict]) -> None:
+    """Every answer served, one JSON line each, beside the never-updated device's to the same request: what
+    the summary's windows and recovery were counted from, kept for a second look."""
+    ref = {(r["device"], r["index"]): r for r in reference}
+    keys = ("device", "index", "window", "domain", "ok", "answer", "gold", "version", "queued", "latency_ms", "at")
+    with open(path, "w") as f:
+        for r in sorted(live, key=lambda r: (r["device"], r["index"])):
+            other = ref.get((r["device"], r["index"]), {})
+            f.write(json.dumps({**{k: r.get(k) for k in keys}, "reference_answer": other.get("answer")}) + "\n")
 
 
 def replay(spec: deploy.FleetSpec, requests: list[list[Request]], cfg: RunConfig) -> list[list[dict]]:
@@ -236,7 +248,9 @@ def domain_recovery(live: list[dict], ref: dict) -> dict[str, dict]:
     first window's online MC minus the reference's (``first_window_gain``), and the requests a device served in
     the domain before the first adapter version that gains at least half of what the domain's last window gains
     (``requests_to_half``, mean over devices; a version is what changes between answers, so this is counted to
-    the request, not to the window)."""
+    the request, not to the window), and the requests a device served with the adapters live when the domain
+    began (``requests_to_first_update``, mean over devices): how long the fleet took to react, whatever the
+    update then gained."""
     paired = [dict(r, right=r["answer"] == r["gold"], base=other["answer"] == other["gold"])
               for r in live if r["ok"] and (other := ref.get((r["device"], r["index"]), {})).get("ok")]
     out = {}
@@ -244,7 +258,8 @@ def domain_recovery(live: list[dict], ref: dict) -> dict[str, dict]:
         mine = [r for r in paired if r["domain"] == domain]
         windows = sorted({r["window"] for r in mine})
         out[domain] = {"first_window_gain": round(_gain([r for r in mine if r["window"] == windows[0]]), 4),
-                       "requests_to_half": _requests_to_half(mine, _gain([r for r in mine if r["window"] == windows[-1]]))}
+                       "requests_to_half": _requests_to_half(mine, _gain([r for r in mine if r["window"] == windows[-1]])),
+                       "requests_to_first_update": _requests_to_first_update(mine)}
     return out
 
 
@@ -268,6 +283,16 @@ def _requests_to_half(rows: list[dict], final_gain: float) -> float | None:
                 break
             n += len(run)
         counts.append(n)
+    return float(np.mean(counts))
+
+
+def _requests_to_first_update(rows: list[dict]) -> float:
+    """Mean over devices of the answers served before the first one from another adapter version than the
+    domain's first answer (all of them when no update landed in the domain)."""
+    counts = []
+    for device in sorted({r["device"] for r in rows}):
+        served = sorted((r for r in rows if r["device"] == device), key=lambda r: r["index"])
+        counts.append(next((i for i, r in enumerate(served) if r.get("version") != served[0].get("version")), len(served)))
     return float(np.mean(counts))
 
 

@@ -66,7 +66,8 @@ def _print_windows(result: dict) -> None:
     for domain, d in (result.get("domains") or {}).items():
         half = d["requests_to_half"]
         console.print(f"{domain}: first window {100 * d['first_window_gain']:+.1f} points over the never-updated device; "
-                      + ("no gain to reach half of" if half is None else f"half the gain after {half:.0f} requests"))
+                      + ("no gain to reach half of" if half is None else f"half the gain after {half:.0f} requests")
+                      + f"; the first update after {d.get('requests_to_first_update', float('nan')):.0f}")
 
 
 def _pc(x: float | None) -> str:
