@@ -110,9 +110,11 @@ def test_a_shift_report_stays_until_an_uplink_carries_samples_queued_after_it(tm
     box.add_many([_sample(0), _sample(1)])                          # the old domain's uploads
     box.report_shift(312, 6.5)
     assert box.shift() == (312, 6.5) and outbox_queue(tmp_path)["shift_at"] == 312   # read-only, no torch
+    assert outbox_queue(tmp_path)["shift_queued"] == 0                # nothing from the new domain to send yet
     box.mark_sent(["dev1-0", "dev1-1"], packet_id="before")          # a round already under way takes them
     assert outbox_queue(tmp_path)["shift_at"] == 312                 # not answered
     box.add_many([_sample(2)])                                        # served after the shift
+    assert outbox_queue(tmp_path)["shift_queued"] == 1                # a round for the shift has something to learn
     box.mark_sent(["dev1-2"], packet_id="after")
     assert box.shift() is None and outbox_queue(tmp_path)["shift_at"] == 0
     box.close()
@@ -128,6 +130,9 @@ def test_an_outbox_with_the_first_form_of_the_shift_table_opens_and_keeps_its_re
         db.execute("DROP TABLE shift")
         db.execute("CREATE TABLE shift (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL, z REAL NOT NULL)")
         db.execute("INSERT INTO shift (id, at, z) VALUES (1, 40, 9.0)")
+    from cdcca.runtime.queue_status import outbox_queue
+
+    assert outbox_queue(tmp_path)["shift_at"] == 40                   # read before the device opens it again
     box = Outbox(tmp_path / "outbox.sqlite")
     assert box.shift() == (40, 9.0)
     box.close()
@@ -255,3 +260,14 @@ def test_the_round_a_shift_stopped_hands_its_acknowledgements_to_the_shifts_roun
     assert out[1] == DownlinkMessage(acked=["a1", "a2", "a9"], packets=[b"update"], caught_up=True)
     assert out[2] == DownlinkMessage(acked=["b1"])                        # a device with nothing else: acks alone
     assert shift_round[1].acked == ["a9"]                                 # the round's own messages stay as they were
+
+
+def test_a_shift_report_counts_once_its_device_has_something_from_the_new_domain_to_send():
+    """Else a device that reported a shift and then got no request would start empty shift rounds forever."""
+    from cdcca.fleet.server import tally_queues
+
+    waiting = {"pending": 0, "in_flight": 4, "shift_at": 30, "shift_queued": 0}
+    ready = {"pending": 3, "in_flight": 0, "shift_at": 55, "shift_queued": 3}
+    older = {"pending": 2, "in_flight": 0, "shift_at": 12}                    # a device without the count
+    assert tally_queues([waiting, {"pending": 5}]) == (9, 0)
+    assert tally_queues([waiting, ready, older]) == (9, 2)

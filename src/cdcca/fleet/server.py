@@ -184,14 +184,19 @@ class RoundTrigger:
 
 def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> tuple[int, int]:
     """Samples waiting in every connected device's outbox (pending or in flight), and how many devices report a
-    shift no uplink has carried samples from yet, from ``query.status``."""
+    shift no uplink has carried samples from yet and have samples queued since, from ``query.status``."""
     msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
+    return tally_queues(_dict(reply.content["queue"])
+                        for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s))
+                        if usable(msg, reply, "queue"))
+
+
+def tally_queues(queues: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """(samples queued over the fleet, devices whose shift report waits with samples queued since it)."""
     total = shifted = 0
-    for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s)):
-        if usable(msg, reply, "queue"):
-            q = _dict(reply.content["queue"])
-            total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
-            shifted += int(q.get("shift_at", 0)) > 0
+    for q in queues:
+        total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
+        shifted += int(q.get("shift_at", 0)) > 0 and int(q.get("shift_queued", 1)) > 0   # (no count: an older device)
     return total, shifted
 
 

@@ -32,12 +32,16 @@ def outbox_ids(state_dir: str | Path) -> set[str]:
 
 
 def outbox_queue(state_dir: str | Path) -> dict[str, int]:
-    """``{"pending": n, "in_flight": m, "shift_at": k}`` for the device state in ``state_dir`` (zeros before its
-    first request); ``shift_at`` > 0: the device reported a shift after k requests that no uplink has carried samples
-    from yet."""
+    """``{"pending": n, "in_flight": m, "shift_at": k, "shift_queued": q}`` for the device state in ``state_dir``
+    (zeros before its first request); ``shift_at`` > 0: the device reported a shift after k requests that no uplink
+    has carried samples from yet, and ``shift_queued`` samples queued since wait to be sent (a round for the shift
+    has something to learn only when q > 0)."""
     rows = _read(state_dir, "SELECT COALESCE(SUM(packet_id IS NULL), 0), COALESCE(SUM(packet_id IS NOT NULL), 0) "
                             "FROM samples")
     pending, in_flight = rows[0] if rows else (0, 0)
-    has_shift = _read(state_dir, "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name='shift'")
-    shift = _read(state_dir, "SELECT at FROM shift") if has_shift and has_shift[0][0] else []
-    return {"pending": int(pending), "in_flight": int(in_flight), "shift_at": int(shift[0][0]) if shift else 0}
+    columns = {r[1] for r in _read(state_dir, "PRAGMA table_info(shift)")}        # none: no table yet
+    after = "shift.after_seq" if "after_seq" in columns else "0"                 # the table's first form: all count
+    shift = _read(state_dir, f"SELECT at, (SELECT COUNT(*) FROM samples WHERE packet_id IS NULL AND seq > {after}) "
+                             "FROM shift") if columns else []
+    at, queued = shift[0] if shift else (0, 0)
+    return {"pending": int(pending), "in_flight": int(in_flight), "shift_at": int(at), "shift_queued": int(queued)}
