@@ -7,6 +7,7 @@ Packets carry a creation time, so two packets are compared by what they carry: e
 import shutil
 
 import pytest
+import torch
 from tests.runtime.test_crash import run_until_paused
 
 from cdcca.adapter_state import state_hash
@@ -47,7 +48,7 @@ def killed_after_two_rounds(root) -> None:
     marker = root / "paused"
     run_until_paused(f"""
         import time, torch
-        torch.set_num_threads(2)                      # as the test process: reductions depend on it
+        torch.set_num_threads({torch.get_num_threads()})   # as this test process: reductions depend on it
         from cdcca.runtime.cloud import CloudRuntime
         from cdcca.runtime.device import DeviceRuntime
         from cdcca.akd.config import AKDConfig, LabelPhase, PrefixPhase, Replay
