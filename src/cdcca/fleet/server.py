@@ -82,8 +82,7 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, rea
     interrupted = shift.reported.is_set()
     if interrupted:        # the devices stay where their uplinks found them; a finished update is caught up next round
         row = check_mirrors(cloud, rnd, uplinks, {}, set(), {nid: up.status for nid, up in uplinks.items()}, trained)
-        rounds.append({**row, "trigger": reason, "interrupted": True, "started": clock.started,
-                       "wall_s": clock.total(), "step_s": clock.laps})
+        rounds.append({**row, "trigger": reason, "interrupted": True, **clock.record()})
         log(INFO, "round %s (%s) stopped by a shift report after %.1f s", rnd, reason, clock.total())
         return merge_acks(carried or {}, {nid: d.acked for nid, d in downlinks.items()})
     downlinks = with_carried_acks(downlinks, carried or {})
@@ -92,8 +91,7 @@ def run_round(grid: Grid, cloud, rnd: int, cfg: RunConfig, rounds: RoundLog, rea
     with clock("status"):
         statuses = collect_status(grid, rnd, cfg, applied)                       # evaluate (the others)
     row = check_mirrors(cloud, rnd, uplinks, downlinks, resynced, statuses, trained)
-    rounds.append({**row, "trigger": reason, "interrupted": False, "started": clock.started,
-                   "wall_s": clock.total(), "step_s": clock.laps})
+    rounds.append({**row, "trigger": reason, "interrupted": False, **clock.record()})
     log(INFO, "round %s (%s): %s/%s devices in sync with their cloud mirror (%.1f s)",
         rnd, reason, row["in_sync"], len(row["devices"]), clock.total())
     return None
@@ -399,6 +397,10 @@ class Stopwatch:
 
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 2)
+
+    def record(self) -> dict[str, Any]:
+        """The round log's timing fields: when it started, its wall seconds, the seconds per step."""
+        return {"started": self.started, "wall_s": self.total(), "step_s": self.laps}
 
 
 class RoundLog:
