@@ -48,6 +48,7 @@ from cdcca.fleet.processes import (
     pids_with_args,
     spawn,
     stop_groups,
+    supernode_cmd,
     tail,
     wait_listening,
 )
@@ -179,7 +180,7 @@ def start_nodes(spec: FleetSpec, names: list[str], pids: Pids, timeout: float, l
         i = spec.devices.index(name)
         node_config = (f"data-dir={_toml_str(state / 'devices' / name)} device-name={_toml_str(name)} "
                        f"device-index={i} num-devices={len(spec.devices)}")
-        cmd = [flower_bin("flower-supernode"), "--superlink", spec.address, "--port", str(free_port()),
+        cmd = [*supernode_cmd(), "--superlink", spec.address, "--port", str(free_port()),
                "--node-config", node_config]
         cmd += ["--insecure"] if spec.insecure else ["--root-certificates", str(state / "tls" / "ca.pem"),
                                                      "--auth-supernode-private-key", str(state / "keys" / name)]

@@ -107,6 +107,13 @@ def flower_bin(name: str) -> str:
     return str(path)
 
 
+def supernode_cmd() -> list[str]:
+    """How the fleet starts a SuperNode: Flower's own, through :mod:`cdcca.fleet.supernode` (a shorter wait
+    after an empty pull)."""
+    flower_bin("flower-supernode")           # the same check that Flower is installed here
+    return [sys.executable, "-m", "cdcca.fleet.supernode"]
+
+
 def device_env(env: dict[str, str], devices: int) -> dict[str, str]:
     """N devices share this machine's cores: each device's processes get its share of threads."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
