@@ -39,7 +39,7 @@ def test_the_launcher_patches_the_pull_loop_of_the_installed_flower():
 
 def test_a_changed_pull_loop_or_a_bad_wait_is_refused():
     changed = types.ModuleType("pull_loop")
-    with pytest.raises(RuntimeError, match="flwr==1.42.0"):
+    with pytest.raises(RuntimeError, match=r"flwr==1\.42\.0"):
         supernode.shorten_idle_wait(changed, 0.5)
     with pytest.raises(ValueError, match="> 0"):
         supernode.IdleClock(0.0)
