@@ -44,23 +44,6 @@ def test_training_pulls_the_bridge_to_its_targets_and_keeps_the_anchor(tiny_devi
     assert not tiny_device.bridge.training
 
 
-@pytest.mark.parametrize(("n", "min_steps", "expected"), [(3, 20, 20), (3, 10, 15), (8, 10, 30), (3, 0, 15)])
-def test_min_steps_lengthens_only_a_small_rounds_training(tiny_device, tiny_cloud, n, min_steps, expected):
-    """15 epochs of batch 4: 3 records make 15 steps, 8 make 30; min_steps tops up the small round only."""
-    source = torch.randn(8, 49, 32).half()
-    teacher = PrefixTeacher.fit(tiny_cloud.bridge, tiny_device.bridge, source, ridge=1.0)
-    tokens, keep = torch.randn(n, 49, 32), torch.ones(n, 49, dtype=torch.bool)
-    targets = teacher.map(bridge_prefix(tiny_cloud.bridge, tokens, keep))
-    stats = train_prefix(tiny_device.bridge, teacher, tokens, keep, targets, epochs=15, batch_size=4, lr=1e-3,
-                         source_ratio=0.0, grad_clip=2.0, rng=random.Random(0), min_steps=min_steps)
-    assert stats["prefix_steps"] == expected
-
-
-def test_min_steps_is_checked():
-    with pytest.raises(ValueError, match="min_steps"):
-        PrefixPhase(min_steps=-1)
-
-
 def test_prefix_only_distillation_changes_the_bridge_and_nothing_else(tiny_device, tiny_cloud, prompter):
     akd = AKD(tiny_cloud, tiny_device, prompter, AKDConfig(labels=LabelPhase(epochs=0, min_teacher_confidence=0.0), prefix=PrefixPhase(epochs=3)),
               source=random_source_set(32, prompter.candidates))

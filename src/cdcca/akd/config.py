@@ -60,15 +60,12 @@ class PrefixPhase:
     lr: float = field(default=1e-3, metadata=_help(
         "a round brings 48 uploads (+ as many replayed): 3e-4 needed 4× the epochs to move the bridge as far"))
     batch_size: int = field(default=32, metadata=_help("records per step"))
-    min_steps: int = field(default=0, metadata=_help(
-        "at least this many steps a round, however few its uploads (a round that reacts to a shift brings 20); "
-        "0 = epochs alone set them"))
     ridge: float = field(default=100.0, metadata=_help(
         "ridge of the teacher → device prefix map fitted on clean source images"))
 
     def __post_init__(self):
-        if self.epochs < 0 or self.batch_size < 1 or self.min_steps < 0:
-            raise ValueError("akd.prefix.epochs and min_steps must be ≥ 0 and akd.prefix.batch_size ≥ 1")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("akd.prefix.epochs must be ≥ 0 and akd.prefix.batch_size ≥ 1")
 
 
 @dataclass

@@ -274,7 +274,7 @@ class AKD:
         targets = self.prefix_teacher.map(torch.stack([r.prefix for r in data]).to(dev))
         stats = train_prefix(self.student.bridge, self.prefix_teacher, torch.stack([r.tokens for r in data]).to(dev),
                              torch.stack([r.keep for r in data]).to(dev), targets, epochs=cfg.prefix.epochs,
-                             min_steps=cfg.prefix.min_steps, batch_size=cfg.prefix.batch_size, lr=cfg.prefix.lr, source_ratio=cfg.replay.source,
+                             batch_size=cfg.prefix.batch_size, lr=cfg.prefix.lr, source_ratio=cfg.replay.source,
                              grad_clip=cfg.grad_clip, rng=rng, group=cfg.params.prefix_params, span=span,
                              should_stop=should_stop)
         replay.add(records)

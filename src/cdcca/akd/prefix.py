@@ -131,25 +131,24 @@ def change_on_span(bridge: Bridge, span: tuple[torch.Tensor, torch.Tensor] | Non
 
 def train_prefix(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
                  targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
-                 grad_clip: float, rng: random.Random, group: str = "all", min_steps: int = 0,
+                 grad_clip: float, rng: random.Random, group: str = "all",
                  span: tuple[torch.Tensor, torch.Tensor] | None = None,
                  should_stop: StopCheck | None = None) -> dict[str, float]:
     """Fit ``bridge`` so that bridge(tokens, keep) ≈ targets, anchored on clean source images.
 
     ``targets`` are translated teacher prefixes (N, Q, d_s). Each step also draws ``source_ratio``
-    clean source images per sample and pulls their prefix towards the source device's own. ``epochs``
-    passes over the data, continued to ``min_steps`` steps when the data is small (an early round). Only
+    clean source images per sample and pulls their prefix towards the source device's own. Only
     the bridge's parameters of ``group`` (:data:`PREFIX_GROUPS`) move; ``span`` (A, B) confines the change
     of its token projection to W₀ + ΔW·A·B (:func:`change_on_span`: uploads that reached the cloud in a
     code, see :func:`~cdcca.uplink.codec.code_span_factors`); ``should_stop``: asked before every step
     (:mod:`cdcca.akd.interrupt`). Returns the mean of each loss term and the number of steps."""
     with change_on_span(bridge, span):
-        return _train(bridge, teacher, tokens, keep, targets, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
+        return _train(bridge, teacher, tokens, keep, targets, epochs=epochs, batch_size=batch_size, lr=lr,
                       source_ratio=source_ratio, grad_clip=grad_clip, rng=rng, group=group, should_stop=should_stop)
 
 
 def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: torch.Tensor,
-           targets: torch.Tensor, *, epochs: int, min_steps: int, batch_size: int, lr: float, source_ratio: float,
+           targets: torch.Tensor, *, epochs: int, batch_size: int, lr: float, source_ratio: float,
            grad_clip: float, rng: random.Random, group: str, should_stop: StopCheck | None = None) -> dict[str, float]:
     named = list(bridge.named_parameters())
     flags = [p.requires_grad for _, p in named]
@@ -158,18 +157,15 @@ def _train(bridge: Bridge, teacher: PrefixTeacher, tokens: torch.Tensor, keep: t
     params = [p for _, p in named if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n = len(tokens)
-    per_epoch = math.ceil(n / batch_size)
-    steps = max(epochs * per_epoch, min_steps if epochs > 0 else 0)
+    steps = epochs * math.ceil(n / batch_size)
     totals = {"prefix": 0.0, "prefix_source": 0.0}
     bridge.train()
     step = 0
     try:
-        for _ in range(math.ceil(steps / max(1, per_epoch))):
+        for _ in range(epochs):
             order = list(range(n))
             rng.shuffle(order)
             for s in range(0, n, batch_size):
-                if step == steps:
-                    break
                 check(should_stop)
                 idx = order[s:s + batch_size]
                 for g in opt.param_groups:
