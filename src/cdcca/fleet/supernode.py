@@ -2,8 +2,8 @@
 
 Flower 1.42's SuperNode asks the SuperLink for a message and, when there is none, sleeps a fixed 3 s
 before asking again. Every step of a cdcca round (status, uplink, apply) is one message, so a step waited
-up to 3 s before the device even saw it: on a tiny 2-device fleet a round took 21.5 s with that wait and
-17.2 s with 0.5 s (``benchmarks/supernode_idle_wait.py``).
+up to 3 s before the device even saw it: on a tiny 2-device fleet a round took 20.9 s with that wait and
+17.5 s with 0.5 s (``benchmarks/fleet_message_steps.py``).
 This launcher runs the stock ``flower-supernode`` with only that idle wait shortened to
 ``CDCCA_NODE_IDLE_S`` seconds (default :data:`IDLE_S`); an empty pull is one small request to the
 SuperLink (in the live runs a SuperNode used 2.7 % of a core at 0.5 s, 2.3 % at 3 s). Every other wait of the SuperNode is left as Flower wrote it.
