@@ -271,3 +271,17 @@ def test_a_shift_report_counts_once_its_device_has_something_from_the_new_domain
     older = {"pending": 2, "in_flight": 0, "shift_at": 12}                    # a device without the count
     assert tally_queues([waiting, {"pending": 5}]) == (9, 0)
     assert tally_queues([waiting, ready, older]) == (9, 2)
+
+
+def test_a_shift_report_starts_a_round_once_half_an_early_round_was_queued_since_it():
+    """With rounds of seconds, a round on the first upload after a report trained on 4-5 samples a device and
+    its update gained nothing (RESULTS.md, the live fleet with warm ClientApps): wait for half of the newest
+    ``fleet.early_round`` samples the shift round takes to come from after the report."""
+    from cdcca.fleet.server import tally_queues
+
+    def report(queued: int) -> dict:
+        return {"pending": queued, "in_flight": 0, "shift_at": 40, "shift_queued": queued}
+
+    assert tally_queues([report(9)], early_round=20) == (9, 0)
+    assert tally_queues([report(10), report(9)], early_round=20) == (19, 1)
+    assert tally_queues([report(1)], early_round=1) == (1, 1) and tally_queues([report(1)], early_round=0) == (1, 1)

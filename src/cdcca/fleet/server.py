@@ -151,7 +151,8 @@ class ShiftWatch:
 
 class RoundTrigger:
     """When the next round starts: at once (no trigger set), or on time / queued uploads / a device's shift report
-    (``fleet.early_round`` > 0: a round as soon as a device that reported a shift has uploads); None = stop.
+    (``fleet.early_round`` > 0: a round as soon as a device that reported a shift has queued half an early round
+    since); None = stop.
     ``queued()``: the samples queued over the fleet, and how many devices report a shift (or just the samples)."""
 
     def __init__(self, cfg: RunConfig, queued: Callable[[], int | tuple[int, int]], stop: Path,
@@ -182,19 +183,21 @@ class RoundTrigger:
 
 def queued_uploads(grid: Grid, rnd: int, cfg: RunConfig) -> tuple[int, int]:
     """Samples waiting in every connected device's outbox (pending or in flight), and how many devices report a
-    shift no uplink has carried samples from yet and have samples queued since, from ``query.status``."""
+    shift no uplink has carried samples from yet and have half an early round queued since, from ``query.status``."""
     msgs = [_to(nid, "query.status", rnd) for nid in grid.get_node_ids()]
-    return tally_queues(_dict(reply.content["queue"])
-                        for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s))
-                        if usable(msg, reply, "queue"))
+    return tally_queues((_dict(reply.content["queue"])
+                         for msg, reply in exchange(grid, msgs, cfg, timeout_s=max(30.0, 4 * cfg.fleet.status_every_s))
+                         if usable(msg, reply, "queue")), cfg.fleet.early_round)
 
 
-def tally_queues(queues: Iterable[dict[str, Any]]) -> tuple[int, int]:
-    """(samples queued over the fleet, devices whose shift report waits with samples queued since it)."""
+def tally_queues(queues: Iterable[dict[str, Any]], early_round: int = 1) -> tuple[int, int]:
+    """(samples queued over the fleet, devices whose shift report waits with enough samples queued since it to
+    learn from: half of ``early_round``, the newest samples a shift round takes, and at least one)."""
+    need = max(1, early_round // 2)
     total = shifted = 0
     for q in queues:
         total += int(q.get("pending", 0)) + int(q.get("in_flight", 0))
-        shifted += int(q.get("shift_at", 0)) > 0 and int(q.get("shift_queued", 1)) > 0   # (no count: an older device)
+        shifted += int(q.get("shift_at", 0)) > 0 and int(q.get("shift_queued", need)) >= need   # (no count: an older device)
     return total, shifted
 
 
