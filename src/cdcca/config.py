@@ -94,7 +94,8 @@ class FleetSection:
     early_round: int = field(default=20, metadata=_help(
         "> 0 (with uts.shift_z > 0): a device that reports a shift gets an early round from its newest uploads, at "
         "most this many (simulated drivers serve in pieces of this size; the ServerApp with a time or uploads "
-        "trigger starts that round as soon as a device reports a shift; older uploads wait for the next regular "
+        "trigger starts that round once a device that reported a shift has queued half this many since; older "
+        "uploads wait for the next regular "
         "round); 0: the round clock only "
         "(first 80 requests after a shift +1.6 against +4.6 reacting, docs/RESULTS.md)"))
     shift_interrupts: bool = field(default=True, metadata=_help(
