@@ -18,6 +18,9 @@ import sys
 import time
 from types import ModuleType
 
+from cdcca.fleet.processes import flower_bin
+from cdcca.fleet.warm_start import start_warm_parent
+
 FLOWER_IDLE_S = 3.0       # the SuperNode's wait after an empty pull (flwr 1.42, start_client_internal)
 IDLE_S = 0.5              # ours
 IDLE_ENV = "CDCCA_NODE_IDLE_S"
@@ -59,9 +62,6 @@ def main() -> None:
     except RuntimeError as exc:
         sys.exit(str(exc))
     if os.environ.get(WARM_ENV, "1") != "0":
-        from cdcca.fleet.processes import flower_bin
-        from cdcca.fleet.warm_start import start_warm_parent
-
         os.environ.update(start_warm_parent(flower_bin("flwr-clientapp")))
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())

@@ -23,7 +23,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -133,9 +135,6 @@ def serve(socket_path: Path, parent_pid: int) -> None:
 def start_warm_parent(real_clientapp: str) -> dict[str, str]:
     """Start the warm parent of this process (the SuperNode's) and return the environment changes that make
     its SuperExec start ClientApps through it: the shim first on PATH, the socket's path."""
-    import subprocess
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="cdcca-warm-"))        # 0700, short enough for a socket path
     write_shim(folder / "bin", real_clientapp)
     subprocess.Popen([sys.executable, "-m", "cdcca.fleet.warm_start", str(folder / "socket")])

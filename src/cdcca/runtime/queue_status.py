@@ -34,8 +34,8 @@ def outbox_ids(state_dir: str | Path) -> set[str]:
 def outbox_queue(state_dir: str | Path) -> dict[str, int]:
     """``{"pending": n, "in_flight": m, "shift_at": k, "shift_queued": q}`` for the device state in ``state_dir``
     (zeros before its first request); ``shift_at`` > 0: the device reported a shift after k requests that no uplink
-    has carried samples from yet, and ``shift_queued`` samples queued since wait to be sent (a round for the shift
-    has something to learn only when q > 0)."""
+    has carried samples from yet, and ``shift_queued`` samples queued since wait to be sent (the ServerApp counts the
+    report once q reaches half an early round: ``cdcca.fleet.server.tally_queues``)."""
     rows = _read(state_dir, "SELECT COALESCE(SUM(packet_id IS NULL), 0), COALESCE(SUM(packet_id IS NOT NULL), 0) "
                             "FROM samples")
     pending, in_flight = rows[0] if rows else (0, 0)
